@@ -1,0 +1,83 @@
+"""Atomic writes: write to a temporary name in the same folder, then rename.
+
+A killed run leaves at worst a `.tmp-*` file or folder behind, never a half-written file
+under the final name, so nothing a later run trusts is ever partial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARKER = ".tmp-"
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique temporary name next to `path` (same filesystem, so rename is atomic)."""
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to `path`."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces `path` as a whole."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = temp_sibling(final)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete `.tmp-*` leftovers of killed runs in `folder`; returns how many."""
+    count = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for child in folder.iterdir():
+        if child.name.startswith(".") and TMP_MARKER in child.name:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            count += 1
+    return count

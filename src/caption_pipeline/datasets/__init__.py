@@ -1,0 +1,6 @@
+"""Kedro datasets of this project: atomic local writes and TFRecord shard sets."""
+
+from caption_pipeline.datasets.atomic_datasets import AtomicJSONDataset, AtomicParquetDataset
+from caption_pipeline.datasets.tfrecord_shards import TFRecordShardsDataset
+
+__all__ = ["AtomicJSONDataset", "AtomicParquetDataset", "TFRecordShardsDataset"]
