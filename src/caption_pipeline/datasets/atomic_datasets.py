@@ -1,4 +1,4 @@
-"""kedro-datasets' JSON and Parquet datasets, saved atomically on a local filesystem."""
+"""kedro-datasets' JSON, Parquet and Matplotlib datasets, saved atomically on a local filesystem."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro_datasets.json import JSONDataset
+from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import ParquetDataset
 
 from caption_pipeline.atomic import temp_sibling
@@ -38,3 +39,7 @@ class AtomicJSONDataset(_AtomicSave, JSONDataset):
 
 class AtomicParquetDataset(_AtomicSave, ParquetDataset):
     """`pandas.ParquetDataset` that never leaves a half-written file."""
+
+
+class AtomicMatplotlibDataset(_AtomicSave, MatplotlibDataset):
+    """`matplotlib.MatplotlibDataset` for one figure (a PNG) that never leaves a half-written file."""

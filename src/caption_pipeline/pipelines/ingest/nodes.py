@@ -1,0 +1,12 @@
+"""Nodes of the `ingest` pipeline; the work is done in `caption_pipeline.ingestion`."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from caption_pipeline.ingestion import ingest
+
+
+def ingest_captions(raw_dataset: dict, params: dict) -> tuple[pd.DataFrame, dict]:
+    """Read and check every split's captions and images: caption table and report."""
+    return ingest(raw_dataset, params)

@@ -1,0 +1,20 @@
+"""`ingest` pipeline: raw_dataset + params:ingest -> caption_table, ingestion_report."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from caption_pipeline.pipelines.ingest.nodes import ingest_captions
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=ingest_captions,
+                inputs=["raw_dataset", "params:ingest"],
+                outputs=["caption_table", "ingestion_report"],
+                name="ingest_captions",
+            )
+        ]
+    )

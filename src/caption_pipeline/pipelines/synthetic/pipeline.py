@@ -1,0 +1,20 @@
+"""`synthetic` pipeline: params:dataset + params:synthetic -> raw_dataset."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=generate_dataset,
+                inputs=["params:dataset", "params:synthetic"],
+                outputs="raw_dataset",
+                name="generate_dataset",
+            )
+        ]
+    )

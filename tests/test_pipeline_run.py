@@ -1,0 +1,59 @@
+"""The default pipeline, run by the Kedro CLI in a copy of the project on the smoke config."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tests.conftest import copy_project, run_kedro
+
+
+def test_default_smoke_run_produces_every_stage_output(smoke_project):
+    data = smoke_project / "data"
+    raw = json.loads((data / "01_raw" / "raw_dataset.json").read_text())
+    assert raw["name"] == "shapes" and raw["generated"] is True
+
+    table = pd.read_parquet(data / "02_intermediate" / "captions.parquet")
+    assert set(table["split"]) == {"train", "val", "test"}
+    ids = {split: set(group["image_id"]) for split, group in table.groupby("split")}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
+    assert not ids["val"] & ids["test"]
+    assert (table.groupby("image_id").size() >= 5).all()
+
+    report = json.loads((data / "08_reporting" / "ingestion_report.json").read_text())
+    assert report  # ingestion always reports what it read and skipped
+
+    vocab = json.loads((data / "03_primary" / "vocabulary.json").read_text())
+    assert vocab["tokens"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert (data / "08_reporting" / "caption_length_histogram.png").stat().st_size > 1000
+
+    manifest = json.loads((data / "05_model_input" / "shards" / "manifest.json").read_text())
+    images_per_split = table.groupby("split")["image_id"].nunique().to_dict()
+    assert {s: manifest["splits"][s]["records"] for s in images_per_split} == images_per_split
+
+
+def test_second_run_of_data_stages_is_stable(smoke_project):
+    manifest = smoke_project / "data" / "05_model_input" / "shards" / "manifest.json"
+    before = manifest.read_bytes()
+    result = run_kedro(smoke_project, "run", "--env", "smoke", "--pipelines", "shard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifest.read_bytes() == before
+
+
+def test_missing_dataset_root_is_one_clear_error(tmp_path):
+    project = copy_project(tmp_path / "project")
+    result = run_kedro(
+        project,
+        "run",
+        "--env",
+        "smoke",
+        "--pipelines",
+        "synthetic,ingest",
+        "--params",
+        f"dataset.name=mine,dataset.root={tmp_path / 'nowhere'}",
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "nowhere" in output
+    assert "Traceback" not in output
