@@ -1,0 +1,711 @@
+"""TFRecord shards of captioned images: the format, a parallel atomic writer, a tf.data reader.
+
+One `tf.train.SequenceExample` per image:
+  context        image/id (int64), image/filename (bytes), image/encoded (JPEG, image_size square),
+                 image/original_width, image/original_height (int64, after EXIF orientation)
+  feature_lists  caption/ids: one Int64List per caption, <start> and <end> included
+
+A shard set is a folder of `{split}-{index:05d}-of-{count:05d}.tfrecord` files and a
+`manifest.json` written last: no manifest, no complete set. Each shard is written under a
+temporary name and renamed when complete, then a receipt (its manifest entry) is written to
+`.receipts/`; a re-run reuses a shard only if its receipt or the old manifest has the same
+fingerprint and the file's sha256 matches.
+
+TensorFlow is imported only where records are written or read: planning, manifests and the
+Kedro catalog stay fast to import.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from caption_pipeline.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
+from caption_pipeline.errors import DataError
+from caption_pipeline.images import ImageError, available_cpus, encode_jpeg, load_rgb_image
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "caption-pipeline/sequence-example/v1"
+MANIFEST = "manifest.json"
+RECEIPTS = ".receipts"
+SHARD_SUFFIX = ".tfrecord"
+MAX_SKIPPED_EXAMPLES = 20
+TABLE_COLUMNS = ("split", "image_id", "file_path", "annotation_id", "tokens")
+
+
+class ImageCaptions(NamedTuple):
+    """One image and the token ids of each of its captions: the writer's input."""
+
+    split: str
+    image_id: int
+    file_path: str
+    captions: Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSpec:
+    """Which images, with which caption ids, go into one shard file (no pixels).
+
+    Captions are stored as a two-level ragged array, as in a RaggedTensor, so a plan for
+    hundreds of thousands of captions stays a few numpy buffers.
+    """
+
+    split: str
+    index: int
+    count: int  # shards in this split
+    image_ids: np.ndarray  # int64 [N]
+    file_paths: tuple[str, ...]  # [N]
+    caption_splits: np.ndarray  # int64 [N + 1]: image i has captions caption_splits[i:i + 2]
+    token_splits: (
+        np.ndarray
+    )  # int64 [C + 1]: caption c is tokens[token_splits[c]:token_splits[c + 1]]
+    tokens: np.ndarray  # int32 [T]
+
+    @classmethod
+    def from_images(
+        cls, split: str, index: int, count: int, images: Sequence[ImageCaptions]
+    ) -> ShardSpec:
+        captions = [list(ids) for image in images for ids in image.captions]
+        return cls(
+            split=split,
+            index=index,
+            count=count,
+            image_ids=np.array([image.image_id for image in images], dtype=np.int64),
+            file_paths=tuple(image.file_path for image in images),
+            caption_splits=np.cumsum([0] + [len(image.captions) for image in images]),
+            token_splits=np.cumsum([0] + [len(ids) for ids in captions]),
+            tokens=np.array(list(itertools.chain.from_iterable(captions)), dtype=np.int32),
+        )
+
+    @property
+    def filename(self) -> str:
+        return f"{self.split}-{self.index:05d}-of-{self.count:05d}{SHARD_SUFFIX}"
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def entries(self) -> Iterator[ImageCaptions]:
+        for i, (image_id, file_path) in enumerate(zip(self.image_ids, self.file_paths)):
+            rows = range(self.caption_splits[i], self.caption_splits[i + 1])
+            captions = [
+                self.tokens[self.token_splits[c] : self.token_splits[c + 1]].tolist() for c in rows
+            ]
+            yield ImageCaptions(self.split, int(image_id), file_path, captions)
+
+    def digest(self) -> str:
+        """sha256 of everything that decides this shard's content, except the source pixels."""
+        h = hashlib.sha256(f"{self.split}\0{self.index}\0{self.count}\0".encode())
+        h.update("\0".join(self.file_paths).encode())
+        for array in (self.image_ids, self.caption_splits, self.token_splits, self.tokens):
+            h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class ShardPlan:
+    """What a shard set will contain: the pure output of the `shard` node."""
+
+    shards: tuple[ShardSpec, ...]  # by split, then index
+    image_size: int
+    jpeg_quality: int
+    seed: int
+    num_shards: dict[str, int]
+    # How to run, not what to write: neither is part of the fingerprint.
+    workers: int | None = None
+    max_bad_fraction: float = 0.05
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "jpeg_quality": self.jpeg_quality,
+            "seed": self.seed,
+            "num_shards": dict(self.num_shards),
+        }
+
+
+@dataclass(frozen=True)
+class WriteSummary:
+    manifest: dict[str, Any]
+    written: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    noop: bool = False
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A complete, verified shard set: what training reads."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["params"]["image_size"])
+
+    def files(self, split: str) -> list[str]:
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{self.root / MANIFEST}: no split {split!r} (has {self.splits})")
+        return [str(self.root / s["file"]) for s in self.manifest["splits"][split]["shards"]]
+
+    def num_images(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["records"])
+
+    def num_captions(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["captions"])
+
+
+# --- planning (pure) -------------------------------------------------------------------------
+
+
+def images_from_table(
+    table: pd.DataFrame,
+    encode: Callable[[list[str]], list[int]],
+    *,
+    name: str = "tokenized_captions",
+) -> Iterator[ImageCaptions]:
+    """Group a tokenized caption table by image, encoding each caption's tokens to ids."""
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {missing}")
+    ordered = table.sort_values(["split", "image_id", "annotation_id"], kind="stable")
+    rows = zip(ordered["split"], ordered["image_id"], ordered["file_path"], ordered["tokens"])
+    for (split, image_id), group in itertools.groupby(rows, key=lambda row: row[:2]):
+        group = list(group)
+        paths = {row[2] for row in group}
+        if len(paths) != 1:
+            raise DataError(
+                f"{name}: image_id {image_id} has several file_path values {sorted(paths)}"
+            )
+        captions = [encode(list(row[3])) for row in group]
+        yield ImageCaptions(str(split), int(image_id), paths.pop(), captions)
+
+
+def build_shard_plan(
+    images: Iterable[ImageCaptions],
+    *,
+    num_shards: Mapping[str, int],
+    seed: int,
+    image_size: int,
+    jpeg_quality: int = 90,
+    workers: int | None = None,
+    max_bad_fraction: float = 0.05,
+) -> ShardPlan:
+    """Spread each split's images over `num_shards[split]` balanced shards, in a seeded order."""
+    by_split: dict[str, dict[int, ImageCaptions]] = {split: {} for split in num_shards}
+    for image in images:
+        if image.split not in by_split:
+            raise DataError(
+                f"image {image.image_id}: split {image.split!r} has no entry in "
+                f"shard.num_shards {sorted(num_shards)}"
+            )
+        if image.image_id in by_split[image.split]:
+            raise DataError(f"image {image.image_id}: listed twice in split {image.split!r}")
+        if not image.captions or not all(len(ids) for ids in image.captions):
+            raise DataError(
+                f"image {image.image_id} ({image.file_path}): empty caption list or caption"
+            )
+        by_split[image.split][image.image_id] = image
+
+    shards = []
+    for split, group in by_split.items():
+        if num_shards[split] < 1:
+            raise DataError(f"shard.num_shards.{split}: must be >= 1, got {num_shards[split]}")
+        if not group:
+            continue
+        # Sorted first, so the order depends on the seed only, never on the input's row order.
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+        order = rng.permutation(np.array(sorted(group), dtype=np.int64))
+        count = min(num_shards[split], len(order))
+        for index, part in enumerate(np.array_split(order, count)):  # sizes differ by <= 1
+            shards.append(
+                ShardSpec.from_images(split, index, count, [group[i] for i in part.tolist()])
+            )
+    return ShardPlan(
+        shards=tuple(shards),
+        image_size=int(image_size),
+        jpeg_quality=int(jpeg_quality),
+        seed=int(seed),
+        num_shards=dict(num_shards),
+        workers=workers,
+        max_bad_fraction=float(max_bad_fraction),
+    )
+
+
+def _source_stats(paths: Iterable[str]) -> str:
+    """Size and mtime of each source image: a changed image changes its shard's fingerprint."""
+    stats = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stats.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            stats.append("missing")
+    return "\0".join(stats)
+
+
+def shard_fingerprint(plan: ShardPlan, spec: ShardSpec) -> str:
+    h = hashlib.sha256(f"{FORMAT}\0{plan.image_size}\0{plan.jpeg_quality}\0".encode())
+    h.update(spec.digest().encode())
+    h.update(_source_stats(spec.file_paths).encode())
+    return h.hexdigest()
+
+
+# --- the record format ------------------------------------------------------------------------
+
+
+def serialize_example(
+    image_id: int,
+    filename: str,
+    jpeg: bytes,
+    original_size: tuple[int, int],
+    captions: Iterable[Iterable[int]],
+) -> bytes:
+    import tensorflow as tf
+
+    example = tf.train.SequenceExample()
+    context = example.context.feature
+    context["image/id"].int64_list.value.append(image_id)
+    context["image/filename"].bytes_list.value.append(filename.encode())
+    context["image/encoded"].bytes_list.value.append(jpeg)
+    context["image/original_width"].int64_list.value.append(original_size[0])
+    context["image/original_height"].int64_list.value.append(original_size[1])
+    feature_list = example.feature_lists.feature_list["caption/ids"]
+    for ids in captions:
+        feature_list.feature.add().int64_list.value.extend(ids)
+    # deterministic: map fields in a fixed order, so the same plan gives byte-identical shards
+    return example.SerializeToString(deterministic=True)
+
+
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Scalars for the context features; "caption/ids": int64 RaggedTensor [C, None]."""
+    import tensorflow as tf
+
+    context, sequence = tf.io.parse_single_sequence_example(
+        serialized,
+        context_features={
+            "image/id": tf.io.FixedLenFeature([], tf.int64),
+            "image/filename": tf.io.FixedLenFeature([], tf.string),
+            "image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/original_width": tf.io.FixedLenFeature([], tf.int64),
+            "image/original_height": tf.io.FixedLenFeature([], tf.int64),
+        },
+        sequence_features={"caption/ids": tf.io.RaggedFeature(tf.int64)},
+    )
+    return {**context, **sequence}
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    spec: ShardSpec
+    folder: str
+    image_size: int
+    jpeg_quality: int
+    fingerprint: str
+
+
+def _digest_file(path: Path) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # on disk before the rename makes it final
+        return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_shard(job: _Job) -> dict[str, Any]:
+    """Write one shard (in a worker process), then its receipt. Streams one image at a time."""
+    import tensorflow as tf
+
+    folder = Path(job.folder)
+    records = captions = 0
+    skipped: list[dict[str, Any]] = []
+    with atomic_path(folder / job.spec.filename) as tmp:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for _, image_id, file_path, ids in job.spec.entries():
+                try:
+                    image = load_rgb_image(file_path)
+                except ImageError as exc:
+                    skipped.append(
+                        {"image_id": image_id, "file_path": file_path, "error": str(exc)}
+                    )
+                    continue
+                jpeg = encode_jpeg(image, job.image_size, quality=job.jpeg_quality)
+                writer.write(serialize_example(image_id, file_path, jpeg, image.size, ids))
+                records += 1
+                captions += len(ids)
+        size, sha256 = _digest_file(tmp)
+    receipt = {
+        "file": job.spec.filename,
+        "split": job.spec.split,
+        "records": records,
+        "captions": captions,
+        "skipped": len(skipped),
+        "bytes": size,
+        "sha256": sha256,
+        "fingerprint": job.fingerprint,
+        "skipped_examples": skipped[:MAX_SKIPPED_EXAMPLES],
+    }
+    atomic_write_json(folder / RECEIPTS / f"{job.spec.filename}.json", receipt)
+    return receipt
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None if it is missing or unreadable (never trusted then)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _shard_problem(folder: Path, entry: Mapping[str, Any], *, checksum: bool = True) -> str | None:
+    """Why the shard file of a manifest entry does not match it, or None if it does."""
+    path = folder / entry["file"]
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"{path}: missing"
+    if size != entry["bytes"]:
+        return f"{path}: bytes is {size}, the manifest says {entry['bytes']}"
+    if checksum:
+        with open(path, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        if sha256 != entry["sha256"]:
+            return f"{path}: sha256 does not match the manifest (corrupt or changed)"
+    return None
+
+
+def _previous_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """Shard entries a previous run recorded: its manifest's, then its receipts (newer)."""
+    manifest = _read_json(folder / MANIFEST) or {}
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    candidates = [
+        e for split in splits.values() if isinstance(split, dict) for e in split["shards"]
+    ]
+    receipts = sorted((folder / RECEIPTS).glob(f"*{SHARD_SUFFIX}.json"))
+    candidates += [_read_json(path) for path in receipts]
+    return {e["file"]: e for e in candidates if isinstance(e, dict) and "file" in e}
+
+
+def _reusable(folder: Path, entry: Mapping[str, Any] | None, fingerprint: str) -> bool:
+    try:
+        return (
+            entry is not None
+            and entry["fingerprint"] == fingerprint
+            and _shard_problem(folder, entry) is None
+        )
+    except (KeyError, TypeError):  # a receipt or manifest of another format: never trusted
+        return False
+
+
+def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
+    if workers <= 1:
+        for job in jobs:
+            receipt = _write_shard(job)
+            bar.update(len(job.spec))
+            yield receipt
+        return
+    # spawn: a fresh interpreter per worker; forking a process that may hold TF state is unsafe
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_write_shard, job): job for job in jobs}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                receipt = future.result()
+                bar.update(len(futures[future].spec))
+                yield receipt
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _manifest(
+    plan: ShardPlan, fingerprint: str, receipts: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    keys = ("records", "captions", "skipped", "bytes")
+    splits: dict[str, dict[str, Any]] = {}
+    for spec in plan.shards:
+        receipt = receipts[spec.filename]
+        split = splits.setdefault(spec.split, {**dict.fromkeys(keys, 0), "shards": []})
+        for key in keys:
+            split[key] += receipt[key]
+        split["shards"].append(dict(receipt))
+    totals = {key: sum(split[key] for split in splits.values()) for key in keys}
+    return {
+        "format": FORMAT,
+        "complete": True,
+        "fingerprint": fingerprint,
+        "params": plan.params,
+        "splits": splits,
+        "totals": {**totals, "shards": len(plan.shards)},
+    }
+
+
+def skipped_examples(manifest: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    """Images of `split` that failed to load (up to MAX_SKIPPED_EXAMPLES per shard)."""
+    return [e for shard in manifest["splits"][split]["shards"] for e in shard["skipped_examples"]]
+
+
+def _check_bad_fraction(plan: ShardPlan, folder: Path, manifest: Mapping[str, Any]) -> None:
+    for name, split in manifest["splits"].items():
+        seen = split["records"] + split["skipped"]
+        if split["skipped"] > plan.max_bad_fraction * seen:
+            example = skipped_examples(manifest, name)[0]["error"]
+            raise DataError(
+                f"{folder}: {split['skipped']} of {seen} {name} images failed to load, more than "
+                f"shard.max_bad_fraction={plan.max_bad_fraction}; e.g. {example}"
+            )
+
+
+def write_shards(
+    plan: ShardPlan, folder: str | os.PathLike, *, workers: int | None = None, progress: bool = True
+) -> WriteSummary:
+    """Execute `plan` into `folder`: parallel, atomic, resumable; the manifest is written last.
+
+    `workers` (default `plan.workers`; 0 or None = all cores) processes each write whole shards.
+    A complete manifest of the same fingerprint whose files verify makes this a no-op.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    remove_stale_temporaries(folder / RECEIPTS)
+    fingerprints = {spec.filename: shard_fingerprint(plan, spec) for spec in plan.shards}
+    fingerprint = hashlib.sha256(
+        json.dumps([FORMAT, plan.params, list(fingerprints.items())]).encode()
+    ).hexdigest()
+
+    old = _read_json(folder / MANIFEST)
+    if (
+        old
+        and old.get("complete")
+        and old.get("fingerprint") == fingerprint
+        and not _set_problems(folder, old)
+    ):
+        shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
+        logger.info("Shards in %s are complete and verified: nothing to do", folder)
+        return WriteSummary(old, reused=list(fingerprints), noop=True)
+
+    previous = _previous_entries(folder)
+    # From here on the folder is not a complete set: say so before changing any shard.
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for stale in folder.glob(f"*{SHARD_SUFFIX}"):
+        if stale.name not in fingerprints:
+            stale.unlink()
+
+    receipts = {
+        name: previous[name]
+        for name, fp in fingerprints.items()
+        if _reusable(folder, previous.get(name), fp)
+    }
+    jobs = [
+        _Job(spec, str(folder), plan.image_size, plan.jpeg_quality, fingerprints[spec.filename])
+        for spec in plan.shards
+        if spec.filename not in receipts
+    ]
+    workers = min(workers or plan.workers or available_cpus(), max(len(jobs), 1))
+    total = sum(len(spec) for spec in plan.shards)
+    with tqdm(
+        total=total, unit="image", desc=f"Writing shards (workers={workers})", disable=not progress
+    ) as bar:
+        bar.update(sum(len(s) for s in plan.shards if s.filename in receipts))
+        written = {receipt["file"]: receipt for receipt in _run_jobs(jobs, workers, bar)}
+
+    manifest = _manifest(plan, fingerprint, {**receipts, **written})
+    _check_bad_fraction(plan, folder, manifest)
+    atomic_write_json(folder / MANIFEST, manifest)
+    shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
+    totals = manifest["totals"]
+    logger.info(
+        "Shards in %s: wrote %d, reused %d; %d images, %d captions, %d images skipped",
+        folder,
+        len(written),
+        len(receipts),
+        totals["records"],
+        totals["captions"],
+        totals["skipped"],
+    )
+    return WriteSummary(manifest, written=sorted(written), reused=sorted(receipts))
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _set_problems(folder: Path, manifest: Mapping[str, Any], *, checksum: bool = True) -> list[str]:
+    problems = []
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            problem = _shard_problem(folder, entry, checksum=checksum)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """A manifest marks `folder` as a complete shard set (files not verified)."""
+    manifest = _read_json(Path(folder) / MANIFEST)
+    return bool(manifest and manifest.get("format") == FORMAT and manifest.get("complete") is True)
+
+
+def load_shard_set(folder: str | os.PathLike, *, verify: bool = True) -> ShardSet:
+    """The complete shard set in `folder`; DataError naming the path if it is missing or corrupt.
+
+    `verify` checks every file's sha256 (reads all shards once); otherwise only sizes.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise DataError(
+            f"{path}: missing: no complete shard set in {folder} (run the shard pipeline)"
+        )
+    manifest = _read_json(path)
+    if manifest is None:
+        raise DataError(f"{path}: not a readable JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("complete") is not True:
+        raise DataError(f"{path}: format/complete: not a complete {FORMAT} manifest")
+    try:
+        problems = _set_problems(folder, manifest, checksum=verify)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: malformed shard entries (missing field {exc})") from None
+    if problems:
+        raise DataError(f"shard set {folder} is incomplete or corrupt: " + "; ".join(problems[:5]))
+    return ShardSet(folder, manifest)
+
+
+# --- reading with tf.data ---------------------------------------------------------------------
+
+
+def _every_caption(features: dict[str, tf.Tensor]) -> tf.data.Dataset:
+    import tensorflow as tf
+
+    captions = features["caption/ids"]  # int64 ragged [C, None]
+    count = captions.nrows()
+    image = {
+        "image": tf.repeat(features["image/encoded"][None], count),  # string [C]
+        "image_id": tf.repeat(features["image/id"][None], count),  # int64 [C]
+    }
+    return tf.data.Dataset.from_tensor_slices((image, captions))
+
+
+def _one_caption(features: dict[str, tf.Tensor], random: tf.Tensor) -> tuple[dict, tf.Tensor]:
+    import tensorflow as tf
+
+    captions = features["caption/ids"]  # int64 ragged [C, None]
+    row = tf.math.floormod(random, captions.nrows(out_type=tf.int64))
+    start, end = captions.row_splits[row], captions.row_splits[row + 1]
+    image = {"image": features["image/encoded"], "image_id": features["image/id"]}
+    return image, captions.values[start:end]
+
+
+def make_caption_dataset(
+    source: ShardSet | Sequence[str | os.PathLike],
+    split: str | None = None,
+    *,
+    batch_size: int,
+    caption_mode: str = "sample",
+    shuffle: bool = False,
+    seed: int | None = None,
+    decode_images: bool = True,
+    image_size: int | None = None,
+    bucket_boundaries: Sequence[int] | None = None,
+    drop_remainder: bool = False,
+    repeat: bool | int = False,
+    shuffle_buffer: int = 2048,
+    cycle_length: int = 8,
+) -> tf.data.Dataset:
+    """Batches `({"image", "image_id"}, captions)` from shards.
+
+    image: float32 [B, S, S, 3] in 0..255 (S = image_size, default the shards' size), or the
+    JPEG string [B] when `decode_images` is False; image_id: int64 [B]; captions: int32 [B, T],
+    padded with 0 (<pad>) to the longest caption of the batch. `caption_mode` "sample" takes
+    one random caption per image per epoch, "all" one element per caption. `bucket_boundaries`
+    batches captions of similar length together. `repeat`: True = forever, an int = epochs.
+    """
+    import tensorflow as tf
+
+    if caption_mode not in ("sample", "all"):
+        raise ValueError(f"caption_mode must be 'sample' or 'all', got {caption_mode!r}")
+    if isinstance(source, ShardSet):
+        files = source.files(split)
+        image_size = image_size or source.image_size
+    else:
+        files = [str(f) for f in source]
+    if not files:
+        raise DataError(f"no shard files for split {split!r}")
+    if decode_images and not image_size:
+        raise ValueError("image_size is needed to decode images from a plain list of shard files")
+    autotune = tf.data.AUTOTUNE
+    # Shuffled without a seed: let parallel reads finish in any order, it is random anyway.
+    deterministic = not shuffle or seed is not None
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(cycle_length, len(files)),
+        num_parallel_calls=autotune,
+        deterministic=deterministic,
+    )
+    if repeat:
+        ds = ds.repeat(None if repeat is True else int(repeat))
+    ds = ds.map(parse_example, num_parallel_calls=autotune, deterministic=deterministic)
+    if caption_mode == "sample":
+        # A random stream zipped in, rather than a random op in map: a new draw every epoch.
+        randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, randoms).map(_one_caption, num_parallel_calls=autotune)
+    else:
+        ds = ds.flat_map(_every_caption)
+    if shuffle:
+        # Shuffle while images are still small JPEG strings, so the buffer stays small; the
+        # price: "all" mode decodes an image once per caption.
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def finish(image: dict[str, tf.Tensor], caption: tf.Tensor) -> tuple[dict, tf.Tensor]:
+        if decode_images:
+            pixels = tf.io.decode_jpeg(image["image"], channels=3)  # uint8 [H, W, 3]
+            same = tf.reduce_all(tf.equal(tf.shape(pixels)[:2], image_size))
+            pixels = tf.cond(
+                same,
+                lambda: tf.cast(pixels, tf.float32),
+                lambda: tf.clip_by_value(
+                    tf.image.resize(pixels, [image_size, image_size], antialias=True), 0, 255
+                ),
+            )
+            image = {**image, "image": tf.ensure_shape(pixels, [image_size, image_size, 3])}
+        return image, tf.cast(caption, tf.int32)
+
+    ds = ds.map(finish, num_parallel_calls=autotune, deterministic=deterministic)
+    if bucket_boundaries:
+        ds = ds.bucket_by_sequence_length(
+            lambda image, caption: tf.shape(caption)[0],
+            bucket_boundaries=list(bucket_boundaries),
+            bucket_batch_sizes=[batch_size] * (len(bucket_boundaries) + 1),
+            drop_remainder=drop_remainder,
+        )
+    else:
+        ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)  # pads with 0
+    return ds.prefetch(autotune)

@@ -1,0 +1,109 @@
+"""The `shard` pipeline through Kedro: the plan node, then the shards dataset's save and load."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import tensorflow as tf
+from kedro.io import DataCatalog, DatasetError, MemoryDataset
+from kedro.runner import SequentialRunner
+from PIL import Image
+
+from caption_pipeline.errors import DataError
+from caption_pipeline.pipelines.shard import create_pipeline
+from caption_pipeline.tfrecords import images_from_table, make_caption_dataset, parse_example
+
+WORDS = ["a", "red", "circle", "blue", "square"]
+VOCABULARY = {
+    "tokens": ["<pad>", "<start>", "<end>", "<unk>", *WORDS],
+    "counts": dict.fromkeys(WORDS, 2),
+    "min_count": 1,
+    "max_caption_length": 6,
+    "special_tokens": {"pad": "<pad>", "start": "<start>", "end": "<end>", "unk": "<unk>"},
+}
+PARAMS = {
+    "num_shards": {"train": 2, "val": 1, "test": 1},
+    "seed": 42,
+    "image_size": 24,
+    "jpeg_quality": 90,
+    "workers": 1,
+    "max_bad_fraction": 0.0,
+}
+
+
+def tokenized_table(folder) -> pd.DataFrame:
+    """Two captions per image, rows deliberately out of order; "zebra" is out of vocabulary."""
+    rows = []
+    for image_id, split in [(5, "train"), (3, "train"), (9, "train"), (4, "val"), (7, "test")]:
+        path = folder / f"{image_id:012d}.jpg"
+        Image.new("RGB", (30 + image_id, 20), (20 * image_id, 90, 200)).save(path)
+        rows.append((image_id, split, str(path), 20 * image_id + 1, ["a", "zebra", "circle"]))
+        rows.append((image_id, split, str(path), 20 * image_id, ["a", "red", "square"]))
+    columns = ["image_id", "split", "file_path", "annotation_id", "tokens"]
+    return pd.DataFrame(rows[::-1], columns=columns)
+
+
+def test_shard_pipeline_saves_a_plan_and_loads_a_shard_set(tmp_path):
+    (tmp_path / "images").mkdir()
+    table = tokenized_table(tmp_path / "images")
+    catalog = DataCatalog.from_config(
+        {
+            "shards": {
+                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
+                "path": str(tmp_path / "shards"),
+            }
+        }
+    )
+    catalog["tokenized_captions"] = MemoryDataset(table)
+    catalog["vocabulary"] = MemoryDataset(VOCABULARY)
+    catalog["params:shard"] = MemoryDataset(PARAMS)
+    assert not catalog.exists("shards")
+
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    assert catalog.exists("shards")
+    shard_set = catalog.load("shards")
+    assert shard_set.image_size == 24
+    assert {s: shard_set.num_images(s) for s in shard_set.splits} == {
+        "train": 3,
+        "val": 1,
+        "test": 1,
+    }
+    assert len(shard_set.files("train")) == 2
+    records = [
+        parse_example(r)
+        for s in shard_set.splits
+        for r in tf.data.TFRecordDataset(shard_set.files(s))
+    ]
+    assert sorted(int(r["image/id"]) for r in records) == [3, 4, 5, 7, 9]
+    for record in records:
+        # ordered by annotation_id: "a red square" first; ids include <start>=1 and <end>=2
+        assert record["caption/ids"].to_list() == [[1, 4, 5, 8, 2], [1, 4, 3, 6, 2]]
+
+    x, y = next(iter(make_caption_dataset(shard_set, "train", batch_size=8, caption_mode="all")))
+    assert x["image"].shape == (6, 24, 24, 3) and y.shape == (6, 5)
+
+
+def test_loading_missing_shards_names_the_folder(tmp_path):
+    catalog = DataCatalog.from_config(
+        {
+            "shards": {
+                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
+                "path": str(tmp_path / "none"),
+            }
+        }
+    )
+    assert not catalog.exists("shards")
+    with pytest.raises(DatasetError, match=str(tmp_path / "none")) as error:
+        catalog.load("shards")
+    causes = [error.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert isinstance(causes[-1], DataError)  # under Kedro's wrappers: the hook shows it alone
+
+
+def test_table_without_tokens_is_a_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    table = tokenized_table(tmp_path / "images").drop(columns="tokens")
+    with pytest.raises(DataError, match=r"tokenized_captions: missing column\(s\) \['tokens'\]"):
+        list(images_from_table(table, lambda tokens: [1, 2]))
