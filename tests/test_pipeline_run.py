@@ -32,6 +32,31 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     images_per_split = table.groupby("split")["image_id"].nunique().to_dict()
     assert {s: manifest["splits"][s]["records"] for s in images_per_split} == images_per_split
 
+    # The compact encoder is trained end to end: model inputs point at the image shards.
+    inputs = json.loads((data / "04_feature" / "model_inputs" / "manifest.json").read_text())
+    assert inputs["kind"] == "images"
+
+    history = pd.read_csv(data / "08_reporting" / "training_history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history[["train_xent", "val_xent", "val_perplexity", "learning_rate"]].notna().all().all()
+    assert (data / "08_reporting" / "training_curves.png").stat().st_size > 5000
+    assert (data / "06_models" / "captioner.keras").stat().st_size > 10_000
+    assert not (data / "06_models" / "checkpoints").exists()
+
+
+def test_trained_model_loads_and_captions_a_test_image(smoke_project):
+    import keras
+    import numpy as np
+
+    from caption_pipeline.datasets import KerasModelDataset
+    from caption_pipeline.tfrecords import load_shard_set, make_caption_dataset
+
+    model = KerasModelDataset(filepath=str(smoke_project / "data/06_models/captioner.keras")).load()
+    shards = load_shard_set(smoke_project / "data/05_model_input/shards")
+    inputs, _ = next(iter(make_caption_dataset(shards, "test", batch_size=2)))
+    features = keras.ops.convert_to_numpy(model({"image": inputs["image"]}))
+    assert features.shape[0] == 2 and np.isfinite(features).all()
+
 
 def test_second_run_of_data_stages_is_stable(smoke_project):
     manifest = smoke_project / "data" / "05_model_input" / "shards" / "manifest.json"

@@ -1,15 +1,19 @@
-"""TFRecord shards of captioned images: the format, a parallel atomic writer, a tf.data reader.
+"""TFRecord shards of captioned images: the formats, an atomic resumable writer, a tf.data reader.
 
 One `tf.train.SequenceExample` per image:
   context        image/id (int64), image/filename (bytes), image/encoded (JPEG, image_size square),
                  image/original_width, image/original_height (int64, after EXIF orientation)
   feature_lists  caption/ids: one Int64List per caption, <start> and <end> included
 
+Feature shards (kind "features", written by `caption_pipeline.features`) hold the same records
+with `image/encoded` replaced by image/features (bytes: float16 [R, D], little-endian) and
+image/features_shape (int64 [2]: R, D).
+
 A shard set is a folder of `{split}-{index:05d}-of-{count:05d}.tfrecord` files and a
 `manifest.json` written last: no manifest, no complete set. Each shard is written under a
 temporary name and renamed when complete, then a receipt (its manifest entry) is written to
 `.receipts/`; a re-run reuses a shard only if its receipt or the old manifest has the same
-fingerprint and the file's sha256 matches.
+fingerprint and the file's sha256 matches. `write_shard_set` does this for every kind.
 
 TensorFlow is imported only where records are written or read: planning, manifests and the
 Kedro catalog stay fast to import.
@@ -18,6 +22,7 @@ Kedro catalog stay fast to import.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 import json
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT = "caption-pipeline/sequence-example/v1"
+FEATURE_FORMAT = "caption-pipeline/feature-sequence-example/v1"
+FORMATS = {"images": FORMAT, "features": FEATURE_FORMAT}  # kind -> record format
 MANIFEST = "manifest.json"
 RECEIPTS = ".receipts"
 SHARD_SUFFIX = ".tfrecord"
@@ -163,8 +170,20 @@ class ShardSet:
         return list(self.manifest["splits"])
 
     @property
+    def kind(self) -> str:
+        """ "images" (JPEGs) or "features" (precomputed encoder features)."""
+        return {fmt: kind for kind, fmt in FORMATS.items()}[self.manifest["format"]]
+
+    @property
     def image_size(self) -> int:
         return int(self.manifest["params"]["image_size"])
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(R, D) of a feature shard set: regions per image, feature depth."""
+        if self.kind != "features":
+            raise DataError(f"{self.root / MANIFEST}: a {self.kind} shard set has no features")
+        return int(self.manifest["regions"]), int(self.manifest["feature_dim"])
 
     def files(self, split: str) -> list[str]:
         if split not in self.manifest["splits"]:
@@ -274,7 +293,7 @@ def shard_fingerprint(plan: ShardPlan, spec: ShardSpec) -> str:
     return h.hexdigest()
 
 
-# --- the record format ------------------------------------------------------------------------
+# --- the record formats -----------------------------------------------------------------------
 
 
 def serialize_example(
@@ -300,8 +319,23 @@ def serialize_example(
     return example.SerializeToString(deterministic=True)
 
 
-def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Scalars for the context features; "caption/ids": int64 RaggedTensor [C, None]."""
+def feature_example(image_record: bytes, features: np.ndarray) -> bytes:
+    """An image record with its JPEG replaced by region features [R, D], stored as float16.
+
+    Everything else (id, filename, original size, captions) is copied from the image record.
+    """
+    import tensorflow as tf
+
+    example = tf.train.SequenceExample.FromString(image_record)
+    context = example.context.feature
+    del context["image/encoded"]
+    values = np.ascontiguousarray(features, dtype="<f2")  # little-endian, as decode_raw reads
+    context["image/features"].bytes_list.value.append(values.tobytes())
+    context["image/features_shape"].int64_list.value.extend(values.shape)
+    return example.SerializeToString(deterministic=True)
+
+
+def _parse(serialized: tf.Tensor, payload: dict[str, Any]) -> dict[str, tf.Tensor]:
     import tensorflow as tf
 
     context, sequence = tf.io.parse_single_sequence_example(
@@ -309,25 +343,75 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         context_features={
             "image/id": tf.io.FixedLenFeature([], tf.int64),
             "image/filename": tf.io.FixedLenFeature([], tf.string),
-            "image/encoded": tf.io.FixedLenFeature([], tf.string),
             "image/original_width": tf.io.FixedLenFeature([], tf.int64),
             "image/original_height": tf.io.FixedLenFeature([], tf.int64),
+            **payload,
         },
         sequence_features={"caption/ids": tf.io.RaggedFeature(tf.int64)},
     )
     return {**context, **sequence}
 
 
-# --- writing ----------------------------------------------------------------------------------
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """An image record: scalars for the context features (the JPEG as "image/encoded");
+    "caption/ids": int64 RaggedTensor [C, None]."""
+    import tensorflow as tf
+
+    return _parse(serialized, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+
+
+def parse_feature_example(
+    serialized: tf.Tensor, feature_shape: Sequence[int] | None = None
+) -> dict[str, tf.Tensor]:
+    """A feature record: like `parse_example`, with "image/features" float16 [R, D] instead
+    of the JPEG (static shape `feature_shape` if given)."""
+    import tensorflow as tf
+
+    record = _parse(
+        serialized,
+        {
+            "image/features": tf.io.FixedLenFeature([], tf.string),
+            "image/features_shape": tf.io.FixedLenFeature([2], tf.int64),
+        },
+    )
+    features = tf.io.decode_raw(record.pop("image/features"), tf.float16)
+    features = tf.reshape(features, record["image/features_shape"])
+    if feature_shape is not None:
+        features = tf.ensure_shape(features, list(feature_shape))
+    return {**record, "image/features": features}
+
+
+def decode_jpeg_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG bytes -> float32 [S, S, 3] in 0..255, resized only if it is not S x S already."""
+    import tensorflow as tf
+
+    pixels = tf.io.decode_jpeg(jpeg, channels=3)  # uint8 [H, W, 3]
+    same = tf.reduce_all(tf.equal(tf.shape(pixels)[:2], image_size))
+    pixels = tf.cond(
+        same,
+        lambda: tf.cast(pixels, tf.float32),
+        lambda: tf.clip_by_value(
+            tf.image.resize(pixels, [image_size, image_size], antialias=True), 0, 255
+        ),
+    )
+    return tf.ensure_shape(pixels, [image_size, image_size, 3])
+
+
+# --- writing any kind of shard set: atomic shards, receipts, manifest, resume -----------------
 
 
 @dataclass(frozen=True)
-class _Job:
-    spec: ShardSpec
-    folder: str
-    image_size: int
-    jpeg_quality: int
-    fingerprint: str
+class ShardTask:
+    """One file of a shard set: the unit that is verified, reused or (re)written."""
+
+    filename: str
+    split: str
+    size: int  # images, for the progress bar
+    fingerprint: str  # of everything that decides the file's bytes
+
+
+# (the tasks still to write, the progress bar) -> their receipts, in any order
+WriteMissing = Callable[[list[ShardTask], tqdm], Iterable[dict[str, Any]]]
 
 
 def _digest_file(path: Path) -> tuple[int, str]:
@@ -336,40 +420,24 @@ def _digest_file(path: Path) -> tuple[int, str]:
         return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_shard(job: _Job) -> dict[str, Any]:
-    """Write one shard (in a worker process), then its receipt. Streams one image at a time."""
-    import tensorflow as tf
-
-    folder = Path(job.folder)
-    records = captions = 0
-    skipped: list[dict[str, Any]] = []
-    with atomic_path(folder / job.spec.filename) as tmp:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for _, image_id, file_path, ids in job.spec.entries():
-                try:
-                    image = load_rgb_image(file_path)
-                except ImageError as exc:
-                    skipped.append(
-                        {"image_id": image_id, "file_path": file_path, "error": str(exc)}
-                    )
-                    continue
-                jpeg = encode_jpeg(image, job.image_size, quality=job.jpeg_quality)
-                writer.write(serialize_example(image_id, file_path, jpeg, image.size, ids))
-                records += 1
-                captions += len(ids)
+def commit_shard(
+    folder: Path, task: ShardTask, fill: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """Write one shard: `fill(tmp)` writes its records to a temporary file and returns their
+    counts ("records", "captions", "skipped", "skipped_examples" and any other entry fields).
+    The file is renamed when complete, then its receipt (its manifest entry) is written."""
+    with atomic_path(folder / task.filename) as tmp:
+        counts = fill(tmp)
         size, sha256 = _digest_file(tmp)
     receipt = {
-        "file": job.spec.filename,
-        "split": job.spec.split,
-        "records": records,
-        "captions": captions,
-        "skipped": len(skipped),
+        "file": task.filename,
+        "split": task.split,
+        **counts,
         "bytes": size,
         "sha256": sha256,
-        "fingerprint": job.fingerprint,
-        "skipped_examples": skipped[:MAX_SKIPPED_EXAMPLES],
+        "fingerprint": task.fingerprint,
     }
-    atomic_write_json(folder / RECEIPTS / f"{job.spec.filename}.json", receipt)
+    atomic_write_json(folder / RECEIPTS / f"{task.filename}.json", receipt)
     return receipt
 
 
@@ -380,6 +448,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest in `folder` as it is (complete or not), or None if missing or unreadable."""
+    return _read_json(Path(folder) / MANIFEST)
 
 
 def _shard_problem(folder: Path, entry: Mapping[str, Any], *, checksum: bool = True) -> str | None:
@@ -422,6 +495,156 @@ def _reusable(folder: Path, entry: Mapping[str, Any] | None, fingerprint: str) -
         return False
 
 
+def _splits_and_totals(
+    tasks: Sequence[ShardTask], receipts: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    keys = ("records", "captions", "skipped", "bytes")
+    splits: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        receipt = receipts[task.filename]
+        split = splits.setdefault(task.split, {**dict.fromkeys(keys, 0), "shards": []})
+        for key in keys:
+            split[key] += receipt[key]
+        split["shards"].append(dict(receipt))
+    totals = {key: sum(split[key] for split in splits.values()) for key in keys}
+    return {"splits": splits, "totals": {**totals, "shards": len(tasks)}}
+
+
+def remove_shards(folder: Path) -> None:
+    """Delete the manifest first (the set is then incomplete), then shards and receipts."""
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for shard in folder.glob(f"*{SHARD_SUFFIX}"):
+        shard.unlink()
+    shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
+
+
+def write_shard_set(
+    folder: str | os.PathLike,
+    tasks: Sequence[ShardTask],
+    write_missing: WriteMissing,
+    *,
+    header: Mapping[str, Any],
+    finish: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
+    progress: bool = True,
+    desc: str = "Writing shards",
+) -> WriteSummary:
+    """Make `folder` hold exactly the shards of `tasks`, then their manifest, written last.
+
+    `header` holds "format", "kind" and "params" (what decides the content: with the tasks'
+    fingerprints it makes the set's fingerprint), plus any other manifest fields. A complete
+    manifest of the same fingerprint whose files verify makes this a no-op. Otherwise a shard
+    is reused if its receipt or the old manifest has its fingerprint and its sha256 matches,
+    and `write_missing` writes the others (each with `commit_shard`). `finish` sees the
+    splits and totals, may refuse them by raising, and returns fields to add to the manifest.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    remove_stale_temporaries(folder / RECEIPTS)
+    fingerprints = {task.filename: task.fingerprint for task in tasks}
+    fingerprint = hashlib.sha256(
+        json.dumps([header["format"], header["params"], list(fingerprints.items())]).encode()
+    ).hexdigest()
+
+    old = _read_json(folder / MANIFEST)
+    if (
+        old
+        and old.get("complete")
+        and old.get("fingerprint") == fingerprint
+        and not _set_problems(folder, old)
+    ):
+        shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
+        logger.info("Shards in %s are complete and verified: nothing to do", folder)
+        return WriteSummary(old, reused=list(fingerprints), noop=True)
+
+    previous = _previous_entries(folder)
+    # From here on the folder is not a complete set: say so before changing any shard.
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for stale in folder.glob(f"*{SHARD_SUFFIX}"):
+        if stale.name not in fingerprints:
+            stale.unlink()
+
+    receipts = {
+        name: previous[name]
+        for name, fp in fingerprints.items()
+        if _reusable(folder, previous.get(name), fp)
+    }
+    missing = [task for task in tasks if task.filename not in receipts]
+    with tqdm(
+        total=sum(t.size for t in tasks), unit="image", desc=desc, disable=not progress
+    ) as bar:
+        bar.update(sum(t.size for t in tasks if t.filename in receipts))
+        written = {r["file"]: r for r in write_missing(missing, bar)} if missing else {}
+
+    body = _splits_and_totals(tasks, {**receipts, **written})
+    extra = finish(body) if finish else None
+    manifest = {
+        "format": header["format"],
+        "kind": header["kind"],
+        "complete": True,
+        "fingerprint": fingerprint,
+        **{k: v for k, v in header.items() if k not in ("format", "kind")},
+        **(extra or {}),
+        **body,
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
+    totals = manifest["totals"]
+    logger.info(
+        "Shards (%s) in %s: wrote %d, reused %d; %d images, %d captions, %d images skipped",
+        header["kind"],
+        folder,
+        len(written),
+        len(receipts),
+        totals["records"],
+        totals["captions"],
+        totals["skipped"],
+    )
+    return WriteSummary(manifest, written=sorted(written), reused=sorted(receipts))
+
+
+# --- writing image shards ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    task: ShardTask
+    spec: ShardSpec
+    folder: str
+    image_size: int
+    jpeg_quality: int
+
+
+def _write_shard(job: _Job) -> dict[str, Any]:
+    """Write one image shard (in a worker process), then its receipt."""
+    return commit_shard(Path(job.folder), job.task, functools.partial(_fill_image_shard, job))
+
+
+def _fill_image_shard(job: _Job, tmp: Path) -> dict[str, Any]:
+    """Decode, resize and encode the shard's images into `tmp`, one image at a time."""
+    import tensorflow as tf
+
+    records = captions = 0
+    skipped: list[dict[str, Any]] = []
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for _, image_id, file_path, ids in job.spec.entries():
+            try:
+                image = load_rgb_image(file_path)
+            except ImageError as exc:
+                skipped.append({"image_id": image_id, "file_path": file_path, "error": str(exc)})
+                continue
+            jpeg = encode_jpeg(image, job.image_size, quality=job.jpeg_quality)
+            writer.write(serialize_example(image_id, file_path, jpeg, image.size, ids))
+            records += 1
+            captions += len(ids)
+    return {
+        "records": records,
+        "captions": captions,
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:MAX_SKIPPED_EXAMPLES],
+    }
+
+
 def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, Any]]:
     if workers <= 1:
         for job in jobs:
@@ -441,28 +664,6 @@ def _run_jobs(jobs: list[_Job], workers: int, bar: tqdm) -> Iterator[dict[str, A
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
-
-
-def _manifest(
-    plan: ShardPlan, fingerprint: str, receipts: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
-    keys = ("records", "captions", "skipped", "bytes")
-    splits: dict[str, dict[str, Any]] = {}
-    for spec in plan.shards:
-        receipt = receipts[spec.filename]
-        split = splits.setdefault(spec.split, {**dict.fromkeys(keys, 0), "shards": []})
-        for key in keys:
-            split[key] += receipt[key]
-        split["shards"].append(dict(receipt))
-    totals = {key: sum(split[key] for split in splits.values()) for key in keys}
-    return {
-        "format": FORMAT,
-        "complete": True,
-        "fingerprint": fingerprint,
-        "params": plan.params,
-        "splits": splits,
-        "totals": {**totals, "shards": len(plan.shards)},
-    }
 
 
 def skipped_examples(manifest: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
@@ -490,65 +691,29 @@ def write_shards(
     A complete manifest of the same fingerprint whose files verify makes this a no-op.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
-    remove_stale_temporaries(folder / RECEIPTS)
-    fingerprints = {spec.filename: shard_fingerprint(plan, spec) for spec in plan.shards}
-    fingerprint = hashlib.sha256(
-        json.dumps([FORMAT, plan.params, list(fingerprints.items())]).encode()
-    ).hexdigest()
-
-    old = _read_json(folder / MANIFEST)
-    if (
-        old
-        and old.get("complete")
-        and old.get("fingerprint") == fingerprint
-        and not _set_problems(folder, old)
-    ):
-        shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
-        logger.info("Shards in %s are complete and verified: nothing to do", folder)
-        return WriteSummary(old, reused=list(fingerprints), noop=True)
-
-    previous = _previous_entries(folder)
-    # From here on the folder is not a complete set: say so before changing any shard.
-    (folder / MANIFEST).unlink(missing_ok=True)
-    for stale in folder.glob(f"*{SHARD_SUFFIX}"):
-        if stale.name not in fingerprints:
-            stale.unlink()
-
-    receipts = {
-        name: previous[name]
-        for name, fp in fingerprints.items()
-        if _reusable(folder, previous.get(name), fp)
-    }
-    jobs = [
-        _Job(spec, str(folder), plan.image_size, plan.jpeg_quality, fingerprints[spec.filename])
+    specs = {spec.filename: spec for spec in plan.shards}
+    tasks = [
+        ShardTask(spec.filename, spec.split, len(spec), shard_fingerprint(plan, spec))
         for spec in plan.shards
-        if spec.filename not in receipts
     ]
-    workers = min(workers or plan.workers or available_cpus(), max(len(jobs), 1))
-    total = sum(len(spec) for spec in plan.shards)
-    with tqdm(
-        total=total, unit="image", desc=f"Writing shards (workers={workers})", disable=not progress
-    ) as bar:
-        bar.update(sum(len(s) for s in plan.shards if s.filename in receipts))
-        written = {receipt["file"]: receipt for receipt in _run_jobs(jobs, workers, bar)}
 
-    manifest = _manifest(plan, fingerprint, {**receipts, **written})
-    _check_bad_fraction(plan, folder, manifest)
-    atomic_write_json(folder / MANIFEST, manifest)
-    shutil.rmtree(folder / RECEIPTS, ignore_errors=True)
-    totals = manifest["totals"]
-    logger.info(
-        "Shards in %s: wrote %d, reused %d; %d images, %d captions, %d images skipped",
+    def write_missing(missing: list[ShardTask], bar: tqdm) -> Iterator[dict[str, Any]]:
+        count = min(workers or plan.workers or available_cpus(), len(missing))
+        bar.set_description(f"Writing shards (workers={count})")
+        jobs = [
+            _Job(task, specs[task.filename], str(folder), plan.image_size, plan.jpeg_quality)
+            for task in missing
+        ]
+        return _run_jobs(jobs, count, bar)
+
+    return write_shard_set(
         folder,
-        len(written),
-        len(receipts),
-        totals["records"],
-        totals["captions"],
-        totals["skipped"],
+        tasks,
+        write_missing,
+        header={"format": FORMAT, "kind": "images", "params": plan.params},
+        finish=functools.partial(_check_bad_fraction, plan, folder),
+        progress=progress,
     )
-    return WriteSummary(manifest, written=sorted(written), reused=sorted(receipts))
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -564,16 +729,20 @@ def _set_problems(folder: Path, manifest: Mapping[str, Any], *, checksum: bool =
     return problems
 
 
-def is_complete(folder: str | os.PathLike) -> bool:
-    """A manifest marks `folder` as a complete shard set (files not verified)."""
+def is_complete(folder: str | os.PathLike, kind: str | None = None) -> bool:
+    """A manifest marks `folder` as a complete shard set of `kind` (any if None; not verified)."""
     manifest = _read_json(Path(folder) / MANIFEST)
-    return bool(manifest and manifest.get("format") == FORMAT and manifest.get("complete") is True)
+    formats = FORMATS.values() if kind is None else [FORMATS[kind]]
+    return bool(manifest and manifest.get("format") in formats and manifest.get("complete") is True)
 
 
-def load_shard_set(folder: str | os.PathLike, *, verify: bool = True) -> ShardSet:
+def load_shard_set(
+    folder: str | os.PathLike, *, verify: bool = True, kind: str | None = None
+) -> ShardSet:
     """The complete shard set in `folder`; DataError naming the path if it is missing or corrupt.
 
     `verify` checks every file's sha256 (reads all shards once); otherwise only sizes.
+    `kind` ("images" or "features"), if given, is the kind the set must be.
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -584,8 +753,11 @@ def load_shard_set(folder: str | os.PathLike, *, verify: bool = True) -> ShardSe
     manifest = _read_json(path)
     if manifest is None:
         raise DataError(f"{path}: not a readable JSON object")
-    if manifest.get("format") != FORMAT or manifest.get("complete") is not True:
-        raise DataError(f"{path}: format/complete: not a complete {FORMAT} manifest")
+    formats = list(FORMATS.values()) if kind is None else [FORMATS[kind]]
+    if manifest.get("format") not in formats or manifest.get("complete") is not True:
+        raise DataError(
+            f"{path}: format/complete: not a complete shard set manifest of format {formats}"
+        )
     try:
         problems = _set_problems(folder, manifest, checksum=verify)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -597,26 +769,34 @@ def load_shard_set(folder: str | os.PathLike, *, verify: bool = True) -> ShardSe
 
 # --- reading with tf.data ---------------------------------------------------------------------
 
+# kind -> (the record field that holds the image, the input name the model reads it under)
+_PAYLOAD = {"images": ("image/encoded", "image"), "features": ("image/features", "features")}
 
-def _every_caption(features: dict[str, tf.Tensor]) -> tf.data.Dataset:
+
+def _every_caption(record: dict[str, tf.Tensor], kind: str) -> tf.data.Dataset:
     import tensorflow as tf
 
-    captions = features["caption/ids"]  # int64 ragged [C, None]
+    field_name, name = _PAYLOAD[kind]
+    captions = record["caption/ids"]  # int64 ragged [C, None]
     count = captions.nrows()
+    payload = record[field_name]  # JPEG string [] or float16 features [R, D]
     image = {
-        "image": tf.repeat(features["image/encoded"][None], count),  # string [C]
-        "image_id": tf.repeat(features["image/id"][None], count),  # int64 [C]
+        name: tf.repeat(payload[None], count, axis=0),  # [C] or [C, R, D]
+        "image_id": tf.repeat(record["image/id"][None], count),  # int64 [C]
     }
     return tf.data.Dataset.from_tensor_slices((image, captions))
 
 
-def _one_caption(features: dict[str, tf.Tensor], random: tf.Tensor) -> tuple[dict, tf.Tensor]:
+def _one_caption(
+    record: dict[str, tf.Tensor], random: tf.Tensor, kind: str
+) -> tuple[dict, tf.Tensor]:
     import tensorflow as tf
 
-    captions = features["caption/ids"]  # int64 ragged [C, None]
+    field_name, name = _PAYLOAD[kind]
+    captions = record["caption/ids"]  # int64 ragged [C, None]
     row = tf.math.floormod(random, captions.nrows(out_type=tf.int64))
     start, end = captions.row_splits[row], captions.row_splits[row + 1]
-    image = {"image": features["image/encoded"], "image_id": features["image/id"]}
+    image = {name: record[field_name], "image_id": record["image/id"]}
     return image, captions.values[start:end]
 
 
@@ -630,33 +810,53 @@ def make_caption_dataset(
     seed: int | None = None,
     decode_images: bool = True,
     image_size: int | None = None,
+    kind: str | None = None,
     bucket_boundaries: Sequence[int] | None = None,
     drop_remainder: bool = False,
     repeat: bool | int = False,
     shuffle_buffer: int = 2048,
     cycle_length: int = 8,
 ) -> tf.data.Dataset:
-    """Batches `({"image", "image_id"}, captions)` from shards.
+    """Batches `({"image", "image_id"}, captions)` from image shards, or
+    `({"features", "image_id"}, captions)` from feature shards.
 
     image: float32 [B, S, S, 3] in 0..255 (S = image_size, default the shards' size), or the
-    JPEG string [B] when `decode_images` is False; image_id: int64 [B]; captions: int32 [B, T],
-    padded with 0 (<pad>) to the longest caption of the batch. `caption_mode` "sample" takes
-    one random caption per image per epoch, "all" one element per caption. `bucket_boundaries`
-    batches captions of similar length together. `repeat`: True = forever, an int = epochs.
+    JPEG string [B] when `decode_images` is False; features: float16 [B, R, D] (decode_images
+    and image_size do not apply); image_id: int64 [B]; captions: int32 [B, T], padded with 0
+    (<pad>) to the longest caption of the batch. `kind` is the ShardSet's own, or "images" for
+    a plain list of files (pass "features" for feature shards; R and D are then not static).
+    `caption_mode` "sample" takes one random caption per image per epoch, "all" one element
+    per caption. `bucket_boundaries` batches captions of similar length together. `repeat`:
+    True = forever, an int = epochs.
     """
     import tensorflow as tf
 
     if caption_mode not in ("sample", "all"):
         raise ValueError(f"caption_mode must be 'sample' or 'all', got {caption_mode!r}")
+    feature_shape = None
     if isinstance(source, ShardSet):
         files = source.files(split)
-        image_size = image_size or source.image_size
+        if kind is not None and kind != source.kind:
+            raise DataError(f"{source.root / MANIFEST}: a {source.kind} shard set, not {kind}")
+        kind = source.kind
+        if kind == "features":
+            feature_shape = source.feature_shape
+        else:
+            image_size = image_size or source.image_size
     else:
         files = [str(f) for f in source]
+        kind = kind or "images"
+    if kind not in _PAYLOAD:
+        raise ValueError(f"kind must be one of {sorted(_PAYLOAD)}, got {kind!r}")
     if not files:
         raise DataError(f"no shard files for split {split!r}")
+    decode_images = decode_images and kind == "images"
     if decode_images and not image_size:
         raise ValueError("image_size is needed to decode images from a plain list of shard files")
+    if kind == "features":
+        parse = functools.partial(parse_feature_example, feature_shape=feature_shape)
+    else:
+        parse = parse_example
     autotune = tf.data.AUTOTUNE
     # Shuffled without a seed: let parallel reads finish in any order, it is random anyway.
     deterministic = not shuffle or seed is not None
@@ -672,30 +872,24 @@ def make_caption_dataset(
     )
     if repeat:
         ds = ds.repeat(None if repeat is True else int(repeat))
-    ds = ds.map(parse_example, num_parallel_calls=autotune, deterministic=deterministic)
+    ds = ds.map(parse, num_parallel_calls=autotune, deterministic=deterministic)
     if caption_mode == "sample":
         # A random stream zipped in, rather than a random op in map: a new draw every epoch.
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, randoms).map(_one_caption, num_parallel_calls=autotune)
+        ds = tf.data.Dataset.zip(ds, randoms).map(
+            functools.partial(_one_caption, kind=kind), num_parallel_calls=autotune
+        )
     else:
-        ds = ds.flat_map(_every_caption)
+        ds = ds.flat_map(functools.partial(_every_caption, kind=kind))
     if shuffle:
         # Shuffle while images are still small JPEG strings, so the buffer stays small; the
-        # price: "all" mode decodes an image once per caption.
+        # price: "all" mode decodes an image once per caption. Features are as small as
+        # they get: R x D float16 each.
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
     def finish(image: dict[str, tf.Tensor], caption: tf.Tensor) -> tuple[dict, tf.Tensor]:
         if decode_images:
-            pixels = tf.io.decode_jpeg(image["image"], channels=3)  # uint8 [H, W, 3]
-            same = tf.reduce_all(tf.equal(tf.shape(pixels)[:2], image_size))
-            pixels = tf.cond(
-                same,
-                lambda: tf.cast(pixels, tf.float32),
-                lambda: tf.clip_by_value(
-                    tf.image.resize(pixels, [image_size, image_size], antialias=True), 0, 255
-                ),
-            )
-            image = {**image, "image": tf.ensure_shape(pixels, [image_size, image_size, 3])}
+            image = {**image, "image": decode_jpeg_image(image["image"], image_size)}
         return image, tf.cast(caption, tf.int32)
 
     ds = ds.map(finish, num_parallel_calls=autotune, deterministic=deterministic)

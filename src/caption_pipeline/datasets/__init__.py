@@ -1,15 +1,21 @@
-"""Kedro datasets of this project: atomic local writes and TFRecord shard sets."""
+"""Kedro datasets of this project: atomic local writes, TFRecord shard sets, model inputs."""
 
 from caption_pipeline.datasets.atomic_datasets import (
+    AtomicCSVDataset,
     AtomicJSONDataset,
     AtomicMatplotlibDataset,
     AtomicParquetDataset,
 )
+from caption_pipeline.datasets.keras_model import KerasModelDataset
+from caption_pipeline.datasets.model_inputs import ModelInputsDataset
 from caption_pipeline.datasets.tfrecord_shards import TFRecordShardsDataset
 
 __all__ = [
+    "AtomicCSVDataset",
     "AtomicJSONDataset",
     "AtomicMatplotlibDataset",
     "AtomicParquetDataset",
+    "KerasModelDataset",
+    "ModelInputsDataset",
     "TFRecordShardsDataset",
 ]

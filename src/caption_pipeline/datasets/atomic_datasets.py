@@ -1,4 +1,4 @@
-"""kedro-datasets' JSON, Parquet and Matplotlib datasets, saved atomically on a local filesystem."""
+"""kedro-datasets' JSON, CSV, Parquet and Matplotlib datasets, saved atomically on a local filesystem."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
-from kedro_datasets.pandas import ParquetDataset
+from kedro_datasets.pandas import CSVDataset, ParquetDataset
 
 from caption_pipeline.atomic import temp_sibling
 
@@ -35,6 +35,10 @@ class _AtomicSave:
 
 class AtomicJSONDataset(_AtomicSave, JSONDataset):
     """`json.JSONDataset` that never leaves a half-written file."""
+
+
+class AtomicCSVDataset(_AtomicSave, CSVDataset):
+    """`pandas.CSVDataset` that never leaves a half-written file."""
 
 
 class AtomicParquetDataset(_AtomicSave, ParquetDataset):

@@ -1,0 +1,149 @@
+"""Captions/s and GFLOP/s of one training step (forward + backward + Adam), synthetic inputs.
+
+    python benchmarks/train_step.py                      # TensorFlow (default backend)
+    KERAS_BACKEND=jax python benchmarks/train_step.py    # no TensorFlow import at all
+
+Two configs: "shapes" (the embedded default: compact CNN trained end to end on 128 px images)
+and "coco" (precomputed NASNetLarge features, 121 x 4032, vocab 10,204, dims 512). Prints one
+JSON line with, per config, captions/s and achieved GFLOP/s, plus the rate of a large float32
+matmul timed in the same process and the fraction of it each config reaches.
+
+FLOPs are counted analytically, as the matrix products the model needs (a multiply-add = 2
+FLOPs; element-wise ops, softmax and the optimizer update are left out). Per caption, with
+R regions, D feature width, A attention, n LSTM units, m embedding, V vocab, T steps:
+
+  forward, once per image:  W_a a_i: 2RDA;  h_0, c_0 from the mean feature: 2 * 2Dn
+  forward, per step:        U_h h: 2nA;  v.tanh(.): 2RA;  z = sum alpha a: 2RD;  f_beta: 2n;
+                            LSTM: 2m*4n (word) + 2D*4n (context) + 2n*4n (hidden);
+                            deep output: 2nm (L_h) + 2Dm (L_z) + 2mV (L_o)
+  backward: every product x.W costs twice its forward FLOPs (dx and dW), except where x is
+  data that needs no gradient, which costs once (dW only): W_a a_i and the init MLPs on the
+  features, and z = sum alpha a (only d alpha).
+  Compact encoder (shapes config): each conv is 2 H W k^2 Cin Cout forward, twice that
+  backward, once for the first conv (its input is the image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+from caption_pipeline.model import Captioner, ModelConfig  # noqa: E402
+
+CONFIGS = {
+    # name: (ModelConfig kwargs, steps T, input)
+    "shapes": (dict(vocab_size=80, encoder="compact", image_size=128), 16, "image"),
+    "coco": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331, embed_dim=512,
+                  attention_dim=512, lstm_units=512), 24, "features"),
+}
+
+
+def decoder_flops(R, D, A, n, m, V, T) -> float:
+    """Training FLOPs of the decoder per caption (see the module docstring)."""
+    per_image = 2 * R * D * A * 2 + 2 * 2 * D * n * 2
+    per_step_2x = 2 * n * A + 2 * R * A + 2 * n + 2 * m * 4 * n + 2 * D * 4 * n + 2 * n * 4 * n \
+        + 2 * n * m + 2 * D * m + 2 * m * V
+    per_step = per_step_2x * 3 + 2 * R * D * 2
+    return per_image + T * per_step
+
+
+def encoder_flops(encoder: keras.Model) -> float:
+    """Training FLOPs of the encoder's convolutions per image (0 if it is frozen)."""
+    total = 0.0
+    convs = [layer for layer in _walk(encoder) if isinstance(layer, layers.Conv2D)]
+    for index, conv in enumerate(convs):
+        _, height, width, _ = conv.output.shape
+        k_h, k_w, c_in, c_out = conv.kernel.shape
+        forward = 2 * height * width * k_h * k_w * c_in * c_out
+        total += forward * (2 if index == 0 else 3)
+    return total
+
+
+def _walk(model):
+    for layer in model.layers:
+        yield from _walk(layer) if isinstance(layer, keras.Model) else (layer,)
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
+    """Best rate of a float32 [size, size] x [size, size] product, in GFLOP/s."""
+    a = ops.convert_to_tensor(np.random.default_rng(0).standard_normal((size, size)), "float32")
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        start = time.perf_counter()
+        ops.convert_to_numpy(ops.matmul(a, a)[0, 0])
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def synthetic_batch(model: Captioner, batch: int, steps: int, source: str, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    c = model.config
+    if source == "image":
+        x = {"image": rng.uniform(0, 255, (batch, c.image_size, c.image_size, 3)).astype("float32")}
+    else:  # precomputed features, stored as float16 by the features pipeline
+        x = {"features": rng.standard_normal((batch, model.regions, model.feature_dim))
+             .astype("float16")}
+    captions = rng.integers(4, c.vocab_size, (batch, steps + 1)).astype("int32")
+    captions[:, 0] = 1  # <start>
+    captions[:, -1] = 2  # <end>; no padding: every step counts
+    return x, captions
+
+
+def bench(name: str, batch: int, repeats: int, jit_compile) -> dict:
+    kwargs, steps, source = CONFIGS[name]
+    model = Captioner(ModelConfig(**kwargs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
+    x, y = synthetic_batch(model, batch, steps, source)
+    start = time.perf_counter()
+    model.train_on_batch(x, y)  # traces and compiles
+    compile_s = time.perf_counter() - start
+    model.train_on_batch(x, y)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)  # returns the loss as a Python float: synchronised
+        times.append(time.perf_counter() - start)
+    c = model.config
+    flops = decoder_flops(model.regions, model.feature_dim, c.attention_dim, c.lstm_units,
+                          c.embed_dim, c.vocab_size, steps)
+    if source == "image" and c.trains_encoder:
+        flops += encoder_flops(model.encoder)
+    step_s = min(times)  # best of: the machine may be shared
+    return {"batch": batch, "steps": steps, "input": source, "regions": model.regions,
+            "feature_dim": model.feature_dim, "vocab": c.vocab_size,
+            "dims": [c.embed_dim, c.attention_dim, c.lstm_units],
+            "params": model.count_params(), "compile_s": round(compile_s, 1),
+            "step_s": round(step_s, 4), "median_step_s": round(float(np.median(times)), 4), "captions_per_s": round(batch / step_s, 1),
+            "gflop_per_caption": round(flops / 1e9, 3),
+            "gflops": round(flops * batch / step_s / 1e9, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="shapes,coco")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--jit-compile", default="auto", choices=["auto", "true", "false"])
+    args = parser.parse_args()
+    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    keras.utils.set_random_seed(0)
+    result = {"backend": keras.backend.backend(), "jit_compile": args.jit_compile,
+              "matmul_gflops": round(matmul_gflops(), 1)}
+    for name in args.configs.split(","):
+        result[name] = bench(name, args.batch, args.repeats, jit)
+        result[name]["fraction_of_matmul"] = round(result[name]["gflops"]
+                                                   / result["matmul_gflops"], 3)
+    result["matmul_gflops_after"] = round(matmul_gflops(), 1)  # the machine may be shared
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

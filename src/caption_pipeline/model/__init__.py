@@ -1,0 +1,19 @@
+"""Show, Attend and Tell in Keras 3: one module per concept (encoder, attention, decoder,
+captioner). Backend-portable: only `keras.layers` and `keras.ops`, no `tf.*`."""
+
+from caption_pipeline.model.attention import SoftAttention
+from caption_pipeline.model.captioner import Captioner, ModelConfig, caption_losses
+from caption_pipeline.model.decoder import AttentionDecoder, DecoderState
+from caption_pipeline.model.encoder import ENCODERS, build_encoder, load_weights_file
+
+__all__ = [
+    "ENCODERS",
+    "AttentionDecoder",
+    "Captioner",
+    "DecoderState",
+    "ModelConfig",
+    "SoftAttention",
+    "build_encoder",
+    "caption_losses",
+    "load_weights_file",
+]

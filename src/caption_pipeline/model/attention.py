@@ -1,0 +1,48 @@
+"""Soft (additive) attention of Show, Attend and Tell, eq. (4)-(6).
+
+    e_ti = v . tanh(W_a a_i + U_h h_{t-1})        alpha_t = softmax_i(e_t)        z_t = sum_i alpha_ti a_i
+
+The hidden state enters INSIDE the tanh, so the scores change with every step. (Adding a
+per-step scalar outside it, as the reference code did, is cancelled by the softmax and leaves
+the attention constant over time.) W_a a_i does not depend on t: `project` computes it once per
+image, before the time loop; `call` only adds U_h h_{t-1} to it.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="caption_pipeline")
+class SoftAttention(layers.Layer):
+    def __init__(self, units: int, kernel_regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        dense = dict(kernel_regularizer=keras.regularizers.get(kernel_regularizer))
+        self.feature_projection = layers.Dense(units, name="feature_projection", **dense)  # W_a
+        self.hidden_projection = layers.Dense(units, use_bias=False, name="hidden_projection",
+                                              **dense)  # U_h
+        # A bias on the score would be the same for every region: softmax cancels it.
+        self.score = layers.Dense(1, use_bias=False, name="score", **dense)  # v
+
+    def build(self, features_shape, hidden_shape):
+        self.feature_projection.build(features_shape)
+        self.hidden_projection.build(hidden_shape)
+        self.score.build((*features_shape[:-1], self.units))
+
+    def project(self, features):
+        """[B, R, D] -> [B, R, A]: W_a a_i + b, once per image."""
+        return self.feature_projection(features)
+
+    def call(self, features, projected, hidden):
+        """features [B, R, D], projected [B, R, A], hidden [B, n] -> context [B, D], alpha [B, R]."""
+        scores = self.score(ops.tanh(projected + self.hidden_projection(hidden)[:, None, :]))
+        alpha = ops.softmax(scores[..., 0], axis=-1)
+        context = ops.einsum("br,brd->bd", alpha, features)
+        return context, alpha
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units,
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.feature_projection.kernel_regularizer)}

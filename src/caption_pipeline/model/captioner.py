@@ -1,0 +1,145 @@
+"""The trainable captioner: encoder + attention decoder, and its loss.
+
+Keras passes the captions to `compute_loss` only, not to `call`, so the forward pass is split:
+`call` maps the inputs to region features (precomputed ones pass through, images go through
+the encoder), and `compute_loss` runs the teacher-forced decoder on them. `fit` therefore takes
+the reader's batches as they are, `({"image": [B, S, S, 3]} or {"features": [B, R, D]},
+captions [B, T])`, with the same code under TensorFlow and JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import keras
+from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
+
+from caption_pipeline.errors import DataError
+from caption_pipeline.model.decoder import AttentionDecoder
+from caption_pipeline.model.encoder import ENCODERS, build_encoder
+
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters. The defaults suit the embedded "shapes" data set; a COCO run sets
+    encoder=nasnet_large, image_size=331, embed/attention/lstm 512 (see the module's README in
+    the report / the benchmark's COCO config)."""
+
+    vocab_size: int
+    encoder: str = "compact"  # compact | nasnet_mobile | nasnet_large
+    image_size: int = 128  # side of the images the model is given
+    encoder_weights: str | None = None  # NASNet: "imagenet", a local .h5 / .weights.h5 path, or None
+    # None: train the compact CNN (nothing pretrained exists), freeze NASNet (its features are
+    # then precomputed once per image).
+    encoder_trainable: bool | None = None
+    compact_filters: tuple[int, ...] = (32, 64, 128, 128)
+    embed_dim: int = 128
+    attention_dim: int = 128
+    lstm_units: int = 256
+    dropout: float = 0.5
+    l2: float = 1e-5  # on every Dense kernel of the decoder
+    attention_lambda: float = 1.0  # doubly stochastic attention regularisation
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise DataError(f"model.encoder: unknown encoder {self.encoder!r}; "
+                            f"expected one of {ENCODERS}")
+        object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
+
+    @property
+    def trains_encoder(self) -> bool:
+        if self.encoder_trainable is None:
+            return self.encoder == "compact"
+        return self.encoder_trainable
+
+    @classmethod
+    def from_dict(cls, params: dict) -> ModelConfig:
+        """From a `params:model` dict; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise DataError(f"parameters model: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+def caption_losses(logits, alpha, targets):
+    """Masked token cross-entropy and the doubly stochastic attention term.
+
+    logits [B, T, V], alpha [B, T, R], targets [B, T] (pad = 0) -> (xent, attention), scalars.
+    xent is the mean over real (non-pad) target tokens; attention is
+    sum_i (1 - sum_t alpha_ti)^2 over non-padded steps t, averaged over the batch.
+    """
+    logits, alpha = ops.cast(logits, "float32"), ops.cast(alpha, "float32")  # mixed precision
+    mask = ops.cast(ops.not_equal(targets, PAD_ID), "float32")  # [B, T]
+    token_xent = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    xent = ops.sum(token_xent * mask) / ops.maximum(ops.sum(mask), 1.0)
+    attention_total = ops.sum(alpha * mask[:, :, None], axis=1)  # [B, R]
+    attention = ops.mean(ops.sum(ops.square(1.0 - attention_total), axis=-1))
+    return xent, attention
+
+
+@keras.saving.register_keras_serializable(package="caption_pipeline")
+class Captioner(keras.Model):
+    def __init__(self, config: ModelConfig | dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+        c = self.config
+        self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights, c.compact_filters)
+        self.encoder.trainable = c.trains_encoder
+        _, self.regions, self.feature_dim = self.encoder.output_shape
+        self.decoder = AttentionDecoder(c.vocab_size, c.embed_dim, c.attention_dim, c.lstm_units,
+                                        c.dropout, c.l2, name="decoder")
+        # Built now, not on a first call: the decoder runs in compute_loss, which Keras never
+        # traces to build a model, and loading weights needs every variable to exist.
+        self.decoder.build((None, self.regions, self.feature_dim))
+        self.xent_tracker = keras.metrics.Mean(name="xent")
+        self.attention_tracker = keras.metrics.Mean(name="attention_reg")
+        self.built = True
+
+    def call(self, inputs, training=False):
+        """{"features": [B, R, D]} (precomputed, any float dtype) or {"image": [B, S, S, 3] 0..255}
+        -> region features [B, R, D] float32."""
+        if "features" in inputs:
+            return ops.cast(inputs["features"], self.compute_dtype)
+        if "image" not in inputs:
+            raise DataError(f"Captioner inputs need 'features' or 'image'; got {sorted(inputs)}")
+        images = ops.cast(inputs["image"], self.compute_dtype)
+        if self.config.trains_encoder:
+            return self.encoder(images, training=training)
+        return ops.stop_gradient(self.encoder(images, training=False))
+
+    def teacher_forced(self, features, captions, training=False):
+        """features [B, R, D], captions [B, T+1] (<start> ... <end> <pad>...) ->
+        logits [B, T, V] for captions[:, 1:], alpha [B, T, R]."""
+        return self.decoder(features, captions[:, :-1], training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Masked cross-entropy + lambda * attention term + L2; y_pred is `call`'s features."""
+        if sample_weight is not None:
+            raise DataError("Captioner.fit: sample weights are not supported; "
+                            "padding is masked by pad id 0")
+        captions = ops.cast(y, "int32")
+        logits, alpha = self.teacher_forced(y_pred, captions, training=training)
+        xent, attention = caption_losses(logits, alpha, captions[:, 1:])
+        self.xent_tracker.update_state(xent)
+        self.attention_tracker.update_state(attention)
+        loss = xent + self.config.attention_lambda * attention
+        if self.losses:  # L2
+            loss = loss + ops.sum(ops.stack(self.losses))
+        # Under tf.distribute, replicas' gradients are summed: Keras divides every loss by the
+        # replica count (a no-op otherwise, and under JAX); its trainer undoes it for the logs.
+        return scale_loss_for_distribution(loss)
+
+    # The step-wise API, for batched greedy / beam search in one compiled function.
+    def init_state(self, features):
+        return self.decoder.init_state(features)
+
+    def step(self, word_ids, state):
+        return self.decoder.step(word_ids, state, training=False)
+
+    def get_config(self):
+        return {**super().get_config(), "config": dataclasses.asdict(self.config)}

@@ -1,0 +1,164 @@
+"""Image encoders: an image batch [B, S, S, 3] (float, 0..255) -> region features [B, R, D].
+
+Two families, chosen by name:
+
+* ``nasnet_large`` / ``nasnet_mobile``: `keras.applications` NASNet without its classifier.
+  NASNetLarge runs at 331 px and gives an 11x11 grid of 4032 features (R=121), NASNetMobile
+  at 224 px gives 7x7 x 1056 (R=49). Images of another size are resized to the backbone's size
+  first. Weights: "imagenet" (downloaded by Keras), a local weights file (offline clusters:
+  the `.h5` Keras downloads, or a `.weights.h5` saved from the same architecture), or None.
+* ``compact``: a small CNN trained end to end with the decoder, for the embedded "shapes"
+  data set, where no pretrained weights exist.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import keras
+from keras import layers, ops
+
+from caption_pipeline.errors import DataError
+
+# name -> (keras.applications constructor, native input size in px)
+NASNETS = {
+    "nasnet_large": (keras.applications.NASNetLarge, 331),
+    "nasnet_mobile": (keras.applications.NASNetMobile, 224),
+}
+ENCODERS = ("compact", *NASNETS)
+
+
+def build_encoder(
+    name: str,
+    image_size: int,
+    weights: str | None = None,
+    compact_filters: tuple[int, ...] = (32, 64, 128, 128),
+) -> keras.Model:
+    """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]."""
+    images = keras.Input((image_size, image_size, 3), name="image")
+    if name == "compact":
+        if weights is not None:
+            raise DataError(f"model.encoder_weights: the compact encoder has no pretrained "
+                            f"weights to load, got {weights!r}; set it to null")
+        grid = compact_cnn(images, compact_filters)
+    elif name in NASNETS:
+        grid = nasnet_backbone(name, weights)(_to_native_size(images, NASNETS[name][1]))
+    else:
+        raise DataError(f"model.encoder: unknown encoder {name!r}; expected one of {ENCODERS}")
+    # [B, H, W, D] -> [B, H*W, D]: the regions the decoder attends over, row by row.
+    _, height, width, depth = grid.shape
+    regions = layers.Reshape((height * width, depth), name="regions")(grid)
+    return keras.Model(images, regions, name=f"{name}_encoder")
+
+
+def nasnet_backbone(name: str, weights: str | None) -> keras.Model:
+    """NASNet without top at its native size, taking images in 0..255.
+
+    `keras.applications.nasnet.preprocess_input` scales to [-1, 1] (x / 127.5 - 1); it is
+    written here as a Rescaling layer so that it is part of the saved, compiled graph.
+    """
+    constructor, size = NASNETS[name]
+    images = keras.Input((size, size, 3))
+    scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="nasnet_preprocess")(images)
+    if weights == "imagenet":
+        try:
+            backbone = constructor(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+        except Exception as error:  # no internet, proxy, corrupt cache: all end here
+            raise DataError(
+                f"model.encoder_weights: could not get the ImageNet weights of {name} ({error}); "
+                "on an offline machine, download them elsewhere and give the file's path instead"
+            ) from None
+    elif weights is None:
+        backbone = constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+    else:
+        _weights_path(weights)  # a missing file fails before the (slow) build
+        backbone = constructor(include_top=False, weights=None, input_shape=(size, size, 3))
+        load_weights_file(backbone, weights)
+    return keras.Model(images, backbone(scaled), name=f"{name}_backbone")
+
+
+def load_weights_file(model: keras.Model, path: str) -> None:
+    """Load `path` into `model`, or raise a DataError that names the file and what is wrong.
+
+    Keras silently loads a `.weights.h5` file holding MORE variables than the model (e.g.
+    NASNetLarge weights into NASNetMobile), so the file's arrays are compared with the model's
+    variables first.
+    """
+    file = _weights_path(path)
+    if file.name.endswith(".weights.h5"):
+        _check_array_shapes(model, file)
+    try:
+        model.load_weights(str(file))
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"model.encoder_weights: {file} does not fit {model.name}: {reason}") from None
+
+
+def _weights_path(path: str) -> Path:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"model.encoder_weights: weights file {file} does not exist")
+    if not file.name.endswith(".h5"):
+        raise DataError(f"model.encoder_weights: {file} is not a Keras weights file "
+                        "(expected a .weights.h5 or legacy .h5 file)")
+    return file
+
+
+def _check_array_shapes(model: keras.Model, file: Path) -> None:
+    shapes: list[tuple[int, ...]] = []
+    try:
+        with h5py.File(file, "r") as h5:
+            h5.visititems(lambda _, item: shapes.append(item.shape)
+                          if isinstance(item, h5py.Dataset) else None)
+    except OSError as error:
+        raise DataError(f"model.encoder_weights: {file} is not a readable HDF5 weights file "
+                        f"({error})") from None
+    expected = sorted(tuple(v.shape) for v in model.weights)
+    if sorted(shapes) != expected:
+        raise DataError(
+            f"model.encoder_weights: {file} does not fit {model.name}: the file holds "
+            f"{len(shapes)} arrays ({sum(math.prod(s) for s in shapes):,} numbers), the model "
+            f"has {len(expected)} variables ({sum(math.prod(s) for s in expected):,} numbers)"
+        )
+
+
+def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...]) -> keras.KerasTensor:
+    """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1].
+
+    Coordinate channels enter the last block so that every region feature knows where it
+    is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
+    of features would otherwise lose position.
+    """
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="compact_preprocess")(images)
+    for block, width in enumerate(filters):
+        if block == len(filters) - 1:
+            x = AddCoordinates(name="coordinates")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = layers.BatchNormalization(name=f"bn{block}")(x)
+        x = layers.ReLU(name=f"relu{block}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    return x
+
+
+def _to_native_size(images: keras.KerasTensor, size: int) -> keras.KerasTensor:
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    return layers.Resizing(size, size, name="resize_to_backbone")(images)
+
+
+@keras.saving.register_keras_serializable(package="caption_pipeline")
+class AddCoordinates(layers.Layer):
+    """[B, H, W, C] -> [B, H, W, C + 2]: appends each pixel's row and column in [-1, 1]."""
+
+    def call(self, x):
+        height, width = x.shape[1], x.shape[2]
+        rows = ops.broadcast_to(ops.linspace(-1.0, 1.0, height)[:, None], (height, width))
+        cols = ops.broadcast_to(ops.linspace(-1.0, 1.0, width)[None, :], (height, width))
+        grid = ops.cast(ops.stack([rows, cols], axis=-1), x.dtype)  # [H, W, 2]
+        grid = ops.broadcast_to(grid[None], (ops.shape(x)[0], height, width, 2))
+        return ops.concatenate([x, grid], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 2)

@@ -1,0 +1,55 @@
+"""Nodes of the `train` pipeline: thin wrappers over `caption_pipeline.training`."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from caption_pipeline.features import feature_encoder_weights
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.text import Vocabulary
+from caption_pipeline.tfrecords import ShardSet, make_caption_dataset
+from caption_pipeline.training import (
+    TrainConfig,
+    pad_captions,
+    train_captioner,
+    training_curves_figure,
+)
+
+
+def train_model(
+    model_inputs: ShardSet, vocabulary: dict, model: dict, train: dict
+) -> tuple[object, pd.DataFrame, pd.DataFrame]:
+    """Train (resuming from a checkpoint if one matches) and return the best model, the
+    per-epoch history and per-step loss samples."""
+    vocab = Vocabulary.from_dict(vocabulary)
+    model_config = ModelConfig.from_dict({**model, "vocab_size": vocab.size})
+    config = TrainConfig.from_dict(train)
+
+    # <start> + the longest caption the vocabulary stage lets through + <end>
+    caption_length = vocab.max_caption_length + 2
+
+    def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
+        batches = make_caption_dataset(
+            model_inputs, split, batch_size=config.batch_size, caption_mode=caption_mode,
+            shuffle=shuffle, seed=config.seed + epoch, image_size=model_config.image_size,
+            bucket_boundaries=config.bucket_boundaries, shuffle_buffer=config.shuffle_buffer,
+        )
+        return pad_captions(batches, caption_length)
+
+    per_epoch = (model_inputs.num_images("train") if config.caption_mode == "sample"
+                 else model_inputs.num_captions("train"))
+    steps = math.ceil(per_epoch / config.batch_size)
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    fingerprint = {"model_inputs": model_inputs.manifest.get("fingerprint"),
+                   "vocabulary": vocab.size}
+    return train_captioner(datasets, model_config, config, steps_per_epoch=steps,
+                           data_fingerprint=fingerprint,
+                           encoder_weights=feature_encoder_weights(model_inputs, model_config))
+
+
+def plot_training_curves(training_history: pd.DataFrame):
+    """Training curves as a matplotlib figure (saved as PNG by the catalog)."""
+    return training_curves_figure(training_history)

@@ -1,0 +1,363 @@
+"""Training: fit the Captioner on shards, with checkpoints that survive `kill -9`.
+
+`model.fit` runs one epoch per call, so that a resumed run can start in the middle of an
+epoch: the global step (the optimizer's iteration count, restored with the weights) says which
+epoch it is in and how many of that epoch's batches are already done. An epoch's batches are a
+function of (seed, epoch) alone, so the resumed run skips exactly those and goes on.
+
+A checkpoint is a folder `step-NNNNNNNN/` holding the weights (model and optimizer state) and
+`state.json` (history, early-stopping state). It is written under a temporary name and renamed,
+then `latest.json` is pointed at it (also atomically). A folder that `latest.json` does not name
+is never read, so a kill at any moment leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from caption_pipeline.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
+from caption_pipeline.errors import DataError
+from caption_pipeline.model import Captioner, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+LATEST = "latest.json"
+BEST_WEIGHTS = "best.weights.h5"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`params:train`; see conf/base/parameters_train.yml for what each key means."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    caption_mode: str = "sample"  # sample: one random caption per image per epoch | all
+    max_steps_per_epoch: int | None = None
+    learning_rate: float = 1e-3
+    lr_decay_rate: float = 1.0  # exponential decay, multiplied in every `lr_decay_epochs`
+    lr_decay_epochs: float = 1.0
+    clipnorm: float | None = 5.0
+    early_stopping_patience: int | None = 3  # epochs without a better val xent; None = off
+    checkpoint_dir: str = "data/06_models/checkpoints"
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: bool = False  # after a finished run
+    log_every_steps: int = 10  # per-step loss recorded in the history
+    strategy: str = "default"  # default | mirrored | multi_worker (TensorFlow backend)
+    devices: list[str] | None = None  # mirrored: e.g. ["/cpu:0", "/cpu:1"]; None = all GPUs
+    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: bool | str = "auto"
+    bucket_boundaries: list[int] | None = None
+    shuffle_buffer: int = 2048
+    seed: int = 42
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "caption_mode": self.caption_mode in ("sample", "all"),
+            "strategy": self.strategy in STRATEGIES,
+            "precision": self.precision in PRECISIONS,
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "checkpoint_every_steps": self.checkpoint_every_steps >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise DataError(f"parameters train.{key}: invalid value {getattr(self, key)!r}")
+
+    @classmethod
+    def from_dict(cls, params: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise DataError(f"parameters train: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint remembers besides the weights."""
+
+    fingerprint: str
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    steps: list[dict[str, Any]] = field(default_factory=list)  # per-step loss samples
+    best_val_xent: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+
+# A function (split, epoch, caption_mode, shuffle) -> tf.data.Dataset of batches.
+DatasetFactory = Callable[[str, int, str, bool], Any]
+
+
+def pad_captions(batches, length: int):
+    """Pad the captions of each batch to one static length [B, length].
+
+    The decoder unrolls its time loop, so a fixed length means one compiled step function
+    instead of one per batch-maximum length.
+    """
+    import tensorflow as tf
+
+    def pad(inputs, captions):
+        extra = length - tf.shape(captions)[1]
+        captions = tf.pad(captions[:, :length], [[0, 0], [0, tf.maximum(extra, 0)]])
+        return inputs, tf.ensure_shape(captions, [None, length])
+
+    return batches.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_strategy(config: TrainConfig):
+    """The tf.distribute strategy of `config.strategy`; None for Keras' default."""
+    if config.strategy == "default":
+        return None
+    if keras.backend.backend() != "tensorflow":
+        raise DataError(
+            f"parameters train.strategy: {config.strategy!r} needs KERAS_BACKEND=tensorflow "
+            f"(this run uses {keras.backend.backend()!r}); use 'default'"
+        )
+    import tensorflow as tf
+
+    if config.strategy == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(devices=config.devices)
+    else:
+        # Reads the cluster from the TF_CONFIG environment variable, one process per worker.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    logger.info("Training with the %s strategy over %d replicas", config.strategy,
+                strategy.num_replicas_in_sync)
+    return strategy
+
+
+def run_fingerprint(model_config: ModelConfig, config: TrainConfig, data: dict) -> str:
+    """What a checkpoint must match to be resumed: model, optimisation and data."""
+    ignored = {"checkpoint_dir", "keep_checkpoints", "progress", "epochs",
+               "early_stopping_patience", "log_every_steps", "checkpoint_every_steps"}
+    train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
+    blob = json.dumps([dataclasses.asdict(model_config), train, data], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_epoch: int,
+                    sample_inputs: dict) -> Captioner:
+    """A compiled Captioner with Adam, exponential decay and gradient clipping."""
+    keras.mixed_precision.set_global_policy(config.precision)
+    model = Captioner(model_config)
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate,
+        decay_steps=max(1, round(config.lr_decay_epochs * steps_per_epoch)),
+        decay_rate=config.lr_decay_rate,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
+        jit_compile=config.jit_compile,
+    )
+    model(sample_inputs)  # builds every variable, so that weights can be loaded
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def current_learning_rate(model: Captioner) -> float:
+    optimizer = model.optimizer
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class Checkpoints:
+    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        try:
+            folder = self.root / json.loads(pointer.read_text())["checkpoint"]
+        except (ValueError, KeyError) as error:
+            raise DataError(f"{pointer}: not a checkpoint pointer ({error})") from None
+        if not (folder / "state.json").exists():
+            raise DataError(f"{pointer} names {folder.name}, which is incomplete or missing")
+        return folder
+
+    def save(self, model: Captioner, state: TrainState, step: int) -> Path:
+        name = f"step-{step:08d}"
+        with atomic_directory(self.root / name) as tmp:
+            model.save_weights(tmp / "checkpoint.weights.h5")
+            atomic_write_json(tmp / "state.json", dataclasses.asdict(state) | {"step": step})
+        atomic_write_json(self.root / LATEST, {"checkpoint": name, "step": step})
+        for old in self.root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old)
+        return self.root / name
+
+    def restore(self, model: Captioner, fingerprint: str) -> TrainState | None:
+        """Load the latest checkpoint into `model` if it belongs to this run, else None."""
+        remove_stale_temporaries(self.root)
+        folder = self.latest()
+        if folder is None:
+            return None
+        saved = json.loads((folder / "state.json").read_text())
+        if saved.get("fingerprint") != fingerprint:
+            logger.warning("Checkpoint %s is of another configuration or data; starting afresh",
+                           folder)
+            self.clear()
+            return None
+        model.load_weights(folder / "checkpoint.weights.h5")
+        saved.pop("step", None)
+        return TrainState(**saved)
+
+    def save_best(self, model: Captioner) -> None:
+        path = self.root / BEST_WEIGHTS
+        tmp = path.with_name(f".tmp-{BEST_WEIGHTS}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        model.save_weights(tmp)
+        tmp.replace(path)
+
+    def load_best(self, model: Captioner) -> bool:
+        path = self.root / BEST_WEIGHTS
+        if not path.exists():
+            return False
+        model.load_weights(path)
+        return True
+
+    def clear(self) -> None:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+
+
+class _StepCheckpoint(keras.callbacks.Callback):
+    """Saves a checkpoint every N global steps and samples the per-step loss."""
+
+    def __init__(self, checkpoints: Checkpoints, state: TrainState, config: TrainConfig):
+        super().__init__()
+        self.checkpoints, self.state, self.config = checkpoints, state, config
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if logs and step % self.config.log_every_steps == 0:
+            self.state.steps.append({"step": step, "loss": float(logs["loss"])})
+        if step % self.config.checkpoint_every_steps == 0:
+            self.checkpoints.save(self.model, self.state, step)
+
+
+@contextlib.contextmanager
+def _scope(strategy) -> Iterator[None]:
+    if strategy is None:
+        yield
+    else:
+        with strategy.scope():
+            yield
+
+
+def train_captioner(
+    datasets: DatasetFactory,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    *,
+    steps_per_epoch: int,
+    data_fingerprint: dict,
+    encoder_weights: list | None = None,
+) -> tuple[Captioner, pd.DataFrame, pd.DataFrame]:
+    """Train (or resume) and return the model with the best validation xent, the per-epoch
+    history and the per-step loss samples. `encoder_weights`: those of the frozen encoder
+    that computed precomputed features, so that the saved model encodes images the same way."""
+    keras.utils.set_random_seed(config.seed)
+    strategy = make_strategy(config)
+    fingerprint = run_fingerprint(model_config, config, data_fingerprint)
+    sample_inputs, _ = next(iter(datasets("val", 0, "all", False)))
+    with _scope(strategy):
+        model = build_captioner(model_config, config, steps_per_epoch, sample_inputs)
+        if encoder_weights is not None:
+            model.encoder.set_weights(encoder_weights)
+    checkpoints = Checkpoints(config.checkpoint_dir)
+    state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    first_epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    if step:
+        logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)",
+                    step, first_epoch + 1, done_in_epoch)
+    callback = _StepCheckpoint(checkpoints, state, config)
+    val = datasets("val", 0, "all", False)
+
+    for epoch in range(first_epoch, config.epochs):
+        if state.stopped_early:
+            break
+        remaining = steps_per_epoch - (done_in_epoch if epoch == first_epoch else 0)
+        # Batches are a function of (seed, epoch): skipping the done ones resumes exactly.
+        train = datasets("train", epoch, config.caption_mode, True).repeat()
+        train = train.skip(steps_per_epoch - remaining)
+        started = time.perf_counter()
+        logs = model.fit(
+            train, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=remaining,
+            validation_data=val, callbacks=[callback], verbose=1 if config.progress else 0,
+        ).history
+        row = {
+            "epoch": epoch + 1,
+            "step": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+            "train_loss": logs["loss"][-1],
+            "train_xent": logs["xent"][-1],
+            "val_loss": logs["val_loss"][-1],
+            "val_xent": logs["val_xent"][-1],
+            "val_perplexity": float(np.exp(logs["val_xent"][-1])),
+            "learning_rate": current_learning_rate(model),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        state.history.append(row)
+        logger.info("Epoch %d/%d: %s", epoch + 1, config.epochs,
+                    ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
+        if row["val_xent"] < state.best_val_xent:
+            state.best_val_xent, state.best_epoch, state.bad_epochs = row["val_xent"], epoch + 1, 0
+            checkpoints.save_best(model)
+        else:
+            state.bad_epochs += 1
+            patience = config.early_stopping_patience
+            if patience is not None and state.bad_epochs >= patience:
+                state.stopped_early = True
+                logger.info("Early stopping: val xent has not improved for %d epochs", patience)
+        checkpoints.save(model, state, row["step"])
+
+    if checkpoints.load_best(model):
+        logger.info("Keeping the weights of epoch %d (best val xent %.4f)",
+                    state.best_epoch, state.best_val_xent)
+    if not config.keep_checkpoints:
+        checkpoints.clear()
+    return model, pd.DataFrame(state.history), pd.DataFrame(state.steps)
+
+
+def training_curves_figure(history: pd.DataFrame):
+    """Loss and perplexity per epoch, train vs validation, and the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_ax, ppl_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.8))
+    epochs = history["epoch"]
+    loss_ax.plot(epochs, history["train_xent"], "o-", label="train")
+    loss_ax.plot(epochs, history["val_xent"], "o-", label="validation")
+    loss_ax.set(title="Cross-entropy per word", xlabel="epoch", ylabel="nats")
+    loss_ax.legend()
+    ppl_ax.plot(epochs, history["val_perplexity"], "o-", color="tab:orange")
+    ppl_ax.set(title="Validation perplexity", xlabel="epoch", yscale="log")
+    lr_ax.plot(epochs, history["learning_rate"], "o-", color="tab:green")
+    lr_ax.set(title="Learning rate (end of epoch)", xlabel="epoch")
+    for ax in (loss_ax, ppl_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

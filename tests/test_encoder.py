@@ -1,0 +1,105 @@
+"""Image encoders: NASNet from a local weights file (the code path of an offline COCO run),
+clear errors for missing or mismatching weights, and the compact CNN."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from caption_pipeline.errors import DataError
+from caption_pipeline.model import build_encoder, load_weights_file
+
+
+def two_images(size: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def nasnet_large_weights(tmp_path_factory):
+    """A NASNetLarge with random weights: its weights file and its output on two images."""
+    keras.utils.set_random_seed(1)
+    source = keras.applications.NASNetLarge(include_top=False, weights=None,
+                                            input_shape=(331, 331, 3))
+    path = tmp_path_factory.mktemp("weights") / "nasnet_large.weights.h5"
+    source.save_weights(path)
+    scaled = keras.applications.nasnet.preprocess_input(two_images(331))
+    expected = ops.convert_to_numpy(source(scaled, training=False))
+    del source
+    return path, expected
+
+
+def test_nasnet_large_loads_a_local_weights_file(nasnet_large_weights):
+    path, expected = nasnet_large_weights
+    keras.utils.set_random_seed(2)  # different random init: equality proves the file was read
+    encoder = build_encoder("nasnet_large", 331, weights=str(path))
+    regions = ops.convert_to_numpy(encoder(two_images(331), training=False))
+    assert regions.shape == (2, 121, 4032)
+    np.testing.assert_allclose(regions, expected.reshape(2, 121, 4032), rtol=1e-4, atol=1e-4)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nasnet_mobile_no_top.h5"
+    with pytest.raises(DataError, match=f"{missing}.*does not exist"):
+        build_encoder("nasnet_mobile", 224, weights=str(missing))
+
+
+def test_weights_of_the_other_nasnet_are_a_clear_error(nasnet_large_weights, tmp_path):
+    # Large into Mobile: Keras itself would load this silently (the file has MORE variables).
+    large_path, _ = nasnet_large_weights
+    with pytest.raises(DataError, match=f"{large_path}.*does not fit"):
+        build_encoder("nasnet_mobile", 224, weights=str(large_path))
+    # Mobile into Large.
+    mobile_path = tmp_path / "nasnet_mobile.weights.h5"
+    keras.applications.NASNetMobile(include_top=False, weights=None,
+                                    input_shape=(224, 224, 3)).save_weights(mobile_path)
+    with pytest.raises(DataError, match=f"{mobile_path}.*does not fit"):
+        build_encoder("nasnet_large", 331, weights=str(mobile_path))
+
+
+def test_files_that_are_not_weights_are_a_clear_error(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_text("not an HDF5 file")
+    with pytest.raises(DataError, match=f"{garbage}.*not a readable HDF5"):
+        load_weights_file(model, str(garbage))
+    legacy_garbage = tmp_path / "garbage.h5"
+    legacy_garbage.write_text("not an HDF5 file")
+    with pytest.raises(DataError, match=f"{legacy_garbage}.*does not fit"):
+        load_weights_file(model, str(legacy_garbage))
+    wrong_kind = tmp_path / "weights.npz"
+    wrong_kind.write_bytes(b"")
+    with pytest.raises(DataError, match=f"{wrong_kind}.*not a Keras weights file"):
+        load_weights_file(model, str(wrong_kind))
+    # and the happy path of the same helper
+    saved = tmp_path / "dense.weights.h5"
+    model.save_weights(saved)
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    load_weights_file(other, str(saved))
+    np.testing.assert_array_equal(ops.convert_to_numpy(other.weights[0]),
+                                  ops.convert_to_numpy(model.weights[0]))
+
+
+def test_nasnet_preprocessing_is_keras_preprocess_input():
+    encoder_scale = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)  # as in nasnet_backbone
+    images = two_images(8)
+    np.testing.assert_allclose(ops.convert_to_numpy(encoder_scale(images)),
+                               keras.applications.nasnet.preprocess_input(images.copy()),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_compact_encoder_grid_and_position_channels():
+    encoder = build_encoder("compact", 128)
+    assert encoder.output_shape == (None, 64, 128)  # 8x8 regions of 128 features
+    coordinates = encoder.get_layer("coordinates")
+    grid = ops.convert_to_numpy(coordinates(np.zeros((1, 3, 4, 1), "float32")))
+    np.testing.assert_allclose(grid[0, :, 0, 1], [-1, 0, 1], atol=1e-6)  # rows
+    np.testing.assert_allclose(grid[0, 0, :, 2], [-1, -1 / 3, 1 / 3, 1], atol=1e-6)  # columns
+    with pytest.raises(DataError, match="compact encoder has no pretrained"):
+        build_encoder("compact", 128, weights="imagenet")
+
+
+def test_other_sizes_are_resized_to_the_backbone():
+    encoder = build_encoder("nasnet_mobile", 128)
+    assert encoder.output_shape == (None, 49, 1056)  # 7x7 at NASNetMobile's 224 px

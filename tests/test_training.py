@@ -1,0 +1,120 @@
+"""Training: checkpoints that survive kill -9, and tf.distribute's mirrored strategy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_project, run_kedro
+
+# Tiny model and training, so that a step takes well under a second on 2 cores.
+TINY_MODEL = {"encoder": "compact", "compact_filters": [8, 16], "embed_dim": 16,
+              "attention_dim": 16, "lstm_units": 32}
+
+DRIVER = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.pipelines.train.nodes import train_model
+project, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+shards = load_shard_set(f"{project}/data/05_model_input/shards")
+vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
+_, history, steps = train_model(shards, vocabulary, model, train)
+print("HISTORY " + history.to_json(orient="records"))
+"""
+
+
+@pytest.fixture(scope="module")
+def shard_project(tmp_path_factory) -> Path:
+    """A project copy with the smoke data stages run: shards and vocabulary on disk."""
+    project = copy_project(tmp_path_factory.mktemp("train") / "project")
+    result = run_kedro(project, "run", "--env", "smoke", "--pipelines",
+                       "synthetic,ingest,vocab,shard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return project
+
+
+def driver(project: Path, train: dict, **popen) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(project), json.dumps(TINY_MODEL), json.dumps(train)],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        **popen,
+    )
+
+
+def history_of(output: str) -> list[dict]:
+    line = next(line for line in output.splitlines() if line.startswith("HISTORY "))
+    return json.loads(line.removeprefix("HISTORY "))
+
+
+def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    train = {"epochs": 3, "batch_size": 8, "checkpoint_every_steps": 2, "log_every_steps": 1,
+             "checkpoint_dir": str(checkpoints), "progress": False,
+             "early_stopping_patience": None}
+    steps_per_epoch = 15  # ceil(120 train images / 8)
+
+    first = driver(shard_project, train)
+    latest = checkpoints / "latest.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= steps_per_epoch + 2:
+            break  # mid-way through the second epoch
+        time.sleep(0.2)
+    assert first.poll() is None, "training ended before it could be killed:\n" + first.stdout.read()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert steps_per_epoch < killed_at < 3 * steps_per_epoch
+
+    second = driver(shard_project, train)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    assert f"Resuming from checkpoint at step {killed_at}" in output
+    history = history_of(output)
+    # Nothing lost: every epoch is in the history, the step count is that of an unbroken run.
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["step"] for row in history] == [15, 30, 45]
+    assert not checkpoints.exists()  # a finished run cleans up after itself
+
+
+def test_mirrored_strategy_over_two_cpus_matches_one_device(shard_project):
+    script = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.pipelines.train.nodes import train_model
+project = sys.argv[1]
+shards = load_shard_set(f"{project}/data/05_model_input/shards")
+vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
+model = {**json.loads(sys.argv[2]), "dropout": 0.0}
+losses = {}
+for strategy in ("default", "mirrored"):
+    train = {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4, "progress": False,
+             "strategy": strategy, "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
+             "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
+    _, history, _ = train_model(shards, vocabulary, model, train)
+    losses[strategy] = history.iloc[-1][["train_xent", "val_xent"]].tolist()
+print("LOSSES " + json.dumps(losses))
+"""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(shard_project), json.dumps(TINY_MODEL)],
+        cwd=shard_project, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("LOSSES "))
+    losses = json.loads(line.removeprefix("LOSSES "))
+    assert "Training with the mirrored strategy over 2 replicas" in result.stdout
+    assert losses["default"] == pytest.approx(losses["mirrored"], rel=1e-3)
