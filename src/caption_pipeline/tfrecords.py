@@ -903,3 +903,30 @@ def make_caption_dataset(
     else:
         ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)  # pads with 0
     return ds.prefetch(autotune)
+
+
+def make_image_dataset(
+    source: ShardSet, split: str, *, batch_size: int, image_size: int | None = None
+) -> tf.data.Dataset:
+    """Batches `{"image", "image_id"}` of an image shard set, one element per image, in file
+    order (captions are not read): what captioning a split needs.
+
+    image: float32 [B, S, S, 3] in 0..255 (S = image_size, default the shards' size);
+    image_id: int64 [B].
+    """
+    import tensorflow as tf
+
+    if source.kind != "images":
+        raise DataError(f"{source.root / MANIFEST}: a {source.kind} shard set, not images")
+    image_size = image_size or source.image_size
+
+    def image(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        record = parse_example(serialized)
+        return {
+            "image": decode_jpeg_image(record["image/encoded"], image_size),
+            "image_id": record["image/id"],
+        }
+
+    ds = tf.data.TFRecordDataset(source.files(split))
+    ds = ds.map(image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,454 @@
+"""Evaluation: caption a split with a trained model and score it as the COCO leaderboard does.
+
+Scores are pycocoevalcap's (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, and SPICE where it can run),
+on captions and references tokenized by its own PTBTokenizer. References are the raw captions
+of the caption table, never the vocabulary stage's truncated tokens. Two reference points say
+what a score means on this data:
+
+* blind baseline: a "captioner" that ignores the image and always writes the most frequent
+  training caption (after PTB normalization; ties go to the alphabetically first), scored on
+  the test split against all references.
+* human agreement: each test image's first reference (lowest annotation id) scored against its
+  other references, as the COCO leaderboard reports humans. CIDEr and BLEU depend on how many
+  references there are, so the model is scored against the SAME reduced reference sets
+  (`test_vs_human_refs`) for the comparison; `test` is the model against all references.
+
+The tokenizer and METEOR run on Java: `require_java` is called before anything long runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import pandas as pd
+
+from caption_pipeline.decoding import DecodedImage, DecodeSettings, decode_dataset
+from caption_pipeline.errors import DataError
+from caption_pipeline.text import Vocabulary, tokenize
+from caption_pipeline.tfrecords import ShardSet, make_image_dataset
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+SPLITS = ("val", "test")  # captioned and scored; test also gets attention maps
+# SPICE parses captions with Stanford CoreNLP 3.6.0, which pycocoevalcap downloads on first use.
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+JAVA_INSTALL = (
+    "pycocoevalcap's PTB tokenizer and METEOR run on Java. Install a Java runtime and put "
+    "`java` on PATH, e.g. `sudo apt-get install default-jre-headless` (Debian/Ubuntu), "
+    "`conda install -c conda-forge openjdk`, or `brew install openjdk` (macOS)"
+)
+TABLE_COLUMNS = ("image_id", "split", "annotation_id", "caption")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """`params:evaluate`; see conf/base/parameters_evaluate.yml."""
+
+    model_path: str | None = None
+    batch_size: int = 32
+    decoding: DecodeSettings = field(default_factory=DecodeSettings)
+    attention_samples: int = 6
+
+    def __post_init__(self):
+        for key, low in (("batch_size", 1), ("attention_samples", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataError(f"parameters evaluate.{key}: expected a whole number >= {low}, "
+                                f"got {value!r}")
+        if self.model_path is not None and not isinstance(self.model_path, str):
+            raise DataError(f"parameters evaluate.model_path: expected a path or null, "
+                            f"got {self.model_path!r}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> EvaluateSettings:
+        """From a parameters dict; unknown keys and bad values are a DataError naming them."""
+        params = dict(params or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise DataError(f"parameters evaluate: unknown key(s) {unknown}; "
+                            f"known: {sorted(known)}")
+        decoding = DecodeSettings.from_params(params.pop("decoding", None))
+        return cls(**params, decoding=decoding)
+
+
+# --- Java -----------------------------------------------------------------------------------
+
+
+def require_java() -> str:
+    """`java -version`'s first line; a DataError saying how to install Java if it won't run."""
+    java = shutil.which("java")
+    if java is None:
+        raise DataError(f"evaluation needs Java, and `java` is not on PATH. {JAVA_INSTALL}")
+    try:
+        run = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise DataError(f"evaluation needs Java: {java} does not run ({error}). "
+                        f"{JAVA_INSTALL}") from None
+    version = (run.stderr or run.stdout).strip().splitlines()
+    if run.returncode != 0 or not version:
+        raise DataError(f"evaluation needs Java: `{java} -version` failed "
+                        f"({' '.join(version)[:200]}). {JAVA_INSTALL}")
+    return version[0]
+
+
+def java_major_version(version_line: str) -> int | None:
+    """8 for 'openjdk version "1.8.0_392"', 17 for '... "17.0.15" ...'; None if unparsable."""
+    match = re.search(r'"(\d+)(?:\.(\d+))?', version_line)
+    if match is None:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def spice_problem(java_version: str) -> str | None:
+    """Why SPICE cannot run here, or None when it can (its jars are there, on Java 8)."""
+    from pycocoevalcap.spice import spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
+    if missing:
+        return (f"SPICE skipped: it needs the Stanford CoreNLP 3.6.0 jars {missing} in {lib} "
+                f"(a download: `python -m pycocoevalcap.spice.get_stanford_models`) and Java 8")
+    if java_major_version(java_version) != 8:
+        return f"SPICE skipped: it runs on Java 8 only, this is {java_version!r}"
+    return None
+
+
+# --- captioning -----------------------------------------------------------------------------
+
+
+def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary):
+    """The Captioner in `model_path` (for `evaluate.model_path`). Accepted:
+
+    * a `.keras` file: a saved Captioner (the `captioner` of the catalog, or a copy of it);
+    * a `*.weights.h5` file: weights saved by `Captioner.save_weights`, e.g. a training
+      checkpoint `<train.checkpoint_dir>/step-NNNNNNNN/checkpoint.weights.h5` or
+      `best.weights.h5`; the architecture comes from `params:model` and the vocabulary size.
+    """
+    import keras
+
+    from caption_pipeline.model import Captioner, ModelConfig
+
+    path = Path(model_path)
+    where = f"parameters evaluate.model_path: {path}"
+    if not path.is_file():
+        raise DataError(f"{where} does not exist")
+    if path.name.endswith(".keras"):
+        try:
+            model = keras.saving.load_model(path)
+        except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a bad file)
+            raise DataError(f"{where} is not a loadable Keras model ({error})") from None
+        if not isinstance(model, Captioner):
+            raise DataError(f"{where} holds a {type(model).__name__}, not a Captioner")
+    elif path.name.endswith(".weights.h5"):
+        # The weights hold the encoder too: never fetch pretrained ones first.
+        config = ModelConfig.from_dict({**model_params, "vocab_size": vocabulary.size,
+                                        "encoder_weights": None})
+        model = Captioner(config)
+        try:
+            model.load_weights(path)
+        except Exception as error:  # noqa: BLE001
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise DataError(f"{where} does not fit the Captioner of params:model "
+                            f"({reason})") from None
+    else:
+        raise DataError(f"{where}: expected a .keras model or a .weights.h5 checkpoint")
+    if model.config.vocab_size != vocabulary.size:
+        raise DataError(f"{where}: the model writes {model.config.vocab_size} token ids, the "
+                        f"vocabulary has {vocabulary.size}: trained with another vocabulary")
+    return model
+
+
+def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,
+                  settings: EvaluateSettings, keep_attention: bool = False) -> list[DecodedImage]:
+    """Every image of `split` through the whole model (any encoder), then the search."""
+    batches = make_image_dataset(shards, split, batch_size=settings.batch_size,
+                                 image_size=model.config.image_size)
+    decoding = dataclasses.replace(settings.decoding, keep_attention=keep_attention)
+    logger.info("Captioning the %s split (%d images)", split, shards.num_images(split))
+    return decode_dataset(model, vocabulary, batches, decoding)
+
+
+def coco_results(decoded: Iterable[DecodedImage]) -> list[dict[str, Any]]:
+    """The official COCO results format: [{"image_id": int, "caption": str}], by image id."""
+    return [{"image_id": d.image_id, "caption": d.caption}
+            for d in sorted(decoded, key=lambda d: d.image_id)]
+
+
+def decoding_summary(settings: DecodeSettings, vocabulary: Vocabulary) -> dict[str, Any]:
+    """What `metrics.json` says about the search that wrote the captions."""
+    return {
+        "method": settings.method,
+        "beam_size": settings.beam_size if settings.method == "beam" else 1,
+        "alpha": settings.alpha,
+        "max_length": settings.steps(vocabulary),  # decoding steps, <end> included
+    }
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def references_by_image(caption_table: pd.DataFrame, split: str,
+                        name: str = "caption_table") -> dict[int, list[str]]:
+    """Raw reference captions of each image of `split`, in annotation id order."""
+    missing = [c for c in TABLE_COLUMNS if c not in caption_table.columns]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {missing}")
+    rows = caption_table.loc[caption_table["split"] == split]
+    if rows.empty:
+        raise DataError(f"{name}: no captions of split {split!r}")
+    not_text = rows.loc[~rows["caption"].map(lambda c: isinstance(c, str)), "annotation_id"]
+    if len(not_text):
+        raise DataError(f"{name}: column 'caption' is not text, e.g. annotation_id "
+                        f"{not_text.iloc[0]}")
+    rows = rows.sort_values(["image_id", "annotation_id"], kind="stable")
+    return {int(i): list(group) for i, group in rows.groupby("image_id", sort=True)["caption"]}
+
+
+def captions_from_results(results: Any, name: str) -> dict[int, str]:
+    """A COCO results list -> {image_id: caption}; a DataError names the entry that is wrong."""
+    if not isinstance(results, list):
+        raise DataError(f"{name}: expected a list of {{image_id, caption}} objects")
+    captions: dict[int, str] = {}
+    for index, entry in enumerate(results):
+        image_id = entry.get("image_id") if isinstance(entry, dict) else None
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise DataError(f"{name}: entry {index}: field 'image_id' must be an integer")
+        if not isinstance(caption, str):
+            raise DataError(f"{name}: entry {index}: field 'caption' must be a string")
+        if image_id in captions:
+            raise DataError(f"{name}: entry {index}: image_id {image_id} is listed twice")
+        captions[image_id] = caption
+    return captions
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Corpus-level scores and each image's (metric name -> value)."""
+
+    overall: dict[str, float]
+    per_image: dict[int, dict[str, float]]
+
+
+# Characters Java's PTBTokenizer takes as the end of a line: inside a caption, any of them
+# would shift every later caption of its batch onto the wrong image.
+_LINE_BREAKS = re.compile("[\r\n\v\f\x85\u2028\u2029]")
+
+
+class CocoScorer:
+    """pycocoevalcap's tokenizer and scorers, with one METEOR process for every `score` call.
+
+    Use as a context manager (it stops the METEOR process). SPICE is added when its jars and
+    Java 8 are there; otherwise the reason is logged once, here.
+    """
+
+    def __init__(self, java_version: str | None = None):
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        problem = spice_problem(java_version or require_java())
+        if problem:
+            logger.info(problem)
+        self.spice = problem or "computed"  # for the report
+        self._tokenizer = PTBTokenizer()
+        self._meteor = Meteor()
+        self._scorers = [(Bleu(4), list(METRICS[:4])), (self._meteor, "METEOR"),
+                         (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+        if problem is None:
+            from pycocoevalcap.spice.spice import Spice
+
+            self._scorers.append((Spice(), "SPICE"))
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for _, names in self._scorers for m in ([names] if isinstance(names, str)
+                                                          else names)]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        process = self._meteor.meteor_p
+        if process.poll() is None:
+            process.stdin.close()
+            process.kill()
+            process.wait()
+
+    def tokenize(self, captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+        """pycocoevalcap's PTBTokenizer (lower case, punctuation dropped), every caption of
+        every key in one Java run; the lists keep their order."""
+        captions = {key: list(texts) for key, texts in captions.items() if texts}
+        tokenized = self._tokenizer.tokenize(
+            {key: [{"caption": _LINE_BREAKS.sub(" ", text)} for text in texts]
+             for key, texts in captions.items()})
+        if any(len(tokenized.get(key, ())) != len(texts) for key, texts in captions.items()):
+            raise RuntimeError("PTBTokenizer returned another number of lines than it was given")
+        return tokenized
+
+    def score(self, captions: Mapping[int, str],
+              references: Mapping[int, Sequence[str]]) -> Scores:
+        """Score one TOKENIZED caption per image against its tokenized references."""
+        if set(captions) != set(references) or not captions:
+            extra = sorted(set(captions) - set(references))[:5]
+            lacking = sorted(set(references) - set(captions))[:5]
+            raise DataError(f"scoring needs one caption per referenced image: images without "
+                            f"references {extra}, without a caption {lacking}")
+        ids = sorted(captions)
+        res = {i: [captions[i]] for i in ids}
+        gts = {i: list(references[i]) for i in ids}
+        overall: dict[str, float] = {}
+        per_image: dict[int, dict[str, float]] = {i: {} for i in ids}
+        for scorer, names in self._scorers:
+            with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its counts
+                score, scores = scorer.compute_score(gts, res)
+            if isinstance(names, str):
+                names, score, scores = [names], [score], [scores]
+            for name, total, values in zip(names, score, scores, strict=True):
+                overall[name] = float(total)
+                for image_id, value in zip(ids, values, strict=True):  # the scorers' order
+                    per_image[image_id][name] = _per_image_value(value)
+        return Scores(overall, per_image)
+
+
+def _per_image_value(value: Any) -> float:
+    # SPICE gives a dict per image ({"All": {"f": ...}, ...}); the others a number.
+    return float(value["All"]["f"]) if isinstance(value, dict) else float(value)
+
+
+def most_frequent_caption(captions: Iterable[str]) -> tuple[str, int]:
+    """The most frequent caption after PTB normalization (lower case, no punctuation), with its
+    count; ties go to the alphabetically first. What the blind baseline always writes."""
+    counts = Counter(text for text in (" ".join(tokenize(c)) for c in captions) if text)
+    if not counts:
+        raise DataError("caption_table: no train caption has a word: no blind baseline")
+    caption = min(counts, key=lambda text: (-counts[text], text))
+    return caption, counts[caption]
+
+
+def human_references(references: Mapping[int, Sequence[str]]
+                     ) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """For the images with 2+ references: the first one as a "human caption", and the others
+    as its references."""
+    several = {i: refs for i, refs in references.items() if len(refs) >= 2}
+    return {i: refs[0] for i, refs in several.items()}, {i: list(r[1:]) for i, r in several.items()}
+
+
+def score_splits(results: Mapping[str, Any], caption_table: pd.DataFrame,
+                 scorer: CocoScorer) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score each split's COCO results against the raw captions of the caption table, with the
+    blind baseline and human agreement when a split is "test".
+
+    Returns the metric sections of metrics.json (one per split, then test_vs_human_refs, human,
+    blind_baseline, and their `details`) and the per-image table (image_id, split, caption,
+    one column per metric).
+    """
+    generated, references, details = {}, {}, {"images": {}}
+    for split, split_results in results.items():
+        generated[split] = captions_from_results(split_results, f"caption_results_{split}")
+        references[split] = _captioned_references(caption_table, split, generated[split],
+                                                  details)
+    sections: dict[str, Any] = {}
+    rows = []
+    for split in results:
+        # Captions and references in separate tokenizer runs, as COCOEvalCap does (the
+        # tokenizer's rules look across line ends in rare cases).
+        captions = {i: c[0] for i, c in scorer.tokenize(
+            {i: [generated[split][i]] for i in sorted(generated[split])}).items()}
+        refs = scorer.tokenize(references[split])
+        scores = scorer.score(captions, refs)
+        sections[split] = scores.overall
+        rows += [{"image_id": i, "split": split, "caption": generated[split][i],
+                  **scores.per_image[i]} for i in sorted(captions)]
+        if split == "test":
+            train = caption_table.loc[caption_table["split"] == "train", "caption"]
+            sections.update(_reference_points(captions, refs, train, scorer, details))
+    details["spice"] = scorer.spice
+    sections["details"] = details
+    table = pd.DataFrame(rows, columns=["image_id", "split", "caption", *scorer.metrics])
+    return sections, table
+
+
+def _captioned_references(caption_table: pd.DataFrame, split: str, captions: Mapping[int, str],
+                          details: dict[str, Any]) -> dict[int, list[str]]:
+    """The references of the captioned images of `split`; every caption needs some."""
+    references = references_by_image(caption_table, split)
+    unknown = sorted(set(captions) - set(references))
+    if unknown:
+        raise DataError(f"caption_results_{split}: image_id {unknown[0]} has no reference "
+                        f"caption of split {split!r} in caption_table")
+    uncaptioned = len(references) - len(captions)
+    if uncaptioned:  # images the shard writer could not load (listed in the shard manifest)
+        logger.warning("%d %s images of caption_table have no generated caption",
+                       uncaptioned, split)
+    details["images"][split] = {"scored": len(captions), "without_caption": uncaptioned}
+    return {i: references[i] for i in captions}
+
+
+def _reference_points(test: Mapping[int, str], references: Mapping[int, Sequence[str]],
+                      train_captions: Iterable[str], scorer: CocoScorer,
+                      details: dict[str, Any]) -> dict[str, Any]:
+    """blind_baseline, human and test_vs_human_refs sections, on tokenized test captions."""
+    blind, count = most_frequent_caption(train_captions)
+    details["blind_baseline"] = {
+        "caption": blind, "train_count": count, "split": "test",
+        "protocol": "the most frequent train caption after PTB normalization, for every image",
+    }
+    blind = scorer.tokenize({0: [blind]})[0][0]
+    sections = {"blind_baseline": scorer.score(dict.fromkeys(test, blind), references).overall}
+    human, others = human_references(references)
+    if not human:
+        sections["human"] = sections["test_vs_human_refs"] = None
+        details["human"] = {"reason": "no test image has two or more reference captions"}
+        return sections
+    sections["human"] = scorer.score(human, others).overall
+    sections["test_vs_human_refs"] = scorer.score({i: test[i] for i in human}, others).overall
+    details["human"] = {
+        "images": len(human),
+        "protocol": "each test image's first reference (lowest annotation id) scored against "
+                    "its other references; test_vs_human_refs scores the model against the "
+                    "same reduced reference sets, the fair comparison",
+    }
+    return sections
+
+
+def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
+                   settings: EvaluateSettings, vocabulary: Vocabulary) -> dict[str, Any]:
+    """metrics.json: the score sections, the decoding settings, attention localization (None
+    with a reason where the data has no boxes) and the details of each."""
+    sections = {key: value for key, value in scores.items() if key != "details"}
+    return {
+        **sections,
+        "decoding": decoding_summary(settings.decoding, vocabulary),
+        "attention_localization": localization["score"],
+        "attention_localization_uniform": localization["uniform"],
+        "details": {
+            **scores["details"],
+            "attention_localization": {k: v for k, v in localization.items()
+                                       if k not in ("score", "uniform")},
+            "model": settings.model_path or "the catalog's captioner",
+        },
+    }

@@ -1,0 +1,83 @@
+"""Nodes of the `evaluate` pipeline; the work is done in `caption_pipeline.evaluation` and
+`caption_pipeline.attention_maps`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from caption_pipeline.attention_maps import attention_figure, attention_localization
+from caption_pipeline.decoding import DecodedImage
+from caption_pipeline.errors import DataError
+from caption_pipeline.evaluation import (
+    SPLITS,
+    CocoScorer,
+    EvaluateSettings,
+    caption_split,
+    coco_results,
+    load_captioner,
+    metrics_report,
+    require_java,
+    score_splits,
+)
+from caption_pipeline.images import load_rgb_image
+from caption_pipeline.text import Vocabulary
+from caption_pipeline.tfrecords import ShardSet
+
+Captions = dict[str, list[DecodedImage]]  # split -> captions of its images
+
+
+def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
+                      evaluate: dict[str, Any], model: dict[str, Any]) -> Captions:
+    """Caption the val and test images (test with attention maps) with the catalog's
+    captioner, or with the model in evaluate.model_path when it is set."""
+    require_java()  # the scorers need it: fail now, not after the decoding
+    settings = EvaluateSettings.from_params(evaluate)
+    vocab = Vocabulary.from_dict(vocabulary)
+    if settings.model_path:
+        captioner = load_captioner(settings.model_path, model, vocab)
+    return {split: caption_split(captioner, vocab, shards, split, settings,
+                                 keep_attention=split == "test") for split in SPLITS}
+
+
+def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
+    """The val and test captions in the COCO results format."""
+    return tuple(coco_results(evaluation_captions[split]) for split in SPLITS)
+
+
+def score_captions(caption_results_val: list[dict], caption_results_test: list[dict],
+                   caption_table: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """pycocoevalcap scores of both splits, the blind baseline and human agreement, and the
+    per-image scores."""
+    java = require_java()
+    with CocoScorer(java) as scorer:
+        return score_splits({"val": caption_results_val, "test": caption_results_test},
+                            caption_table, scorer)
+
+
+def localize_attention(evaluation_captions: Captions,
+                       raw_dataset: dict[str, Any]) -> dict[str, Any]:
+    """Attention localization of shape words on the test split (where boxes exist)."""
+    return attention_localization(evaluation_captions["test"], raw_dataset, "test")
+
+
+def plot_attention(evaluation_captions: Captions, caption_table: pd.DataFrame,
+                   evaluate: dict[str, Any]) -> dict[str, Figure]:
+    """Word-by-word attention figures of the first `attention_samples` test images."""
+    count = EvaluateSettings.from_params(evaluate).attention_samples
+    samples = sorted(evaluation_captions["test"], key=lambda d: d.image_id)[:count]
+    files = dict(zip(caption_table["image_id"], caption_table["file_path"], strict=True))
+    missing = [d.image_id for d in samples if d.image_id not in files]
+    if missing:
+        raise DataError(f"caption_table: no file_path for test image {missing[0]}")
+    return {str(d.image_id): attention_figure(load_rgb_image(files[d.image_id]), d)
+            for d in samples}
+
+
+def summarize_metrics(coco_scores: dict[str, Any], attention_scores: dict[str, Any],
+                      vocabulary: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json."""
+    return metrics_report(coco_scores, attention_scores, EvaluateSettings.from_params(evaluate),
+                          Vocabulary.from_dict(vocabulary))

@@ -1,0 +1,60 @@
+"""`evaluate` pipeline: captioner + shards + caption_table -> COCO results files, metrics.json,
+per-image scores and attention figures."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from caption_pipeline.pipelines.evaluate.nodes import (
+    generate_captions,
+    localize_attention,
+    plot_attention,
+    score_captions,
+    summarize_metrics,
+    write_results,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    # evaluation_captions, coco_scores and attention_scores stay in memory.
+    return Pipeline(
+        [
+            Node(
+                generate_captions,
+                ["captioner", "shards", "vocabulary", "params:evaluate", "params:model"],
+                "evaluation_captions",
+                name="generate_captions",
+            ),
+            Node(
+                write_results,
+                "evaluation_captions",
+                ["caption_results_val", "caption_results_test"],
+                name="write_caption_results",
+            ),
+            Node(
+                score_captions,
+                ["caption_results_val", "caption_results_test", "caption_table"],
+                ["coco_scores", "caption_scores"],
+                name="score_captions",
+            ),
+            Node(
+                localize_attention,
+                ["evaluation_captions", "raw_dataset"],
+                "attention_scores",
+                name="localize_attention",
+            ),
+            Node(
+                plot_attention,
+                ["evaluation_captions", "caption_table", "params:evaluate"],
+                "attention_maps",
+                name="plot_attention",
+            ),
+            Node(
+                summarize_metrics,
+                ["coco_scores", "attention_scores", "vocabulary", "params:evaluate"],
+                "evaluation_metrics",
+                name="summarize_metrics",
+            ),
+        ],
+        tags=["evaluate"],
+    )
