@@ -124,12 +124,14 @@ def main() -> None:
         model = Captioner(ModelConfig(vocab_size=vocabulary.size, encoder=encoder, image_size=128))
         entry = {}
         if name == "blind":  # baseline: the decoder alone, given all-zero features
-            x_train, x_val = ({"features": np.zeros((n, model.regions, model.feature_dim), "float16")}
+            shape = (model.regions, model.feature_dim)
+            x_train, x_val = ({"features": np.zeros((n, *shape), "float16")}
                               for n in (args.train, args.val))
         else:
+            forward_ms = forward_ms_per_image(model.encoder, val_images)
             entry = {"regions": model.regions, "feature_dim": model.feature_dim,
                      "encoder_params": model.encoder.count_params(),
-                     "forward_ms_per_image": round(forward_ms_per_image(model.encoder, val_images), 2)}
+                     "forward_ms_per_image": round(forward_ms, 2)}
             if model.config.trains_encoder:
                 x_train, x_val = {"image": train_images}, {"image": val_images}
             else:  # frozen: features once per image, float16, as the features pipeline stores them

@@ -473,4 +473,12 @@ def test_command_line_params_override_nested_dataset_keys(tmp_path, project_root
     assert params["dataset"]["root"] == "/data/x"
     assert params["dataset"]["name"] == "x"
     assert params["dataset"]["splits"]["train"]["images"] == "train"  # the rest is kept
-    assert params["train"] == {"epochs": 1}
+    # The env's own block is merged key by key too: its key wins, the base's others stay.
+    assert params["train"]["epochs"] == 1
+    assert params["train"]["batch_size"] == loader_base_batch_size(conf)
+
+
+def loader_base_batch_size(conf: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((conf / "base" / "parameters_train.yml").read_text())["train"]["batch_size"]

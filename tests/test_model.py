@@ -117,9 +117,14 @@ def test_doubly_stochastic_term_on_a_known_alpha():
     targets = np.array([[7, 2, 0], [7, 7, 2]], dtype="int32")
     logits = np.zeros((2, 3, 9), "float32")
     _, attention = caption_losses(logits, alpha, targets)
-    # image 0: sums over its 2 real steps (1.4, 0.6) -> 0.4^2 + 0.4^2 = 0.32
-    # image 1: sums over 3 steps (1.0, 2.0)          -> 0 + 1 = 1.0
-    assert float(attention) == pytest.approx((0.32 + 1.0) / 2, rel=1e-6)
+    # image 0: sums over its 2 real steps (1.4, 0.6) -> (0.4^2 + 0.4^2) / R = 0.16
+    # image 1: sums over 3 steps (1.0, 2.0)          -> (0 + 1) / R = 0.5
+    assert float(attention) == pytest.approx((0.16 + 0.5) / 2, rel=1e-6)
+    # An all-pad row (a missing caption in a group) adds nothing and is not counted.
+    padded_targets = np.concatenate([targets, np.zeros((1, 3), "int32")])
+    padded_alpha = np.concatenate([alpha, np.full((1, 3, 2), 0.5, "float32")])
+    _, padded = caption_losses(np.zeros((3, 3, 9), "float32"), padded_alpha, padded_targets)
+    assert float(padded) == pytest.approx(float(attention), rel=1e-6)
 
 
 def test_frozen_encoder_is_not_trained_and_compact_is_by_default():

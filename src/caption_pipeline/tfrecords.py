@@ -769,6 +769,8 @@ def load_shard_set(
 
 # --- reading with tf.data ---------------------------------------------------------------------
 
+CAPTION_MODES = ("sample", "all", "grouped")
+
 # kind -> (the record field that holds the image, the input name the model reads it under)
 _PAYLOAD = {"images": ("image/encoded", "image"), "features": ("image/features", "features")}
 
@@ -785,6 +787,20 @@ def _every_caption(record: dict[str, tf.Tensor], kind: str) -> tf.data.Dataset:
         "image_id": tf.repeat(record["image/id"][None], count),  # int64 [C]
     }
     return tf.data.Dataset.from_tensor_slices((image, captions))
+
+
+def _grouped_captions(
+    record: dict[str, tf.Tensor], kind: str, per_image: int
+) -> tuple[dict, tf.Tensor]:
+    """One element per image with its first `per_image` captions as int64 [per_image, T]
+    (missing captions are all-pad rows, which the loss masks out)."""
+    import tensorflow as tf
+
+    field_name, name = _PAYLOAD[kind]
+    captions = record["caption/ids"][:per_image].to_tensor()  # int64 [<=C, T]
+    captions = tf.pad(captions, [[0, per_image - tf.shape(captions)[0]], [0, 0]])
+    image = {name: record[field_name], "image_id": record["image/id"]}
+    return image, tf.ensure_shape(captions, [per_image, None])
 
 
 def _one_caption(
@@ -806,6 +822,7 @@ def make_caption_dataset(
     *,
     batch_size: int,
     caption_mode: str = "sample",
+    captions_per_image: int = 5,
     shuffle: bool = False,
     seed: int | None = None,
     decode_images: bool = True,
@@ -826,13 +843,17 @@ def make_caption_dataset(
     (<pad>) to the longest caption of the batch. `kind` is the ShardSet's own, or "images" for
     a plain list of files (pass "features" for feature shards; R and D are then not static).
     `caption_mode` "sample" takes one random caption per image per epoch, "all" one element
-    per caption. `bucket_boundaries` batches captions of similar length together. `repeat`:
+    per caption, "grouped" one element per image with its first `captions_per_image`
+    captions: int32 [B, captions_per_image, T] (the encoder then runs once for all of them).
+    `bucket_boundaries` (not with "grouped") batches captions of similar length together. `repeat`:
     True = forever, an int = epochs.
     """
     import tensorflow as tf
 
-    if caption_mode not in ("sample", "all"):
-        raise ValueError(f"caption_mode must be 'sample' or 'all', got {caption_mode!r}")
+    if caption_mode not in CAPTION_MODES:
+        raise DataError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
+    if caption_mode == "grouped" and bucket_boundaries:
+        raise DataError("bucket_boundaries do not apply to caption_mode 'grouped'")
     feature_shape = None
     if isinstance(source, ShardSet):
         files = source.files(split)
@@ -878,6 +899,11 @@ def make_caption_dataset(
         randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, randoms).map(
             functools.partial(_one_caption, kind=kind), num_parallel_calls=autotune
+        )
+    elif caption_mode == "grouped":
+        ds = ds.map(
+            functools.partial(_grouped_captions, kind=kind, per_image=captions_per_image),
+            num_parallel_calls=autotune, deterministic=deterministic,
         )
     else:
         ds = ds.flat_map(functools.partial(_every_caption, kind=kind))

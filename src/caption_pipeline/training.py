@@ -48,7 +48,10 @@ class TrainConfig:
 
     epochs: int = 20
     batch_size: int = 64
-    caption_mode: str = "sample"  # sample: one random caption per image per epoch | all
+    # sample: one random caption per image per epoch | all: every caption, one by one |
+    # grouped: each image once with `captions_per_image` captions (encoder runs once for them)
+    caption_mode: str = "grouped"
+    captions_per_image: int = 5
     max_steps_per_epoch: int | None = None
     learning_rate: float = 1e-3
     lr_decay_rate: float = 1.0  # exponential decay, multiplied in every `lr_decay_epochs`
@@ -70,7 +73,8 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = {
-            "caption_mode": self.caption_mode in ("sample", "all"),
+            "caption_mode": self.caption_mode in ("sample", "all", "grouped"),
+            "captions_per_image": self.captions_per_image >= 1,
             "strategy": self.strategy in STRATEGIES,
             "precision": self.precision in PRECISIONS,
             "epochs": self.epochs >= 1,
@@ -108,7 +112,7 @@ DatasetFactory = Callable[[str, int, str, bool], Any]
 
 
 def pad_captions(batches, length: int):
-    """Pad the captions of each batch to one static length [B, length].
+    """Pad the captions of each batch to one static length: [B, length] or [B, C, length].
 
     The decoder unrolls its time loop, so a fixed length means one compiled step function
     instead of one per batch-maximum length.
@@ -116,9 +120,12 @@ def pad_captions(batches, length: int):
     import tensorflow as tf
 
     def pad(inputs, captions):
-        extra = length - tf.shape(captions)[1]
-        captions = tf.pad(captions[:, :length], [[0, 0], [0, tf.maximum(extra, 0)]])
-        return inputs, tf.ensure_shape(captions, [None, length])
+        leading = captions.shape[:-1]  # [B] or [B, C]: tf.pad loses the static sizes
+        captions = captions[..., :length]
+        extra = tf.maximum(length - tf.shape(captions)[-1], 0)
+        paddings = tf.concat([tf.zeros([tf.rank(captions) - 1, 2], tf.int32), [[0, extra]]], 0)
+        captions = tf.pad(captions, paddings)
+        return inputs, tf.ensure_shape(captions, [*leading, length])
 
     return batches.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -241,6 +248,13 @@ class Checkpoints:
             shutil.rmtree(self.root)
 
 
+class _OneEpoch(keras.callbacks.Callback):
+    """Ends `fit` after one epoch (and its validation): the loop above owns the epochs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
 class _StepCheckpoint(keras.callbacks.Callback):
     """Saves a checkpoint every N global steps and samples the per-step loss."""
 
@@ -280,7 +294,9 @@ def train_captioner(
     keras.utils.set_random_seed(config.seed)
     strategy = make_strategy(config)
     fingerprint = run_fingerprint(model_config, config, data_fingerprint)
-    sample_inputs, _ = next(iter(datasets("val", 0, "all", False)))
+    # Validation scores every caption; grouped, the encoder runs once per image for them.
+    val_mode = "grouped" if config.caption_mode == "grouped" else "all"
+    sample_inputs, _ = next(iter(datasets("val", 0, val_mode, False)))
     with _scope(strategy):
         model = build_captioner(model_config, config, steps_per_epoch, sample_inputs)
         if encoder_weights is not None:
@@ -293,7 +309,7 @@ def train_captioner(
         logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)",
                     step, first_epoch + 1, done_in_epoch)
     callback = _StepCheckpoint(checkpoints, state, config)
-    val = datasets("val", 0, "all", False)
+    val = datasets("val", 0, val_mode, False)
 
     for epoch in range(first_epoch, config.epochs):
         if state.stopped_early:
@@ -303,9 +319,11 @@ def train_captioner(
         train = datasets("train", epoch, config.caption_mode, True).repeat()
         train = train.skip(steps_per_epoch - remaining)
         started = time.perf_counter()
+        # epochs=config.epochs, stopped after this one: the progress bar reads "Epoch 3/7".
         logs = model.fit(
-            train, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=remaining,
-            validation_data=val, callbacks=[callback], verbose=1 if config.progress else 0,
+            train, epochs=config.epochs, initial_epoch=epoch, steps_per_epoch=remaining,
+            validation_data=val, callbacks=[callback, _OneEpoch()],
+            verbose=1 if config.progress else 0,
         ).history
         row = {
             "epoch": epoch + 1,

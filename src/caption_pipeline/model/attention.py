@@ -1,6 +1,6 @@
 """Soft (additive) attention of Show, Attend and Tell, eq. (4)-(6).
 
-    e_ti = v . tanh(W_a a_i + U_h h_{t-1})        alpha_t = softmax_i(e_t)        z_t = sum_i alpha_ti a_i
+    e_ti = v . tanh(W_a a_i + U_h h_{t-1})     alpha_t = softmax_i(e_t)     z_t = sum_i alpha_ti a_i
 
 The hidden state enters INSIDE the tanh, so the scores change with every step. (Adding a
 per-step scalar outside it, as the reference code did, is cancelled by the softmax and leaves
@@ -36,7 +36,7 @@ class SoftAttention(layers.Layer):
         return self.feature_projection(features)
 
     def call(self, features, projected, hidden):
-        """features [B, R, D], projected [B, R, A], hidden [B, n] -> context [B, D], alpha [B, R]."""
+        """features [B, R, D], projected [B, R, A], hidden [B, n] -> z [B, D], alpha [B, R]."""
         scores = self.score(ops.tanh(projected + self.hidden_projection(hidden)[:, None, :]))
         alpha = ops.softmax(scores[..., 0], axis=-1)
         context = ops.einsum("br,brd->bd", alpha, features)

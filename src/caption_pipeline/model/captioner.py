@@ -26,13 +26,13 @@ PAD_ID = 0
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters. The defaults suit the embedded "shapes" data set; a COCO run sets
-    encoder=nasnet_large, image_size=331, embed/attention/lstm 512 (see the module's README in
-    the report / the benchmark's COCO config)."""
+    encoder=nasnet_large, image_size=331 and embed_dim = attention_dim = lstm_units = 512, as
+    the paper (and the "coco" config of benchmarks/train_step.py)."""
 
     vocab_size: int
     encoder: str = "compact"  # compact | nasnet_mobile | nasnet_large
     image_size: int = 128  # side of the images the model is given
-    encoder_weights: str | None = None  # NASNet: "imagenet", a local .h5 / .weights.h5 path, or None
+    encoder_weights: str | None = None  # NASNet: "imagenet", a local .h5 file, or None (random)
     # None: train the compact CNN (nothing pretrained exists), freeze NASNet (its features are
     # then precomputed once per image).
     encoder_trainable: bool | None = None
@@ -70,15 +70,19 @@ def caption_losses(logits, alpha, targets):
     """Masked token cross-entropy and the doubly stochastic attention term.
 
     logits [B, T, V], alpha [B, T, R], targets [B, T] (pad = 0) -> (xent, attention), scalars.
-    xent is the mean over real (non-pad) target tokens; attention is
-    sum_i (1 - sum_t alpha_ti)^2 over non-padded steps t, averaged over the batch.
+    xent is the mean over real (non-pad) target tokens; attention is the paper's
+    sum_i (1 - sum_t alpha_ti)^2 over non-padded steps t, divided by R (as the most used
+    implementation does, so that lambda does not scale with the grid size) and averaged over
+    the captions that have any token (all-pad rows pad a group of captions per image).
     """
     logits, alpha = ops.cast(logits, "float32"), ops.cast(alpha, "float32")  # mixed precision
     mask = ops.cast(ops.not_equal(targets, PAD_ID), "float32")  # [B, T]
     token_xent = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
     xent = ops.sum(token_xent * mask) / ops.maximum(ops.sum(mask), 1.0)
     attention_total = ops.sum(alpha * mask[:, :, None], axis=1)  # [B, R]
-    attention = ops.mean(ops.sum(ops.square(1.0 - attention_total), axis=-1))
+    per_caption = ops.mean(ops.square(1.0 - attention_total), axis=-1)  # [B]
+    real = ops.cast(ops.any(mask > 0, axis=-1), "float32")  # [B]
+    attention = ops.sum(per_caption * real) / ops.maximum(ops.sum(real), 1.0)
     return xent, attention
 
 
@@ -123,7 +127,14 @@ class Captioner(keras.Model):
             raise DataError("Captioner.fit: sample weights are not supported; "
                             "padding is masked by pad id 0")
         captions = ops.cast(y, "int32")
-        logits, alpha = self.teacher_forced(y_pred, captions, training=training)
+        features = y_pred
+        if len(captions.shape) == 3:
+            # Grouped: captions [B, C, T+1] share their image's features [B, R, D], so the
+            # encoder ran once for C captions; the decoder sees B*C rows.
+            per_image, length = captions.shape[1], captions.shape[2]
+            features = ops.repeat(features, per_image, axis=0)
+            captions = ops.reshape(captions, (-1, length))
+        logits, alpha = self.teacher_forced(features, captions, training=training)
         xent, attention = caption_losses(logits, alpha, captions[:, 1:])
         self.xent_tracker.update_state(xent)
         self.attention_tracker.update_state(attention)

@@ -64,7 +64,8 @@ def nasnet_backbone(name: str, weights: str | None) -> keras.Model:
     scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="nasnet_preprocess")(images)
     if weights == "imagenet":
         try:
-            backbone = constructor(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+            backbone = constructor(include_top=False, weights="imagenet",
+                                   input_shape=(size, size, 3))
         except Exception as error:  # no internet, proxy, corrupt cache: all end here
             raise DataError(
                 f"model.encoder_weights: could not get the ImageNet weights of {name} ({error}); "
@@ -92,8 +93,9 @@ def load_weights_file(model: keras.Model, path: str) -> None:
     try:
         model.load_weights(str(file))
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"model.encoder_weights: {file} does not fit {model.name}: {reason}") from None
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise DataError(
+            f"model.encoder_weights: {file} does not fit {model.name}: {reason}") from None
 
 
 def _weights_path(path: str) -> Path:

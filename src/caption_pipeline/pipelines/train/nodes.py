@@ -33,13 +33,14 @@ def train_model(
     def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
         batches = make_caption_dataset(
             model_inputs, split, batch_size=config.batch_size, caption_mode=caption_mode,
+            captions_per_image=config.captions_per_image,
             shuffle=shuffle, seed=config.seed + epoch, image_size=model_config.image_size,
             bucket_boundaries=config.bucket_boundaries, shuffle_buffer=config.shuffle_buffer,
         )
         return pad_captions(batches, caption_length)
 
-    per_epoch = (model_inputs.num_images("train") if config.caption_mode == "sample"
-                 else model_inputs.num_captions("train"))
+    per_epoch = (model_inputs.num_captions("train") if config.caption_mode == "all"
+                 else model_inputs.num_images("train"))
     steps = math.ceil(per_epoch / config.batch_size)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
