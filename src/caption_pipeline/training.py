@@ -33,6 +33,7 @@ import pandas as pd
 from caption_pipeline.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, params: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise DataError(f"parameters train: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**params)
+        """From a `params:train` dict; unknown keys are an error that names them."""
+        return from_params(cls, params, "train")
 
 
 @dataclass

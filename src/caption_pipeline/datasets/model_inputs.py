@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from kedro.io import AbstractDataset
-
+from caption_pipeline.datasets.tfrecord_shards import ShardFolderDataset
 from caption_pipeline.features import (
     FeaturePlan,
     load_model_inputs,
@@ -16,15 +14,13 @@ from caption_pipeline.features import (
 from caption_pipeline.tfrecords import ShardSet
 
 
-class ModelInputsDataset(AbstractDataset[FeaturePlan, ShardSet]):
-    """A folder of float16 feature shards and their `manifest.json`, or only a manifest that
-    points at the image shards.
+class ModelInputsDataset(ShardFolderDataset):
+    """Float16 feature shards of a frozen encoder, or only a manifest pointing at the image
+    shards when the encoder is trained end to end.
 
-    The node stays pure: it returns a `FeaturePlan`. Saving executes it: for a frozen encoder
-    it runs the encoder once per image and writes one feature shard per image shard
-    (atomic, resumable, a no-op when nothing changed); for an encoder trained end to end it
-    writes only the pointer. Loading gives a verified `ShardSet` whose `kind` is "features"
-    or "images".
+    Saving a `FeaturePlan` runs the frozen encoder once per image and writes one feature shard
+    per image shard (atomic, resumable, a no-op when nothing changed), or writes the pointer.
+    Loading gives a verified `ShardSet` whose `kind` is "features" or "images".
 
     Example catalog entry:
 
@@ -33,28 +29,14 @@ class ModelInputsDataset(AbstractDataset[FeaturePlan, ShardSet]):
           path: data/04_feature/model_inputs
     """
 
-    def __init__(
-        self,
-        *,
-        path: str,
-        verify_on_load: bool = True,
-        progress: bool = True,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
-        """`verify_on_load` checks every shard's sha256 on load (reads them once)."""
-        self._path = Path(path)
-        self._verify_on_load = verify_on_load
-        self._progress = progress
-        self.metadata = metadata
+    @staticmethod
+    def _write(plan: FeaturePlan, folder: Path, progress: bool) -> None:
+        write_model_inputs(plan, folder, progress=progress)
 
-    def load(self) -> ShardSet:
-        return load_model_inputs(self._path, verify=self._verify_on_load)
+    @staticmethod
+    def _read(folder: Path, verify: bool) -> ShardSet:
+        return load_model_inputs(folder, verify=verify)
 
-    def save(self, data: FeaturePlan) -> None:
-        write_model_inputs(data, self._path, progress=self._progress)
-
-    def _exists(self) -> bool:
-        return model_inputs_exist(self._path)
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "verify_on_load": self._verify_on_load}
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        return model_inputs_exist(folder)

@@ -1,4 +1,4 @@
-"""Kedro dataset of a TFRecord shard set: save a ShardPlan, load a verified ShardSet."""
+"""Kedro datasets of shard folders: save a plan, load a verified ShardSet."""
 
 from __future__ import annotations
 
@@ -16,19 +16,13 @@ from caption_pipeline.tfrecords import (
 )
 
 
-class TFRecordShardsDataset(AbstractDataset[ShardPlan, ShardSet]):
-    """A folder of TFRecord shards and their `manifest.json`.
+class ShardFolderDataset(AbstractDataset[Any, ShardSet]):
+    """A folder of TFRecord shards and the `manifest.json` that says it is complete.
 
-    The node stays pure: it returns a `ShardPlan` (which image, with which captions, goes
-    into which shard). Saving executes the plan: worker processes decode and write the
-    shards atomically, and the manifest is written last. A re-run with the same plan and
-    unchanged images is a no-op; an interrupted one resumes from its verified shards.
-
-    Example catalog entry:
-
-        shards:
-          type: caption_pipeline.datasets.TFRecordShardsDataset
-          path: data/05_model_input/shards
+    The node stays pure: it returns a plan (what goes into which shard, no pixels). Saving
+    executes the plan atomically, manifest last; loading gives a verified `ShardSet`.
+    Subclasses say how with `_write(plan, folder, progress)`, `_read(folder, verify)` and
+    `_complete(folder)`.
     """
 
     def __init__(
@@ -46,13 +40,38 @@ class TFRecordShardsDataset(AbstractDataset[ShardPlan, ShardSet]):
         self.metadata = metadata
 
     def load(self) -> ShardSet:
-        return load_shard_set(self._path, verify=self._verify_on_load)
+        return self._read(self._path, verify=self._verify_on_load)
 
-    def save(self, data: ShardPlan) -> None:
-        write_shards(data, self._path, progress=self._progress)
+    def save(self, data: Any) -> None:
+        self._write(data, self._path, progress=self._progress)
 
     def _exists(self) -> bool:
-        return is_complete(self._path)
+        return self._complete(self._path)
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "verify_on_load": self._verify_on_load}
+
+
+class TFRecordShardsDataset(ShardFolderDataset):
+    """Image shards. Saving a `ShardPlan`: worker processes decode and write the shards; a
+    re-run with the same plan and unchanged images is a no-op, an interrupted one resumes
+    from its verified shards.
+
+    Example catalog entry:
+
+        shards:
+          type: caption_pipeline.datasets.TFRecordShardsDataset
+          path: data/05_model_input/shards
+    """
+
+    @staticmethod
+    def _write(plan: ShardPlan, folder: Path, progress: bool) -> None:
+        write_shards(plan, folder, progress=progress)
+
+    @staticmethod
+    def _read(folder: Path, verify: bool) -> ShardSet:
+        return load_shard_set(folder, verify=verify, kind="images")
+
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        return is_complete(folder, kind="images")

@@ -17,6 +17,7 @@ from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_params
 from caption_pipeline.model.decoder import AttentionDecoder
 from caption_pipeline.model.encoder import ENCODERS, build_encoder
 
@@ -59,11 +60,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, params: dict) -> ModelConfig:
         """From a `params:model` dict; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise DataError(f"parameters model: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**params)
+        return from_params(cls, params, "model")
 
 
 def caption_losses(logits, alpha, targets):
