@@ -51,3 +51,20 @@ def smoke_project(tmp_path_factory) -> Path:
     result = run_kedro(project, "run", "--env", "smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return project
+
+
+def kill_9_when(child, ready, *, timeout: float, what: str) -> None:
+    """SIGKILL `child` (started with start_new_session=True) once `ready()` is true."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert child.poll() is None and time.monotonic() < deadline, (
+                f"{what} ended before it was killed"
+            )
+            time.sleep(0.01)
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()

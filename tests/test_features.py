@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import tensorflow as tf
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from tests.conftest import kill_9_when
 from caption_pipeline.errors import DataError
 from caption_pipeline.features import (
     build_feature_plan,
@@ -168,16 +168,8 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     child = subprocess.Popen(
         [sys.executable, str(script), str(image_set.root), str(folder)], start_new_session=True
     )
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(folder.glob("train-*.tfrecord"))) < 3:
-            assert child.poll() is None and time.monotonic() < deadline, (
-                "the encoding process ended before it was killed"
-            )
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
+    kill_9_when(child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
+                timeout=120, what="the encoding process")
     assert not (folder / MANIFEST).exists()
 
     plan = build_feature_plan(image_set, FROZEN, FEATURES)

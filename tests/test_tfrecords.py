@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
+from tests.conftest import kill_9_when
 from caption_pipeline.errors import DataError
 from caption_pipeline.tfrecords import (
     MANIFEST,
@@ -211,16 +211,8 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
         [sys.executable, str(tmp_path / "writer.py"), str(tmp_path / "images.json"), str(folder)],
         start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(folder.glob("train-*.tfrecord"))) < 3:
-            assert child.poll() is None and time.monotonic() < deadline, (
-                "writer ended before it was killed"
-            )
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
+    kill_9_when(child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
+                timeout=60, what="writer")
     assert not (folder / MANIFEST).exists()
 
     plan = build_shard_plan(images, num_shards={"train": 40}, seed=3, image_size=32)
