@@ -20,13 +20,17 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@ $(VENV)/.installed-run
 
+# The web page test drives Debian's headless chromium; installed once (needs root and apt).
+/usr/bin/chromium /usr/bin/chromedriver:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
 install: $(VENV)/.installed-run
 install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/kedro run $(ARGS)
 
-test: install-test
+test: install-test /usr/bin/chromium /usr/bin/chromedriver
 	$(BIN)/python -m pytest $(ARGS)
 
 clean-data:

@@ -68,3 +68,92 @@ def kill_9_when(child, ready, *, timeout: float, what: str) -> None:
         os.killpg(child.pid, signal.SIGKILL)
     finally:
         child.wait()
+
+
+# --- export and serving (issue 5) ---------------------------------------------------------------
+
+EXPORT_DIR = Path("data/06_models/export/saved_model")  # the catalog's exported_model, relative
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it dies first."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: "
+                                 f"{process.stdout.read()[-3000:] if process.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+
+
+def start_server(args: list[str], cwd: Path, ready_url: str, env: dict | None = None):
+    """A server process (new session, output to a pipe), once `ready_url` answers 200."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {}),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_http(ready_url, process)
+    except BaseException:
+        stop_server(process)
+        raise
+    return process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def caption_server(smoke_project):
+    """`caption-pipeline serve` on the smoke project's export, on 127.0.0.1: its base URL."""
+    port = free_port()
+    command = str(Path(sys.executable).with_name("caption-pipeline"))
+    process = start_server([command, "serve", "--port", str(port), "--env", "smoke"],
+                           smoke_project, f"http://127.0.0.1:{port}/readyz")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def exported(smoke_project):
+    """The smoke project's export, loaded in the test process."""
+    from caption_pipeline.export import ExportedCaptioner
+
+    return ExportedCaptioner(smoke_project / EXPORT_DIR)
+
+
+@pytest.fixture(scope="session")
+def test_jpegs(smoke_project):
+    """(image ids, JPEG bytes) of the smoke project's test split, from its shards."""
+    from caption_pipeline.export import test_images
+    from caption_pipeline.tfrecords import load_shard_set
+
+    return test_images(load_shard_set(smoke_project / "data/05_model_input/shards"), None)

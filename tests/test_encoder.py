@@ -96,8 +96,22 @@ def test_compact_encoder_grid_and_position_channels():
     grid = ops.convert_to_numpy(coordinates(np.zeros((1, 3, 4, 1), "float32")))
     np.testing.assert_allclose(grid[0, :, 0, 1], [-1, 0, 1], atol=1e-6)  # rows
     np.testing.assert_allclose(grid[0, 0, :, 2], [-1, -1 / 3, 1 / 3, 1], atol=1e-6)  # columns
-    with pytest.raises(DataError, match="compact encoder has no pretrained"):
+    with pytest.raises(DataError, match="compact encoder has no ImageNet weights"):
         build_encoder("compact", 128, weights="imagenet")
+    fine = build_encoder("compact", 128, compact_pool_last=False)
+    assert fine.output_shape == (None, 256, 128)  # no pooling after the last block: 16x16
+    assert fine.count_params() == encoder.count_params()  # same layers, finer grid
+
+
+def test_compact_encoder_loads_a_weights_file(tmp_path):
+    trained = build_encoder("compact", 64, compact_filters=(8, 8))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    trained.save_weights(tmp_path / "encoder.weights.h5")
+    loaded = build_encoder("compact", 64, str(tmp_path / "encoder.weights.h5"), (8, 8))
+    np.testing.assert_allclose(loaded.predict_on_batch(images),
+                               trained.predict_on_batch(images), rtol=1e-6)
+    with pytest.raises(DataError, match="does not fit"):
+        build_encoder("compact", 64, str(tmp_path / "encoder.weights.h5"), (8, 16))
 
 
 def test_other_sizes_are_resized_to_the_backbone():

@@ -18,13 +18,17 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from tests.conftest import kill_9_when
+from caption_pipeline.datasets import EncoderWeightsDataset
+from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.errors import DataError
 from caption_pipeline.features import (
     build_feature_plan,
     build_frozen_encoder,
     load_model_inputs,
+    weights_fingerprint,
     write_model_inputs,
 )
+from caption_pipeline.model import ModelConfig
 from caption_pipeline.pipelines.features import create_pipeline
 from caption_pipeline.tfrecords import (
     MANIFEST,
@@ -59,6 +63,14 @@ def write_image_shards(folder: Path, split_sizes: dict, num_shards: dict, seed: 
     return images, load_shard_set(folder / "shards")
 
 
+def encoder_file(path: Path, model: dict, seed: int) -> str:
+    """The `initial_encoder` weights file, as the features pipeline writes it (no pretraining)."""
+    config = ModelConfig.from_dict({**model, "vocab_size": 1})
+    encoder, _ = initial_encoder(None, {}, config, PretrainConfig(enabled=False), seed)
+    EncoderWeightsDataset(filepath=str(path)).save(encoder)
+    return str(path)
+
+
 def records(files: list[str], parse) -> list[dict]:
     return [parse(r) for r in tf.data.TFRecordDataset(files)]
 
@@ -68,7 +80,8 @@ def features(tmp_path_factory):
     """Image shards, and the feature shards of the frozen compact encoder computed from them."""
     root = tmp_path_factory.mktemp("features")
     images, image_set = write_image_shards(root, SPLIT_SIZES, NUM_SHARDS)
-    plan = build_feature_plan(image_set, FROZEN, FEATURES)
+    weights = encoder_file(root / "encoder.weights.h5", FROZEN, seed=3)
+    plan = build_feature_plan(image_set, weights, FROZEN, FEATURES)
     summary = write_model_inputs(plan, root / "model_inputs", progress=False)
     return images, image_set, plan, root / "model_inputs", summary
 
@@ -77,8 +90,8 @@ def test_feature_shards_hold_the_encoders_output_per_image(features):
     images, image_set, plan, folder, _ = features
     feature_set = load_model_inputs(folder)
     assert feature_set.kind == "features" and feature_set.feature_shape == (REGIONS, DEPTH)
-    # An encoder built afresh from the same seed: random weights are reproducible.
-    encoder = build_frozen_encoder(plan)
+    # The encoder built afresh from the weights file the plan names.
+    encoder = build_frozen_encoder(plan.model, plan.weights)
     for split in SPLIT_SIZES:
         assert [Path(f).name for f in feature_set.files(split)] == [
             Path(f).name for f in image_set.files(split)
@@ -117,10 +130,13 @@ def test_manifest_records_kind_shape_encoder_and_source(features):
     assert manifest["params"]["encoder"] == {
         "encoder": "compact",
         "image_size": SIZE,
-        "encoder_weights": None,
         "compact_filters": [8, 16, 16],
+        "compact_pool_last": True,
     }
-    assert manifest["params"]["weights"] == "random:3"
+    weights = manifest["params"]["weights_file"]  # relative: the project may move
+    assert not Path(weights).is_absolute()
+    assert (folder / weights).resolve() == (folder.parent / "encoder.weights.h5").resolve()
+    assert manifest["params"]["weights"] == weights_fingerprint(folder / weights)
     assert manifest["params"]["source_fingerprint"] == image_set.manifest["fingerprint"]
     for split, count in SPLIT_SIZES.items():
         assert manifest["splits"][split]["records"] == count
@@ -130,17 +146,19 @@ def test_manifest_records_kind_shape_encoder_and_source(features):
     )
 
 
-def test_same_plan_again_is_a_noop_and_another_seed_recomputes(features, tmp_path):
+def test_same_plan_again_is_a_noop_and_other_weights_recompute(features, tmp_path):
     _, image_set, plan, folder, _ = features
     before = shard_files(folder)
     again = write_model_inputs(plan, folder, progress=False)
     assert again.noop and not again.written
     assert shard_files(folder) == before
 
-    reseeded = build_feature_plan(image_set, FROZEN, {**FEATURES, "seed": 4})
-    other = write_model_inputs(reseeded, tmp_path / "other", progress=False)
+    reseeded = encoder_file(tmp_path / "reseeded.weights.h5", FROZEN, seed=4)
+    assert weights_fingerprint(reseeded) != weights_fingerprint(plan.weights)
+    other = write_model_inputs(build_feature_plan(image_set, reseeded, FROZEN, FEATURES),
+                               tmp_path / "other", progress=False)
     assert len(other.written) == sum(NUM_SHARDS.values()) and not other.reused
-    assert other.manifest["params"]["weights"] == "random:4"
+    assert other.manifest["params"]["weights"] == weights_fingerprint(reseeded)
     first = shard_files(tmp_path / "other")
     assert all(first[name] != before[name] for name in other.written)
 
@@ -155,7 +173,7 @@ def slow_encode(encoder, images):  # slows the real encoder down enough to be ki
     time.sleep(0.15)
     return encode(encoder, images)
 features.encode_batch = slow_encode
-plan = features.build_feature_plan(load_shard_set(sys.argv[1]), {model}, {params})
+plan = features.build_feature_plan(load_shard_set(sys.argv[1]), sys.argv[3], {model}, {params})
 features.write_model_inputs(plan, sys.argv[2], progress=False)
 """
 
@@ -165,14 +183,16 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     script = tmp_path / "encode.py"
     script.write_text(KILLABLE_ENCODER.format(model=FROZEN, params=FEATURES))
     folder = tmp_path / "resumed"
+    weights = encoder_file(tmp_path / "encoder.weights.h5", FROZEN, seed=3)
     child = subprocess.Popen(
-        [sys.executable, str(script), str(image_set.root), str(folder)], start_new_session=True
+        [sys.executable, str(script), str(image_set.root), str(folder), weights],
+        start_new_session=True,
     )
     kill_9_when(child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
                 timeout=120, what="the encoding process")
     assert not (folder / MANIFEST).exists()
 
-    plan = build_feature_plan(image_set, FROZEN, FEATURES)
+    plan = build_feature_plan(image_set, weights, FROZEN, FEATURES)
     resumed = write_model_inputs(plan, folder, progress=False)
     # The shard renamed just before the kill may lack its receipt: then it is rewritten.
     assert len(resumed.reused) >= 2 and resumed.written
@@ -190,7 +210,7 @@ def test_trainable_encoder_points_at_the_image_shards(features, tmp_path):
     write_model_inputs(frozen_plan, folder, progress=False)  # features first, then the pointer
 
     trained = {**FROZEN, "encoder_trainable": None}  # null: the compact CNN is trained
-    plan = build_feature_plan(image_set, trained, FEATURES)
+    plan = build_feature_plan(image_set, frozen_plan.weights, trained, FEATURES)
     assert not plan.precompute
     summary = write_model_inputs(plan, folder, progress=False)
     assert summary.manifest["kind"] == "images"
@@ -256,10 +276,16 @@ def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
                 "path": str(tmp_path / "model_inputs"),
                 "progress": False,
             },
+            "initial_encoder": {
+                "type": "caption_pipeline.datasets.EncoderWeightsDataset",
+                "filepath": str(tmp_path / "initial_encoder.weights.h5"),
+            },
         }
     )
+    catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(tmp_path)})
     catalog["params:model"] = MemoryDataset(FROZEN)
     catalog["params:features"] = MemoryDataset(FEATURES)
+    catalog["params:encoder_pretraining"] = MemoryDataset({"enabled": False})
     assert not catalog.exists("model_inputs")
 
     SequentialRunner().run(create_pipeline(), catalog)
@@ -268,27 +294,34 @@ def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
     loaded = catalog.load("model_inputs")
     assert loaded.kind == "features" and loaded.feature_shape == (REGIONS, DEPTH)
     assert {s: loaded.num_images(s) for s in loaded.splits} == SPLIT_SIZES
+    # The features are those of the encoder the pipeline saved as `initial_encoder`.
+    assert loaded.manifest["params"]["weights"] == weights_fingerprint(
+        catalog.load("initial_encoder"))
+    assert catalog.load("encoder_pretraining_history").empty  # pretraining disabled
 
 
 def test_missing_or_incomplete_inputs_name_the_path(features, tmp_path):
     _, image_set, _, _, _ = features
     with pytest.raises(DataError, match=str(tmp_path / "none" / MANIFEST)):
         load_model_inputs(tmp_path / "none")
+    weights = features[2].weights
     with pytest.raises(DataError, match="features.batch_size: must be an integer >= 1, got 0"):
-        build_feature_plan(image_set, FROZEN, {**FEATURES, "batch_size": 0})
+        build_feature_plan(image_set, weights, FROZEN, {**FEATURES, "batch_size": 0})
     with pytest.raises(DataError, match=r"parameters features: has keys \['seed'\]"):
-        build_feature_plan(image_set, FROZEN, {"seed": 1})
+        build_feature_plan(image_set, weights, FROZEN, {"seed": 1})
 
     missing = str(tmp_path / "nasnet.weights.h5")
     nasnet = {"encoder": "nasnet_mobile", "image_size": SIZE, "encoder_weights": missing}
-    plan = build_feature_plan(image_set, nasnet, FEATURES)
-    assert plan.precompute  # NASNet is frozen unless told otherwise
     with pytest.raises(DataError, match=f"model.encoder_weights: .*{missing}"):
+        encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
+    plan = build_feature_plan(image_set, missing, nasnet, FEATURES)
+    assert plan.precompute  # NASNet is frozen unless told otherwise
+    with pytest.raises(DataError, match=f"{missing}: encoder weights file does not exist"):
         write_model_inputs(plan, tmp_path / "out", progress=False)
 
     copy = tmp_path / "shards"
     shutil.copytree(image_set.root, copy)
-    plan = build_feature_plan(load_shard_set(copy), FROZEN, FEATURES)
+    plan = build_feature_plan(load_shard_set(copy), weights, FROZEN, FEATURES)
     victim = copy / "train-00001-of-00002.tfrecord"
     victim.unlink()
     with pytest.raises(DataError, match=str(victim)):
@@ -302,7 +335,9 @@ def test_missing_or_incomplete_inputs_name_the_path(features, tmp_path):
 def test_features_of_rewritten_image_shards_are_refused(tmp_path):
     images, image_set = write_image_shards(tmp_path, {"train": 3, "val": 1}, {"train": 1, "val": 1})
     folder = tmp_path / "model_inputs"
-    write_model_inputs(build_feature_plan(image_set, FROZEN, FEATURES), folder, progress=False)
+    weights = encoder_file(tmp_path / "encoder.weights.h5", FROZEN, seed=3)
+    write_model_inputs(build_feature_plan(image_set, weights, FROZEN, FEATURES), folder,
+                       progress=False)
     reshuffled = build_shard_plan(
         images, num_shards={"train": 2, "val": 1}, seed=9, image_size=SIZE
     )
@@ -317,7 +352,9 @@ def test_weights_that_do_not_fit_the_encoder_are_refused(features, tmp_path):
     with h5py.File(wrong, "w") as h5:  # one array, where NASNetMobile has hundreds
         h5["layers/dense/vars/0"] = np.zeros((3, 2), np.float32)
     nasnet = {"encoder": "nasnet_mobile", "image_size": 32, "encoder_weights": str(wrong)}
-    plan = build_feature_plan(image_set, nasnet, FEATURES)
+    with pytest.raises(DataError, match=f"{wrong} does not fit"):
+        encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
+    plan = build_feature_plan(image_set, str(wrong), nasnet, FEATURES)
     with pytest.raises(DataError, match=f"{wrong} does not fit"):
         write_model_inputs(plan, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / MANIFEST).exists()

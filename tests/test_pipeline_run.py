@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 
+from caption_pipeline.datasets import KerasModelDataset
+from caption_pipeline.features import build_frozen_encoder, weights_fingerprint
 from tests.conftest import copy_project, run_kedro
 
 
@@ -32,9 +35,19 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     images_per_split = table.groupby("split")["image_id"].nunique().to_dict()
     assert {s: manifest["splits"][s]["records"] for s in images_per_split} == images_per_split
 
-    # The compact encoder is trained end to end: model inputs point at the image shards.
+    # The compact encoder is pretrained on the object masks, then frozen: its features are
+    # precomputed, and the captioner carries that very encoder.
+    pretraining = pd.read_csv(data / "08_reporting" / "encoder_pretraining_history.csv")
+    assert pretraining["epoch"].tolist() == [1]
+    assert pretraining["val_colour_accuracy"].between(0, 1).all()
     inputs = json.loads((data / "04_feature" / "model_inputs" / "manifest.json").read_text())
-    assert inputs["kind"] == "images"
+    assert inputs["kind"] == "features"
+    weights = data / "06_models" / "initial_encoder.weights.h5"
+    assert inputs["params"]["weights"] == weights_fingerprint(weights)
+    captioner = KerasModelDataset(filepath=str(data / "06_models" / "captioner.keras")).load()
+    initial = build_frozen_encoder(captioner.config, weights)
+    for trained, first in zip(captioner.encoder.get_weights(), initial.get_weights(), strict=True):
+        np.testing.assert_array_equal(trained, first)
 
     history = pd.read_csv(data / "08_reporting" / "training_history.csv")
     assert history["epoch"].tolist() == [1, 2]

@@ -24,11 +24,13 @@ def temp_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed to `path`."""
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to `path`. `suffix` ends the
+    temporary name, for writers that insist on one (Keras: ".keras", ".weights.h5")."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
+    tmp = tmp.with_name(tmp.name + suffix)
     try:
         yield tmp
         os.replace(tmp, final)

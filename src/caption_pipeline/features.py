@@ -68,7 +68,7 @@ class FeaturePlan:
 
     source: ShardSet  # the image shards
     model: ModelConfig
-    seed: int  # initialises random (null) encoder weights
+    weights: str  # the encoder's weights file (`initial_encoder` of the catalog)
     batch_size: int  # how to run, not what to write: not part of the fingerprint
 
     @property
@@ -78,20 +78,24 @@ class FeaturePlan:
 
     @property
     def encoder(self) -> dict[str, Any]:
-        """The `model` fields that decide an image's features (with the weights' content)."""
-        m = self.model
-        return {
-            "encoder": m.encoder,
-            "image_size": m.image_size,
-            "encoder_weights": m.encoder_weights,
-            "compact_filters": list(m.compact_filters),
-        }
+        """The `model` fields that decide the encoder's architecture (its weights: `weights`)."""
+        return encoder_architecture(self.model)
+
+
+def encoder_architecture(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "encoder": model.encoder,
+        "image_size": model.image_size,
+        "compact_filters": list(model.compact_filters),
+        "compact_pool_last": model.compact_pool_last,
+    }
 
 
 def build_feature_plan(
-    shards: ShardSet, model: Mapping[str, Any], features: Mapping[str, Any]
+    shards: ShardSet, weights: str, model: Mapping[str, Any], features: Mapping[str, Any]
 ) -> FeaturePlan:
-    """Check `params:model` and `params:features` against the image shards; no I/O."""
+    """Check `params:model` and `params:features` against the image shards; `weights`: the
+    initial encoder's weights file. No I/O."""
     from caption_pipeline.model import ModelConfig
 
     config = ModelConfig.from_dict({**model, "vocab_size": 1})
@@ -117,34 +121,29 @@ def build_feature_plan(
             config.image_size,
             shards.image_size,
         )
-    return FeaturePlan(shards, config, seed=int(features["seed"]), batch_size=batch_size)
+    return FeaturePlan(shards, config, weights=str(weights), batch_size=batch_size)
 
 
 # --- the frozen encoder ----------------------------------------------------------------------
 
 
-def weights_fingerprint(weights: str | None, seed: int) -> str:
-    """What identifies encoder weights: "random:<seed>", "imagenet" or "sha256:<file's hash>"."""
-    if weights is None:
-        return f"random:{seed}"
-    if weights == "imagenet":
-        return "imagenet"
+def weights_fingerprint(weights: str | os.PathLike) -> str:
+    """What identifies an encoder weights file: "sha256:<the file's hash>"."""
     path = Path(weights)
     if not path.is_file():
-        raise DataError(f"model.encoder_weights: weights file {path} does not exist")
+        raise DataError(f"{path}: encoder weights file does not exist (run the features "
+                        "pipeline)")
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def build_frozen_encoder(plan: FeaturePlan) -> keras.Model:
-    """The plan's encoder, not trainable; random weights come from `plan.seed`, reproducibly."""
-    import keras
+def build_frozen_encoder(model: ModelConfig, weights: str | os.PathLike) -> keras.Model:
+    """The encoder of `model` with the weights of file `weights`, not trainable."""
+    from caption_pipeline.model import build_encoder, load_weights_file
 
-    from caption_pipeline.model import build_encoder
-
-    m = plan.model
-    keras.utils.set_random_seed(plan.seed)
-    encoder = build_encoder(m.encoder, m.image_size, m.encoder_weights, m.compact_filters)
+    encoder = build_encoder(model.encoder, model.image_size, None, model.compact_filters,
+                            model.compact_pool_last)
+    load_weights_file(encoder, str(weights))
     encoder.trainable = False
     return encoder
 
@@ -238,7 +237,7 @@ def write_features(
     source = _current_source(plan)
     content = {
         "encoder": plan.encoder,
-        "weights": weights_fingerprint(plan.model.encoder_weights, plan.seed),
+        "weights": weights_fingerprint(plan.weights),
         "dtype": FEATURE_DTYPE,
     }
     # A feature shard depends on its image shard's bytes only: a partly rewritten image
@@ -262,12 +261,13 @@ def write_features(
             **content,
             "image_size": plan.model.image_size,
             "source_fingerprint": source.manifest["fingerprint"],
+            "weights_file": _relative(Path(plan.weights), folder),
         },
         "source": _relative(source.root, folder),
     }
 
     def write_missing(missing: list[ShardTask], bar: tqdm) -> Iterator[dict[str, Any]]:
-        encoder = build_frozen_encoder(plan)  # only when a shard is to be written
+        encoder = build_frozen_encoder(plan.model, plan.weights)  # only when a shard is due
         bar.set_description(f"Encoding images ({plan.model.encoder})")
         for task in missing:
             fill = functools.partial(
@@ -387,20 +387,18 @@ def feature_encoder_weights(model_inputs: ShardSet, model: ModelConfig) -> list 
     """
     if model_inputs.kind != "features":
         return None
+    where = model_inputs.root / MANIFEST
     params = model_inputs.manifest["params"]
-    recorded = params["encoder"]
-    current = FeaturePlan(model_inputs, model, seed=0, batch_size=1).encoder
-    if recorded != current:
+    current = encoder_architecture(model)
+    if params["encoder"] != current:
         raise DataError(
-            f"{model_inputs.root / MANIFEST}: params.encoder: the features were computed with "
-            f"{recorded}, but params:model now says {current}; re-run the features pipeline"
+            f"{where}: params.encoder: the features were computed with {params['encoder']}, "
+            f"but params:model now says {current}; re-run the features pipeline"
         )
-    weights = params["weights"]
-    seed = int(weights.split(":", 1)[1]) if weights.startswith("random:") else 0
-    if weights_fingerprint(model.encoder_weights, seed) != weights:
+    weights = model_inputs.root / params["weights_file"]
+    if not weights.is_file() or weights_fingerprint(weights) != params["weights"]:
         raise DataError(
-            f"{model_inputs.root / MANIFEST}: params.weights: the encoder weights changed since "
-            f"the features were computed ({weights}); re-run the features pipeline"
+            f"{where}: params.weights: the encoder weights file {weights} is missing or has "
+            f"changed since the features were computed; re-run the features pipeline"
         )
-    plan = FeaturePlan(model_inputs, model, seed=seed, batch_size=1)
-    return build_frozen_encoder(plan).get_weights()
+    return build_frozen_encoder(model, weights).get_weights()

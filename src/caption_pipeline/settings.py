@@ -3,17 +3,19 @@
 from kedro.config import OmegaConfigLoader
 
 from caption_pipeline.hooks import CleanDataErrorHooks
+from caption_pipeline.tracking import MlflowRunHooks
 
-HOOKS = (CleanDataErrorHooks(),)
+# kedro-mlflow's own hook (an entry point, so not listed here) opens one MLflow run per
+# `kedro run` with the settings of conf/base/mlflow.yml; MlflowRunHooks adds the run tags
+# (git commit, DVC hash of the data) and the error of a failed run.
+HOOKS = (CleanDataErrorHooks(), MlflowRunHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # Envs (and `--params`) override single nested keys, e.g. `dataset.root`, not whole blocks.
-    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    "merge_strategy": {"parameters": "soft", "globals": "soft", "mlflow": "soft"},
+    # kedro-mlflow's pattern, declared here so that MlflowRunHooks can read mlflow.yml first.
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
 }
-
-# MLflow tracking is wired in by the MLOps issue; until then the plugin's hook stays off,
-# since without conf/*/mlflow.yml it falls back to the file store MLflow >= 3.13 refuses.
-DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)

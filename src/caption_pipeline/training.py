@@ -246,8 +246,9 @@ class Checkpoints:
             shutil.rmtree(self.root)
 
 
-class _OneEpoch(keras.callbacks.Callback):
-    """Ends `fit` after one epoch (and its validation): the loop above owns the epochs."""
+class OneEpoch(keras.callbacks.Callback):
+    """Ends `fit` after one epoch (and its validation): the caller loops over the epochs, and
+    `fit(epochs=N, initial_epoch=k)` makes the progress bar read "Epoch k+1/N"."""
 
     def on_epoch_end(self, epoch, logs=None):
         self.model.stop_training = True
@@ -320,7 +321,7 @@ def train_captioner(
         # epochs=config.epochs, stopped after this one: the progress bar reads "Epoch 3/7".
         logs = model.fit(
             train, epochs=config.epochs, initial_epoch=epoch, steps_per_epoch=remaining,
-            validation_data=val, callbacks=[callback, _OneEpoch()],
+            validation_data=val, callbacks=[callback, OneEpoch()],
             verbose=1 if config.progress else 0,
         ).history
         row = {

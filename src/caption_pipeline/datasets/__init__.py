@@ -6,16 +6,20 @@ from caption_pipeline.datasets.atomic_datasets import (
     AtomicMatplotlibDataset,
     AtomicParquetDataset,
 )
-from caption_pipeline.datasets.keras_model import KerasModelDataset
+from caption_pipeline.datasets.keras_model import EncoderWeightsDataset, KerasModelDataset
 from caption_pipeline.datasets.model_inputs import ModelInputsDataset
+from caption_pipeline.datasets.saved_model import AtomicBytesDataset, SavedModelDataset
 from caption_pipeline.datasets.tfrecord_shards import TFRecordShardsDataset
 
 __all__ = [
+    "AtomicBytesDataset",
     "AtomicCSVDataset",
     "AtomicJSONDataset",
     "AtomicMatplotlibDataset",
     "AtomicParquetDataset",
+    "EncoderWeightsDataset",
     "KerasModelDataset",
     "ModelInputsDataset",
+    "SavedModelDataset",
     "TFRecordShardsDataset",
 ]

@@ -38,6 +38,7 @@ class ModelConfig:
     # then precomputed once per image).
     encoder_trainable: bool | None = None
     compact_filters: tuple[int, ...] = (32, 64, 128, 128)
+    compact_pool_last: bool = True  # false: the compact CNN's grid is twice as fine
     embed_dim: int = 128
     attention_dim: int = 128
     lstm_units: int = 256
@@ -89,7 +90,8 @@ class Captioner(keras.Model):
         super().__init__(**kwargs)
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         c = self.config
-        self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights, c.compact_filters)
+        self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights, c.compact_filters,
+                                     c.compact_pool_last)
         self.encoder.trainable = c.trains_encoder
         _, self.regions, self.feature_dim = self.encoder.output_shape
         self.decoder = AttentionDecoder(c.vocab_size, c.embed_dim, c.attention_dim, c.lstm_units,
@@ -150,4 +152,7 @@ class Captioner(keras.Model):
         return self.decoder.step(word_ids, state, training=False)
 
     def get_config(self):
-        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
+        # A saved model holds its encoder's weights: loading it must not fetch or read the
+        # weights it was first built from (ImageNet, a file that may be gone).
+        config = {**dataclasses.asdict(self.config), "encoder_weights": None}
+        return {**super().get_config(), "config": config}

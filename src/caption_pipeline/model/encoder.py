@@ -35,14 +35,17 @@ def build_encoder(
     image_size: int,
     weights: str | None = None,
     compact_filters: tuple[int, ...] = (32, 64, 128, 128),
+    compact_pool_last: bool = True,
 ) -> keras.Model:
     """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]."""
     images = keras.Input((image_size, image_size, 3), name="image")
     if name == "compact":
+        if weights == "imagenet":
+            raise DataError("model.encoder_weights: the compact encoder has no ImageNet "
+                            "weights; give a weights file (e.g. from encoder pretraining) or null")
         if weights is not None:
-            raise DataError(f"model.encoder_weights: the compact encoder has no pretrained "
-                            f"weights to load, got {weights!r}; set it to null")
-        grid = compact_cnn(images, compact_filters)
+            _weights_path(weights)
+        grid = compact_cnn(images, compact_filters, compact_pool_last)
     elif name in NASNETS:
         grid = nasnet_backbone(name, weights)(_to_native_size(images, NASNETS[name][1]))
     else:
@@ -50,7 +53,10 @@ def build_encoder(
     # [B, H, W, D] -> [B, H*W, D]: the regions the decoder attends over, row by row.
     _, height, width, depth = grid.shape
     regions = layers.Reshape((height * width, depth), name="regions")(grid)
-    return keras.Model(images, regions, name=f"{name}_encoder")
+    encoder = keras.Model(images, regions, name=f"{name}_encoder")
+    if name == "compact" and weights is not None:
+        load_weights_file(encoder, weights)
+    return encoder
 
 
 def nasnet_backbone(name: str, weights: str | None) -> keras.Model:
@@ -126,8 +132,11 @@ def _check_array_shapes(model: keras.Model, file: Path) -> None:
         )
 
 
-def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...]) -> keras.KerasTensor:
-    """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1].
+def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...],
+                pool_last: bool = True) -> keras.KerasTensor:
+    """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1]; without
+    the last pooling (`pool_last=False`) a grid twice as fine, 16x16, of regions that each see
+    38 px around their 8 px cell: attention can then point at a small object, not near it.
 
     Coordinate channels enter the last block so that every region feature knows where it
     is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
@@ -138,9 +147,12 @@ def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...]) -> keras.Ke
         if block == len(filters) - 1:
             x = AddCoordinates(name="coordinates")(x)
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
-        x = layers.BatchNormalization(name=f"bn{block}")(x)
+        # momentum 0.9, not 0.99: the inference statistics keep up with the fast-changing
+        # weights of a short training, so frozen features match what was trained.
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{block}")(x)
         x = layers.ReLU(name=f"relu{block}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+        if pool_last or block < len(filters) - 1:
+            x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
     return x
 
 

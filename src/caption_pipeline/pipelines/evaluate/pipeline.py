@@ -13,6 +13,7 @@ from caption_pipeline.pipelines.evaluate.nodes import (
     summarize_metrics,
     write_results,
 )
+from caption_pipeline.tracking import evaluation_metric_values
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -55,6 +56,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "evaluation_metrics",
                 name="summarize_metrics",
             ),
+            Node(  # MLflow metrics: test.CIDEr, blind_baseline.BLEU_4, ...
+                evaluation_metric_values,
+                "evaluation_metrics",
+                "evaluation_metric_values",
+                name="log_evaluation_metrics",
+            ),
         ],
         tags=["evaluate"],
+        namespace="evaluation",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

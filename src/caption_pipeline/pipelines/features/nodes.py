@@ -4,10 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
+from caption_pipeline.attention_maps import instances_file
+from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.features import FeaturePlan, build_feature_plan
+from caption_pipeline.model import ModelConfig
 from caption_pipeline.tfrecords import ShardSet
 
 
-def plan_features(shards: ShardSet, model: dict[str, Any], features: dict[str, Any]) -> FeaturePlan:
+def prepare_encoder(
+    shards: ShardSet,
+    raw_dataset: dict[str, Any],
+    model: dict[str, Any],
+    features: dict[str, Any],
+    encoder_pretraining: dict[str, Any],
+) -> tuple[Any, pd.DataFrame]:
+    """The encoder the captioner starts from (pretrained on the train split's object masks
+    when `encoder_pretraining.enabled`), and the pretraining history per epoch."""
+    config = ModelConfig.from_dict({**model, "vocab_size": 1})
+    instances = {split: instances_file(raw_dataset, split) for split in ("train", "val")}
+    encoder, history = initial_encoder(shards, instances, config,
+                                       PretrainConfig.from_dict(encoder_pretraining),
+                                       seed=int(features["seed"]))
+    return encoder, pd.DataFrame(history, columns=None if history else ["epoch"])
+
+
+def plan_features(
+    shards: ShardSet, initial_encoder: str, model: dict[str, Any], features: dict[str, Any]
+) -> FeaturePlan:
     """Decide the model inputs: features of a frozen encoder, or the images themselves."""
-    return build_feature_plan(shards, model, features)
+    return build_feature_plan(shards, initial_encoder, model, features)

@@ -16,5 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["caption_table", "ingestion_report"],
                 name="ingest_captions",
             )
-        ]
+        ],
+        tags=["ingest"],
+        namespace="ingestion",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

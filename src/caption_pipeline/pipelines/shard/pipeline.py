@@ -14,5 +14,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="shards",
                 name="plan_shards_node",
             )
-        ]
+        ],
+        tags=["shard"],
+        namespace="shards",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

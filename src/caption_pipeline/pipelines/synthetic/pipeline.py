@@ -16,5 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="raw_dataset",
                 name="generate_dataset",
             )
-        ]
+        ],
+        tags=["synthetic"],
+        namespace="synthetic",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

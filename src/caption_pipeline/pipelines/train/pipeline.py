@@ -3,6 +3,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from caption_pipeline.pipelines.train.nodes import plot_training_curves, train_model
+from caption_pipeline.tracking import training_metric_series
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -20,6 +21,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="training_curves",
                 name="plot_training_curves",
             ),
+            Node(  # MLflow metric series: per epoch, and the loss per logged step
+                training_metric_series,
+                inputs=["training_history", "training_steps"],
+                outputs="training_metrics",
+                name="log_training_metrics",
+            ),
         ],
         tags=["train"],
+        namespace="training",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

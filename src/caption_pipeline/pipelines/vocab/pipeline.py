@@ -42,5 +42,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "caption_length_histogram",
                 name="plot_caption_lengths",
             ),
-        ]
+        ],
+        tags=["vocab"],
+        namespace="vocabulary",  # the kedro-viz group; dataset and parameter names stay global
+        prefix_datasets_with_namespace=False,
     )

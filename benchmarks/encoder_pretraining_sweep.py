@@ -1,0 +1,187 @@
+"""The sweep behind the shapes encoder's pretraining settings (parameters_features.yml).
+
+For each variant: pretrain the compact encoder on the train split's object masks
+(`caption_pipeline.encoder_pretraining`), printing after every epoch the validation accuracy of
+regions mostly covered by an object (shape, colour, size). For two of them, then train the
+decoder on the frozen encoder's features and caption the test split greedily and with beam 3:
+attention localization is printed, and the captions are written as COCO results JSON to
+score with the project's scorer (Java needed):
+
+    python benchmarks/encoder_pretraining_sweep.py --out OUT
+    python benchmarks/encoder_pretraining_sweep.py --score OUT/*.json
+
+Needs `kedro run --pipelines=synthetic,ingest,vocab` first (images, instances, vocabulary,
+tokenized captions). Backend-portable: it ran under JAX on a lent GPU (KERAS_BACKEND=jax), the
+images read with Pillow, no TensorFlow. `--smoke` shrinks everything to check it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from caption_pipeline.attention_maps import load_instances, localization_score
+from caption_pipeline.decoding import DecodeSettings, decode_dataset
+from caption_pipeline.encoder_pretraining import (
+    RegionTargets,
+    object_region_accuracy,
+    pretraining_model,
+    region_loss,
+    region_targets,
+)
+from caption_pipeline.model import ModelConfig, build_encoder
+from caption_pipeline.text import Vocabulary
+from caption_pipeline.training import TrainConfig, build_captioner
+
+ROOT = Path("data/01_raw/shapes")
+SPLITS = ("train", "val", "test")
+CAPTIONS_PER_IMAGE = 5
+
+
+def load_split(split: str, vocab: Vocabulary, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """image ids [N], images float32 [N, 128, 128, 3], caption ids [N, 5, T]."""
+    rows = tokens[tokens["split"] == split]
+    ids = np.array(sorted(rows["image_id"].unique()))
+    length = vocab.max_caption_length + 2
+    captions = np.zeros((len(ids), CAPTIONS_PER_IMAGE, length), np.int32)
+    position = {image_id: k for k, image_id in enumerate(ids)}
+    filled = np.zeros(len(ids), int)
+    paths = {}
+    for row in rows.itertuples():
+        k = position[row.image_id]
+        paths[k] = row.file_path
+        if filled[k] < CAPTIONS_PER_IMAGE:
+            encoded = vocab.encode(list(row.tokens))[:length]
+            captions[k, filled[k], : len(encoded)] = encoded
+            filled[k] += 1
+    images = np.stack([np.asarray(Image.open(paths[k]).convert("RGB")) for k in range(len(ids))])
+    return ids, images.astype("float32"), captions
+
+
+def by_group(targets: RegionTargets) -> dict[str, np.ndarray]:
+    return {group: targets.values[:, :, s] for group, s in targets.slices().items()}
+
+
+def pretrain(data, targets, log, name, epochs=6, lr=2e-3, momentum=0.9,
+             filters=(32, 64, 128, 128), object_weight=10.0, batch_size=32, pool_last=True):
+    keras.utils.set_random_seed(42)
+    encoder = build_encoder("compact", 128, None, filters, pool_last)
+    for layer in encoder.layers:  # the variant's BatchNormalization momentum
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+    model = pretraining_model(encoder, targets["train"])
+    steps = int(np.ceil(len(data["train"][0]) / batch_size)) * epochs
+    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
+                  loss={group: region_loss(object_weight) for group in targets["train"].groups})
+    started = time.perf_counter()
+    val = by_group(targets["val"])
+    val_batches = [(data["val"][1][i:i + 100], {g: v[i:i + 100] for g, v in val.items()})
+                   for i in range(0, len(data["val"][1]), 100)]
+    for epoch in range(epochs):
+        model.fit(data["train"][1], by_group(targets["train"]), batch_size=batch_size, epochs=1,
+                  verbose=0)
+        accuracy = object_region_accuracy(model, val_batches, targets["val"])
+        log(name, "epoch", epoch + 1, {k: round(v, 3) for k, v in accuracy.items()},
+            f"{time.perf_counter() - started:.0f}s")
+    return encoder
+
+
+def decode_test(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32):
+    features = {s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0))
+                for s in SPLITS}
+    keras.utils.set_random_seed(42)
+    model_config = ModelConfig(vocab_size=vocab.size, encoder="compact", encoder_trainable=False)
+    train_config = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size})
+    steps = int(np.ceil(len(features["train"]) / train_config.batch_size))
+    model = build_captioner(model_config, train_config, steps, {"features": features["val"][:2]})
+    for epoch in range(epochs):
+        history = model.fit({"features": features["train"]}, data["train"][2],
+                            batch_size=train_config.batch_size, epochs=epoch + 1,
+                            initial_epoch=epoch, verbose=0,
+                            validation_data=({"features": features["val"]}, data["val"][2]))
+        log(name, "decoder epoch", epoch + 1, "val_xent",
+            round(history.history["val_xent"][-1], 4))
+    objects = load_instances(ROOT / "annotations/instances_test.json")
+    for method in ("greedy", "beam"):
+        settings = DecodeSettings(method=method, beam_size=3, keep_attention=True)
+        batches = [{"features": features["test"][i:i + 100], "image_id": data["test"][0][i:i + 100]}
+                   for i in range(0, len(features["test"]), 100)]
+        decoded = decode_dataset(model, vocab, batches, settings)
+        log(name, method, "localization", localization_score(decoded, objects))
+        results = [{"image_id": d.image_id, "caption": d.caption} for d in decoded]
+        (out / f"{name}_{method}.json").write_text(json.dumps(results))
+
+
+def sweep(out: Path, smoke: bool, grid: bool) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = Vocabulary.from_dict(json.loads(Path("data/03_primary/vocabulary.json").read_text()))
+    tokens = pd.read_parquet("data/03_primary/tokenized_captions.parquet")
+    data = {split: load_split(split, vocab, tokens) for split in SPLITS}
+    targets = {side: {s: region_targets(ROOT / f"annotations/instances_{s}.json", 128, side)
+                      for s in ("train", "val")} for side in (8, 16)}
+    if smoke:
+        data = {s: tuple(a[:64] for a in arrays) for s, arrays in data.items()}
+        targets = {side: {s: RegionTargets(t.image_ids[:64], t.values[:64], t.groups)
+                          for s, t in by_split.items()} for side, by_split in targets.items()}
+    for split in ("train", "val"):
+        assert (targets[8][split].image_ids == data[split][0]).all()
+    log_file = open(out / "sweep.txt", "w")
+
+    def log(*values):
+        print(*values, flush=True)
+        print(*values, file=log_file, flush=True)
+
+    epochs = 1 if smoke else None
+    if grid:  # the default settings on an 8x8 and a 16x16 grid; batch 128 (GPU) for the decoder
+        for side, pool_last in ((16, False), (8, True)):
+            encoder = pretrain(data, targets[side], log, f"G{side}", epochs=epochs or 8,
+                               pool_last=pool_last)
+            decode_test(data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out,
+                        batch_size=128)
+        return
+    targets = targets[8]
+    pretrain(data, targets, log, "P1_momentum_0.99", epochs=epochs or 6, momentum=0.99)
+    pretrain(data, targets, log, "P2_momentum_0.9", epochs=epochs or 6)
+    pretrain(data, targets, log, "P3_lr_5e-3", epochs=epochs or 6, lr=5e-3)
+    pretrain(data, targets, log, "P5_filters_256", epochs=epochs or 6, filters=(32, 64, 128, 256))
+    pretrain(data, targets, log, "P6_object_weight_3", epochs=epochs or 6, object_weight=3.0)
+    encoder = pretrain(data, targets, log, "P4_12_epochs", epochs=epochs or 12)
+    decode_test(data, vocab, encoder, log, "P4_decoder_15", epochs or 15, out)
+    encoder = pretrain(data, targets, log, "P2_again", epochs=epochs or 6)
+    decode_test(data, vocab, encoder, log, "P2_decoder_8", epochs or 8, out)
+
+
+def score(files: list[str]) -> None:
+    import pandas as pd
+
+    from caption_pipeline.evaluation import CocoScorer, score_splits
+
+    table = pd.read_parquet("data/02_intermediate/captions.parquet")
+    with CocoScorer() as scorer:
+        for file in files:
+            sections, _ = score_splits({"test": json.loads(Path(file).read_text())}, table, scorer)
+            print(json.dumps({"file": file, "test": sections["test"],
+                              "human_CIDEr": sections["human"]["CIDEr"],
+                              "blind_CIDEr": sections["blind_baseline"]["CIDEr"]}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "sweep_out")))
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--grid", action="store_true", help="compare the 8x8 and 16x16 grids")
+    parser.add_argument("--score", nargs="+", metavar="RESULTS_JSON")
+    args = parser.parse_args()
+    if args.score:
+        score(args.score)
+    else:
+        sweep(args.out, args.smoke, args.grid)

@@ -1,0 +1,163 @@
+"""Serving speed (issue 5): the HTTP server's latency and throughput at 1 and 8 concurrent
+clients, and the exported SavedModel's single-image latency split into its parts.
+
+  .venv/bin/python benchmarks/serve.py --model data/06_models/export/saved_model \
+      --images data/01_raw/shapes/test
+
+model part (in this process, the best of --repeats calls after a warm-up call: the least
+disturbed by other processes, so the differences below stay meaningful on a busy machine):
+  full            serving_default on one JPEG (decode + resize + encoder + search + text)
+  pixels          caption_pixels on decoded pixels (encoder + search)
+  encoder         encode_pixels on decoded pixels
+  decoder         pixels - encoder: the beam search (LSTM + attention steps)
+  preprocessing   full - pixels: JPEG decoding, resizing, caption text
+for a model-size (S x S) JPEG and a 640 x 480 photo-size one.
+
+server part: `caption-pipeline serve` in a subprocess on 127.0.0.1; --requests multipart
+POSTs of the images (round robin) from 1 and from 8 client threads, after 8 warm-up
+requests: p50 / p99 latency and requests/s; then again at 8 clients with micro-batching off
+(--max-batch 1). Prints one JSON line with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def machine() -> dict:
+    import tensorflow as tf
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "load_average": os.getloadavg()}
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (first call may trace or allocate)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return round(min(times), 2)
+
+
+def model_latency(model_path: Path, image: bytes, repeats: int) -> dict:
+    import tensorflow as tf
+
+    from caption_pipeline.export import (
+        DEFAULT_SIGNATURE,
+        ENCODER_SIGNATURE,
+        PIXELS_SIGNATURE,
+        ExportedCaptioner,
+        decode_images,
+    )
+
+    model = ExportedCaptioner(model_path)
+    signatures = model._loaded.signatures
+    size = int(model.info["image_size"])
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").resize((640, 480)).save(photo, "JPEG",
+                                                                          quality=90)
+    results = {}
+    for name, data in (("model_size_jpeg", image), ("photo_640x480_jpeg", photo.getvalue())):
+        images = tf.constant([data])
+        pixels = decode_images(images, size)
+        full = best_ms(lambda: signatures[DEFAULT_SIGNATURE](images=images), repeats)
+        searched = best_ms(lambda: signatures[PIXELS_SIGNATURE](pixels=pixels), repeats)
+        encoder = best_ms(lambda: signatures[ENCODER_SIGNATURE](pixels=pixels), repeats)
+        results[name] = {"full_ms": full, "encoder_ms": encoder,
+                         "decoder_ms": round(searched - encoder, 2),
+                         "preprocessing_ms": round(full - searched, 2)}
+    results["beam_size"] = model.default_beam_size
+    return results
+
+
+def load(url: str, images: list[bytes], requests_count: int, clients: int) -> dict:
+    local = threading.local()
+
+    def one(i: int) -> tuple[float, int]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        start = time.perf_counter()
+        answer = local.session.post(url, files={"image": ("i.jpg", images[i % len(images)],
+                                                          "image/jpeg")}, timeout=300)
+        return 1000 * (time.perf_counter() - start), answer.status_code
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(8)))  # warm-up
+        start = time.perf_counter()
+        results = list(pool.map(one, range(requests_count)))
+        wall = time.perf_counter() - start
+    latencies = sorted(ms for ms, _ in results)
+    return {"clients": clients, "requests": requests_count,
+            "ok": sum(status == 200 for _, status in results),
+            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+            "requests_per_s": round(requests_count / wall, 1)}
+
+
+def server_runs(model_path: Path, images: list[bytes], requests_count: int,
+                port: int) -> list[dict]:
+    command = str(Path(sys.executable).with_name("caption-pipeline"))
+    runs = []
+    for max_batch, concurrency in ((8, (1, 8)), (1, (8,))):
+        process = subprocess.Popen(
+            [command, "serve", "--model", str(model_path), "--port", str(port),
+             "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(600):
+                try:
+                    if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.2)
+            for clients in concurrency:
+                runs.append({"max_batch": max_batch,
+                             **load(f"{base}/v1/caption", images, requests_count, clients)})
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("data/06_models/export/saved_model"))
+    parser.add_argument("--images", type=Path, default=Path("data/01_raw/shapes/test"))
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:32]]
+    if not images:
+        sys.exit(f"no .jpg images in {args.images}")
+    report = {"machine": machine(), "model": model_latency(args.model, images[0], args.repeats)}
+    report["server"] = server_runs(args.model, images, args.requests, args.port)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Nodes of the `export` pipeline; the work is done in `caption_pipeline.export` and
+`caption_pipeline.mlflow_model`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caption_pipeline.evaluation import EvaluateSettings
+from caption_pipeline.export import (
+    ExportedCaptioner,
+    ExportSettings,
+    build_module,
+    check_against_model,
+    check_tflite,
+    convert_tflite,
+    test_images,
+)
+from caption_pipeline.text import Vocabulary
+from caption_pipeline.tfrecords import ShardSet
+
+
+def export_captioner(captioner, vocabulary: dict[str, Any], evaluate: dict[str, Any],
+                     export: dict[str, Any]):
+    """The captioner, its vocabulary and the evaluation's search settings as one module
+    (saved by the `exported_model` dataset)."""
+    settings = ExportSettings.from_params(export)
+    decoding = EvaluateSettings.from_params(evaluate).decoding
+    return build_module(captioner, Vocabulary.from_dict(vocabulary), decoding,
+                        settings.max_beam_size)
+
+
+def check_export(exported_model: ExportedCaptioner, captioner, shards: ShardSet,
+                 vocabulary: dict[str, Any], evaluate: dict[str, Any],
+                 export: dict[str, Any]) -> dict[str, Any]:
+    """The saved export's captions on the test images equal the in-process model's, beam
+    for beam; a DataError names the images that differ."""
+    settings = ExportSettings.from_params(export)
+    decoding = EvaluateSettings.from_params(evaluate).decoding
+    return check_against_model(exported_model, captioner, Vocabulary.from_dict(vocabulary),
+                               shards, decoding, settings.check)
+
+
+def export_tflite(exported_model: ExportedCaptioner, shards: ShardSet,
+                  export_check: dict[str, Any], export: dict[str, Any]) -> bytes:
+    """The TFLite model (pixels in), checked against the SavedModel on a few test images;
+    runs after the SavedModel's own check (`export_check`)."""
+    model = convert_tflite(exported_model.path)
+    check_tflite(model, exported_model, shards,
+                 ExportSettings.from_params(export).check.tflite_images)
+    return model
+
+
+def register_export(exported_model: ExportedCaptioner, shards: ShardSet,
+                    export_check: dict[str, Any], evaluation_metrics: dict[str, Any],
+                    export: dict[str, Any]) -> dict[str, Any]:
+    """Log the checked export as an MLflow pyfunc model and register a new version, tagged
+    with the test scores of metrics.json."""
+    from caption_pipeline.mlflow_model import MlflowSettings, log_export
+
+    _, (example, *_) = test_images(shards, 1)
+    scores = {name: float(value) for name, value in evaluation_metrics.get("test", {}).items()
+              if isinstance(value, int | float)}
+    return log_export(exported_model.path, example, MlflowSettings.from_params(export),
+                      exported_model.default_beam_size, export_check, scores)

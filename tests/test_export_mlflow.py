@@ -1,0 +1,85 @@
+"""The export in MLflow (issue 5): one registered version per run, `mlflow models serve`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import requests
+from conftest import free_port, run_kedro, start_server, stop_server
+
+
+def _registration(project: Path) -> dict:
+    return json.loads((project / "data/08_reporting/export_registration.json").read_text())
+
+
+def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
+    """A second `kedro run --pipelines=export` in a copy of the project: version 2."""
+    from mlflow import MlflowClient
+
+    first = _registration(smoke_project)
+    assert first["registered_model_name"] == "image-captioner" and first["version"] >= 1
+    project = tmp_path / "project"
+    shutil.copytree(smoke_project, project)
+    result = run_kedro(project, "run", "--env", "smoke", "--pipelines", "export")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    second = _registration(project)
+    assert second["version"] == first["version"] + 1
+    assert second["run_id"] != first["run_id"]
+    client = MlflowClient(tracking_uri=second["tracking_uri"])
+    versions = client.search_model_versions("name='image-captioner'")
+    assert sorted(int(v.version) for v in versions) == [first["version"], second["version"]]
+    model = client.get_model_version("image-captioner", str(second["version"]))
+    assert model.run_id == second["run_id"]
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert float(model.tags["test.CIDEr"]) == round(metrics["test"]["CIDEr"], 4)
+
+
+def test_mlflow_models_serve_answers_a_request(smoke_project, exported, test_jpegs):
+    """`mlflow models serve -m models:/image-captioner/<v> --env-manager local` on
+    127.0.0.1 captions a base64 image as the export does, and reports a bad one per row."""
+    registration = _registration(smoke_project)
+    port = free_port()
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    process = start_server(
+        [mlflow, "models", "serve", "-m", registration["registered_model_uri"],
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        smoke_project, f"http://127.0.0.1:{port}/ping",
+        env={"MLFLOW_TRACKING_URI": registration["tracking_uri"]})
+    try:
+        jpeg = test_jpegs[1][0]
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(jpeg).decode()],
+                                             [base64.b64encode(b"not an image").decode()]]},
+                "params": {"beam_size": 2}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        good, bad = answer.json()["predictions"]
+        out = exported.caption([jpeg], 2)
+        assert good["error"] == "" and good["caption"] == out["caption"][0]
+        assert good["captions"] == list(out["captions"][0])
+        np.testing.assert_allclose(good["scores"], out["scores"][0], atol=1e-3)
+        assert "not_an_image" in bad["error"] and bad["captions"] == []
+    finally:
+        stop_server(process)
+
+
+def test_caption_command_takes_a_models_uri(smoke_project, exported, test_jpegs, tmp_path):
+    import os
+    import subprocess
+
+    registration = _registration(smoke_project)
+    image = tmp_path / "t.jpg"
+    image.write_bytes(test_jpegs[1][1])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registration["tracking_uri"]}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("caption-pipeline")), "caption", str(image),
+         "--model", registration["registered_model_uri"]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["caption"] == exported.caption([image.read_bytes()])[
+        "caption"][0]

@@ -1,0 +1,209 @@
+"""MLflow tracking through kedro-mlflow: the smoke run read back from a real `mlflow server`
+over its REST API, a failed run, the store of every environment, and the metric reshaping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from caption_pipeline.tracking import dvc_data_hash, evaluation_metric_values, training_metric_series
+from tests.conftest import (
+    PROJECT_ROOT, copy_project, free_port, run_kedro, start_server, stop_server,
+)
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+EXPERIMENT = "caption-pipeline"
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+def test_training_history_becomes_series_per_epoch_and_per_step():
+    history = pd.DataFrame(
+        {"epoch": [1, 2], "step": [4, 8], "val_xent": [2.5, 2.0], "learning_rate": [1e-3, 8e-4]}
+    )
+    steps = pd.DataFrame({"step": [2, 4, 6], "loss": [5.0, 4.5, float("nan")]})
+    series = training_metric_series(history, steps)
+    assert series == {
+        "val_xent": [{"step": 1, "value": 2.5}, {"step": 2, "value": 2.0}],
+        "learning_rate": [{"step": 1, "value": 1e-3}, {"step": 2, "value": 8e-4}],
+        "loss": [{"step": 2, "value": 5.0}, {"step": 4, "value": 4.5}],
+    }
+    assert "loss" not in training_metric_series(history, pd.DataFrame(columns=["step", "loss"]))
+
+
+def test_metrics_json_is_flattened_to_numeric_leaves():
+    metrics = {
+        "test": {"CIDEr": 0.5, "Bleu_4": 0.1},
+        "blind_baseline": {"CIDEr": 0.2},
+        "attention_localization": 0.4,
+        "attention_localization_uniform": None,
+        "decoding": {"method": "beam", "beam_size": 3},
+        "details": {"n_images": 24},
+    }
+    assert evaluation_metric_values(metrics) == {
+        "test.CIDEr": [{"step": 0, "value": 0.5}],
+        "test.Bleu_4": [{"step": 0, "value": 0.1}],
+        "blind_baseline.CIDEr": [{"step": 0, "value": 0.2}],
+        "attention_localization": [{"step": 0, "value": 0.4}],
+    }
+
+
+def test_data_hash_comes_from_a_dvc_file_or_dvc_lock(tmp_path):
+    assert dvc_data_hash(tmp_path, "data/01_raw/coco") is None
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  synthetic:\n    cmd: kedro run\n    outs:\n"
+        "    - path: data/01_raw/shapes\n      md5: abc.dir\n"
+    )
+    assert dvc_data_hash(tmp_path, "data/01_raw/shapes/") == ("abc.dir", "dvc.lock:synthetic")
+    assert dvc_data_hash(tmp_path, tmp_path / "data/01_raw/shapes") == ("abc.dir", "dvc.lock:synthetic")
+    (tmp_path / "data/01_raw").mkdir(parents=True)
+    (tmp_path / "data/01_raw/coco.dvc").write_text("outs:\n- md5: def.dir\n  path: coco\n")
+    assert dvc_data_hash(tmp_path, "data/01_raw/coco") == ("def.dir", "coco.dvc")
+
+
+def test_every_environment_tracks_to_the_project_sqlite_database(tmp_path):
+    """kedro-mlflow falls back to the refused ./mlruns file store where an environment has no
+    mlflow.yml: each one must resolve to <project>/mlflow.db, whatever the working folder."""
+    project = copy_project(tmp_path / "project")
+    (project / "notebooks").mkdir()
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kedro.framework.session import KedroSession\n"
+        "from kedro.framework.startup import bootstrap_project\n"
+        "project = Path(sys.argv[1])\n"
+        "bootstrap_project(project)\n"
+        "for env in ('base', 'smoke', 'coco', 'local', None):\n"
+        "    with KedroSession.create(project_path=project, env=env) as session:\n"
+        "        server = session.load_context().mlflow.server\n"
+        "        print('URI', env, server.mlflow_tracking_uri)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(project)], cwd=project / "notebooks",
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    uris = dict(
+        line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("URI ")
+    )
+    assert uris == {env: f"sqlite:///{project}/mlflow.db" for env in ("base", "smoke", "coco", "local", "None")}
+    assert not (project / "notebooks" / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+
+# --- a failed run -------------------------------------------------------------------------------
+
+
+def test_failed_run_is_recorded_as_failed_with_its_error(tmp_path):
+    import mlflow
+
+    project = copy_project(tmp_path / "project")
+    result = run_kedro(
+        project, "run", "--env", "smoke", "--pipelines", "synthetic",
+        "--params", "synthetic.captions_per_image=99",
+    )
+    assert result.returncode != 0
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"
+    assert "captions_per_image" in run.data.tags["error"]
+    assert run.data.params["synthetic.captions_per_image"] == "99"
+    error_txt = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path)))
+    assert "DataError" in error_txt.read_text()
+
+
+# --- the smoke run, through `mlflow server` -----------------------------------------------------
+
+
+class MlflowRest:
+    def __init__(self, url: str):
+        self.url = url
+
+    def get(self, endpoint: str, **query) -> dict:
+        address = f"{self.url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(address, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def mlflow_server(smoke_project):
+    """`mlflow server` on the smoke project's database, on 127.0.0.1."""
+    port = free_port()
+    server = start_server(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{smoke_project / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        smoke_project, f"http://127.0.0.1:{port}/health",
+    )
+    yield MlflowRest(f"http://127.0.0.1:{port}")
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_server):
+    api = mlflow_server
+    experiment = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    runs = api.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    (run,) = [r for r in runs if r["info"]["run_name"] == "__default__"]
+    assert run["info"]["status"] == "FINISHED"
+    run_id = run["info"]["run_id"]
+
+    # Every parameter block, flattened.
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    for key in ("dataset.root", "synthetic.splits.train", "ingest.max_bad_image_fraction",
+                "vocab.min_count", "shard.num_shards.train", "features.batch_size",
+                "model.lstm_units", "train.learning_rate", "evaluate.decoding.beam_size"):
+        assert key in params, key
+    assert params["train.epochs"] == "2" and params["model.lstm_units"] == "64"
+
+    # Evaluation metrics with the blind and human reference points; training curves as series.
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    for key in ("test.CIDEr", "val.Bleu_4", "blind_baseline.CIDEr",
+                "human.CIDEr", "test_vs_human_refs.CIDEr"):
+        assert key in metrics, key
+    history = pd.read_csv(smoke_project / "data/08_reporting/training_history.csv")
+    val_xent = api.get("metrics/get-history", run_id=run_id, metric_key="val_xent")["metrics"]
+    assert [(m["step"], round(m["value"], 5)) for m in val_xent] == [
+        (epoch, round(value, 5)) for epoch, value in zip(history["epoch"], history["val_xent"])
+    ]
+    steps = pd.read_csv(smoke_project / "data/08_reporting/training_steps.csv")
+    loss = api.get("metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    assert [m["step"] for m in loss] == steps["step"].tolist() and len(loss) >= 2
+
+    # Artifacts: vocabulary, attention PNGs, training curves, results JSON, metrics.json.
+    def listing(path: str = "") -> set[str]:
+        return {f["path"] for f in api.get("artifacts/list", run_id=run_id, path=path).get("files", [])}
+
+    assert {"data", "training", "evaluation"} <= listing()
+    assert {"data/vocabulary.json", "data/caption_length_histogram.png"} <= listing("data")
+    assert {"training/training_curves.png", "training/training_history.csv"} <= listing("training")
+    assert {"evaluation/metrics.json", "evaluation/captions_val.json",
+            "evaluation/captions_test.json", "evaluation/attention"} <= listing("evaluation")
+    pngs = sorted(p.name for p in (smoke_project / "data/08_reporting/attention").glob("*.png"))
+    assert sorted(Path(p).name for p in listing("evaluation/attention")) == pngs and pngs
+
+    # Tags: the code and data versions (the copy is no git repository and DVC tracks nothing).
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["env"] == "smoke"
+    assert tags["git_commit"] == "none" and tags["dvc_data_hash"] == "untracked"
+    assert tags["dvc_data_path"] == "data/01_raw/shapes"
+
+    # The registered model of the export pipeline, once it is part of the default run.
+    if (PROJECT_ROOT / "src/caption_pipeline/pipelines/export").is_dir():
+        model = api.get("registered-models/get", name="image-captioner")["registered_model"]
+        versions = api.get("model-versions/search", filter="name='image-captioner'")
+        assert run_id in {v["run_id"] for v in versions["model_versions"]}, model
