@@ -180,7 +180,11 @@ def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: i
     """(images [B, S, S, 3], {group: [B, R, C]}) of every image of the split's shards."""
     import tensorflow as tf
 
-    from caption_pipeline.tfrecords import decode_jpeg_image, parse_example
+    from caption_pipeline.tfrecords import (
+        decode_jpeg_image,
+        parse_example,
+        without_autotune_model,
+    )
 
     files = shards.files(split)
     ids = tf.data.TFRecordDataset(files).map(lambda record: parse_example(record)["image/id"])
@@ -205,7 +209,7 @@ def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: i
     if seed is not None:
         ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = without_autotune_model(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
     # Known length: the progress bar shows k/N steps.
     return ds.apply(tf.data.experimental.assert_cardinality(
         math.ceil(shards.num_images(split) / batch_size)))
