@@ -33,9 +33,9 @@ class ModelConfig:
     vocab_size: int
     encoder: str = "compact"  # compact | nasnet_mobile | nasnet_large
     image_size: int = 128  # side of the images the model is given
-    encoder_weights: str | None = None  # NASNet: "imagenet", a local .h5 file, or None (random)
-    # None: train the compact CNN (nothing pretrained exists), freeze NASNet (its features are
-    # then precomputed once per image).
+    encoder_weights: str | None = None  # "imagenet" (NASNet), a local .h5 file, or None (random)
+    # None: train the compact CNN end to end, freeze NASNet (its features are then precomputed
+    # once per image); conf/base freezes the compact CNN too, after its pretraining.
     encoder_trainable: bool | None = None
     compact_filters: tuple[int, ...] = (32, 64, 128, 128)
     compact_pool_last: bool = True  # false: the compact CNN's grid is twice as fine

@@ -7,8 +7,9 @@ Two families, chosen by name:
   at 224 px gives 7x7 x 1056 (R=49). Images of another size are resized to the backbone's size
   first. Weights: "imagenet" (downloaded by Keras), a local weights file (offline clusters:
   the `.h5` Keras downloads, or a `.weights.h5` saved from the same architecture), or None.
-* ``compact``: a small CNN trained end to end with the decoder, for the embedded "shapes"
-  data set, where no pretrained weights exist.
+* ``compact``: a small CNN for the embedded "shapes" data set, where no ImageNet-like weights
+  exist: pretrained on its object masks (`caption_pipeline.encoder_pretraining`) and given as
+  a weights file, or trained end to end with the decoder.
 """
 
 from __future__ import annotations
