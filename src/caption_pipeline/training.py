@@ -183,10 +183,12 @@ def current_learning_rate(model: Captioner) -> float:
 
 
 class Checkpoints:
-    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge."""
+    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge.
+    `state_type`: the dataclass of `state.json` (`TrainState`; SCST has its own)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, state_type: type = TrainState):
         self.root = Path(root)
+        self.state_type = state_type
 
     def latest(self) -> Path | None:
         pointer = self.root / LATEST
@@ -200,7 +202,7 @@ class Checkpoints:
             raise DataError(f"{pointer} names {folder.name}, which is incomplete or missing")
         return folder
 
-    def save(self, model: Captioner, state: TrainState, step: int) -> Path:
+    def save(self, model: keras.Model, state, step: int) -> Path:
         name = f"step-{step:08d}"
         with atomic_directory(self.root / name) as tmp:
             model.save_weights(tmp / "checkpoint.weights.h5")
@@ -211,7 +213,7 @@ class Checkpoints:
                 shutil.rmtree(old)
         return self.root / name
 
-    def restore(self, model: Captioner, fingerprint: str) -> TrainState | None:
+    def restore(self, model: keras.Model, fingerprint: str):
         """Load the latest checkpoint into `model` if it belongs to this run, else None."""
         remove_stale_temporaries(self.root)
         folder = self.latest()
@@ -224,17 +226,17 @@ class Checkpoints:
             self.clear()
             return None
         model.load_weights(folder / "checkpoint.weights.h5")
-        saved.pop("step", None)
-        return TrainState(**saved)
+        known = {f.name for f in dataclasses.fields(self.state_type)}
+        return self.state_type(**{k: v for k, v in saved.items() if k in known})
 
-    def save_best(self, model: Captioner) -> None:
+    def save_best(self, model: keras.Model) -> None:
         path = self.root / BEST_WEIGHTS
         tmp = path.with_name(f".tmp-{BEST_WEIGHTS}")
         self.root.mkdir(parents=True, exist_ok=True)
         model.save_weights(tmp)
         tmp.replace(path)
 
-    def load_best(self, model: Captioner) -> bool:
+    def load_best(self, model: keras.Model) -> bool:
         path = self.root / BEST_WEIGHTS
         if not path.exists():
             return False

@@ -1,0 +1,96 @@
+"""Batched sampling of captions, for self-critical sequence training (SCST).
+
+The same machinery as `beam_search`: one `keras.ops.while_loop` over decoding steps over the
+Captioner's step-wise API, the K samples of every image folded into the batch ([B*K, ...],
+image b's samples at rows b*K .. b*K+K-1), so it compiles the same way (`tf.function` + XLA, or
+`jax.jit`, through `caption_pipeline.decoding.compile_function`) and runs under TensorFlow and
+JAX.
+
+At step t, each running caption n draws its next word from the model's distribution
+p_t(w) = softmax(logits)_w, with <pad> and <start> excluded (as in the searches), by inverse
+transform sampling:
+
+    w_t = min { w : sum_{v <= w} p_t(v) >= u_nt * sum_v p_t(v) },   u_nt ~ U(0, 1)
+
+The uniforms u [B, K, L] are an input, drawn by the caller (e.g. numpy's generator seeded with
+the training step): the compiled function stays pure, a seed is an ordinary tensor and not a
+retrace, and a resumed run draws exactly the samples an uninterrupted one would. (Keras'
+stateful `SeedGenerator` would have to be updated inside the loop, which `jax.jit` cannot do.)
+Scaling u by the total keeps float32 rounding of the cumulative sum from ever choosing a word
+of probability 0.
+
+A sample that has emitted <end> is finished: its later tokens are <pad>, contribute log p = 0
+and no entropy. `log_probs` is the sum of log p_t(w_t) over the generated tokens, <end>
+included, under the same model as `Captioner.teacher_forced` (test_sampling checks it), and
+`entropy` is the mean entropy -sum_w p_t(w) log p_t(w) of the distributions the running tokens
+were drawn from: it shows whether SCST collapses the policy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from keras import ops
+
+from caption_pipeline.model.beam_search import (
+    END_ID,
+    _allowed_log_probs,
+    _initial_loop,
+    _running,
+    _write,
+)
+
+
+class Samples(NamedTuple):
+    """K sampled captions per image."""
+
+    ids: object  # [B, K, L] int32: words, then <end> if reached, then <pad>
+    lengths: object  # [B, K] int32: generated tokens, <end> included
+    log_probs: object  # [B, K] float32: sum of log p of those tokens
+    finished: object  # [B, K] bool: emitted <end> (else stopped at L = max_length)
+    entropy: object  # [] float32: mean entropy (nats) of the distributions sampled from
+
+
+def sample_captions(model, features, uniforms) -> Samples:
+    """K captions per image drawn from the model.
+
+    model: a Captioner (or anything with `init_state` / `step`); features [B, R, D];
+    uniforms [B, K, L] in (0, 1): K samples per image, L = max_length decoding steps.
+    """
+    k, max_length = uniforms.shape[1], uniforms.shape[2]
+    state = model.init_state(features)
+    state = type(state)(*(ops.repeat(x, k, axis=0) for x in state))  # [B*K, ...]
+    uniforms = ops.reshape(ops.cast(uniforms, "float32"), (-1, max_length))  # [B*K, L]
+    t0, words, h, c, ids, attention, log_probs, lengths, finished = _initial_loop(
+        state, max_length, initial_log_probs=0.0)
+    zero = ops.zeros((), "float32")
+    loop = (t0, words, h, c, ids, attention, log_probs, lengths, finished, zero, zero)
+
+    def body(t, words, h, c, ids, attention, log_probs, lengths, finished, entropy, tokens):
+        logits, alpha_t, new = model.step(words, state._replace(h=h, c=c))
+        logp = _allowed_log_probs(logits, finished)  # [N, V], -inf where banned
+        p = ops.exp(logp)
+        cumulative = ops.cumsum(p, axis=-1)
+        u = ops.take(uniforms, t, axis=1) * cumulative[:, -1]  # [N]
+        words = ops.cast(ops.sum(ops.cast(cumulative < u[:, None], "int32"), axis=-1), "int32")
+        words = ops.minimum(words, logp.shape[-1] - 1)
+        log_probs = log_probs + ops.take_along_axis(logp, words[:, None], axis=1)[:, 0]
+        running = ops.cast(ops.logical_not(finished), "float32")
+        step_entropy = -ops.sum(ops.where(p > 0, p * logp, 0.0), axis=-1)  # [N]
+        entropy = entropy + ops.sum(step_entropy * running)
+        tokens = tokens + ops.sum(running)
+        lengths = ops.where(finished, lengths, t + 1)
+        ids, attention = _write(t, ids, attention, words, alpha_t, finished)
+        finished = ops.logical_or(finished, ops.equal(words, END_ID))
+        return (t + 1, words, new.h, new.c, ids, attention, log_probs, lengths, finished,
+                entropy, tokens)
+
+    base = _running(max_length)
+    out = ops.while_loop(lambda *v: base(*v[:9]), body, loop)
+    _, _, _, _, ids, _, log_probs, lengths, finished, entropy, tokens = out
+
+    def per_image(x):
+        return ops.reshape(x, (-1, k, *x.shape[1:]))
+
+    return Samples(per_image(ids), per_image(lengths), per_image(log_probs), per_image(finished),
+                   entropy / ops.maximum(tokens, 1.0))

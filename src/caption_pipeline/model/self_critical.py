@@ -1,0 +1,80 @@
+"""Self-critical sequence training (Rennie et al. 2017): the policy-gradient loss.
+
+For a caption w^s = (w_1 .. w_T) sampled from the model for image I, with reward r(w^s) (its
+CIDEr-D against I's references) and a baseline b that does not depend on w^s, REINFORCE gives
+
+    grad L = -(r(w^s) - b) * grad sum_t log p(w_t | w_<t, I)
+
+so the loss of N sampled captions is
+
+    L = -(1/N) sum_n (r_n - b_n) * sum_t m_nt log p(w_nt | w_n,<t, I_n)
+
+with m the mask of real tokens (<end> included, <pad> excluded). Rennie's baseline is the
+reward of the greedy caption of the same image; Luo (2020) uses the mean reward of the image's
+other K - 1 samples. Both are computed outside the gradient (caption_pipeline.scst): here they
+arrive as the advantage r - b per caption.
+
+`SelfCriticalTrainer` wraps a Captioner so that Keras' own `train_step` (TensorFlow or JAX,
+with the optimizer's clipping and loss scaling) trains it with this loss: its inputs are the
+Captioner's ({"features": [B, R, D]}), its targets {"captions": [B, K, T+1] (<start> w_1 ..
+<end> <pad>..), "advantage": [B, K]}. The log-probabilities are those of the teacher-forced
+decoder run WITHOUT dropout: the distribution the captions were sampled from
+(`model.sampling`, which uses the step-wise API, also without dropout); with dropout in one
+and not the other the gradient would be of another policy.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from caption_pipeline.model.captioner import PAD_ID
+
+
+def sequence_log_probs(logits, targets):
+    """logits [N, T, V], targets [N, T] (pad = 0) -> sum_t m_t log p(target_t) [N] float32."""
+    logp = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+    token = ops.take_along_axis(logp, ops.cast(targets, "int32")[..., None], axis=-1)[..., 0]
+    mask = ops.cast(ops.not_equal(targets, PAD_ID), "float32")
+    return ops.sum(token * mask, axis=-1)
+
+
+def self_critical_loss(logits, targets, advantage):
+    """The SCST loss: -mean_n advantage_n * sum_t m_nt log p(w_nt); advantage [N]."""
+    advantage = ops.stop_gradient(ops.cast(advantage, "float32"))
+    return -ops.mean(advantage * sequence_log_probs(logits, targets))
+
+
+def advantages(rewards: np.ndarray, baseline: str, greedy_rewards: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """rewards [B, K] -> (baseline [B, K], advantage r - b [B, K])."""
+    if baseline == "greedy":
+        base = np.repeat(greedy_rewards[:, None], rewards.shape[1], axis=1)
+    else:  # the mean of the image's other samples
+        k = rewards.shape[1]
+        base = (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
+    return base, rewards - base
+
+
+class SelfCriticalTrainer(keras.Model):
+    """Trains `captioner`'s variables with the SCST loss through `fit` / `train_on_batch`."""
+
+    def __init__(self, captioner, **kwargs):
+        super().__init__(**kwargs)
+        self.captioner = captioner
+        self.policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
+        self.built = True  # its only variables are the (built) captioner's
+
+    def call(self, inputs, training=False):
+        return self.captioner(inputs, training=training)  # region features [B, R, D]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        captions = ops.cast(y["captions"], "int32")  # [B, K, T+1]
+        samples, length = captions.shape[1], captions.shape[2]
+        features = ops.repeat(y_pred, samples, axis=0)  # image b's features for its K samples
+        captions = ops.reshape(captions, (-1, length))
+        logits, _ = self.captioner.teacher_forced(features, captions, training=False)
+        loss = self_critical_loss(logits, captions[:, 1:], ops.reshape(y["advantage"], (-1,)))
+        self.policy_loss_tracker.update_state(loss)
+        return loss

@@ -1,0 +1,251 @@
+"""Self-critical sequence training: the phase after cross-entropy that optimizes CIDEr-D.
+
+Per batch of B images (precomputed features, as the cross-entropy phase reads them):
+
+1. sample K captions per image from the model (`model.sampling`, compiled), with uniforms
+   drawn from numpy's generator seeded by (seed, global step): a resumed run draws the same;
+2. reward r = CIDEr-D of each sample against its image's references (`cider.CiderD`, document
+   frequencies of the train references, computed once, captions tokenized as coco-caption);
+3. baseline b: the reward of the greedy caption (Rennie et al. 2017, `baseline: greedy`) or the
+   mean reward of the image's other K - 1 samples (Luo 2020, `baseline: mean`);
+4. one optimizer step on -(r - b) * sum_t log p (`model.self_critical`).
+
+After each epoch the greedy captions of the val split are scored with the same CIDEr-D, and the
+weights with the best val CIDEr-D are kept; "epoch 0" is the cross-entropy model itself, so the
+phase never returns a model that val says is worse, and the history shows SCST's val gain.
+Checkpoints (weights + optimizer, `state.json`) are `training.Checkpoints`: a killed run
+resumes at its last one, skipping exactly the batches it had done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from caption_pipeline.cider import CiderD
+from caption_pipeline.decoding import compile_function
+from caption_pipeline.errors import DataError
+from caption_pipeline.model.beam_search import START_ID, greedy_search
+from caption_pipeline.model.sampling import sample_captions
+from caption_pipeline.model.self_critical import SelfCriticalTrainer, advantages
+from caption_pipeline.params import from_params
+from caption_pipeline.text import Vocabulary, tokenize
+from caption_pipeline.training import Checkpoints
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("greedy", "mean")
+
+
+@dataclass(frozen=True)
+class SelfCriticalConfig:
+    """`params:self_critical`; see conf/base/parameters_train.yml for what each key means."""
+
+    enabled: bool = False
+    epochs: int = 1
+    batch_size: int = 32
+    samples: int = 5  # K captions sampled per image
+    baseline: str = "greedy"  # greedy (Rennie) | mean (Luo: mean of the other samples)
+    learning_rate: float = 5e-5
+    clipnorm: float | None = 5.0
+    max_length: int | None = None  # decoding steps, <end> included; None: longest caption + 1
+    max_steps_per_epoch: int | None = None
+    checkpoint_dir: str = "data/06_models/checkpoints_scst"
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: bool = False
+    shuffle_buffer: int = 2048
+    seed: int = 42
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "baseline": self.baseline in BASELINES,
+            "samples": self.samples >= (2 if self.baseline == "mean" else 1),
+            "epochs": self.epochs >= 0,
+            "batch_size": self.batch_size >= 1,
+            "checkpoint_every_steps": self.checkpoint_every_steps >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise DataError(f"parameters self_critical.{key}: invalid value "
+                                f"{getattr(self, key)!r}")
+
+    @classmethod
+    def from_dict(cls, params: dict) -> SelfCriticalConfig:
+        return from_params(cls, params, "self_critical")
+
+
+@dataclass
+class SelfCriticalState:
+    """What an SCST checkpoint remembers besides the weights."""
+
+    fingerprint: str
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (0: xent)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # reward, baseline, entropy
+    step: int = 0
+    best_val_cider: float = -math.inf
+    best_epoch: int = 0
+
+
+def reference_tokens(caption_table: pd.DataFrame, splits: Sequence[str]
+                     ) -> dict[int, list[list[str]]]:
+    """Each image's reference captions, tokenized as coco-caption does, for `splits`."""
+    rows = caption_table.loc[caption_table["split"].isin(list(splits))]
+    rows = rows.sort_values(["image_id", "annotation_id"], kind="stable")
+    references: dict[int, list[list[str]]] = {}
+    for image_id, caption in zip(rows["image_id"], rows["caption"], strict=True):
+        references.setdefault(int(image_id), []).append(tokenize(caption))
+    return references
+
+
+def _words(ids: np.ndarray, vocabulary: Vocabulary) -> list[list[str]]:
+    """[N, L] ids -> the words of each caption (up to <end>; <unk> stays a token)."""
+    return [vocabulary.decode(row).split() for row in ids]
+
+
+def _weights_digest(model: keras.Model) -> str:
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Phase:
+    """The compiled functions and scorer of one SCST run."""
+
+    def __init__(self, captioner, vocabulary: Vocabulary, references, config, max_length):
+        self.vocabulary, self.references, self.config = vocabulary, references, config
+        self.max_length = max_length
+        train_refs = {i: refs for i, refs in references["train"].items()}
+        self.cider = CiderD(train_refs)
+        self.sample = compile_function(
+            lambda inputs: sample_captions(captioner, captioner(inputs), inputs["uniforms"]),
+            captioner)
+        self.greedy = compile_function(
+            lambda inputs: greedy_search(captioner, captioner(inputs), max_length), captioner)
+
+    def greedy_rewards(self, features, image_ids, split: str) -> np.ndarray:
+        ids = keras.ops.convert_to_numpy(self.greedy({"features": features}).ids)[:, 0]
+        return self.score(_words(ids, self.vocabulary), image_ids, split)
+
+    def score(self, captions: list[list[str]], image_ids, split: str) -> np.ndarray:
+        refs = [self.references[split][int(i)] for i in image_ids]
+        return np.asarray(self.cider.score(captions, refs), dtype=np.float64)
+
+    def val_cider(self, batches) -> float:
+        rewards = [self.greedy_rewards(inputs["features"], inputs["image_id"], "val")
+                   for inputs, _ in batches.as_numpy_iterator()]
+        return float(np.concatenate(rewards).mean())
+
+
+def train_self_critical(
+    captioner,
+    datasets: Callable[[str, int, bool], Any],
+    vocabulary: Vocabulary,
+    references: Mapping[str, Mapping[int, list[list[str]]]],
+    config: SelfCriticalConfig,
+    *,
+    steps_per_epoch: int,
+    data_fingerprint: dict,
+) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
+    """SCST on `captioner` (trained with cross-entropy); returns the model with the best val
+    CIDEr-D (the input model if no epoch beats it), the per-epoch history and the per-step
+    reward, baseline and entropy. `datasets(split, epoch, shuffle)`: batches of
+    ({"features", "image_id"}, captions); `references`: {"train": ..., "val": ...} tokens."""
+    max_length = config.max_length or vocabulary.max_caption_length + 1
+    fingerprint = hashlib.sha256(json.dumps(
+        [dataclasses.asdict(config) | {"progress": None, "epochs": None,
+                                        "checkpoint_dir": None, "keep_checkpoints": None},
+         data_fingerprint, _weights_digest(captioner)], sort_keys=True, default=str,
+    ).encode()).hexdigest()[:16]
+    trainer = SelfCriticalTrainer(captioner)
+    trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate,
+                                                    clipnorm=config.clipnorm))
+    trainer.optimizer.build(trainer.trainable_variables)
+    phase = _Phase(captioner, vocabulary, references, config, max_length)
+    val = datasets("val", 0, False)
+
+    checkpoints = Checkpoints(config.checkpoint_dir, SelfCriticalState)
+    state = checkpoints.restore(trainer, fingerprint) or SelfCriticalState(fingerprint)
+    if not state.history:  # epoch 0: the cross-entropy model, the figure SCST has to beat
+        state.best_val_cider = phase.val_cider(val)
+        state.history.append({"epoch": 0, "step": 0, "val_cider": state.best_val_cider})
+        checkpoints.save_best(trainer)
+        logger.info("SCST: val CIDEr-D of the cross-entropy model %.4f", state.best_val_cider)
+    elif state.step:
+        logger.info("SCST: resuming at step %d", state.step)
+
+    first_epoch, done = divmod(state.step, steps_per_epoch)
+    for epoch in range(first_epoch, config.epochs):
+        started = time.perf_counter()
+        batches = datasets("train", epoch, True).repeat().skip(done if epoch == first_epoch else 0)
+        todo = steps_per_epoch - (done if epoch == first_epoch else 0)
+        rows = []
+        bar = tqdm(total=todo, desc=f"SCST epoch {epoch + 1}/{config.epochs}",
+                   disable=not config.progress)
+        for (inputs, _), _ in zip(batches.as_numpy_iterator(), range(todo)):
+            rows.append(_step(trainer, phase, inputs, state.step, config))
+            state.step += 1
+            state.steps.append(rows[-1])
+            bar.update(1)
+            bar.set_postfix(reward=f"{rows[-1]['reward']:.3f}")
+            if state.step % config.checkpoint_every_steps == 0 and \
+                    state.step % steps_per_epoch:  # an epoch's last step: saved after val
+                checkpoints.save(trainer, state, state.step)
+        bar.close()
+        row = {"epoch": epoch + 1, "step": state.step, "val_cider": phase.val_cider(val),
+               **{key: float(np.mean([r[key] for r in rows])) for key in
+                  ("reward", "baseline", "advantage", "entropy", "policy_loss")},
+               "seconds": round(time.perf_counter() - started, 2)}
+        state.history.append(row)
+        logger.info("SCST epoch %d/%d: %s", epoch + 1, config.epochs,
+                    ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if row["val_cider"] > state.best_val_cider:
+            state.best_val_cider, state.best_epoch = row["val_cider"], epoch + 1
+            checkpoints.save_best(trainer)
+        checkpoints.save(trainer, state, state.step)
+
+    checkpoints.load_best(trainer)
+    logger.info("SCST: keeping epoch %d (val CIDEr-D %.4f; cross-entropy model %.4f)",
+                state.best_epoch, state.best_val_cider, state.history[0]["val_cider"])
+    if not config.keep_checkpoints:
+        checkpoints.clear()
+    return captioner, pd.DataFrame(state.history), pd.DataFrame(state.steps)
+
+
+def _step(trainer, phase: _Phase, inputs: dict, step: int, config: SelfCriticalConfig) -> dict:
+    """One SCST batch: sample, reward, baseline, gradient step; the logged figures."""
+    features, image_ids = inputs["features"], inputs["image_id"]
+    batch = len(image_ids)
+    uniforms = np.random.default_rng([config.seed, step]).random(
+        (batch, config.samples, phase.max_length), dtype=np.float32)
+    samples = phase.sample({"features": features, "uniforms": uniforms})
+    ids = keras.ops.convert_to_numpy(samples.ids)  # [B, K, L]
+    words = _words(ids.reshape(-1, ids.shape[-1]), phase.vocabulary)
+    rewards = phase.score(words, np.repeat(image_ids, config.samples), "train").reshape(
+        batch, config.samples)
+    greedy = (phase.greedy_rewards(features, image_ids, "train")
+              if config.baseline == "greedy" else None)
+    baseline, advantage = advantages(rewards, config.baseline, greedy)
+    start = np.full((*ids.shape[:2], 1), START_ID, ids.dtype)
+    logs = trainer.train_on_batch(
+        {"features": features},
+        {"captions": np.concatenate([start, ids], axis=-1),
+         "advantage": advantage.astype(np.float32)},
+        return_dict=True)
+    return {"step": step + 1, "reward": float(rewards.mean()), "baseline": float(baseline.mean()),
+            "advantage": float(advantage.mean()),
+            "entropy": float(keras.ops.convert_to_numpy(samples.entropy)),
+            "policy_loss": float(logs["policy_loss"])}

@@ -1,0 +1,153 @@
+"""Sampling for SCST and the self-critical loss, on the tiny random captioner of test_decoding."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from caption_pipeline.decoding import compile_function
+from caption_pipeline.model.beam_search import END_ID, PAD_ID, START_ID
+from caption_pipeline.model.sampling import sample_captions
+from caption_pipeline.model.self_critical import (
+    SelfCriticalTrainer,
+    advantages,
+    self_critical_loss,
+)
+from tests.test_decoding import MAX_LENGTH, image_features, teacher_forced, tiny_captioner
+
+
+def uniforms(batch: int, k: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((batch, k, MAX_LENGTH), dtype=np.float32)
+
+
+def draw(model, features, u):
+    out = sample_captions(model, ops.convert_to_tensor(features), ops.convert_to_tensor(u))
+    return type(out)(*(ops.convert_to_numpy(x) for x in out))
+
+
+def test_sampling_is_deterministic_under_its_uniforms_and_varies_with_them():
+    model, features = tiny_captioner(), image_features(4)
+    first, again = draw(model, features, uniforms(4, 5, 0)), draw(model, features, uniforms(4, 5, 0))
+    other = draw(model, features, uniforms(4, 5, 1))
+    np.testing.assert_array_equal(first.ids, again.ids)
+    assert first.ids.shape == (4, 5, MAX_LENGTH)
+    assert not np.array_equal(first.ids, other.ids)
+    assert len({tuple(row) for row in first.ids.reshape(-1, MAX_LENGTH)}) > 5  # samples differ
+
+
+def test_sampled_log_probs_are_the_models_and_finished_samples_are_padded():
+    model, features = tiny_captioner(), image_features(3)
+    samples = draw(model, features, uniforms(3, 4, 2))
+    ids = samples.ids.reshape(-1, MAX_LENGTH)
+    lengths, finished = samples.lengths.reshape(-1), samples.finished.reshape(-1)
+    assert finished.any() and not finished.all()  # the tiny model ends some, not all
+    expected, _ = teacher_forced(model, np.repeat(features, 4, axis=0), ids, lengths)
+    np.testing.assert_allclose(samples.log_probs.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+    for row, length, done in zip(ids, lengths, finished, strict=True):
+        assert not np.isin(row[:length], [PAD_ID, START_ID]).any()
+        assert (row[length:] == PAD_ID).all()
+        assert (row[length - 1] == END_ID) == done
+    assert 0 < float(samples.entropy) <= np.log(12)
+
+
+def test_compiled_sampling_matches_eager():
+    model, features, u = tiny_captioner(), image_features(2), uniforms(2, 3, 3)
+    compiled = compile_function(
+        lambda inputs: sample_captions(model, model(inputs), inputs["uniforms"]), model)
+    out = compiled({"features": features, "uniforms": u})
+    np.testing.assert_array_equal(ops.convert_to_numpy(out.ids), draw(model, features, u).ids)
+
+
+def test_advantages_greedy_and_mean_of_the_others():
+    rewards = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    base, adv = advantages(rewards, "greedy", np.array([2.0, 1.0]))
+    np.testing.assert_allclose(base, [[2, 2, 2], [1, 1, 1]])
+    np.testing.assert_allclose(adv, [[-1, 0, 1], [-1, -1, 5]])
+    base, adv = advantages(rewards, "mean", None)
+    np.testing.assert_allclose(base, [[2.5, 2.0, 1.5], [3.0, 3.0, 0.0]])
+    np.testing.assert_allclose(adv, rewards - base)
+
+
+def test_the_loss_gradient_raises_the_probability_of_a_rewarded_caption():
+    """SGD steps on -(r - b) log p with a positive advantage make that caption more likely, and
+    with a negative one less likely."""
+    for sign in (1.0, -1.0):
+        model, features = tiny_captioner(), image_features(2)
+        caption = np.array([[START_ID, 5, 6, 7, END_ID, PAD_ID]] * 2, dtype="int32")
+        lengths = np.array([4, 4])
+        before, _ = teacher_forced(model, features, caption[:, 1:], lengths)
+        trainer = SelfCriticalTrainer(model)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.05))
+        for _ in range(5):
+            trainer.train_on_batch({"features": features},
+                                   {"captions": caption[:, None, :],
+                                    "advantage": np.full((2, 1), sign, "float32")})
+        after, _ = teacher_forced(model, features, caption[:, 1:], lengths)
+        assert np.all(np.sign(after - before) == sign), (sign, before, after)
+
+
+def test_self_critical_loss_masks_padding():
+    logits = np.random.default_rng(0).normal(size=(2, 4, 12)).astype("float32")
+    targets = np.array([[5, END_ID, PAD_ID, PAD_ID], [5, END_ID, 7, 8]], "int32")
+    changed = logits.copy()
+    changed[0, 2:] += 10.0  # the padded steps of caption 0 must not matter
+    advantage = np.array([1.0, 0.0], "float32")
+    assert np.isclose(float(self_critical_loss(logits, targets, advantage)),
+                      float(self_critical_loss(changed, targets, advantage)))
+
+
+# --- the SCST phase end to end ----------------------------------------------------------------
+
+
+def scst_inputs(images: int = 6):
+    import tensorflow as tf
+
+    from tests.test_decoding import tiny_vocabulary
+
+    features = image_features(images)
+    ids = np.arange(100, 100 + images)
+    rng = np.random.default_rng(0)
+    words = list("abcdefgh")
+    references = {split: {int(i): [[str(w) for w in rng.choice(words, 3)] for _ in range(5)]
+                          for i in ids} for split in ("train", "val")}
+
+    def datasets(split, epoch, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices(
+            ({"features": features, "image_id": ids}, np.zeros((images, 3), "int32")))
+        if shuffle:
+            ds = ds.shuffle(images, seed=epoch)
+        return ds.batch(3)
+
+    return datasets, tiny_vocabulary(), references
+
+
+def run_scst(tmp_path, epochs: int, keep: bool = False):
+    from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
+
+    datasets, vocabulary, references = scst_inputs()
+    config = SelfCriticalConfig(enabled=True, epochs=epochs, batch_size=3, samples=3,
+                                learning_rate=0.05, checkpoint_dir=str(tmp_path / "ckpt"),
+                                checkpoint_every_steps=1, keep_checkpoints=keep,
+                                progress=False, max_length=MAX_LENGTH)
+    keras.utils.set_random_seed(0)  # the encoder's initial weights: the same "xent model"
+    model = tiny_captioner()
+    return train_self_critical(model, datasets, vocabulary, references, config,
+                               steps_per_epoch=2, data_fingerprint={"data": 1})
+
+
+def test_scst_logs_reward_baseline_entropy_and_resumes_to_the_same_run(tmp_path, caplog):
+    model, history, steps = run_scst(tmp_path / "whole", epochs=2)
+    assert list(history["epoch"]) == [0, 1, 2]
+    assert {"reward", "baseline", "entropy", "val_cider"} <= set(history.columns)
+    assert list(steps["step"]) == [1, 2, 3, 4] and (steps["entropy"] > 0).all()
+    # An interrupted run: one epoch with its checkpoints kept, then the same run to 2 epochs.
+    run_scst(tmp_path / "parts", epochs=1, keep=True)
+    assert (tmp_path / "parts" / "ckpt" / "latest.json").exists()
+    caplog.set_level("INFO", logger="caption_pipeline.scst")
+    resumed, resumed_history, resumed_steps = run_scst(tmp_path / "parts", epochs=2)
+    assert "SCST: resuming at step 2" in caplog.text  # not started afresh
+    np.testing.assert_allclose(resumed_steps["reward"], steps["reward"], rtol=1e-6)
+    np.testing.assert_allclose(resumed_history["val_cider"], history["val_cider"], rtol=1e-6)
+    for a, b in zip(model.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
