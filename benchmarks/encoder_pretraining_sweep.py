@@ -3,9 +3,11 @@
 For each variant: pretrain the compact encoder on the train split's object masks
 (`caption_pipeline.encoder_pretraining`), printing after every epoch the validation accuracy of
 regions mostly covered by an object (shape, colour, size). For two of them, then train the
-decoder on the frozen encoder's features and caption the test split greedily and with beam 3:
+decoder on the frozen encoder's features and caption the VAL split greedily and with beam 3:
 attention localization is printed, and the captions are written as COCO results JSON to
-score with the project's scorer (Java needed):
+score with the project's scorer (Java needed). Every figure it prints is of the train or val
+split: a sweep chooses settings, and a figure used to choose is no longer a test figure, so
+this script never reads the test split (tests/test_evaluation_protocol.py checks it):
 
     python benchmarks/encoder_pretraining_sweep.py --out OUT
     python benchmarks/encoder_pretraining_sweep.py --score OUT/*.json
@@ -41,7 +43,7 @@ from caption_pipeline.text import Vocabulary
 from caption_pipeline.training import TrainConfig, build_captioner
 
 ROOT = Path("data/01_raw/shapes")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val")  # never "test": this script chooses settings
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -93,7 +95,7 @@ def pretrain(data, targets, log, name, epochs=6, lr=2e-3, momentum=0.9,
     return encoder
 
 
-def decode_test(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32):
+def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32):
     features = {s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0))
                 for s in SPLITS}
     keras.utils.set_random_seed(42)
@@ -108,11 +110,11 @@ def decode_test(data, vocab, encoder, log, name, epochs, out: Path, batch_size=3
                             validation_data=({"features": features["val"]}, data["val"][2]))
         log(name, "decoder epoch", epoch + 1, "val_xent",
             round(history.history["val_xent"][-1], 4))
-    objects = load_instances(ROOT / "annotations/instances_test.json")
+    objects = load_instances(ROOT / "annotations/instances_val.json")
     for method in ("greedy", "beam"):
         settings = DecodeSettings(method=method, beam_size=3, keep_attention=True)
-        batches = [{"features": features["test"][i:i + 100], "image_id": data["test"][0][i:i + 100]}
-                   for i in range(0, len(features["test"]), 100)]
+        batches = [{"features": features["val"][i:i + 100], "image_id": data["val"][0][i:i + 100]}
+                   for i in range(0, len(features["val"]), 100)]
         decoded = decode_dataset(model, vocab, batches, settings)
         log(name, method, "localization", localization_score(decoded, objects))
         results = [{"image_id": d.image_id, "caption": d.caption} for d in decoded]
@@ -145,7 +147,7 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
         for side, pool_last in ((16, False), (8, True)):
             encoder = pretrain(data, targets[side], log, f"G{side}", epochs=epochs or 8,
                                pool_last=pool_last)
-            decode_test(data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out,
+            decode_val(data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out,
                         batch_size=128)
         return
     targets = targets[8]
@@ -155,9 +157,9 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
     pretrain(data, targets, log, "P5_filters_256", epochs=epochs or 6, filters=(32, 64, 128, 256))
     pretrain(data, targets, log, "P6_object_weight_3", epochs=epochs or 6, object_weight=3.0)
     encoder = pretrain(data, targets, log, "P4_12_epochs", epochs=epochs or 12)
-    decode_test(data, vocab, encoder, log, "P4_decoder_15", epochs or 15, out)
+    decode_val(data, vocab, encoder, log, "P4_decoder_15", epochs or 15, out)
     encoder = pretrain(data, targets, log, "P2_again", epochs=epochs or 6)
-    decode_test(data, vocab, encoder, log, "P2_decoder_8", epochs or 8, out)
+    decode_val(data, vocab, encoder, log, "P2_decoder_8", epochs or 8, out)
 
 
 def score(files: list[str]) -> None:
@@ -168,10 +170,8 @@ def score(files: list[str]) -> None:
     table = pd.read_parquet("data/02_intermediate/captions.parquet")
     with CocoScorer() as scorer:
         for file in files:
-            sections, _ = score_splits({"test": json.loads(Path(file).read_text())}, table, scorer)
-            print(json.dumps({"file": file, "test": sections["test"],
-                              "human_CIDEr": sections["human"]["CIDEr"],
-                              "blind_CIDEr": sections["blind_baseline"]["CIDEr"]}))
+            sections, _ = score_splits({"val": json.loads(Path(file).read_text())}, table, scorer)
+            print(json.dumps({"file": file, "val": sections["val"]}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 clients, and the exported SavedModel's single-image latency split into its parts.
 
   .venv/bin/python benchmarks/serve.py --model data/06_models/export/saved_model \
-      --images data/01_raw/shapes/test
+      --images data/01_raw/shapes/val
 
 model part (in this process, the best of --repeats calls after a warm-up call: the least
 disturbed by other processes, so the differences below stay meaningful on a busy machine):
@@ -145,7 +145,7 @@ def server_runs(model_path: Path, images: list[bytes], requests_count: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("data/06_models/export/saved_model"))
-    parser.add_argument("--images", type=Path, default=Path("data/01_raw/shapes/test"))
+    parser.add_argument("--images", type=Path, default=Path("data/01_raw/shapes/val"))
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--port", type=int, default=8765)

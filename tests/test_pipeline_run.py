@@ -56,6 +56,14 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     assert (data / "06_models" / "captioner.keras").stat().st_size > 10_000
     assert not (data / "06_models" / "checkpoints").exists()
 
+    # The smoke config runs one short SCST epoch after cross-entropy (epoch 0: that model).
+    scst = pd.read_csv(data / "08_reporting" / "self_critical_history.csv")
+    assert scst["epoch"].tolist() == [0, 1] and scst["val_cider"].notna().all()
+    scst_steps = pd.read_csv(data / "08_reporting" / "self_critical_steps.csv")
+    assert scst_steps["step"].tolist() == [1, 2]
+    assert (scst_steps["entropy"] > 0).all() and scst_steps["reward"].notna().all()
+    assert not (data / "06_models" / "checkpoints_scst").exists()
+
 
 def test_trained_model_loads_and_captions_a_test_image(smoke_project):
     import keras

@@ -55,6 +55,18 @@ def training_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> Metric
     return {name: points for name, points in series.items() if points}
 
 
+def self_critical_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> MetricSeries:
+    """SCST's per-step reward, baseline, advantage, entropy and policy loss over the SCST step,
+    and its val CIDEr-D per epoch (epoch 0: the cross-entropy model) as `val_cider`."""
+    series = {}
+    if not steps.empty:
+        series = {column: _points(steps["step"], steps[column]) for column in steps.columns
+                  if column != "step" and pd.api.types.is_numeric_dtype(steps[column])}
+    if not history.empty:
+        series["val_cider"] = _points(history["epoch"], history["val_cider"])
+    return {name: points for name, points in series.items() if points}
+
+
 def evaluation_metric_values(
     metrics: Mapping[str, Any], skip: tuple[str, ...] = ("details", "decoding")
 ) -> MetricSeries:

@@ -3,7 +3,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from caption_pipeline.pipelines.train.nodes import plot_training_curves, train_model
-from caption_pipeline.tracking import training_metric_series
+from caption_pipeline.tracking import self_critical_metric_series, training_metric_series
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,8 +11,10 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 train_model,
-                inputs=["model_inputs", "vocabulary", "params:model", "params:train"],
-                outputs=["captioner", "training_history", "training_steps"],
+                inputs=["model_inputs", "vocabulary", "caption_table", "params:model",
+                        "params:train", "params:self_critical"],
+                outputs=["captioner", "training_history", "training_steps",
+                         "self_critical_history", "self_critical_steps"],
                 name="train_captioner",
             ),
             Node(
@@ -26,6 +28,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["training_history", "training_steps"],
                 outputs="training_metrics",
                 name="log_training_metrics",
+            ),
+            Node(  # SCST's reward, baseline and entropy per step, val CIDEr-D per epoch
+                self_critical_metric_series,
+                inputs=["self_critical_history", "self_critical_steps"],
+                outputs="self_critical_metrics",
+                name="log_self_critical_metrics",
             ),
         ],
         tags=["train"],
