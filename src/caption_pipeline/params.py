@@ -18,3 +18,10 @@ def from_params(cls: type[T], params: Mapping[str, Any], block: str) -> T:
     if unknown:
         raise DataError(f"parameters {block}: unknown keys {unknown}; known: {sorted(known)}")
     return cls(**params)
+
+
+def require(block: str, config: Any, checks: Mapping[str, bool]) -> None:
+    """A DataError naming `block.key` and its value for the first check that is False."""
+    for key, ok in checks.items():
+        if not ok:
+            raise DataError(f"parameters {block}.{key}: invalid value {getattr(config, key)!r}")

@@ -36,11 +36,10 @@ from tqdm.auto import tqdm
 
 from caption_pipeline.cider import CiderD
 from caption_pipeline.decoding import compile_function
-from caption_pipeline.errors import DataError
 from caption_pipeline.model.beam_search import START_ID, greedy_search
 from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import SelfCriticalTrainer, advantages
-from caption_pipeline.params import from_params
+from caption_pipeline.params import from_params, require
 from caption_pipeline.text import Vocabulary, tokenize
 from caption_pipeline.training import Checkpoints
 
@@ -77,10 +76,7 @@ class SelfCriticalConfig:
             "batch_size": self.batch_size >= 1,
             "checkpoint_every_steps": self.checkpoint_every_steps >= 1,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise DataError(f"parameters self_critical.{key}: invalid value "
-                                f"{getattr(self, key)!r}")
+        require("self_critical", self, checks)
 
     @classmethod
     def from_dict(cls, params: dict) -> SelfCriticalConfig:

@@ -33,7 +33,7 @@ import pandas as pd
 from caption_pipeline.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
-from caption_pipeline.params import from_params
+from caption_pipeline.params import from_params, require
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "checkpoint_every_steps": self.checkpoint_every_steps >= 1,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise DataError(f"parameters train.{key}: invalid value {getattr(self, key)!r}")
+        require("train", self, checks)
 
     @classmethod
     def from_dict(cls, params: dict) -> TrainConfig:
