@@ -124,8 +124,7 @@ class _Phase:
     def __init__(self, captioner, vocabulary: Vocabulary, references, config, max_length):
         self.vocabulary, self.references, self.config = vocabulary, references, config
         self.max_length = max_length
-        train_refs = {i: refs for i, refs in references["train"].items()}
-        self.cider = CiderD(train_refs)
+        self.cider = CiderD(references["train"])
         self.sample = compile_function(
             lambda inputs: sample_captions(captioner, captioner(inputs), inputs["uniforms"]),
             captioner)
