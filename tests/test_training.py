@@ -21,14 +21,21 @@ TINY_MODEL = {"encoder": "compact", "compact_filters": [8, 16], "embed_dim": 16,
 DRIVER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import pandas as pd
 from caption_pipeline.tfrecords import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
-project, model, train = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+project, model, train, scst = sys.argv[1], *map(json.loads, sys.argv[2:5])
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
-_, history, steps = train_model(shards, vocabulary, model, train)
+captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
+_, history, _, scst_history, scst_steps = train_model(
+    shards, vocabulary, captions, model, train, scst)
 print("HISTORY " + history.to_json(orient="records"))
+print("SCST_HISTORY " + scst_history.to_json(orient="records"))
+print("SCST_STEPS " + scst_steps.to_json(orient="records"))
 """
+
+SCST_OFF = {"enabled": False}
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +48,34 @@ def shard_project(tmp_path_factory) -> Path:
     return project
 
 
-def driver(project: Path, train: dict, **popen) -> subprocess.Popen:
+def driver(project: Path, train: dict, scst: dict = SCST_OFF, **popen) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(project), json.dumps(TINY_MODEL), json.dumps(train)],
+        [sys.executable, "-c", DRIVER, str(project), json.dumps(TINY_MODEL), json.dumps(train),
+         json.dumps(scst)],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         **popen,
     )
 
 
-def history_of(output: str) -> list[dict]:
-    line = next(line for line in output.splitlines() if line.startswith("HISTORY "))
-    return json.loads(line.removeprefix("HISTORY "))
+def history_of(output: str, key: str = "HISTORY") -> list[dict]:
+    line = next(line for line in output.splitlines() if line.startswith(key + " "))
+    return json.loads(line.removeprefix(key + " "))
+
+
+def kill_when(process: subprocess.Popen, latest: Path, step: int) -> int:
+    """SIGKILL `process` once the checkpoint pointer `latest` reaches `step`; the step it
+    names at the kill."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= step:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "training ended before it could be killed:\n" + \
+        process.stdout.read()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return json.loads(latest.read_text())["step"]
 
 
 def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp_path):
@@ -62,17 +85,9 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
              "early_stopping_patience": None}
     steps_per_epoch = 15  # ceil(120 train images / 8)
 
-    first = driver(shard_project, train)
-    latest = checkpoints / "latest.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and first.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= steps_per_epoch + 2:
-            break  # mid-way through the second epoch
-        time.sleep(0.2)
-    assert first.poll() is None, "training ended before it could be killed:\n" + first.stdout.read()
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    # Killed mid-way through the second epoch.
+    killed_at = kill_when(driver(shard_project, train), checkpoints / "latest.json",
+                          steps_per_epoch + 2)
     assert steps_per_epoch < killed_at < 3 * steps_per_epoch
 
     second = driver(shard_project, train)
@@ -86,10 +101,51 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     assert not checkpoints.exists()  # a finished run cleans up after itself
 
 
+def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_project,
+                                                                          tmp_path):
+    def configs(root: Path) -> tuple[dict, dict]:
+        train = {"epochs": 1, "batch_size": 8, "checkpoint_dir": str(root / "xent"),
+                 "progress": False, "early_stopping_patience": None, "jit_compile": False}
+        scst = {"enabled": True, "epochs": 2, "batch_size": 8, "samples": 2,
+                "baseline": "mean", "checkpoint_every_steps": 2, "progress": False,
+                "checkpoint_dir": str(root / "scst")}
+        return train, scst
+    steps_per_epoch = 15  # ceil(120 train images / 8)
+
+    unbroken = driver(shard_project, *configs(tmp_path / "unbroken"))
+    expected, _ = unbroken.communicate(timeout=600)
+    assert unbroken.returncode == 0, expected[-3000:]
+
+    train, scst = configs(tmp_path / "killed")
+    killed_at = kill_when(driver(shard_project, train, scst),
+                          tmp_path / "killed" / "scst" / "latest.json", steps_per_epoch + 2)
+    assert steps_per_epoch < killed_at < 2 * steps_per_epoch
+    second = driver(shard_project, train, scst)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    # The finished cross-entropy phase is restored, not retrained; SCST picks up where it was.
+    assert f"Resuming from checkpoint at step {steps_per_epoch}" in output
+    assert f"SCST: resuming at step {killed_at}" in output
+    def timeless(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    assert timeless(history_of(output)) == timeless(history_of(expected))
+    resumed = history_of(output, "SCST_HISTORY")
+    assert [row["step"] for row in resumed] == [0, 15, 30]
+    assert [row["step"] for row in history_of(output, "SCST_STEPS")] == list(range(1, 31))
+    # Same samples, same rewards, same weights: the val CIDEr-D of every epoch is that of the
+    # run nobody killed.
+    reference = history_of(expected, "SCST_HISTORY")
+    assert [row["val_cider"] for row in resumed] == pytest.approx(
+        [row["val_cider"] for row in reference], rel=1e-5)
+    assert not (tmp_path / "killed" / "xent").exists()  # both phases clean up at the end
+    assert not (tmp_path / "killed" / "scst").exists()
+
+
 def test_mirrored_strategy_over_two_cpus_matches_one_device(shard_project):
     script = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import pandas as pd
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -98,13 +154,14 @@ from caption_pipeline.pipelines.train.nodes import train_model
 project = sys.argv[1]
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
+captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
 model = {**json.loads(sys.argv[2]), "dropout": 0.0}
 losses = {}
 for strategy in ("default", "mirrored"):
     train = {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4, "progress": False,
              "strategy": strategy, "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
              "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
-    _, history, _ = train_model(shards, vocabulary, model, train)
+    history = train_model(shards, vocabulary, captions, model, train, {"enabled": False})[1]
     losses[strategy] = history.iloc[-1][["train_xent", "val_xent"]].tolist()
 print("LOSSES " + json.dumps(losses))
 """

@@ -1,6 +1,6 @@
 """Self-critical sequence training: the phase after cross-entropy that optimizes CIDEr-D.
 
-Per batch of B images (precomputed features, as the cross-entropy phase reads them):
+Per batch of B images (precomputed features or images, whichever the cross-entropy phase read):
 
 1. sample K captions per image from the model (`model.sampling`, compiled), with uniforms
    drawn from numpy's generator seeded by (seed, global step): a resumed run draws the same;
@@ -111,6 +111,11 @@ def _words(ids: np.ndarray, vocabulary: Vocabulary) -> list[list[str]]:
     return [vocabulary.decode(row).split() for row in ids]
 
 
+def _model_inputs(batch: dict) -> dict:
+    """What the Captioner reads of a reader batch: {"features"} or {"image"}, no ids."""
+    return {key: value for key, value in batch.items() if key in ("features", "image")}
+
+
 def _weights_digest(model: keras.Model) -> str:
     digest = hashlib.sha256()
     for weights in model.get_weights():
@@ -131,8 +136,8 @@ class _Phase:
         self.greedy = compile_function(
             lambda inputs: greedy_search(captioner, captioner(inputs), max_length), captioner)
 
-    def greedy_rewards(self, features, image_ids, split: str) -> np.ndarray:
-        ids = keras.ops.convert_to_numpy(self.greedy({"features": features}).ids)[:, 0]
+    def greedy_rewards(self, inputs: dict, image_ids, split: str) -> np.ndarray:
+        ids = keras.ops.convert_to_numpy(self.greedy(inputs).ids)[:, 0]
         return self.score(_words(ids, self.vocabulary), image_ids, split)
 
     def score(self, captions: list[list[str]], image_ids, split: str) -> np.ndarray:
@@ -140,7 +145,7 @@ class _Phase:
         return np.asarray(self.cider.score(captions, refs), dtype=np.float64)
 
     def val_cider(self, batches) -> float:
-        rewards = [self.greedy_rewards(inputs["features"], inputs["image_id"], "val")
+        rewards = [self.greedy_rewards(_model_inputs(inputs), inputs["image_id"], "val")
                    for inputs, _ in batches.as_numpy_iterator()]
         return float(np.concatenate(rewards).mean())
 
@@ -158,7 +163,7 @@ def train_self_critical(
     """SCST on `captioner` (trained with cross-entropy); returns the model with the best val
     CIDEr-D (the input model if no epoch beats it), the per-epoch history and the per-step
     reward, baseline and entropy. `datasets(split, epoch, shuffle)`: batches of
-    ({"features", "image_id"}, captions); `references`: {"train": ..., "val": ...} tokens."""
+    ({"features" or "image", "image_id"}, captions); `references`: {"train": ..., "val": ...} tokens."""
     max_length = config.max_length or vocabulary.max_caption_length + 1
     fingerprint = hashlib.sha256(json.dumps(
         [dataclasses.asdict(config) | {"progress": None, "epochs": None,
@@ -222,21 +227,21 @@ def train_self_critical(
 
 def _step(trainer, phase: _Phase, inputs: dict, step: int, config: SelfCriticalConfig) -> dict:
     """One SCST batch: sample, reward, baseline, gradient step; the logged figures."""
-    features, image_ids = inputs["features"], inputs["image_id"]
+    model_inputs, image_ids = _model_inputs(inputs), inputs["image_id"]
     batch = len(image_ids)
     uniforms = np.random.default_rng([config.seed, step]).random(
         (batch, config.samples, phase.max_length), dtype=np.float32)
-    samples = phase.sample({"features": features, "uniforms": uniforms})
+    samples = phase.sample({**model_inputs, "uniforms": uniforms})
     ids = keras.ops.convert_to_numpy(samples.ids)  # [B, K, L]
     words = _words(ids.reshape(-1, ids.shape[-1]), phase.vocabulary)
     rewards = phase.score(words, np.repeat(image_ids, config.samples), "train").reshape(
         batch, config.samples)
-    greedy = (phase.greedy_rewards(features, image_ids, "train")
+    greedy = (phase.greedy_rewards(model_inputs, image_ids, "train")
               if config.baseline == "greedy" else None)
     baseline, advantage = advantages(rewards, config.baseline, greedy)
     start = np.full((*ids.shape[:2], 1), START_ID, ids.dtype)
     logs = trainer.train_on_batch(
-        {"features": features},
+        model_inputs,
         {"captions": np.concatenate([start, ids], axis=-1),
          "advantage": advantage.astype(np.float32)},
         return_dict=True)

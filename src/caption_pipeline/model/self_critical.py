@@ -16,11 +16,12 @@ arrive as the advantage r - b per caption.
 
 `SelfCriticalTrainer` wraps a Captioner so that Keras' own `train_step` (TensorFlow or JAX,
 with the optimizer's clipping and loss scaling) trains it with this loss: its inputs are the
-Captioner's ({"features": [B, R, D]}), its targets {"captions": [B, K, T+1] (<start> w_1 ..
-<end> <pad>..), "advantage": [B, K]}. The log-probabilities are those of the teacher-forced
-decoder run WITHOUT dropout: the distribution the captions were sampled from
-(`model.sampling`, which uses the step-wise API, also without dropout); with dropout in one
-and not the other the gradient would be of another policy.
+Captioner's ({"features": [B, R, D]} or {"image": [B, S, S, 3]}), its targets
+{"captions": [B, K, T+1] (<start> w_1 .. <end> <pad>..), "advantage": [B, K]}. The
+log-probabilities are those of the teacher-forced decoder run WITHOUT dropout: the
+distribution the captions were sampled from (`model.sampling`, which uses the step-wise API,
+also without dropout); with dropout in one and not the other the gradient would be of another
+policy.
 """
 
 from __future__ import annotations

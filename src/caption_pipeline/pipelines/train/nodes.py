@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -12,6 +13,7 @@ from caption_pipeline.scst import SelfCriticalConfig, reference_tokens, train_se
 from caption_pipeline.text import Vocabulary
 from caption_pipeline.tfrecords import ShardSet, make_caption_dataset
 from caption_pipeline.training import (
+    Checkpoints,
     TrainConfig,
     pad_captions,
     train_captioner,
@@ -50,15 +52,21 @@ def train_model(
         steps = min(steps, config.max_steps_per_epoch)
     fingerprint = {"model_inputs": model_inputs.manifest.get("fingerprint"),
                    "vocabulary": vocab.size}
-    captioner, history, loss_steps = train_captioner(
-        datasets, model_config, config, steps_per_epoch=steps, data_fingerprint=fingerprint,
-        encoder_weights=feature_encoder_weights(model_inputs, model_config))
     scst = SelfCriticalConfig.from_dict(self_critical)
+    # A run killed during SCST must find the cross-entropy phase finished, not retrain it:
+    # its last checkpoint stays until SCST is done (SCST resumes only on the same weights).
+    xent_config = dataclasses.replace(config, keep_checkpoints=True) if scst.enabled else config
+    captioner, history, loss_steps = train_captioner(
+        datasets, model_config, xent_config, steps_per_epoch=steps,
+        data_fingerprint=fingerprint,
+        encoder_weights=feature_encoder_weights(model_inputs, model_config))
     if not scst.enabled:
         return captioner, history, loss_steps, pd.DataFrame(), pd.DataFrame()
-    return (captioner, history, loss_steps,
-            *self_critical_phase(captioner, model_inputs, vocab, caption_table, scst,
-                                 fingerprint)[1:])
+    _, scst_history, scst_steps = self_critical_phase(
+        captioner, model_inputs, vocab, caption_table, scst, fingerprint)
+    if not config.keep_checkpoints:
+        Checkpoints(config.checkpoint_dir).clear()
+    return captioner, history, loss_steps, scst_history, scst_steps
 
 
 def self_critical_phase(captioner, model_inputs: ShardSet, vocab: Vocabulary,
