@@ -26,6 +26,7 @@ from caption_pipeline.evaluation import (
     EvaluateSettings,
     captions_from_results,
     java_major_version,
+    leave_one_out_rounds,
     load_captioner,
     most_frequent_caption,
     references_by_image,
@@ -176,19 +177,47 @@ def test_most_frequent_caption_ties_and_empty_captions():
         most_frequent_caption(["...", "!"])
 
 
-def test_human_agreement_and_model_on_the_same_reduced_references(scored, tmp_path,
-                                                                   direct_meteor):
+def test_human_agreement_and_model_leave_one_out_on_the_same_reduced_references(
+        scored, tmp_path, direct_meteor):
     sections, _ = scored
     several = {i: refs for i, refs in REFERENCES["test"].items() if len(refs) >= 2}
-    others = {i: refs[1:] for i, refs in several.items()}
-    human = write_coco_files(tmp_path, "human", others, {i: r[0] for i, r in several.items()})
-    assert sections["human"] == pytest.approx(
-        pycocoevalcap_direct(*human, direct_meteor)[0], rel=1e-12, abs=1e-15)
-    model = write_coco_files(tmp_path, "model", others,
-                             {i: GENERATED["test"][i] for i in several})
-    assert sections["test_vs_human_refs"] == pytest.approx(
-        pycocoevalcap_direct(*model, direct_meteor)[0], rel=1e-12, abs=1e-15)
-    assert sections["details"]["human"]["images"] == 3  # image 24 has a single reference
+    humans, models = [], []
+    for k in range(2):  # images 21..23 have 3, 2 and 3 references: two rounds
+        others = {i: refs[:k] + refs[k + 1:] for i, refs in several.items()}
+        human = write_coco_files(tmp_path, f"human{k}", others,
+                                 {i: r[k] for i, r in several.items()})
+        humans.append(pycocoevalcap_direct(*human, direct_meteor)[0])
+        model = write_coco_files(tmp_path, f"model{k}", others,
+                                 {i: GENERATED["test"][i] for i in several})
+        models.append(pycocoevalcap_direct(*model, direct_meteor)[0])
+    mean = {name: (humans[0][name] + humans[1][name]) / 2 for name in METRICS}
+    assert sections["human"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+    mean = {name: (models[0][name] + models[1][name]) / 2 for name in METRICS}
+    assert sections["test_vs_human_refs"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+    assert humans[0]["CIDEr"] != humans[1]["CIDEr"]  # the rounds differ, the mean is of both
+
+    details = sections["details"]["human"]
+    assert (details["images"], details["rounds"]) == (3, 2)  # image 24 has a single reference
+    assert [r["human"] for r in details["cider_per_round"]] == pytest.approx(
+        [h["CIDEr"] for h in humans])
+    assert sections["headline"]["cider_vs_human"] == pytest.approx(
+        sections["test_vs_human_refs"]["CIDEr"] / sections["human"]["CIDEr"])
+    assert sections["headline"]["cider_vs_blind"] == pytest.approx(
+        sections["test"]["CIDEr"] / sections["blind_baseline"]["CIDEr"])
+
+
+def test_every_figure_names_its_split(scored):
+    sections, _ = scored
+    assert sections["details"]["splits"] == {
+        "val": "val", "test": "test", "blind_baseline": "test", "human": "test",
+        "test_vs_human_refs": "test", "headline": "test"}
+
+
+def test_leave_one_out_rounds_stop_at_the_fewest_references():
+    rounds = leave_one_out_rounds({1: ["a", "b", "c"], 2: ["d", "e"], 3: ["f"]})
+    assert rounds == [({1: "a", 2: "d"}, {1: ["b", "c"], 2: ["e"]}),
+                      ({1: "b", 2: "e"}, {1: ["a", "c"], 2: ["d"]})]
+    assert leave_one_out_rounds({1: ["a"]}) == []
 
 
 def test_human_agreement_follows_the_references(scored, scorer):
@@ -205,6 +234,7 @@ def test_no_image_with_two_references_leaves_human_empty_with_a_reason(scorer):
     sections, _ = score_splits({"test": results(GENERATED["test"])},
                                caption_table(references=single), scorer)
     assert sections["human"] is None and sections["test_vs_human_refs"] is None
+    assert sections["headline"] is None
     assert "two or more reference" in sections["details"]["human"]["reason"]
 
 

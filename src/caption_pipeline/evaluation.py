@@ -8,10 +8,17 @@ what a score means on this data:
 * blind baseline: a "captioner" that ignores the image and always writes the most frequent
   training caption (after PTB normalization; ties go to the alphabetically first), scored on
   the test split against all references.
-* human agreement: each test image's first reference (lowest annotation id) scored against its
-  other references, as the COCO leaderboard reports humans. CIDEr and BLEU depend on how many
-  references there are, so the model is scored against the SAME reduced reference sets
-  (`test_vs_human_refs`) for the comparison; `test` is the model against all references.
+* human agreement, leave one out: in round k (k = 1..m, m the fewest references of a test
+  image with two or more; 5 on COCO and shapes) every image's k-th reference is the "human
+  caption", scored against the image's other references, and the `human` figure is the mean
+  over the rounds. Scoring one fixed reference (the COCO leaderboard's first) would let the
+  order in which annotations were written bias the figure. CIDEr and BLEU depend on how many
+  references there are, so the model is scored against the SAME reduced reference sets of every
+  round and averaged the same way (`test_vs_human_refs`): `headline.cider_vs_human` is the ratio
+  of those two, the fair comparison; `test` is the model against all references.
+
+Every figure is of one split, named in `details.splits`: val is what choices are made on,
+test is decoded and scored once per run and only reported.
 
 The tokenizer and METEOR run on Java: `require_java` is called before anything long runs.
 """
@@ -349,12 +356,25 @@ def most_frequent_caption(captions: Iterable[str]) -> tuple[str, int]:
     return caption, counts[caption]
 
 
-def human_references(references: Mapping[int, Sequence[str]]
-                     ) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """For the images with 2+ references: the first one as a "human caption", and the others
-    as its references."""
-    several = {i: refs for i, refs in references.items() if len(refs) >= 2}
-    return {i: refs[0] for i, refs in several.items()}, {i: list(r[1:]) for i, r in several.items()}
+# The sections scored on the test split besides `test` itself.
+REFERENCE_POINTS = ("blind_baseline", "human", "test_vs_human_refs", "headline")
+
+HumanRound = tuple[dict[int, str], dict[int, list[str]]]  # (human captions, reduced refs)
+
+
+def leave_one_out_rounds(references: Mapping[int, Sequence[str]]) -> list[HumanRound]:
+    """Round k = 0..m-1 over the images with 2+ references (m: the fewest such an image has):
+    every image's k-th reference as its "human caption", and its other references."""
+    several = {i: list(refs) for i, refs in references.items() if len(refs) >= 2}
+    rounds = min((len(refs) for refs in several.values()), default=0)
+    return [({i: refs[k] for i, refs in several.items()},
+             {i: refs[:k] + refs[k + 1:] for i, refs in several.items()})
+            for k in range(rounds)]
+
+
+def mean_scores(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Metric by metric, the mean of the rounds' overall scores."""
+    return {name: sum(r[name] for r in rounds) / len(rounds) for name in rounds[0]}
 
 
 def score_splits(results: Mapping[str, Any], caption_table: pd.DataFrame,
@@ -385,8 +405,11 @@ def score_splits(results: Mapping[str, Any], caption_table: pd.DataFrame,
                   **scores.per_image[i]} for i in sorted(captions)]
         if split == "test":
             train = caption_table.loc[caption_table["split"] == "train", "caption"]
-            sections.update(_reference_points(captions, refs, train, scorer, details))
+            sections.update(_reference_points(captions, refs, train, scorer, details,
+                                              test_cider=scores.overall["CIDEr"]))
     details["spice"] = scorer.spice
+    details["splits"] = {section: "test" if section in REFERENCE_POINTS else section
+                         for section in sections}
     sections["details"] = details
     table = pd.DataFrame(rows, columns=["image_id", "split", "caption", *scorer.metrics])
     return sections, table
@@ -410,8 +433,9 @@ def _captioned_references(caption_table: pd.DataFrame, split: str, captions: Map
 
 def _reference_points(test: Mapping[int, str], references: Mapping[int, Sequence[str]],
                       train_captions: Iterable[str], scorer: CocoScorer,
-                      details: dict[str, Any]) -> dict[str, Any]:
-    """blind_baseline, human and test_vs_human_refs sections, on tokenized test captions."""
+                      details: dict[str, Any], test_cider: float) -> dict[str, Any]:
+    """blind_baseline, human, test_vs_human_refs and headline sections, on tokenized test
+    captions; `test_cider`: the model's against all references."""
     blind, count = most_frequent_caption(train_captions)
     details["blind_baseline"] = {
         "caption": blind, "train_count": count, "split": "test",
@@ -419,20 +443,39 @@ def _reference_points(test: Mapping[int, str], references: Mapping[int, Sequence
     }
     blind = scorer.tokenize({0: [blind]})[0][0]
     sections = {"blind_baseline": scorer.score(dict.fromkeys(test, blind), references).overall}
-    human, others = human_references(references)
-    if not human:
-        sections["human"] = sections["test_vs_human_refs"] = None
+    rounds = leave_one_out_rounds(references)
+    if not rounds:
+        sections["human"] = sections["test_vs_human_refs"] = sections["headline"] = None
         details["human"] = {"reason": "no test image has two or more reference captions"}
         return sections
-    sections["human"] = scorer.score(human, others).overall
-    sections["test_vs_human_refs"] = scorer.score({i: test[i] for i in human}, others).overall
+    humans = [scorer.score(human, others).overall for human, others in rounds]
+    models = [scorer.score({i: test[i] for i in human}, others).overall
+              for human, others in rounds]
+    sections["human"], sections["test_vs_human_refs"] = mean_scores(humans), mean_scores(models)
+    blind_cider = sections["blind_baseline"]["CIDEr"]
+    sections["headline"] = {
+        "cider_vs_human": _ratio(sections["test_vs_human_refs"]["CIDEr"],
+                                 sections["human"]["CIDEr"]),
+        "cider_vs_blind": _ratio(test_cider, blind_cider),
+    }
     details["human"] = {
-        "images": len(human),
-        "protocol": "each test image's first reference (lowest annotation id) scored against "
-                    "its other references; test_vs_human_refs scores the model against the "
-                    "same reduced reference sets, the fair comparison",
+        "images": len(rounds[0][0]), "rounds": len(rounds),
+        "cider_per_round": [{"left_out": k + 1, "human": h["CIDEr"], "model": m["CIDEr"]}
+                            for k, (h, m) in enumerate(zip(humans, models, strict=True))],
+        "protocol": "leave one out: in round k every test image's k-th reference (annotation "
+                    "id order) is scored against its other references; human is the mean over "
+                    "the rounds, test_vs_human_refs the model against the same reduced "
+                    "references, averaged the same way",
+    }
+    details["headline"] = {
+        "cider_vs_human": "test_vs_human_refs.CIDEr / human.CIDEr (both leave-one-out means)",
+        "cider_vs_blind": "test.CIDEr / blind_baseline.CIDEr (all references)",
     }
     return sections
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
@@ -440,6 +483,14 @@ def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
     """metrics.json: the score sections, the decoding settings, attention localization (None
     with a reason where the data has no boxes) and the details of each."""
     sections = {key: value for key, value in scores.items() if key != "details"}
+    splits = {**scores["details"]["splits"], "attention_localization": "test"}
+    for section, split in splits.items():
+        figures = (localization["score"] if section == "attention_localization"
+                   else sections[section])
+        if isinstance(figures, Mapping):
+            figures = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
+                                if value is not None)
+        logger.info("%s (split %s): %s", section, split, figures)
     return {
         **sections,
         "decoding": decoding_summary(settings.decoding, vocabulary),
@@ -450,5 +501,6 @@ def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
             "attention_localization": {k: v for k, v in localization.items()
                                        if k not in ("score", "uniform")},
             "model": settings.model_path or "the catalog's captioner",
+            "splits": splits,
         },
     }
