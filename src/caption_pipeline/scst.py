@@ -163,7 +163,8 @@ def train_self_critical(
     """SCST on `captioner` (trained with cross-entropy); returns the model with the best val
     CIDEr-D (the input model if no epoch beats it), the per-epoch history and the per-step
     reward, baseline and entropy. `datasets(split, epoch, shuffle)`: batches of
-    ({"features" or "image", "image_id"}, captions); `references`: {"train": ..., "val": ...} tokens."""
+    ({"features" or "image", "image_id"}, captions); `references`: {"train": ..., "val": ...}
+    tokens."""
     max_length = config.max_length or vocabulary.max_caption_length + 1
     fingerprint = hashlib.sha256(json.dumps(
         [dataclasses.asdict(config) | {"progress": None, "epochs": None,
