@@ -12,20 +12,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+# Optional extras of pyproject.toml installed too, e.g. `make run EXTRAS=gpu` (README, "Train on
+# a GPU"); each set of extras has its own stamp, so changing it installs again.
+EXTRAS ?=
+comma := ,
+STAMP := $(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
+
+$(VENV)/.installed-run$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $@ $(VENV)/.installed-run
+$(VENV)/.installed-test$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test$(if $(EXTRAS),$(comma)$(EXTRAS))]"
+	touch $@ $(VENV)/.installed-run$(STAMP)
 
 # The web page test drives Debian's headless chromium; installed once (needs root and apt).
 /usr/bin/chromium /usr/bin/chromedriver:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
-install: $(VENV)/.installed-run
-install-test: $(VENV)/.installed-test
+install: $(VENV)/.installed-run$(STAMP)
+install-test: $(VENV)/.installed-test$(STAMP)
 
 run: install
 	$(BIN)/kedro run $(ARGS)

@@ -4,6 +4,7 @@
     KERAS_BACKEND=jax python benchmarks/train_step.py    # imports no TensorFlow
 
 Options: --configs shapes,coco  --batch 64  --repeats 5  --jit-compile best|true|false|auto
+         --precision float32|mixed_bfloat16|mixed_float16 (the Keras dtype policy of the step)
 
 Two configs: "shapes" (the embedded default: compact CNN trained end to end on 128 px images)
 and "coco" (precomputed NASNetLarge features, 121 x 4032, vocab 10,204, dims 512). Prints one
@@ -106,14 +107,16 @@ def synthetic_batch(model: Captioner, batch: int, steps: int, source: str, seed:
     return x, captions
 
 
-def bench(name: str, batch: int, repeats: int, jit_compile) -> dict:
+def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "float32") -> dict:
     """Times `repeats` training steps, each paired with a matmul timed just before it.
 
     On a shared machine other jobs slow both alike, so the fraction of the matmul's rate is
     taken per pair (median over pairs); the rates are the best seen.
     """
     kwargs, steps, source = CONFIGS[name]
+    keras.mixed_precision.set_global_policy(precision)
     model = Captioner(ModelConfig(**kwargs))
+    # Under mixed_float16, compile wraps Adam in a LossScaleOptimizer, as training does.
     model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
     x, y = synthetic_batch(model, batch, steps, source)
     start = time.perf_counter()
@@ -134,7 +137,7 @@ def bench(name: str, batch: int, repeats: int, jit_compile) -> dict:
         step_times.append(time.perf_counter() - start)
     fractions = [flops / t / 1e9 / rate for t, rate in zip(step_times, matmul_rates)]
     best = min(step_times)
-    return {"batch": batch, "steps": steps, "input": source, "regions": model.regions,
+    return {"precision": precision, "batch": batch, "steps": steps, "input": source, "regions": model.regions,
             "feature_dim": model.feature_dim, "vocab": c.vocab_size,
             "dims": [c.embed_dim, c.attention_dim, c.lstm_units],
             "params": model.count_params(), "compile_s": round(compile_s, 1),
@@ -153,13 +156,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--jit-compile", default="best", choices=["best", "true", "false", "auto"],
                         help="best: TF_XLA's choice under TensorFlow, compiled under JAX")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "mixed_bfloat16", "mixed_float16"])
     args = parser.parse_args()
     result = {"backend": keras.backend.backend()}
     for name in args.configs.split(","):
         jit = {"auto": "auto", "true": True, "false": False}.get(args.jit_compile)
         if jit is None:  # best
             jit = TF_XLA[name] if keras.backend.backend() == "tensorflow" else True
-        result[name] = {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit)}
+        result[name] = {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit, args.precision)}
     result["tensorflow_imported"] = "tensorflow" in sys.modules
     print(json.dumps(result))
 

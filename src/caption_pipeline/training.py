@@ -31,6 +31,13 @@ import numpy as np
 import pandas as pd
 
 from caption_pipeline.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
+from caption_pipeline.devices import (
+    AUTO,
+    PRECISIONS,
+    log_devices,
+    resolve_precision,
+    training_devices,
+)
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.params import from_params, require
@@ -38,7 +45,6 @@ from caption_pipeline.params import from_params, require
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LATEST = "latest.json"
 BEST_WEIGHTS = "best.weights.h5"
 
@@ -65,7 +71,7 @@ class TrainConfig:
     log_every_steps: int = 10  # per-step loss recorded in the history
     strategy: str = "default"  # default | mirrored | multi_worker (TensorFlow backend)
     devices: list[str] | None = None  # mirrored: e.g. ["/cpu:0", "/cpu:1"]; None = all GPUs
-    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    precision: str = AUTO  # auto | float32 | mixed_float16 | mixed_bfloat16 (devices.py)
     jit_compile: bool | str = "auto"
     bucket_boundaries: list[int] | None = None
     shuffle_buffer: int = 2048
@@ -77,7 +83,7 @@ class TrainConfig:
             "caption_mode": self.caption_mode in ("sample", "all", "grouped"),
             "captions_per_image": self.captions_per_image >= 1,
             "strategy": self.strategy in STRATEGIES,
-            "precision": self.precision in PRECISIONS,
+            "precision": self.precision in (AUTO, *PRECISIONS),
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "checkpoint_every_steps": self.checkpoint_every_steps >= 1,
@@ -145,6 +151,14 @@ def make_strategy(config: TrainConfig):
     logger.info("Training with the %s strategy over %d replicas", config.strategy,
                 strategy.num_replicas_in_sync)
     return strategy
+
+
+def with_device_defaults(config: TrainConfig) -> TrainConfig:
+    """`config` with `precision: auto` resolved for the devices found, which are logged."""
+    devices = training_devices()
+    precision = resolve_precision(config.precision, devices)
+    log_devices(devices, precision, config.precision, config.jit_compile)
+    return dataclasses.replace(config, precision=precision)
 
 
 def run_fingerprint(model_config: ModelConfig, config: TrainConfig, data: dict) -> str:
@@ -291,6 +305,7 @@ def train_captioner(
     history and the per-step loss samples. `encoder_weights`: those of the frozen encoder
     that computed precomputed features, so that the saved model encodes images the same way."""
     keras.utils.set_random_seed(config.seed)
+    config = with_device_defaults(config)
     strategy = make_strategy(config)
     fingerprint = run_fingerprint(model_config, config, data_fingerprint)
     # Validation scores every caption; grouped, the encoder runs once per image for them.
