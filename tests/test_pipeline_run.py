@@ -36,7 +36,8 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     assert {s: manifest["splits"][s]["records"] for s in images_per_split} == images_per_split
 
     # The compact encoder is pretrained on the object masks, then frozen: its features are
-    # precomputed, and the captioner carries that very encoder.
+    # precomputed; the smoke run then fine-tunes it, so the captioner carries the fine-tuned
+    # encoder (with its BatchNormalization as it was), and says so.
     pretraining = pd.read_csv(data / "08_reporting" / "encoder_pretraining_history.csv")
     assert pretraining["epoch"].tolist() == [1]
     assert pretraining["val_colour_accuracy"].between(0, 1).all()
@@ -45,9 +46,16 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     weights = data / "06_models" / "initial_encoder.weights.h5"
     assert inputs["params"]["weights"] == weights_fingerprint(weights)
     captioner = KerasModelDataset(filepath=str(data / "06_models" / "captioner.keras")).load()
+    assert captioner.config.trains_encoder and captioner.config.encoder_batchnorm == "frozen"
     initial = build_frozen_encoder(captioner.config, weights)
-    for trained, first in zip(captioner.encoder.get_weights(), initial.get_weights(), strict=True):
-        np.testing.assert_array_equal(trained, first)
+    changed = {variable.path: not np.array_equal(tuned, first) for variable, tuned, first in
+               zip(initial.weights, captioner.encoder.get_weights(), initial.get_weights(),
+                   strict=True)}
+    assert any(changed[path] for path in changed if path.endswith("kernel"))
+    assert not any(changed[path] for path in changed if "/moving_" in path)
+    tuned = pd.read_csv(data / "08_reporting" / "fine_tune_history.csv")
+    assert tuned["step"].tolist() == [2] and tuned["val_xent"].notna().all()
+    assert not (data / "06_models" / "checkpoints_finetune").exists()
 
     history = pd.read_csv(data / "08_reporting" / "training_history.csv")
     assert history["epoch"].tolist() == [1, 2]

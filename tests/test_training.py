@@ -24,18 +24,20 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import pandas as pd
 from caption_pipeline.tfrecords import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
-project, model, train, scst = sys.argv[1], *map(json.loads, sys.argv[2:5])
+project, model, train, fine_tune, scst = sys.argv[1], *map(json.loads, sys.argv[2:6])
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
 captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
-_, history, _, scst_history, scst_steps = train_model(
-    shards, vocabulary, captions, model, train, scst)
+_, history, _, tuned_history, tuned_steps, scst_history, scst_steps = train_model(
+    shards, vocabulary, captions, model, train, fine_tune, scst)
 print("HISTORY " + history.to_json(orient="records"))
+print("FINE_TUNE_HISTORY " + tuned_history.to_json(orient="records"))
+print("FINE_TUNE_STEPS " + tuned_steps.to_json(orient="records"))
 print("SCST_HISTORY " + scst_history.to_json(orient="records"))
 print("SCST_STEPS " + scst_steps.to_json(orient="records"))
 """
 
-SCST_OFF = {"enabled": False}
+SCST_OFF = FINE_TUNE_OFF = {"enabled": False}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +50,13 @@ def shard_project(tmp_path_factory) -> Path:
     return project
 
 
-def driver(project: Path, train: dict, scst: dict = SCST_OFF, **popen) -> subprocess.Popen:
+def driver(project: Path, train: dict, scst: dict = SCST_OFF, *,
+           fine_tune: dict = FINE_TUNE_OFF, model: dict = TINY_MODEL,
+           **popen) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(project), json.dumps(TINY_MODEL), json.dumps(train),
-         json.dumps(scst)],
+        [sys.executable, "-c", DRIVER, str(project), json.dumps(model), json.dumps(train),
+         json.dumps(fine_tune), json.dumps(scst)],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         **popen,
     )
@@ -161,7 +165,8 @@ for strategy in ("default", "mirrored"):
     train = {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4, "progress": False,
              "strategy": strategy, "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
              "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
-    history = train_model(shards, vocabulary, captions, model, train, {"enabled": False})[1]
+    history = train_model(shards, vocabulary, captions, model, train, {"enabled": False},
+                          {"enabled": False})[1]
     losses[strategy] = history.iloc[-1][["train_xent", "val_xent"]].tolist()
 print("LOSSES " + json.dumps(losses))
 """

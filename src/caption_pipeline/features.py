@@ -379,6 +379,17 @@ def model_inputs_exist(folder: str | os.PathLike) -> bool:
     return is_complete(folder, "features")
 
 
+def image_shards(model_inputs: ShardSet) -> ShardSet:
+    """The image shards behind `model_inputs`: themselves, or those the features came from
+    (what a phase that trains the encoder reads). DataError naming the path when they are gone
+    or incomplete."""
+    if model_inputs.kind == "images":
+        return model_inputs
+    source = _source_root(model_inputs.root, model_inputs.manifest)
+    # load_model_inputs has checked that they are the shards the features came from
+    return load_shard_set(source, verify=False, kind="images")
+
+
 def feature_encoder_weights(model_inputs: ShardSet, model: ModelConfig) -> list | None:
     """The weights of the frozen encoder that computed `model_inputs` (None for images).
 

@@ -41,7 +41,7 @@ from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import SelfCriticalTrainer, advantages
 from caption_pipeline.params import from_params, require
 from caption_pipeline.text import Vocabulary, tokenize
-from caption_pipeline.training import Checkpoints
+from caption_pipeline.training import Checkpoints, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,6 @@ def _model_inputs(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key in ("features", "image")}
 
 
-def _weights_digest(model: keras.Model) -> str:
-    digest = hashlib.sha256()
-    for weights in model.get_weights():
-        digest.update(np.ascontiguousarray(weights).tobytes())
-    return digest.hexdigest()[:16]
-
-
 class _Phase:
     """The compiled functions and scorer of one SCST run."""
 
@@ -169,7 +162,7 @@ def train_self_critical(
     fingerprint = hashlib.sha256(json.dumps(
         [dataclasses.asdict(config) | {"progress": None, "epochs": None,
                                         "checkpoint_dir": None, "keep_checkpoints": None},
-         data_fingerprint, _weights_digest(captioner)], sort_keys=True, default=str,
+         data_fingerprint, weights_digest(captioner)], sort_keys=True, default=str,
     ).encode()).hexdigest()[:16]
     trainer = SelfCriticalTrainer(captioner)
     trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate,

@@ -3,9 +3,9 @@
 kedro-mlflow opens one MLflow run per `kedro run`, logs the parameters that nodes read and the
 datasets the catalog declares as `kedro_mlflow.io.*`. This module adds what it does not do:
 
-- `training_metric_series` / `evaluation_metric_values`: reshape the training history and
-  metrics.json into the {name: [{step, value}, ...]} form that `MlflowMetricsHistoryDataset`
-  logs (one point per epoch, per logged step, or a single value);
+- `training_metric_series` (`fine_tune_metric_series`) / `evaluation_metric_values`: reshape
+  the training history and metrics.json into the {name: [{step, value}, ...]} form that
+  `MlflowMetricsHistoryDataset` logs (one point per epoch, per logged step, or a single value);
 - `MlflowRunHooks`: anchor a relative `sqlite:///` tracking URI at the project root, tag the run
   with the git commit and the DVC hash of the raw data, and record the error of a failed run.
 """
@@ -53,6 +53,13 @@ def training_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> Metric
     if not steps.empty:
         series["loss"] = _points(steps["step"], steps["loss"])
     return {name: points for name, points in series.items() if points}
+
+
+def fine_tune_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> MetricSeries:
+    """The fine-tuning phase's `training_metric_series`, each name prefixed `fine_tune_`
+    (fine_tune_val_xent, fine_tune_loss, ...) beside the cross-entropy phase's in the run."""
+    return {f"fine_tune_{name}": points
+            for name, points in training_metric_series(history, steps).items()}
 
 
 def self_critical_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> MetricSeries:

@@ -170,23 +170,44 @@ def run_fingerprint(model_config: ModelConfig, config: TrainConfig, data: dict) 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# (model, learning-rate schedule, clipnorm) -> the optimizer that trains `model`.
+OptimizerFactory = Callable[[Captioner, Any, float | None], keras.optimizers.Optimizer]
+
+
+def adam(model: Captioner, schedule, clipnorm: float | None) -> keras.optimizers.Optimizer:
+    """The cross-entropy phase's optimizer: one learning rate for every variable."""
+    return keras.optimizers.Adam(schedule, clipnorm=clipnorm)
+
+
 def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_epoch: int,
-                    sample_inputs: dict) -> Captioner:
-    """A compiled Captioner with Adam, exponential decay and gradient clipping."""
+                    sample_inputs: dict, *, optimizer: OptimizerFactory = adam,
+                    initialise: Callable[[Captioner], None] | None = None) -> Captioner:
+    """A compiled Captioner with `optimizer` (Adam), exponential decay and gradient clipping.
+    `initialise(model)`: its starting weights and trainable layers, set before the optimizer
+    is made (and before a checkpoint restore replaces them), since it may change which
+    variables the optimizer trains."""
     keras.mixed_precision.set_global_policy(config.precision)
     model = Captioner(model_config)
+    if initialise is not None:
+        initialise(model)
     schedule = keras.optimizers.schedules.ExponentialDecay(
         config.learning_rate,
         decay_steps=max(1, round(config.lr_decay_epochs * steps_per_epoch)),
         decay_rate=config.lr_decay_rate,
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
-        jit_compile=config.jit_compile,
-    )
+    model.compile(optimizer=optimizer(model, schedule, config.clipnorm),
+                  jit_compile=config.jit_compile)
     model(sample_inputs)  # builds every variable, so that weights can be loaded
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def weights_digest(model: keras.Model) -> str:
+    """A hash of every weight of `model`: what a later phase's checkpoint must start from."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def current_learning_rate(model: Captioner) -> float:
@@ -300,10 +321,15 @@ def train_captioner(
     steps_per_epoch: int,
     data_fingerprint: dict,
     encoder_weights: list | None = None,
+    initialise: Callable[[Captioner], None] | None = None,
+    optimizer: OptimizerFactory = adam,
 ) -> tuple[Captioner, pd.DataFrame, pd.DataFrame]:
     """Train (or resume) and return the model with the best validation xent, the per-epoch
     history and the per-step loss samples. `encoder_weights`: those of the frozen encoder
-    that computed precomputed features, so that the saved model encodes images the same way."""
+    that computed precomputed features, so that the saved model encodes images the same way.
+    `initialise`, `optimizer`: see `build_captioner` (fine-tuning starts from a trained model,
+    with a learning rate of its own for the encoder); `data_fingerprint` must then name the
+    starting weights, so that a checkpoint is resumed only on the same ones."""
     keras.utils.set_random_seed(config.seed)
     config = with_device_defaults(config)
     strategy = make_strategy(config)
@@ -312,7 +338,8 @@ def train_captioner(
     val_mode = "grouped" if config.caption_mode == "grouped" else "all"
     sample_inputs, _ = next(iter(datasets("val", 0, val_mode, False)))
     with _scope(strategy):
-        model = build_captioner(model_config, config, steps_per_epoch, sample_inputs)
+        model = build_captioner(model_config, config, steps_per_epoch, sample_inputs,
+                                optimizer=optimizer, initialise=initialise)
         if encoder_weights is not None:
             model.encoder.set_weights(encoder_weights)
     checkpoints = Checkpoints(config.checkpoint_dir)

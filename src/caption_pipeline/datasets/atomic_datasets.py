@@ -38,7 +38,18 @@ class AtomicJSONDataset(_AtomicSave, JSONDataset):
 
 
 class AtomicCSVDataset(_AtomicSave, CSVDataset):
-    """`pandas.CSVDataset` that never leaves a half-written file."""
+    """`pandas.CSVDataset` that never leaves a half-written file. An empty DataFrame (the
+    history of a phase that is off) is written as an empty file and loads back as one, where
+    pandas would refuse the file ("No columns to parse")."""
+
+    def load(self) -> Any:
+        import pandas as pd
+
+        path = Path(self._filepath)
+        if self._protocol == "file" and self._version is None and path.is_file() and \
+                path.stat().st_size <= 2 and not path.read_text().strip():  # "\n" or "\r\n"
+            return pd.DataFrame()
+        return super().load()
 
 
 class AtomicParquetDataset(_AtomicSave, ParquetDataset):

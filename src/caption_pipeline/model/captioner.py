@@ -19,7 +19,7 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_params
 from caption_pipeline.model.decoder import AttentionDecoder
-from caption_pipeline.model.encoder import ENCODERS, build_encoder
+from caption_pipeline.model.encoder import BATCHNORM, ENCODERS, build_encoder, freeze_batchnorm
 
 PAD_ID = 0
 
@@ -37,6 +37,9 @@ class ModelConfig:
     # None: train the compact CNN end to end, freeze NASNet (its features are then precomputed
     # once per image); conf/base freezes the compact CNN too, after its pretraining.
     encoder_trainable: bool | None = None
+    # A trained encoder's BatchNormalization: train (batch statistics) | frozen (inference mode,
+    # moving statistics and scales fixed; what fine-tuning a pretrained encoder uses)
+    encoder_batchnorm: str = "train"
     compact_filters: tuple[int, ...] = (32, 64, 128, 128)
     compact_pool_last: bool = True  # false: the compact CNN's grid is twice as fine
     embed_dim: int = 128
@@ -50,6 +53,9 @@ class ModelConfig:
         if self.encoder not in ENCODERS:
             raise DataError(f"model.encoder: unknown encoder {self.encoder!r}; "
                             f"expected one of {ENCODERS}")
+        if self.encoder_batchnorm not in BATCHNORM:
+            raise DataError(f"model.encoder_batchnorm: {self.encoder_batchnorm!r}; expected one "
+                            f"of {BATCHNORM}")
         object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
 
     @property
@@ -93,6 +99,8 @@ class Captioner(keras.Model):
         self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights, c.compact_filters,
                                      c.compact_pool_last)
         self.encoder.trainable = c.trains_encoder
+        if c.trains_encoder and c.encoder_batchnorm == "frozen":
+            freeze_batchnorm(self.encoder)  # before any optimizer sees the trainable variables
         _, self.regions, self.feature_dim = self.encoder.output_shape
         self.decoder = AttentionDecoder(c.vocab_size, c.embed_dim, c.attention_dim, c.lstm_units,
                                         c.dropout, c.l2, name="decoder")

@@ -29,6 +29,7 @@ NASNETS = {
     "nasnet_mobile": (keras.applications.NASNetMobile, 224),
 }
 ENCODERS = ("compact", *NASNETS)
+BATCHNORM = ("train", "frozen")  # what training does to the BatchNormalization layers
 
 
 def build_encoder(
@@ -155,6 +156,26 @@ def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...],
         if pool_last or block < len(filters) - 1:
             x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
     return x
+
+
+def freeze_batchnorm(encoder: keras.Model) -> int:
+    """Every BatchNormalization layer of `encoder` (nested models too) made trainable=False,
+    which in Keras 3 is also inference mode: normalised by the moving statistics, which stay as
+    they are, like gamma and beta. Fine-tuning a pretrained encoder in small batches wants this:
+    batch statistics are noisy, and the decoder learnt the features of the learnt statistics
+    (ImageNet's, for NASNet). The number of layers frozen."""
+    frozen = [layer for layer in _nested_layers(encoder)
+              if isinstance(layer, layers.BatchNormalization)]
+    for layer in frozen:
+        layer.trainable = False
+    return len(frozen)
+
+
+def _nested_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):  # NASNet: encoder > backbone > keras.applications
+            yield from _nested_layers(layer)
 
 
 def _to_native_size(images: keras.KerasTensor, size: int) -> keras.KerasTensor:

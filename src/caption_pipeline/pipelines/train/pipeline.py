@@ -3,7 +3,11 @@
 from kedro.pipeline import Node, Pipeline
 
 from caption_pipeline.pipelines.train.nodes import plot_training_curves, train_model
-from caption_pipeline.tracking import self_critical_metric_series, training_metric_series
+from caption_pipeline.tracking import (
+    fine_tune_metric_series,
+    self_critical_metric_series,
+    training_metric_series,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -12,8 +16,9 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 train_model,
                 inputs=["model_inputs", "vocabulary", "caption_table", "params:model",
-                        "params:train", "params:self_critical"],
+                        "params:train", "params:fine_tune", "params:self_critical"],
                 outputs=["captioner", "training_history", "training_steps",
+                         "fine_tune_history", "fine_tune_steps",
                          "self_critical_history", "self_critical_steps"],
                 name="train_captioner",
             ),
@@ -28,6 +33,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["training_history", "training_steps"],
                 outputs="training_metrics",
                 name="log_training_metrics",
+            ),
+            Node(  # the same series of the fine-tuning phase, named fine_tune_*
+                fine_tune_metric_series,
+                inputs=["fine_tune_history", "fine_tune_steps"],
+                outputs="fine_tune_metrics",
+                name="log_fine_tune_metrics",
             ),
             Node(  # SCST's reward, baseline and entropy per step, val CIDEr-D per epoch
                 self_critical_metric_series,
