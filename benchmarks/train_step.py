@@ -4,7 +4,7 @@
     KERAS_BACKEND=jax python benchmarks/train_step.py    # imports no TensorFlow
 
 Options: --configs shapes,coco  --batch 64  --repeats 5  --jit-compile best|true|false|auto
-         --precision float32|mixed_bfloat16|mixed_float16 (the Keras dtype policy of the step)
+         --precision float32,mixed_bfloat16 (Keras dtype policies, each measured in this process)
 
 Two configs: "shapes" (the embedded default: compact CNN trained end to end on 128 px images)
 and "coco" (precomputed NASNetLarge features, 121 x 4032, vocab 10,204, dims 512). Prints one
@@ -137,7 +137,8 @@ def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "fl
         step_times.append(time.perf_counter() - start)
     fractions = [flops / t / 1e9 / rate for t, rate in zip(step_times, matmul_rates)]
     best = min(step_times)
-    return {"precision": precision, "batch": batch, "steps": steps, "input": source, "regions": model.regions,
+    return {"precision": precision, "batch": batch, "steps": steps, "input": source,
+            "regions": model.regions,
             "feature_dim": model.feature_dim, "vocab": c.vocab_size,
             "dims": [c.embed_dim, c.attention_dim, c.lstm_units],
             "params": model.count_params(), "compile_s": round(compile_s, 1),
@@ -157,14 +158,18 @@ def main() -> None:
     parser.add_argument("--jit-compile", default="best", choices=["best", "true", "false", "auto"],
                         help="best: TF_XLA's choice under TensorFlow, compiled under JAX")
     parser.add_argument("--precision", default="float32",
-                        choices=["float32", "mixed_bfloat16", "mixed_float16"])
+                        help="comma-separated: float32, mixed_bfloat16, mixed_float16")
     args = parser.parse_args()
     result = {"backend": keras.backend.backend()}
     for name in args.configs.split(","):
         jit = {"auto": "auto", "true": True, "false": False}.get(args.jit_compile)
         if jit is None:  # best
             jit = TF_XLA[name] if keras.backend.backend() == "tensorflow" else True
-        result[name] = {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit, args.precision)}
+        precisions = args.precision.split(",")
+        runs = {p: {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit, p)}
+                for p in precisions}
+        # One precision: the config's result as before; several: one result per precision.
+        result[name] = runs[precisions[0]] if len(precisions) == 1 else runs
     result["tensorflow_imported"] = "tensorflow" in sys.modules
     print(json.dumps(result))
 
