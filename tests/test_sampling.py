@@ -141,6 +141,11 @@ def test_scst_logs_reward_baseline_entropy_and_resumes_to_the_same_run(tmp_path,
     assert list(history["epoch"]) == [0, 1, 2]
     assert {"reward", "baseline", "entropy", "val_cider"} <= set(history.columns)
     assert list(steps["step"]) == [1, 2, 3, 4] and (steps["entropy"] > 0).all()
+    # The reward's time is part of the step's, and its share per epoch is in the history.
+    assert (0 < steps["reward_seconds"]).all()
+    assert (steps["reward_seconds"] < steps["step_seconds"]).all()
+    assert history["reward_share"].dropna().between(0, 1, inclusive="neither").all()
+    assert history["reward_share"].notna().sum() == 2
     # An interrupted run: one epoch with its checkpoints kept, then the same run to 2 epochs.
     run_scst(tmp_path / "parts", epochs=1, keep=True)
     assert (tmp_path / "parts" / "ckpt" / "latest.json").exists()

@@ -202,6 +202,8 @@ def train_self_critical(
         row = {"epoch": epoch + 1, "step": state.step, "val_cider": phase.val_cider(val),
                **{key: float(np.mean([r[key] for r in rows])) for key in
                   ("reward", "baseline", "advantage", "entropy", "policy_loss")},
+               "reward_share": sum(r["reward_seconds"] for r in rows) / max(
+                   sum(r["step_seconds"] for r in rows), 1e-9),
                "seconds": round(time.perf_counter() - started, 2)}
         state.history.append(row)
         logger.info("SCST epoch %d/%d: %s", epoch + 1, config.epochs,
@@ -221,15 +223,18 @@ def train_self_critical(
 
 def _step(trainer, phase: _Phase, inputs: dict, step: int, config: SelfCriticalConfig) -> dict:
     """One SCST batch: sample, reward, baseline, gradient step; the logged figures."""
+    started = time.perf_counter()
     model_inputs, image_ids = _model_inputs(inputs), inputs["image_id"]
     batch = len(image_ids)
     uniforms = np.random.default_rng([config.seed, step]).random(
         (batch, config.samples, phase.max_length), dtype=np.float32)
     samples = phase.sample({**model_inputs, "uniforms": uniforms})
     ids = keras.ops.convert_to_numpy(samples.ids)  # [B, K, L]
+    scoring = time.perf_counter()
     words = _words(ids.reshape(-1, ids.shape[-1]), phase.vocabulary)
     rewards = phase.score(words, np.repeat(image_ids, config.samples), "train").reshape(
         batch, config.samples)
+    reward_seconds = time.perf_counter() - scoring
     greedy = (phase.greedy_rewards(model_inputs, image_ids, "train")
               if config.baseline == "greedy" else None)
     baseline, advantage = advantages(rewards, config.baseline, greedy)
@@ -242,4 +247,6 @@ def _step(trainer, phase: _Phase, inputs: dict, step: int, config: SelfCriticalC
     return {"step": step + 1, "reward": float(rewards.mean()), "baseline": float(baseline.mean()),
             "advantage": float(advantage.mean()),
             "entropy": float(keras.ops.convert_to_numpy(samples.entropy)),
-            "policy_loss": float(logs["policy_loss"])}
+            "policy_loss": float(logs["policy_loss"]),
+            # the CIDEr-D reward's share of the step (the greedy baseline's scoring excluded)
+            "reward_seconds": reward_seconds, "step_seconds": time.perf_counter() - started}
