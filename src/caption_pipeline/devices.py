@@ -8,9 +8,10 @@
   exact resume: under `mixed_float16` Keras wraps the optimizer in a `LossScaleOptimizer`,
   whose `iterations` does not advance on the overflow steps it skips, and training counts the
   batches done with `iterations` (see the trustworthy-state issue);
-- `float32` everywhere else: on a CPU (measured on this project's 2-core Sapphire Rapids with
-  AMX, benchmarks/train_step.py --precision: docs/benchmarks.md), and on older GPUs, whose
-  only fast half type is float16, which needs that loss scaling.
+- `float32` everywhere else: on a CPU (on a 2-core AMD EPYC with AVX-512 BF16, bfloat16 was
+  0.91x to 1.25x of float32: no consistent gain; benchmarks/train_step.py --precision,
+  docs/benchmarks.md), and on older GPUs, whose only fast half type is float16, which needs
+  that loss scaling.
 
 An explicit `float32`, `mixed_float16` or `mixed_bfloat16` is used as given.
 """

@@ -320,16 +320,15 @@ def train_captioner(
     *,
     steps_per_epoch: int,
     data_fingerprint: dict,
-    encoder_weights: list | None = None,
     initialise: Callable[[Captioner], None] | None = None,
     optimizer: OptimizerFactory = adam,
 ) -> tuple[Captioner, pd.DataFrame, pd.DataFrame]:
     """Train (or resume) and return the model with the best validation xent, the per-epoch
-    history and the per-step loss samples. `encoder_weights`: those of the frozen encoder
-    that computed precomputed features, so that the saved model encodes images the same way.
-    `initialise`, `optimizer`: see `build_captioner` (fine-tuning starts from a trained model,
-    with a learning rate of its own for the encoder); `data_fingerprint` must then name the
-    starting weights, so that a checkpoint is resumed only on the same ones."""
+    history and the per-step loss samples. `initialise`, `optimizer`: see `build_captioner`
+    (the frozen encoder that computed precomputed features gets its weights there, so that the
+    saved model encodes images the same way; fine-tuning starts from a trained model, with a
+    learning rate of its own for the encoder). When `initialise` sets trained weights,
+    `data_fingerprint` must name them, so that a checkpoint is resumed only on the same ones."""
     keras.utils.set_random_seed(config.seed)
     config = with_device_defaults(config)
     strategy = make_strategy(config)
@@ -340,8 +339,6 @@ def train_captioner(
     with _scope(strategy):
         model = build_captioner(model_config, config, steps_per_epoch, sample_inputs,
                                 optimizer=optimizer, initialise=initialise)
-        if encoder_weights is not None:
-            model.encoder.set_weights(encoder_weights)
     checkpoints = Checkpoints(config.checkpoint_dir)
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
     step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))

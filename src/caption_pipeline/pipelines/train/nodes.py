@@ -51,11 +51,14 @@ def train_model(
     # resumes only on the same starting weights).
     later = tuning.enabled or scst.enabled
     xent_config = dataclasses.replace(config, keep_checkpoints=True) if later else config
+    # Features came from a frozen encoder: the captioner carries that very encoder, so that
+    # it encodes images as the features were computed (random-initialised ones included).
+    encoder = feature_encoder_weights(model_inputs, model_config)
     captioner, history, loss_steps = train_captioner(
         caption_datasets(model_inputs, config, model_config.image_size, caption_length),
         model_config, xent_config, steps_per_epoch=steps_per_epoch(model_inputs, config),
         data_fingerprint=fingerprint(model_inputs),
-        encoder_weights=feature_encoder_weights(model_inputs, model_config))
+        initialise=None if encoder is None else (lambda model: model.encoder.set_weights(encoder)))
     tuned_history = tuned_steps = scst_history = scst_steps = pd.DataFrame()
 
     if tuning.enabled:
