@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from caption_pipeline.project import copy_project
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,20 +21,6 @@ KEDRO = str(Path(sys.executable).with_name("kedro"))
 @pytest.fixture
 def project_root() -> Path:
     return PROJECT_ROOT
-
-
-def copy_project(dest: Path) -> Path:
-    """A runnable copy of the Kedro project (config and metadata; the package is installed)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy2(PROJECT_ROOT / name, dest / name)
-    shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    (dest / "conf" / "local").mkdir()
-    (dest / "src").mkdir()  # Kedro checks that the source folder exists; the package is installed
-    for layer in (PROJECT_ROOT / "data").iterdir():
-        if layer.is_dir():
-            (dest / "data" / layer.name).mkdir(parents=True)
-    return dest
 
 
 def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
