@@ -24,7 +24,8 @@ R regions, D feature width, A attention, n LSTM units, m embedding, V vocab, T s
   data that needs no gradient, which costs once (dW only): with precomputed features (coco),
   W_a a_i and the init MLPs on the features, and z = sum alpha a (only d alpha).
   Compact encoder (shapes config, trained end to end): each conv is 2 H W k^2 Cin Cout
-  forward, twice that backward, once for the first conv (its input is the image).
+  forward, twice that backward, once for the first conv (its input is the image); a separable
+  conv (NASNet, fine_tune_step.py) is its depthwise 2 H W k^2 Cin and pointwise 2 H W Cin Cout.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ CONFIGS = {
     "coco": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331, embed_dim=512,
                   attention_dim=512, lstm_units=512), 24, "features"),
 }
+# Precomputed features [R, D]: training builds the decoder alone (`Captioner(feature_shape=)`),
+# as the train pipeline does; NASNetLarge at 331 px gives 11 x 11 regions of 4032.
+FEATURE_SHAPES = {"coco": (121, 4032)}
 
 
 def decoder_flops(R, D, A, n, m, V, T, features_need_grad: bool) -> float:
@@ -64,15 +68,27 @@ def decoder_flops(R, D, A, n, m, V, T, features_need_grad: bool) -> float:
     return per_image + T * per_step
 
 
+CONVOLUTIONS = (layers.Conv2D, layers.SeparableConv2D, layers.DepthwiseConv2D)
+
+
 def encoder_flops(encoder: keras.Model) -> float:
-    """Training FLOPs of the encoder's convolutions per image (0 if it is frozen)."""
+    """Training FLOPs of the encoder's convolutions per image (0 if it is frozen): Conv2D, and
+    (NASNet) the depthwise and pointwise products of SeparableConv2D and DepthwiseConv2D, each
+    at its output's resolution."""
     total = 0.0
-    convs = [layer for layer in _walk(encoder) if isinstance(layer, layers.Conv2D)]
+    convs = [layer for layer in _walk(encoder) if isinstance(layer, CONVOLUTIONS)]
     for index, conv in enumerate(convs):
         _, height, width, _ = conv.output.shape
-        k_h, k_w, c_in, c_out = conv.kernel.shape
-        forward = 2 * height * width * k_h * k_w * c_in * c_out
-        total += forward * (2 if index == 0 else 3)
+        if isinstance(conv, layers.Conv2D):
+            k_h, k_w, c_in, c_out = conv.kernel.shape
+            macs = k_h * k_w * c_in * c_out
+        else:  # depthwise [k_h, k_w, c_in, multiplier]; pointwise [1, 1, c_in * mult, c_out]
+            depthwise = conv.depthwise_kernel if hasattr(conv, "depthwise_kernel") else conv.kernel
+            k_h, k_w, c_in, multiplier = depthwise.shape
+            macs = k_h * k_w * c_in * multiplier
+            if isinstance(conv, layers.SeparableConv2D):
+                macs += conv.pointwise_kernel.shape[2] * conv.pointwise_kernel.shape[3]
+        total += 2 * height * width * macs * (2 if index == 0 else 3)
     return total
 
 
@@ -115,7 +131,7 @@ def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "fl
     """
     kwargs, steps, source = CONFIGS[name]
     keras.mixed_precision.set_global_policy(precision)
-    model = Captioner(ModelConfig(**kwargs))
+    model = Captioner(ModelConfig(**kwargs), feature_shape=FEATURE_SHAPES.get(name))
     # Under mixed_float16, compile wraps Adam in a LossScaleOptimizer, as training does.
     model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
     x, y = synthetic_batch(model, batch, steps, source)

@@ -36,7 +36,13 @@ import pandas as pd
 from caption_pipeline.model import Captioner, ModelConfig, TwoRateAdam, variable_indices
 from caption_pipeline.model.encoder import BATCHNORM
 from caption_pipeline.params import from_params, require
-from caption_pipeline.training import DatasetFactory, TrainConfig, train_captioner, weights_digest
+from caption_pipeline.training import (
+    DatasetFactory,
+    OptimizerFactory,
+    TrainConfig,
+    train_captioner,
+    weights_digest,
+)
 
 
 @dataclass(frozen=True)
@@ -98,17 +104,24 @@ def fine_tune_captioner(
     def initialise(model: Captioner) -> None:
         model.set_weights(start)
 
-    def optimizer(model: Captioner, schedule, clipnorm: float | None) -> TwoRateAdam:
-        encoder = variable_indices(model.trainable_variables, model.encoder.trainable_variables)
-        return TwoRateAdam(schedule, ratio=ratio, scaled=encoder, clipnorm=clipnorm)
-
     # train_captioner's fingerprint has the model (batchnorm included) and `train`'s keys
     fingerprint = {**data_fingerprint, "start_weights": weights_digest(captioner),
                    "encoder_learning_rate": config.encoder_learning_rate}
     return train_captioner(
         datasets, fine_tuned_config(captioner.config, config), config.train_config(train),
         steps_per_epoch=steps_per_epoch, data_fingerprint=fingerprint,
-        initialise=initialise, optimizer=optimizer)
+        initialise=initialise, optimizer=two_rate_optimizer(ratio))
+
+
+def two_rate_optimizer(ratio: float) -> OptimizerFactory:
+    """`train_captioner`'s optimizer for fine-tuning: Adam, the encoder's variables at `ratio`
+    times the decoder's learning rate."""
+
+    def optimizer(model: Captioner, schedule, clipnorm: float | None) -> TwoRateAdam:
+        encoder = variable_indices(model.trainable_variables, model.encoder.trainable_variables)
+        return TwoRateAdam(schedule, ratio=ratio, scaled=encoder, clipnorm=clipnorm)
+
+    return optimizer
 
 
 def fine_tuned_config(model: ModelConfig, config: FineTuneConfig) -> ModelConfig:
