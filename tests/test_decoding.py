@@ -180,6 +180,37 @@ def test_no_beam_reaching_end_stops_at_max_length(search):
     assert (captions.log_probs > -1e3).all()  # <end>'s log p is about -1e4: never taken
 
 
+class StateSpy(StepCounter):
+    """Records the shapes of the state each step receives."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.shapes = set()
+
+    def step(self, words, state):
+        self.shapes.add(tuple(tuple(x.shape) for x in (words, state.features, state.projected,
+                                                        state.h)))
+        return super().step(words, state)
+
+
+def test_searches_hold_each_images_features_once_not_once_per_beam(model, features):
+    """The K beams (or samples) of an image share its features and projection: the step gets
+    them [B, R, .] with the beams' words and h as [B, K, .], never K copies [B*K, R, .]."""
+    from caption_pipeline.model.sampling import sample_captions
+
+    b, r, d = features.shape
+    units, attention = CONFIG.lstm_units, CONFIG.attention_dim
+    for k, run in [(3, lambda spy: beam_search(spy, features, 3, 2)),
+                   (4, lambda spy: sample_captions(spy, features,
+                                                   np.full((b, 4, 2), 0.5, "float32")))]:
+        spy = StateSpy(model)
+        run(spy)
+        assert spy.shapes == {((b, k), (b, r, d), (b, r, attention), (b, k, units))}
+    spy = StateSpy(model)
+    greedy_search(spy, features, 2)  # one caption per image: rows as in training
+    assert spy.shapes == {((b,), (b, r, d), (b, r, attention), (b, units))}
+
+
 def test_an_image_alone_or_repeated_or_among_others_decodes_the_same(model, features, beam3):
     decode = make_decoder(model, DecodeSettings(beam_size=3, alpha=0.7), MAX_LENGTH)
     alone = decode({"features": features[2:3]})

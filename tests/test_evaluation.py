@@ -332,6 +332,19 @@ def test_model_files_load_as_captioners(tmp_path):
         for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
 
+    # A checkpoint of training on features holds the decoder alone: it gets the catalog
+    # captioner's frozen encoder (the one that computed the features).
+    frozen = {**MODEL, "encoder_trainable": False}
+    full = Captioner(ModelConfig(vocab_size=vocab.size, **frozen))
+    decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
+    decoder.save_weights(tmp_path / "decoder.weights.h5")
+    joined = load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab, encoder_of=full)
+    for a, b in zip(joined.get_weights(), full.encoder.get_weights() + decoder.get_weights(),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="holds a decoder trained on precomputed features"):
+        load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab)
+
     with pytest.raises(DataError, match="writes 12 token ids, the vocabulary has 13"):
         load_captioner(str(tmp_path / "model.keras"), MODEL, tiny_vocabulary("abcdefghi"))
     with pytest.raises(DataError, match="step.weights.h5 does not fit the Captioner"):

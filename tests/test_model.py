@@ -84,6 +84,30 @@ def test_step_api_reproduces_the_teacher_forced_pass():
                                    ops.convert_to_numpy(alpha[:, t]), rtol=1e-4, atol=1e-6)
 
 
+def test_k_captions_per_image_step_as_k_copies_of_the_image_do():
+    """A search's step: K hidden states per image [B, K, n] against the image's features and
+    W_a a held once give what the step gives on K copies of the features, one row per caption
+    (how the searches ran before issue 11), and leave the per-image state as it was."""
+    decoder, k = tiny_decoder(), 4
+    state = decoder.init_state(random_features())
+    rng = np.random.default_rng(2)
+    h, c = (rng.standard_normal((B, k, 12)).astype("float32") for _ in range(2))
+    words = rng.integers(3, V, (B, k)).astype("int32")
+    logits, alpha, new = decoder.step(words, state._replace(h=h, c=c))
+    assert tuple(logits.shape) == (B, k, V) and tuple(alpha.shape) == (B, k, R)
+    assert new.features is state.features and new.projected is state.projected
+
+    copies = type(state)(*(np.repeat(ops.convert_to_numpy(x), k, axis=0)
+                           for x in (state.features, state.projected)),
+                         h.reshape(B * k, 12), c.reshape(B * k, 12))
+    flat_logits, flat_alpha, flat = decoder.step(words.reshape(-1), copies)
+    for grouped, rows in [(logits, flat_logits), (alpha, flat_alpha), (new.h, flat.h),
+                          (new.c, flat.c)]:
+        grouped = ops.convert_to_numpy(grouped)
+        np.testing.assert_allclose(grouped.reshape(B * k, -1), ops.convert_to_numpy(rows),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_appended_padding_adds_nothing_to_the_loss():
     model = Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8),
                                   embed_dim=8, attention_dim=8, lstm_units=12))
@@ -155,6 +179,37 @@ def test_weights_and_whole_model_round_trip(tmp_path):
     for other in (fresh, loaded):
         logits, _ = other.teacher_forced(other(x), captions)
         np.testing.assert_array_equal(ops.convert_to_numpy(logits), ops.convert_to_numpy(expected))
+
+
+def test_on_features_the_captioner_is_the_decoder_alone_and_joins_its_encoder(tmp_path):
+    """Trained on precomputed features, a Captioner builds no encoder (NASNetLarge: 85 M
+    parameters it would never run); joined with the encoder of those features, it captions
+    images exactly as the full model with that encoder does."""
+    config = ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
+                         attention_dim=8, lstm_units=12, encoder_trainable=False)
+    encoder_model = Captioner(config)  # its encoder computed the features
+    features = encoder_model.encoder.predict(
+        np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32"), verbose=0)
+    decoder_only = Captioner(config, feature_shape=features.shape[1:])
+    assert decoder_only.encoder is None
+    assert decoder_only.count_params() == decoder_only.decoder.count_params()
+    assert decoder_only.count_params() < encoder_model.count_params()
+    captions = captions_with_padding()
+    expected, _ = decoder_only.teacher_forced(decoder_only({"features": features}), captions)
+    with pytest.raises(DataError, match="no encoder"):
+        decoder_only({"image": np.zeros((B, 16, 16, 3), "float32")})
+
+    decoder_only.save(tmp_path / "decoder.keras")
+    loaded = keras.models.load_model(tmp_path / "decoder.keras")
+    assert loaded.encoder is None and (loaded.regions, loaded.feature_dim) == features.shape[1:]
+    joined = loaded.with_encoder(encoder_model.encoder.get_weights())
+    images = np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32")
+    logits, _ = joined.teacher_forced(joined({"image": images}), captions)
+    np.testing.assert_allclose(ops.convert_to_numpy(logits), ops.convert_to_numpy(expected),
+                               atol=1e-5)
+    with pytest.raises(DataError, match="cannot train its encoder"):
+        Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8)),
+                  feature_shape=(16, 8))
 
 
 def test_config_rejects_unknown_keys_and_encoders():

@@ -141,13 +141,17 @@ def spice_problem(java_version: str) -> str | None:
 # --- captioning -----------------------------------------------------------------------------
 
 
-def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary):
+def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary,
+                   encoder_of=None):
     """The Captioner in `model_path` (for `evaluate.model_path`). Accepted:
 
     * a `.keras` file: a saved Captioner (the `captioner` of the catalog, or a copy of it);
     * a `*.weights.h5` file: weights saved by `Captioner.save_weights`, e.g. a training
       checkpoint `<train.checkpoint_dir>/step-NNNNNNNN/checkpoint.weights.h5` or
       `best.weights.h5`; the architecture comes from `params:model` and the vocabulary size.
+      A checkpoint of training on precomputed features holds the decoder alone: it is joined
+      with the frozen encoder of `encoder_of` (the catalog's captioner, whose encoder computed
+      those features).
     """
     import keras
 
@@ -172,15 +176,37 @@ def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary:
         try:
             model.load_weights(path)
         except Exception as error:  # noqa: BLE001
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise DataError(f"{where} does not fit the Captioner of params:model "
-                            f"({reason})") from None
+            model = _decoder_checkpoint(path, model, encoder_of)
+            if model is None:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+                raise DataError(f"{where} does not fit the Captioner of params:model "
+                                f"({reason})") from None
     else:
         raise DataError(f"{where}: expected a .keras model or a .weights.h5 checkpoint")
     if model.config.vocab_size != vocabulary.size:
         raise DataError(f"{where}: the model writes {model.config.vocab_size} token ids, the "
                         f"vocabulary has {vocabulary.size}: trained with another vocabulary")
     return model
+
+
+def _decoder_checkpoint(path: Path, full, encoder_of):
+    """The decoder-only weights in `path` joined with `encoder_of`'s frozen encoder, or None
+    when `path` does not hold such weights."""
+    from caption_pipeline.model import Captioner
+
+    if full.config.trains_encoder:
+        return None
+    decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
+    try:
+        decoder.load_weights(path)
+    except Exception:  # noqa: BLE001
+        return None
+    where = f"parameters evaluate.model_path: {path}"
+    if encoder_of is None or encoder_of.encoder is None or encoder_of.config.trains_encoder:
+        raise DataError(f"{where} holds a decoder trained on precomputed features; its encoder "
+                        f"is the frozen one of the catalog's captioner, which has none "
+                        f"(it was fine-tuned, or is missing): evaluate a .keras captioner")
+    return decoder.with_encoder(encoder_of.encoder.get_weights())
 
 
 def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,

@@ -182,12 +182,15 @@ def adam(model: Captioner, schedule, clipnorm: float | None) -> keras.optimizers
 def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_epoch: int,
                     sample_inputs: dict, *, optimizer: OptimizerFactory = adam,
                     initialise: Callable[[Captioner], None] | None = None) -> Captioner:
-    """A compiled Captioner with `optimizer` (Adam), exponential decay and gradient clipping.
-    `initialise(model)`: its starting weights and trainable layers, set before the optimizer
-    is made (and before a checkpoint restore replaces them), since it may change which
-    variables the optimizer trains."""
+    """A compiled Captioner with `optimizer` (Adam), exponential decay and gradient clipping;
+    the decoder alone when `sample_inputs` are precomputed features (no encoder runs, so none
+    is built). `initialise(model)`: its starting weights and trainable layers, set before the
+    optimizer is made (and before a checkpoint restore replaces them), since it may change
+    which variables the optimizer trains."""
     keras.mixed_precision.set_global_policy(config.precision)
-    model = Captioner(model_config)
+    features = sample_inputs.get("features")
+    model = Captioner(model_config,
+                      feature_shape=None if features is None else tuple(features.shape[1:]))
     if initialise is not None:
         initialise(model)
     schedule = keras.optimizers.schedules.ExponentialDecay(
@@ -324,10 +327,10 @@ def train_captioner(
     optimizer: OptimizerFactory = adam,
 ) -> tuple[Captioner, pd.DataFrame, pd.DataFrame]:
     """Train (or resume) and return the model with the best validation xent, the per-epoch
-    history and the per-step loss samples. `initialise`, `optimizer`: see `build_captioner`
-    (the frozen encoder that computed precomputed features gets its weights there, so that the
-    saved model encodes images the same way; fine-tuning starts from a trained model, with a
-    learning rate of its own for the encoder). When `initialise` sets trained weights,
+    history and the per-step loss samples: on precomputed features, a decoder-only Captioner
+    (`Captioner.with_encoder` joins it with their encoder). `initialise`, `optimizer`: see
+    `build_captioner` (fine-tuning starts from a trained model, with a learning rate of its
+    own for the encoder). When `initialise` sets trained weights,
     `data_fingerprint` must name them, so that a checkpoint is resumed only on the same ones."""
     keras.utils.set_random_seed(config.seed)
     config = with_device_defaults(config)

@@ -6,6 +6,14 @@ The hidden state enters INSIDE the tanh, so the scores change with every step. (
 per-step scalar outside it, as the reference code did, is cancelled by the softmax and leaves
 the attention constant over time.) W_a a_i does not depend on t: `project` computes it once per
 image, before the time loop; `call` only adds U_h h_{t-1} to it.
+
+A search keeps K hypotheses per image (beams, samples): `call` then takes the K hidden states of
+each image as hidden [B, K, n] against that image's features [B, R, D] and W_a a [B, R, A], held
+once, not K times. The scores broadcast, tanh(W_a a [B, 1, R, A] + U_h h [B, K, 1, A]), and
+z = alpha [B, K, R] x a [B, R, D] is one batched product per image. Why: at COCO size
+(121 x 4032 features, float32) a copy of the features per beam is 375 MB at batch 64, K = 3;
+writing those copies and then reading them at every step cost more than the products
+themselves (docs/benchmarks.md, "Decoding").
 """
 
 from __future__ import annotations
@@ -36,11 +44,16 @@ class SoftAttention(layers.Layer):
         return self.feature_projection(features)
 
     def call(self, features, projected, hidden):
-        """features [B, R, D], projected [B, R, A], hidden [B, n] -> z [B, D], alpha [B, R]."""
-        scores = self.score(ops.tanh(projected + self.hidden_projection(hidden)[:, None, :]))
-        alpha = ops.softmax(scores[..., 0], axis=-1)
-        context = ops.einsum("br,brd->bd", alpha, features)
-        return context, alpha
+        """features [B, R, D], projected [B, R, A], and hidden [B, n] -> z [B, D], alpha [B, R];
+        or hidden [B, K, n], K queries per image -> z [B, K, D], alpha [B, K, R]."""
+        query = self.hidden_projection(hidden)  # U_h h: [B, A] or [B, K, A]
+        if len(hidden.shape) == 2:
+            scores = self.score(ops.tanh(projected + query[:, None, :]))  # [B, R, 1]
+            alpha = ops.softmax(scores[..., 0], axis=-1)
+            return ops.einsum("br,brd->bd", alpha, features), alpha
+        scores = self.score(ops.tanh(projected[:, None, :, :] + query[:, :, None, :]))
+        alpha = ops.softmax(scores[..., 0], axis=-1)  # [B, K, R]
+        return ops.matmul(alpha, features), alpha  # [B, K, R] x [B, R, D]
 
     def get_config(self):
         return {**super().get_config(), "units": self.units,

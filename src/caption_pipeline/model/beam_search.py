@@ -4,6 +4,10 @@ Both are one `keras.ops.while_loop` over decoding steps, with the beams of every
 into the batch dimension ([B*K, ...], image b's beams at rows b*K .. b*K+K-1): the whole batch
 moves one word per iteration, and the loop stops as soon as every beam has emitted <end>, or
 after `max_length` steps. Only `keras.ops`, so the same code runs under TensorFlow and JAX.
+What is per beam is only what differs between beams: words, h, c and the captions so far. The
+image's features [B, R, D] and their attention projection W_a a [B, R, A] are computed once and
+held once; each step hands the model the K beams of an image together ([B, K, ...], see
+`decoder.py`), so no step copies or re-reads the features per beam.
 The functions here are not compiled: the caller compiles them (`caption_pipeline.decoding`
 wraps them in `tf.function` or `jax.jit`); run eagerly they work too, one Python pass a step.
 
@@ -59,17 +63,17 @@ def greedy_search(model, features, max_length: int, alpha: float = 0.0) -> Capti
     """
     check_search_params(1, max_length, alpha)
     state = model.init_state(features)
-    loop = _initial_loop(state, max_length, initial_log_probs=0.0)
+    loop = _initial_loop(state, 1, max_length, initial_log_probs=0.0)
 
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished):
-        logits, alpha_t, new = model.step(words, state._replace(h=h, c=c))
+        logits, alpha_t, h_next, c_next = _step(model, state, 1, words, h, c)
         logp = _allowed_log_probs(logits, finished)  # [B, V]
         words = ops.cast(ops.argmax(logp, axis=-1), "int32")  # [B]
         log_probs = log_probs + ops.take_along_axis(logp, words[:, None], axis=1)[:, 0]
         lengths = ops.where(finished, lengths, t + 1)
         ids, attention = _write(t, ids, attention, words, alpha_t, finished)
         finished = ops.logical_or(finished, ops.equal(words, END_ID))
-        return t + 1, words, new.h, new.c, ids, attention, log_probs, lengths, finished
+        return t + 1, words, h_next, c_next, ids, attention, log_probs, lengths, finished
 
     return _captions(ops.while_loop(_running(max_length), body, loop), 1, alpha)
 
@@ -78,22 +82,24 @@ def beam_search(model, features, beam_size: int, max_length: int,
                 alpha: float = 0.0) -> Captions:
     """The `beam_size` best-scoring captions per image (`Captions` with K = beam_size).
 
-    model: a Captioner (or anything with `init_state` / `step`); features [B, R, D].
+    model: a Captioner (or anything with `init_state` / `step`, whose step takes the K beams of
+    each image as words [B, K] and h, c [B, K, n], as `AttentionDecoder.step` does);
+    features [B, R, D].
     """
     check_search_params(beam_size, max_length, alpha)
     k = beam_size
     batch = ops.shape(features)[0]
-    # Each image's state, projection included, is computed once and then copied to its K beams:
-    # features and projected never change, so they are never reordered either.
+    # Each image's state, projection included, is computed once; only h and c are copied to its
+    # K beams. features and projected never change and are shared by the beams of an image, so
+    # they are never copied or reordered.
     state = model.init_state(features)
-    state = type(state)(*(ops.repeat(x, k, axis=0) for x in state))  # [B*K, ...]
     # Only beam 0 of each image is alive at first: the K copies are the same caption.
     first = ops.tile(ops.array([0.0] + [NEG_INF] * (k - 1), "float32"), [batch])
-    loop = _initial_loop(state, max_length, initial_log_probs=first)
+    loop = _initial_loop(state, k, max_length, initial_log_probs=first)
     offsets = ops.repeat(ops.arange(batch, dtype="int32") * k, k)  # [B*K]: first row of the image
 
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished):
-        logits, alpha_t, new = model.step(words, state._replace(h=h, c=c))
+        logits, alpha_t, h_next, c_next = _step(model, state, k, words, h, c)
         vocab = logits.shape[-1]
         # Every (beam, word) candidate: its sum, length and score; [B*K, V].
         candidate_logp = log_probs[:, None] + _allowed_log_probs(logits, finished)
@@ -111,7 +117,7 @@ def beam_search(model, features, beam_size: int, max_length: int,
                                 ops.take(attention, parents, axis=0), words,
                                 ops.take(alpha_t, parents, axis=0), was_finished)
         finished = ops.logical_or(was_finished, ops.equal(words, END_ID))
-        h, c = ops.take(new.h, parents, axis=0), ops.take(new.c, parents, axis=0)
+        h, c = ops.take(h_next, parents, axis=0), ops.take(c_next, parents, axis=0)
         return t + 1, words, h, c, ids, attention, log_probs, lengths, finished
 
     return _captions(ops.while_loop(_running(max_length), body, loop), k, alpha)
@@ -129,21 +135,49 @@ def check_search_params(beam_size: int, max_length: int, alpha: float) -> None:
 # --- shared by both ---------------------------------------------------------------------------
 
 
-def _initial_loop(state, max_length: int, initial_log_probs):
-    """The loop variables before the first step, for the N rows of `state`:
+def _initial_loop(state, k: int, max_length: int, initial_log_probs):
+    """The loop variables before the first step, for k captions per image of `state` (the
+    model's `init_state` of B images), N = B*k rows, image b's at b*k .. b*k+k-1:
     (t, words, h, c, ids, attention, log_probs, lengths, finished)."""
-    rows, regions = ops.shape(state.h)[0], state.features.shape[1]
+    h, c = state.h, state.c
+    if k > 1:  # only h and c are per caption; features and projected stay per image
+        h, c = ops.repeat(h, k, axis=0), ops.repeat(c, k, axis=0)  # [N, n]
+    rows, regions = ops.shape(h)[0], state.features.shape[1]
     return (
         ops.convert_to_tensor(0, "int32"),
         ops.full((rows,), START_ID, "int32"),
-        state.h,
-        state.c,
+        h,
+        c,
         ops.full((rows, max_length), PAD_ID, "int32"),
         ops.zeros((rows, max_length, regions), "float32"),
         ops.zeros((rows,), "float32") + initial_log_probs,
         ops.zeros((rows,), "int32"),
         ops.zeros((rows,), "bool"),
     )
+
+
+def _step(model, state, k: int, words, h, c):
+    """One decoding step of the N = B*k rows, k per image of `state`: words [N], h, c [N, n] ->
+    logits [N, V], alpha [N, R], the next h, c [N, n].
+
+    With k > 1 the rows go to the model as [B, k, ...], so that the attention reads each image's
+    features and projection once for its k captions instead of from k copies (reshapes only,
+    no copy). With k = 1 the model sees [B, ...] rows as it does in training: greedy search and
+    beam search with K = 1 run the very same step.
+    """
+    if k == 1:
+        logits, alpha, new = model.step(words, state._replace(h=h, c=c))
+        return logits, alpha, new.h, new.c
+
+    def per_image(x):  # [N, ...] -> [B, k, ...]
+        return ops.reshape(x, (-1, k, *x.shape[1:]))
+
+    def rows(x):  # [B, k, ...] -> [N, ...]
+        return ops.reshape(x, (-1, *x.shape[2:]))
+
+    logits, alpha, new = model.step(per_image(words),
+                                    state._replace(h=per_image(h), c=per_image(c)))
+    return rows(logits), rows(alpha), rows(new.h), rows(new.c)
 
 
 def _running(max_length: int):

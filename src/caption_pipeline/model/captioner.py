@@ -5,6 +5,11 @@ Keras passes the captions to `compute_loss` only, not to `call`, so the forward 
 the encoder), and `compute_loss` runs the teacher-forced decoder on them. `fit` therefore takes
 the reader's batches as they are, `({"image": [B, S, S, 3]} or {"features": [B, R, D]},
 captions [B, T])`, with the same code under TensorFlow and JAX.
+
+A Captioner trained on precomputed features has no encoder (`feature_shape=(R, D)`): a frozen
+NASNetLarge is 85 M parameters, 340 MB in every checkpoint, that such training never runs. What
+evaluates, serves and exports it is the decoder joined with the encoder the features came from,
+`with_encoder(weights)`: a Captioner from images, with the same decoder weights.
 """
 
 from __future__ import annotations
@@ -92,16 +97,27 @@ def caption_losses(logits, alpha, targets):
 
 @keras.saving.register_keras_serializable(package="caption_pipeline")
 class Captioner(keras.Model):
-    def __init__(self, config: ModelConfig | dict, **kwargs):
+    """`config`'s encoder + attention decoder; with `feature_shape` (R, D), the decoder alone,
+    for precomputed features [B, R, D] of a frozen encoder (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig | dict, feature_shape: tuple[int, int] | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         c = self.config
-        self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights, c.compact_filters,
-                                     c.compact_pool_last)
-        self.encoder.trainable = c.trains_encoder
-        if c.trains_encoder and c.encoder_batchnorm == "frozen":
-            freeze_batchnorm(self.encoder)  # before any optimizer sees the trainable variables
-        _, self.regions, self.feature_dim = self.encoder.output_shape
+        if feature_shape is None:
+            self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights,
+                                         c.compact_filters, c.compact_pool_last)
+            self.encoder.trainable = c.trains_encoder
+            if c.trains_encoder and c.encoder_batchnorm == "frozen":
+                freeze_batchnorm(self.encoder)  # before any optimizer sees the trainable ones
+            _, self.regions, self.feature_dim = self.encoder.output_shape
+        else:
+            if c.trains_encoder:
+                raise DataError(f"model.encoder_trainable: a Captioner on precomputed features "
+                                f"cannot train its encoder ({c.encoder})")
+            self.encoder = None
+            self.regions, self.feature_dim = (int(n) for n in feature_shape)
         self.decoder = AttentionDecoder(c.vocab_size, c.embed_dim, c.attention_dim, c.lstm_units,
                                         c.dropout, c.l2, name="decoder")
         # Built now, not on a first call: the decoder runs in compute_loss, which Keras never
@@ -118,6 +134,10 @@ class Captioner(keras.Model):
             return ops.cast(inputs["features"], self.compute_dtype)
         if "image" not in inputs:
             raise DataError(f"Captioner inputs need 'features' or 'image'; got {sorted(inputs)}")
+        if self.encoder is None:
+            raise DataError("this Captioner was trained on precomputed features and has no "
+                            "encoder: join it with the features' encoder (with_encoder) to "
+                            "caption images")
         images = ops.cast(inputs["image"], self.compute_dtype)
         if self.config.trains_encoder:
             return self.encoder(images, training=training)
@@ -159,8 +179,21 @@ class Captioner(keras.Model):
     def step(self, word_ids, state):
         return self.decoder.step(word_ids, state, training=False)
 
+    def with_encoder(self, encoder_weights: list) -> Captioner:
+        """This decoder joined with the frozen encoder of `encoder_weights` (the one that
+        computed its features): a Captioner from images, never fetching pretrained weights."""
+        joined = Captioner(dataclasses.replace(self.config, encoder_weights=None))
+        joined.encoder.set_weights(encoder_weights)
+        if (joined.regions, joined.feature_dim) != (self.regions, self.feature_dim):
+            raise DataError(f"the encoder gives {joined.regions} x {joined.feature_dim} "
+                            f"regions, the decoder was trained on {self.regions} x "
+                            f"{self.feature_dim}")
+        joined.decoder.set_weights(self.decoder.get_weights())
+        return joined
+
     def get_config(self):
         # A saved model holds its encoder's weights: loading it must not fetch or read the
         # weights it was first built from (ImageNet, a file that may be gone).
         config = {**dataclasses.asdict(self.config), "encoder_weights": None}
-        return {**super().get_config(), "config": config}
+        shape = None if self.encoder is not None else [self.regions, self.feature_dim]
+        return {**super().get_config(), "config": config, "feature_shape": shape}

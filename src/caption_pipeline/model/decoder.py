@@ -12,6 +12,11 @@ h_0 and c_0 come from one-layer tanh MLPs of the mean feature. Only the attentio
 update are recurrent. So the teacher-forced pass computes the word half of the LSTM input for
 all steps at once before the loop, and the deep output (with the big [B*T, m] x [m, V] vocabulary
 GEMM) for all steps at once after it; the features are projected for attention once per image.
+
+The step-wise API takes either one caption per image (word_ids [B], h and c [B, n]) or K per
+image (word_ids [B, K], h and c [B, K, n]: a search's beams or samples) against the image's
+features and projection held once; every Dense layer acts on the last axis, so only the
+attention tells the two apart (see `attention.py` for why the features are not copied K times).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ class DecoderState(NamedTuple):
 
     features: object  # [B, R, D]
     projected: object  # [B, R, A], W_a a_i + b
-    h: object  # [B, n]
-    c: object  # [B, n]
+    h: object  # [B, n], or [B, K, n] for K captions per image
+    c: object  # [B, n], or [B, K, n]
 
 
 @keras.saving.register_keras_serializable(package="caption_pipeline")
@@ -90,7 +95,9 @@ class AttentionDecoder(layers.Layer):
                             self.init_h(mean), self.init_c(mean))
 
     def step(self, word_ids, state: DecoderState, training=False):
-        """word_ids [B] (the previous words) -> logits [B, V], alpha [B, R], the next state."""
+        """word_ids [B] (the previous words) -> logits [B, V], alpha [B, R], the next state;
+        with K captions per image, word_ids [B, K] and state.h, state.c [B, K, n] ->
+        logits [B, K, V], alpha [B, K, R]."""
         embedded = self.embedding(word_ids)  # [B, m]
         h, c, context, alpha = self._advance(self.word_gates(embedded), state)
         logits = self._output(embedded, h, context, training)
@@ -117,8 +124,8 @@ class AttentionDecoder(layers.Layer):
     # --- shared by both ----------------------------------------------------------------------
 
     def _advance(self, word_gates, state: DecoderState):
-        """One step. word_gates [B, 4n] (W_e E y_{t-1} + b), state ->
-        h, c [B, n], z_t [B, D] (gated), alpha [B, R]."""
+        """One step. word_gates [B, (K,) 4n] (W_e E y_{t-1} + b), state ->
+        h, c [B, (K,) n], z_t [B, (K,) D] (gated), alpha [B, (K,) R]."""
         context, alpha = self.attention(state.features, state.projected, state.h)
         context = self.gate(state.h) * context  # beta_t z_t
         gates = word_gates + self.context_gates(context) + self.hidden_gates(state.h)

@@ -2,9 +2,9 @@
 
 The same machinery as `beam_search`: one `keras.ops.while_loop` over decoding steps over the
 Captioner's step-wise API, the K samples of every image folded into the batch ([B*K, ...],
-image b's samples at rows b*K .. b*K+K-1), so it compiles the same way (`tf.function` + XLA, or
-`jax.jit`, through `caption_pipeline.decoding.compile_function`) and runs under TensorFlow and
-JAX.
+image b's samples at rows b*K .. b*K+K-1; the image's features and their projection held
+once, as there), so it compiles the same way (`tf.function` + XLA, or `jax.jit`, through
+`caption_pipeline.decoding.compile_function`) and runs under TensorFlow and JAX.
 
 At step t, each running caption n draws its next word from the model's distribution
 p_t(w) = softmax(logits)_w, with <pad> and <start> excluded (as in the searches), by inverse
@@ -37,6 +37,7 @@ from caption_pipeline.model.beam_search import (
     _allowed_log_probs,
     _initial_loop,
     _running,
+    _step,
     _write,
 )
 
@@ -54,20 +55,20 @@ class Samples(NamedTuple):
 def sample_captions(model, features, uniforms) -> Samples:
     """K captions per image drawn from the model.
 
-    model: a Captioner (or anything with `init_state` / `step`); features [B, R, D];
+    model: a Captioner (or anything with `init_state` / `step`, whose step takes K captions per
+    image as [B, K, ...], see `beam_search.beam_search`); features [B, R, D];
     uniforms [B, K, L] in (0, 1): K samples per image, L = max_length decoding steps.
     """
     k, max_length = uniforms.shape[1], uniforms.shape[2]
-    state = model.init_state(features)
-    state = type(state)(*(ops.repeat(x, k, axis=0) for x in state))  # [B*K, ...]
+    state = model.init_state(features)  # per image; h and c are per sample in the loop
     uniforms = ops.reshape(ops.cast(uniforms, "float32"), (-1, max_length))  # [B*K, L]
     t0, words, h, c, ids, attention, log_probs, lengths, finished = _initial_loop(
-        state, max_length, initial_log_probs=0.0)
+        state, k, max_length, initial_log_probs=0.0)
     zero = ops.zeros((), "float32")
     loop = (t0, words, h, c, ids, attention, log_probs, lengths, finished, zero, zero)
 
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished, entropy, tokens):
-        logits, alpha_t, new = model.step(words, state._replace(h=h, c=c))
+        logits, alpha_t, h, c = _step(model, state, k, words, h, c)
         logp = _allowed_log_probs(logits, finished)  # [N, V], -inf where banned
         p = ops.exp(logp)
         cumulative = ops.cumsum(p, axis=-1)
@@ -82,7 +83,7 @@ def sample_captions(model, features, uniforms) -> Samples:
         lengths = ops.where(finished, lengths, t + 1)
         ids, attention = _write(t, ids, attention, words, alpha_t, finished)
         finished = ops.logical_or(finished, ops.equal(words, END_ID))
-        return (t + 1, words, new.h, new.c, ids, attention, log_probs, lengths, finished,
+        return (t + 1, words, h, c, ids, attention, log_probs, lengths, finished,
                 entropy, tokens)
 
     base = _running(max_length)

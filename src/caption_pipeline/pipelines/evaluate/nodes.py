@@ -37,7 +37,7 @@ def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
     settings = EvaluateSettings.from_params(evaluate)
     vocab = Vocabulary.from_dict(vocabulary)
     if settings.model_path:
-        captioner = load_captioner(settings.model_path, model, vocab)
+        captioner = load_captioner(settings.model_path, model, vocab, encoder_of=captioner)
     return {split: caption_split(captioner, vocab, shards, split, settings,
                                  keep_attention=split == "test") for split in SPLITS}
 

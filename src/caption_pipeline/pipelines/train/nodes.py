@@ -51,17 +51,19 @@ def train_model(
     # resumes only on the same starting weights).
     later = tuning.enabled or scst.enabled
     xent_config = dataclasses.replace(config, keep_checkpoints=True) if later else config
-    # Features came from a frozen encoder: the captioner carries that very encoder, so that
-    # it encodes images as the features were computed (random-initialised ones included).
+    # Features came from a frozen encoder: training runs the decoder alone, and the captioner
+    # it returns carries that very encoder, so that it encodes images as the features were
+    # computed (random-initialised ones included).
     encoder = feature_encoder_weights(model_inputs, model_config)
     captioner, history, loss_steps = train_captioner(
         caption_datasets(model_inputs, config, model_config.image_size, caption_length),
         model_config, xent_config, steps_per_epoch=steps_per_epoch(model_inputs, config),
-        data_fingerprint=fingerprint(model_inputs),
-        initialise=None if encoder is None else (lambda model: model.encoder.set_weights(encoder)))
+        data_fingerprint=fingerprint(model_inputs))
     tuned_history = tuned_steps = scst_history = scst_steps = pd.DataFrame()
 
     if tuning.enabled:
+        if captioner.encoder is None:
+            captioner = captioner.with_encoder(encoder)
         # The encoder changes: from now on every phase reads images, never the features.
         model_inputs = image_shards(model_inputs)
         phase = dataclasses.replace(tuning, keep_checkpoints=True) if scst.enabled else tuning
@@ -75,6 +77,8 @@ def train_model(
     if scst.enabled:
         _, scst_history, scst_steps = self_critical_phase(
             captioner, model_inputs, vocab, caption_table, scst, fingerprint(model_inputs))
+    if captioner.encoder is None:
+        captioner = captioner.with_encoder(encoder)
     for ran, keep, folder in ((later, config.keep_checkpoints, config.checkpoint_dir),
                               (tuning.enabled and scst.enabled, tuning.keep_checkpoints,
                                tuning.checkpoint_dir)):
