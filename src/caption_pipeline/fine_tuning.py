@@ -119,7 +119,7 @@ def two_rate_optimizer(ratio: float) -> OptimizerFactory:
 
     def optimizer(model: Captioner, schedule, clipnorm: float | None) -> TwoRateAdam:
         encoder = variable_indices(model.trainable_variables, model.encoder.trainable_variables)
-        return TwoRateAdam(schedule, ratio=ratio, scaled=encoder, clipnorm=clipnorm)
+        return TwoRateAdam(schedule, ratio=ratio, scaled=encoder, global_clipnorm=clipnorm)
 
     return optimizer
 

@@ -13,8 +13,10 @@ Per batch of B images (precomputed features or images, whichever the cross-entro
 After each epoch the greedy captions of the val split are scored with the same CIDEr-D, and the
 weights with the best val CIDEr-D are kept; "epoch 0" is the cross-entropy model itself, so the
 phase never returns a model that val says is worse, and the history shows SCST's val gain.
-Checkpoints (weights + optimizer, `state.json`) are `training.Checkpoints`: a killed run
-resumes at its last one, skipping exactly the batches it had done.
+Checkpoints (weights + optimizer, dropout RNG state, `state.json`) are `training.Checkpoints`:
+a killed run resumes at its last one, skipping exactly the batches it had done, with the
+dropout masks an unbroken run would have drawn. The optimizer is `training.adam`: `clipnorm`
+is the global norm of all gradients.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import SelfCriticalTrainer, advantages
 from caption_pipeline.params import from_params, require
 from caption_pipeline.text import Vocabulary, tokenize
-from caption_pipeline.training import Checkpoints, weights_digest
+from caption_pipeline.training import CHECKPOINT_FORMAT, Checkpoints, adam, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class SelfCriticalConfig:
     samples: int = 5  # K captions sampled per image
     baseline: str = "greedy"  # greedy (Rennie) | mean (Luo: mean of the other samples)
     learning_rate: float = 5e-5
-    clipnorm: float | None = 5.0
+    clipnorm: float | None = 5.0  # global norm of all gradients (`TrainConfig.clipnorm`)
     max_length: int | None = None  # decoding steps, <end> included; None: longest caption + 1
     max_steps_per_epoch: int | None = None
     checkpoint_dir: str = "data/06_models/checkpoints_scst"
@@ -162,11 +164,11 @@ def train_self_critical(
     fingerprint = hashlib.sha256(json.dumps(
         [dataclasses.asdict(config) | {"progress": None, "epochs": None,
                                         "checkpoint_dir": None, "keep_checkpoints": None},
-         data_fingerprint, weights_digest(captioner)], sort_keys=True, default=str,
+         data_fingerprint, weights_digest(captioner), CHECKPOINT_FORMAT], sort_keys=True,
+        default=str,
     ).encode()).hexdigest()[:16]
     trainer = SelfCriticalTrainer(captioner)
-    trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate,
-                                                    clipnorm=config.clipnorm))
+    trainer.compile(optimizer=adam(trainer, config.learning_rate, config.clipnorm))
     trainer.optimizer.build(trainer.trainable_variables)
     phase = _Phase(captioner, vocabulary, references, config, max_length)
     val = datasets("val", 0, False)

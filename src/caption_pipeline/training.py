@@ -1,14 +1,34 @@
 """Training: fit the Captioner on shards, with checkpoints that survive `kill -9`.
 
-`model.fit` runs one epoch per call, so that a resumed run can start in the middle of an
-epoch: the global step (the optimizer's iteration count, restored with the weights) says which
-epoch it is in and how many of that epoch's batches are already done. An epoch's batches are a
-function of (seed, epoch) alone, so the resumed run skips exactly those and goes on.
+A run killed and resumed ends with the same weights and history, bit for bit, as one nobody
+killed (tests/test_exact_resume.py, float32 and mixed_float16). What that takes:
 
-A checkpoint is a folder `step-NNNNNNNN/` holding the weights (model and optimizer state) and
-`state.json` (history, early-stopping state). It is written under a temporary name and renamed,
-then `latest.json` is pointed at it (also atomically). A folder that `latest.json` does not name
-is never read, so a kill at any moment leaves the previous checkpoint in charge.
+* `model.fit` runs one epoch per call, so that a resumed run can start in the middle of an
+  epoch. `TrainState` counts the batches itself (epoch, batches done in it, global step): the
+  optimizer's `iterations` cannot be trusted for it, since under mixed_float16 Keras wraps it in
+  a LossScaleOptimizer whose count skips the steps whose gradients overflowed. An epoch's
+  batches are a function of (seed, epoch) alone, so the resumed run skips exactly those.
+* An epoch is read to its end, not for a precomputed number of steps: `bucket_boundaries`
+  make up to one partial batch per bucket, more than ceil(N / B), and a `.repeat()`ed dataset
+  cut at ceil(N / B) steps silently dropped the rest every epoch. `steps_per_epoch` is left to
+  the learning-rate schedule (and `max_steps_per_epoch` to a `take`).
+* A checkpoint knows whether its epoch was validated (`state.epoch` moves on only after its
+  history row): one written at an epoch's last step, before validation, resumes with no batch
+  to train and that epoch's validation, not with the next epoch (which lost the epoch's
+  history row, best weights and early-stopping count). Validation runs after `fit`, with
+  `evaluate`, so that it is the same call whether or not the epoch was resumed.
+* The checkpoint holds what the weights file does not: the state of every dropout
+  `SeedGenerator` (Keras tracks them apart from the weights, and `set_random_seed` restarts
+  them) and the train metrics' running totals, so that a resumed epoch's train loss is the
+  mean over all its batches, summed in the order an unbroken run sums them.
+
+A checkpoint is a folder `step-NNNNNNNN-<unique>/` holding the weights (model and optimizer
+state), `variables.npz` (RNG and metric state) and `state.json` (history, counters,
+early-stopping state). It is written under a temporary name and renamed to a name no other
+folder has (never replacing one: that takes two renames, and a kill between them leaves no
+folder under the name), then `latest.json` is pointed at it atomically, then the older folders
+are deleted. A folder that `latest.json` does not name is never read (and is deleted on
+resume), so a kill at any instruction leaves one complete checkpoint in charge.
 """
 
 from __future__ import annotations
@@ -21,6 +41,8 @@ import logging
 import math
 import shutil
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +69,11 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("default", "mirrored", "multi_worker")
 LATEST = "latest.json"
 BEST_WEIGHTS = "best.weights.h5"
+WEIGHTS = "checkpoint.weights.h5"
+VARIABLES = "variables.npz"
+# In the run fingerprint: checkpoints of an older layout (which counted optimizer iterations
+# and clipped each variable's gradient alone) are started afresh rather than misread.
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,10 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_decay_rate: float = 1.0  # exponential decay, multiplied in every `lr_decay_epochs`
     lr_decay_epochs: float = 1.0
+    # The largest global norm of all the gradients together (Keras' `global_clipnorm`): a
+    # gradient over it is scaled down as a whole, keeping its direction. Not Keras' own
+    # `clipnorm`, which clips every variable's gradient on its own and so changes the
+    # direction; the key keeps its name so that parameter files stay valid.
     clipnorm: float | None = 5.0
     early_stopping_patience: int | None = 3  # epochs without a better val xent; None = off
     checkpoint_dir: str = "data/06_models/checkpoints"
@@ -107,6 +138,10 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped_early: bool = False
+    # Counted here, not read from the optimizer (see the module docstring).
+    step: int = 0  # batches trained, all epochs
+    epoch: int = 0  # the epoch in progress, from 0
+    batch: int = 0  # its batches done (all of them: trained, not yet validated)
 
 
 # A function (split, epoch, caption_mode, shuffle) -> tf.data.Dataset of batches.
@@ -166,17 +201,20 @@ def run_fingerprint(model_config: ModelConfig, config: TrainConfig, data: dict) 
     ignored = {"checkpoint_dir", "keep_checkpoints", "progress", "epochs",
                "early_stopping_patience", "log_every_steps", "checkpoint_every_steps"}
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
-    blob = json.dumps([dataclasses.asdict(model_config), train, data], sort_keys=True, default=str)
+    blob = json.dumps([dataclasses.asdict(model_config), train, data, CHECKPOINT_FORMAT],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# (model, learning-rate schedule, clipnorm) -> the optimizer that trains `model`.
+# (model, learning-rate schedule, clipnorm) -> the optimizer that trains `model`; clipnorm is
+# the global norm (`TrainConfig.clipnorm`), passed to Keras as `global_clipnorm`.
 OptimizerFactory = Callable[[Captioner, Any, float | None], keras.optimizers.Optimizer]
 
 
 def adam(model: Captioner, schedule, clipnorm: float | None) -> keras.optimizers.Optimizer:
-    """The cross-entropy phase's optimizer: one learning rate for every variable."""
-    return keras.optimizers.Adam(schedule, clipnorm=clipnorm)
+    """The cross-entropy phase's optimizer: one learning rate for every variable, gradients
+    clipped to a global norm of `clipnorm`."""
+    return keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
 
 
 def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_epoch: int,
@@ -218,9 +256,27 @@ def current_learning_rate(model: Captioner) -> float:
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
+def extra_variables(model: keras.Model) -> list:
+    """What a checkpoint keeps besides `save_weights`: the state of every `SeedGenerator`
+    (dropout masks; Keras keeps them out of the weights) and of every metric (running totals),
+    in `model.variables` order, which is the same for every model of one configuration."""
+    seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    return seeds + metric_variables(model)
+
+
+def metric_variables(model: keras.Model) -> list:
+    return [v for metric in model.metrics for v in metric.variables]
+
+
+def metric_results(model: keras.Model) -> dict[str, float]:
+    """The model's metrics as `fit` logs them at an epoch's end."""
+    return {m.name: float(keras.ops.convert_to_numpy(m.result())) for m in model.metrics}
+
+
 class Checkpoints:
-    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge.
-    `state_type`: the dataclass of `state.json` (`TrainState`; SCST has its own)."""
+    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge
+    (see the module docstring). `state_type`: the dataclass of `state.json` (`TrainState`;
+    SCST has its own)."""
 
     def __init__(self, root: str | Path, state_type: type = TrainState):
         self.root = Path(root)
@@ -232,27 +288,41 @@ class Checkpoints:
             return None
         try:
             folder = self.root / json.loads(pointer.read_text())["checkpoint"]
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"{pointer}: not a checkpoint pointer ({error})") from None
         if not (folder / "state.json").exists():
             raise DataError(f"{pointer} names {folder.name}, which is incomplete or missing")
         return folder
 
     def save(self, model: keras.Model, state, step: int) -> Path:
-        name = f"step-{step:08d}"
+        # A unique name: the folder is renamed once into place, never over another one.
+        name = f"step-{step:08d}-{uuid.uuid4().hex[:8]}"
         with atomic_directory(self.root / name) as tmp:
-            model.save_weights(tmp / "checkpoint.weights.h5")
+            model.save_weights(tmp / WEIGHTS)
+            np.savez(tmp / VARIABLES, *[keras.ops.convert_to_numpy(v)
+                                        for v in extra_variables(model)])
             atomic_write_json(tmp / "state.json", dataclasses.asdict(state) | {"step": step})
+        self._point_at(name, step)
+        self._remove_unnamed(name)
+        return self.root / name
+
+    def _point_at(self, name: str, step: int) -> None:
+        """The instant the new checkpoint takes charge: one atomic rename of `latest.json`."""
         atomic_write_json(self.root / LATEST, {"checkpoint": name, "step": step})
+
+    def _remove_unnamed(self, name: str | None) -> None:
+        """Delete the checkpoint folders other than `name`: older ones, and those a kill left
+        before `latest.json` named them."""
         for old in self.root.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old)
-        return self.root / name
 
     def restore(self, model: keras.Model, fingerprint: str):
         """Load the latest checkpoint into `model` if it belongs to this run, else None."""
         remove_stale_temporaries(self.root)
         folder = self.latest()
+        if self.root.exists():
+            self._remove_unnamed(folder and folder.name)
         if folder is None:
             return None
         saved = json.loads((folder / "state.json").read_text())
@@ -261,7 +331,18 @@ class Checkpoints:
                            folder)
             self.clear()
             return None
-        model.load_weights(folder / "checkpoint.weights.h5")
+        model.load_weights(folder / WEIGHTS)
+        variables = extra_variables(model)
+        if not (folder / VARIABLES).exists():
+            raise DataError(f"{folder / VARIABLES} is missing: a checkpoint is incomplete")
+        with np.load(folder / VARIABLES) as arrays:
+            values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        if len(values) != len(variables) or any(
+                value.shape != tuple(v.shape) for value, v in zip(values, variables)):
+            raise DataError(f"{folder / VARIABLES}: {len(values)} RNG and metric variables, "
+                            f"the model has {len(variables)} (another model?)")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
         known = {f.name for f in dataclasses.fields(self.state_type)}
         return self.state_type(**{k: v for k, v in saved.items() if k in known})
 
@@ -293,18 +374,32 @@ class OneEpoch(keras.callbacks.Callback):
 
 
 class _StepCheckpoint(keras.callbacks.Callback):
-    """Saves a checkpoint every N global steps and samples the per-step loss."""
+    """Counts the batches, samples the per-step loss, and checkpoints every N steps.
+    `metrics`: the train metrics' totals of a resumed epoch, put back after `fit` resets them.
 
-    def __init__(self, checkpoints: Checkpoints, state: TrainState, config: TrainConfig):
+    A checkpoint of an epoch's last step (written before its validation) resumes with no batch
+    left to train: `fit` then trains none, the restored totals are the epoch's train metrics,
+    and the epoch is validated, as an unbroken run validates it."""
+
+    def __init__(self, checkpoints: Checkpoints, state: TrainState, config: TrainConfig,
+                 metrics: list | None = None):
         super().__init__()
         self.checkpoints, self.state, self.config = checkpoints, state, config
+        self.metrics = metrics
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.metrics is not None:
+            for variable, value in zip(metric_variables(self.model), self.metrics):
+                variable.assign(value)
+            self.metrics = None
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if logs and step % self.config.log_every_steps == 0:
-            self.state.steps.append({"step": step, "loss": float(logs["loss"])})
-        if step % self.config.checkpoint_every_steps == 0:
-            self.checkpoints.save(self.model, self.state, step)
+        self.state.step += 1
+        self.state.batch += 1
+        if logs and self.state.step % self.config.log_every_steps == 0:
+            self.state.steps.append({"step": self.state.step, "loss": float(logs["loss"])})
+        if self.state.step % self.config.checkpoint_every_steps == 0:
+            self.checkpoints.save(self.model, self.state, self.state.step)
 
 
 @contextlib.contextmanager
@@ -344,36 +439,37 @@ def train_captioner(
                                 optimizer=optimizer, initialise=initialise)
     checkpoints = Checkpoints(config.checkpoint_dir)
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
-    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    first_epoch, done_in_epoch = divmod(step, steps_per_epoch)
-    if step:
-        logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)",
-                    step, first_epoch + 1, done_in_epoch)
-    callback = _StepCheckpoint(checkpoints, state, config)
+    if state.step:
+        logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)", state.step,
+                    state.epoch + 1, state.batch)
     val = datasets("val", 0, val_mode, False)
 
-    for epoch in range(first_epoch, config.epochs):
-        if state.stopped_early:
-            break
-        remaining = steps_per_epoch - (done_in_epoch if epoch == first_epoch else 0)
-        # Batches are a function of (seed, epoch): skipping the done ones resumes exactly.
-        train = datasets("train", epoch, config.caption_mode, True).repeat()
-        train = train.skip(steps_per_epoch - remaining)
+    while state.epoch < config.epochs and not state.stopped_early:
+        epoch = state.epoch
         started = time.perf_counter()
+        # A resumed epoch's metric totals, which `fit` resets: the restored ones.
+        totals = ([keras.ops.convert_to_numpy(v) for v in metric_variables(model)]
+                  if state.batch else None)
+        callback = _StepCheckpoint(checkpoints, state, config, totals)
+        # Batches are a function of (seed, epoch): skipping the done ones resumes exactly.
+        train = datasets("train", epoch, config.caption_mode, True)
+        if config.max_steps_per_epoch:
+            train = train.take(config.max_steps_per_epoch)
         # epochs=config.epochs, stopped after this one: the progress bar reads "Epoch 3/7".
-        logs = model.fit(
-            train, epochs=config.epochs, initial_epoch=epoch, steps_per_epoch=remaining,
-            validation_data=val, callbacks=[callback, OneEpoch()],
-            verbose=1 if config.progress else 0,
-        ).history
+        with warnings.catch_warnings():  # an epoch ends when its data does, on purpose
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            model.fit(train.skip(state.batch), epochs=config.epochs, initial_epoch=epoch,
+                      callbacks=[callback, OneEpoch()], verbose=1 if config.progress else 0)
+            train_logs = metric_results(model)
+            val_logs = model.evaluate(val, verbose=0, return_dict=True)
         row = {
             "epoch": epoch + 1,
-            "step": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-            "train_loss": logs["loss"][-1],
-            "train_xent": logs["xent"][-1],
-            "val_loss": logs["val_loss"][-1],
-            "val_xent": logs["val_xent"][-1],
-            "val_perplexity": float(np.exp(logs["val_xent"][-1])),
+            "step": state.step,
+            "train_loss": train_logs["loss"],
+            "train_xent": train_logs["xent"],
+            "val_loss": val_logs["loss"],
+            "val_xent": val_logs["xent"],
+            "val_perplexity": float(np.exp(val_logs["xent"])),
             "learning_rate": current_learning_rate(model),
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -389,7 +485,8 @@ def train_captioner(
             if patience is not None and state.bad_epochs >= patience:
                 state.stopped_early = True
                 logger.info("Early stopping: val xent has not improved for %d epochs", patience)
-        checkpoints.save(model, state, row["step"])
+        state.epoch, state.batch = epoch + 1, 0
+        checkpoints.save(model, state, state.step)
 
     if checkpoints.load_best(model):
         logger.info("Keeping the weights of epoch %d (best val xent %.4f)",
