@@ -1,4 +1,5 @@
-"""Export (issue 5): the SavedModel from image bytes to captions, its self-check, TFLite."""
+"""Export (issues 5, 12): the SavedModel from image bytes to captions, its self-check, TFLite,
+and its in-graph preprocessing against the Python (Pillow) path training used."""
 
 from __future__ import annotations
 
@@ -84,18 +85,17 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
 
 
 def test_any_size_and_format_is_resized_as_training_resized(exported):
-    """A 300x200 PNG and JPEG, grey and RGB: in-graph decoding + Lanczos equals Pillow's
-    LANCZOS resize (what the shard writer did) to within a grey level on average."""
+    """A 300x200 PNG and JPEG, grey and RGB: in-graph decoding, resize and JPEG round trip
+    give exactly the Python path's pixels (decode_image -> encode_jpeg -> the reader)."""
     import tensorflow as tf
 
-    from caption_pipeline.export import decode_images
+    from caption_pipeline.export import decode_images, python_pixels
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (25, 38, 3), np.uint8)).resize(
         (300, 200), Image.Resampling.BICUBIC)
-    expected = np.asarray(image.resize((128, 128), Image.Resampling.LANCZOS), np.float32)
-    pixels = decode_images(tf.constant([_png(image)]), 128)[0].numpy()
-    assert np.abs(pixels - expected).mean() < 0.5
+    pixels = decode_images(tf.constant([_png(image)]), 128, 90)[0].numpy()
+    np.testing.assert_array_equal(pixels, python_pixels(_png(image), 128, 90))
     jpeg = io.BytesIO()
     image.save(jpeg, format="JPEG", quality=95)
     out = exported.caption([_png(image), jpeg.getvalue(), _png(image.convert("L"))], 2)
@@ -156,7 +156,7 @@ def test_export_folder_is_replaced_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     class Module:
-        serving_default = caption_beam = caption_pixels = encode_pixels = type(
+        serving_default = caption_beam = caption_pixels = encode_pixels = preprocess_images = type(
             "F", (), {"get_concrete_function": staticmethod(lambda: None)})
 
     monkeypatch.setattr(tf.saved_model, "save", broken_save)
@@ -164,3 +164,186 @@ def test_export_folder_is_replaced_atomically(tmp_path, monkeypatch):
         save_export(ModelExport(Module(), {}), final)
     assert (final / "saved_model.pb").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model", "written"]
+
+
+# --- issue 12: one preprocessing, in the graph and in Python -----------------------------------
+
+TINY_SIZE = 32
+TINY_QUALITY = 85  # not the default 90: the export must carry the shard set's quality
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """(ExportedCaptioner, captioner, vocabulary, decoding) of a real SavedModel saved from a
+    tiny random Captioner (32 px, 8x8 grid), beam sizes 1..2."""
+    import keras
+
+    from caption_pipeline.decoding import DecodeSettings
+    from caption_pipeline.export import ExportedCaptioner, build_module, save_export
+    from caption_pipeline.model import Captioner, ModelConfig
+    from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
+
+    keras.utils.set_random_seed(3)
+    captioner = Captioner(ModelConfig(vocab_size=12, encoder="compact", image_size=TINY_SIZE,
+                                      compact_filters=(8, 8), embed_dim=8, attention_dim=8,
+                                      lstm_units=16))
+    rng = np.random.default_rng(0)
+    # Large decoder weights: captions and scores move with the image.
+    captioner.decoder.set_weights([rng.normal(0.0, 1.0, w.shape).astype("float32")
+                                   for w in captioner.decoder.get_weights()])
+    vocabulary = Vocabulary((*SPECIAL_TOKENS.values(), *"abcdefgh"), {w: 1 for w in "abcdefgh"},
+                            min_count=1, max_caption_length=5)
+    decoding = DecodeSettings(beam_size=2, jit_compile=False)
+    path = tmp_path_factory.mktemp("tiny_export") / "saved_model"
+    save_export(build_module(captioner, vocabulary, decoding, 2, TINY_QUALITY), path)
+    return ExportedCaptioner(path), captioner, vocabulary, decoding
+
+
+def _source_image() -> Image.Image:
+    """A smooth colour image with detail, so that resampling and JPEG differences show."""
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (12, 9, 3), np.uint8)).resize(
+        (90, 120), Image.Resampling.BICUBIC)
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _all_cases() -> dict[str, bytes]:
+    """The self-check's cases, plus every EXIF orientation, GIF, BMP, 16-bit colour PNGs and
+    an upright model-size JPEG (read as a shard image is)."""
+    import tensorflow as tf
+
+    from caption_pipeline.export import preprocessing_cases
+
+    image = _source_image()
+    cases = preprocessing_cases(image, TINY_SIZE)
+    for orientation in range(2, 9):
+        tags = Image.Exif()
+        tags[0x0112] = orientation
+        cases[f"exif_{orientation}_jpeg"] = _encode(image, "JPEG", quality=92,
+                                                    exif=tags.tobytes())
+    cases["gif"] = _encode(image.convert("P"), "GIF")
+    cases["bmp"] = _encode(image, "BMP")
+    cases["model_size_jpeg"] = _encode(image.resize((TINY_SIZE, TINY_SIZE)), "JPEG")
+    wide = np.random.default_rng(2).integers(0, 65535, (50, 70, 4)).astype(np.uint16)
+    cases["rgba_16_bit_png"] = tf.io.encode_png(wide).numpy()  # Pillow cannot write these
+    cases["rgb_16_bit_png"] = tf.io.encode_png(wide[..., :3]).numpy()
+    return cases
+
+
+def _in_process(captioner, vocabulary, decoding, pixels: np.ndarray):
+    """The in-process model's beams on pixels [B, S, S, 3] (the evaluation's path)."""
+    import tensorflow as tf
+
+    from caption_pipeline.decoding import decode_dataset
+
+    batches = tf.data.Dataset.from_tensor_slices(
+        {"image": pixels, "image_id": np.arange(len(pixels))}).batch(len(pixels))
+    return decode_dataset(captioner, vocabulary, batches, decoding)
+
+
+def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_export):
+    """EXIF-rotated (all 8 orientations, JPEG and PNG), alpha, palette transparency, grey,
+    CMYK, 16-bit, off-size, box-reduced, GIF, BMP: the graph's pixels are the Python path's
+    exactly (0 grey levels apart), and captions and scores equal the in-process model's on
+    the Python pixels."""
+    from caption_pipeline.export import python_pixels
+
+    exported, captioner, vocabulary, decoding = tiny_export
+    cases = _all_cases()
+    names, data = list(cases), list(cases.values())
+    expected = np.stack([python_pixels(d, TINY_SIZE, TINY_QUALITY, n) for n, d in cases.items()])
+    pixels = exported.preprocess(data)
+    assert pixels.shape == (len(names), TINY_SIZE, TINY_SIZE, 3)
+    differ = {n: float(np.abs(pixels[i] - expected[i]).max()) for i, n in enumerate(names)
+              if not np.array_equal(pixels[i], expected[i])}
+    assert differ == {}
+    # The steps are really taken: rotation, compositing and the round trip change pixels.
+    plain = {n: expected[i] for i, n in enumerate(names)}
+    assert np.abs(plain["exif_6_jpeg"] - plain["exif_3_jpeg"]).mean() > 10
+    # The alpha case is transparent at the left: white there, unlike the opaque image.
+    assert plain["alpha_png"][:, 0].mean() > 240 > plain["off_size_jpeg"][:, 0].mean()
+    reference = _in_process(captioner, vocabulary, decoding, expected)
+    out = exported.caption(data)
+    for i, ref in enumerate(reference):
+        assert list(out["captions"][i]) == ref.captions, names[i]
+        np.testing.assert_allclose(out["scores"][i], ref.scores, atol=1e-5, err_msg=names[i])
+
+
+def test_exif_orientation_and_alpha_are_read_from_the_bytes(tiny_export):
+    """The same picture stored rotated with an EXIF tag, or with a transparent border, is
+    captioned as the upright, white-bordered one (what ingestion made of it)."""
+    exported, *_ = tiny_export
+    image = _source_image()
+    upright = _encode(image, "PNG")
+    for orientation, transpose in ((6, Image.Transpose.ROTATE_90),
+                                   (8, Image.Transpose.ROTATE_270),
+                                   (3, Image.Transpose.ROTATE_180)):
+        tags = Image.Exif()
+        tags[0x0112] = orientation
+        stored = _encode(image.transpose(transpose), "PNG", exif=tags.tobytes())
+        np.testing.assert_array_equal(*exported.preprocess([stored, upright]))
+    framed = Image.new("RGBA", (110, 140), (0, 0, 0, 0))  # transparent black
+    framed.paste(image, (10, 10))
+    on_white = Image.new("RGB", framed.size, "white")
+    on_white.paste(image, (10, 10))
+    np.testing.assert_array_equal(*exported.preprocess([_encode(framed, "PNG"),
+                                                        _encode(on_white, "PNG")]))
+
+
+def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_export,
+                                                                        monkeypatch):
+    """check_preprocessing passes on the real export with 0 grey levels of difference, and
+    names the case when the graph and the Python path part (here: a Python path that forgets
+    the EXIF orientation)."""
+    from caption_pipeline import export as export_module
+    from caption_pipeline.export import PIXEL_TOLERANCE, check_preprocessing
+
+    exported, captioner, vocabulary, decoding = tiny_export
+    jpeg = _encode(_source_image().resize((TINY_SIZE, TINY_SIZE)), "JPEG")
+    report = check_preprocessing(exported, captioner, vocabulary, decoding, jpeg)
+    assert {"off_size_jpeg", "large_jpeg", "exif_rotated_jpeg", "exif_rotated_png",
+            "grey_jpeg", "grey_png", "cmyk_jpeg", "alpha_png", "palette_transparency_png",
+            "grey_16_bit_png"} <= set(report["cases"])
+    assert report["images"] == report["equal"] == len(report["cases"])
+    assert PIXEL_TOLERANCE == 0
+    assert all(d["max"] == 0 for d in report["cases"].values())
+
+    real = export_module.python_pixels
+
+    def no_exif(data, size, quality, name="<bytes>"):
+        if name.startswith("exif"):
+            image = Image.open(io.BytesIO(data))
+            return real(_encode(image.convert("RGB"), "PNG"), size, quality, name)
+        return real(data, size, quality, name)
+
+    monkeypatch.setattr(export_module, "python_pixels", no_exif)
+    with pytest.raises(DataError, match=r"preprocessing.*exif_rotated_jpeg"):
+        check_preprocessing(exported, captioner, vocabulary, decoding, jpeg)
+
+
+def test_export_json_records_the_shards_jpeg_quality(tiny_export):
+    exported, *_ = tiny_export
+    assert exported.info["jpeg_quality"] == TINY_QUALITY
+    assert "preprocess_images" in exported.info["signatures"]
+
+
+def test_unsupported_images_are_refused_with_a_clear_error(tiny_export):
+    """WebP, TIFF, a transparent GIF, a truncated JPEG: a DataError naming the image and the
+    problem, from the SavedModel itself (no Pillow in front of it)."""
+    exported, *_ = tiny_export
+    image = _source_image()
+    good = _encode(image, "PNG")
+    for fmt in ("WEBP", "TIFF"):
+        with pytest.raises(DataError, match=r"image 1 is not a JPEG, PNG, GIF or BMP image"):
+            exported.caption([good, _encode(image, fmt)])
+    transparent = _encode(image.convert("P"), "GIF", transparency=0)
+    with pytest.raises(DataError, match=r"image 0 is a GIF with transparency.*convert it to PNG"):
+        exported.preprocess([transparent])
+    truncated = _encode(image, "JPEG")[:40]
+    with pytest.raises(DataError, match=r"images: .*JPEG"):
+        exported.caption([truncated])

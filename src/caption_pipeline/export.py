@@ -1,10 +1,12 @@
 """Export: the trained Captioner as one TensorFlow SavedModel from encoded image bytes to
 captions, its TFLite conversion, the self-check, and the loader the CLI and server use.
 
-The SavedModel holds the whole path in one graph: image decoding and resizing (as training
-saw its images), the encoder, the decoder and the search, with the vocabulary as a constant;
-serving needs TensorFlow and nothing of this package. Signatures (B images, K beams, L steps,
-an H x W grid of regions):
+The SavedModel holds the whole path in one graph: the preprocessing training's images went
+through (`image_graph`: EXIF orientation, alpha over white, 16-bit and CMYK to 8-bit RGB,
+Pillow's box reduction + Lanczos resize, the shard set's JPEG round trip), the encoder, the
+decoder and the search, with the vocabulary as a constant; serving needs TensorFlow and
+nothing of this package, and no client has to preprocess anything. Signatures (B images,
+K beams, L steps, an H x W grid of regions):
 
   serving_default(images: string [B])                        the default beam size
   caption_beam(images: string [B], beam_size: int32 [])       any beam size in 1..max_beam_size
@@ -13,6 +15,8 @@ an H x W grid of regions):
                                                               (what the TFLite model runs)
   encode_pixels(pixels: float32 [B, S, S, 3])                 the encoder alone: regions
                                                               float32 [B, R, D]
+  preprocess_images(images: string [B])                       the preprocessing alone:
+                                                              pixels float32 [B, S, S, 3]
 
   outputs  caption    string  [B]               the best caption
            captions   string  [B, K]            every beam's caption, best first
@@ -24,16 +28,28 @@ an H x W grid of regions):
 
 A beam size is a static shape of the search (the beams are folded into the batch), so
 `caption_beam` holds one traced search per size and picks one with `tf.switch_case`.
-`assets.extra/export.json` describes the export (image size, grid, beam sizes, vocabulary) for
-Python clients; the graph itself does not need it.
+`assets.extra/export.json` describes the export (image size, JPEG quality, grid, beam sizes,
+vocabulary) for Python clients; the graph itself does not need it.
+
+A bad image fails the byte signatures with an InvalidArgumentError naming the image and the
+problem ("image 1 is not a JPEG, PNG, GIF or BMP image ...", "image 0 is a GIF with
+transparency ...", or the decoder's "Invalid JPEG data ..."); `ExportedCaptioner` raises it
+as a DataError.
+The export self-check (`check_preprocessing`) feeds Pillow-made off-size, EXIF-rotated, grey,
+CMYK, palette, alpha and 16-bit images to the SavedModel and to the Python path
+(`python_pixels`: `images.decode_image` -> `images.encode_jpeg` -> the reader) and requires
+equal pixels (measured: bit-exact, see `image_graph`) and equal captions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +59,8 @@ import numpy as np
 
 from caption_pipeline.atomic import atomic_directory
 from caption_pipeline.errors import DataError
+from caption_pipeline.image_graph import decode_images
+from caption_pipeline.images import JPEG_QUALITY
 from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
@@ -52,6 +70,7 @@ INFO_FILE = "assets.extra/export.json"
 BEAM_SIGNATURE = "caption_beam"
 PIXELS_SIGNATURE = "caption_pixels"
 ENCODER_SIGNATURE = "encode_pixels"
+PREPROCESS_SIGNATURE = "preprocess_images"
 DEFAULT_SIGNATURE = "serving_default"
 # Outputs of the TFLite model (the `caption_pixels` signature), sorted by name.
 TFLITE_OUTPUTS = ("attention", "ids", "lengths", "log_probs", "scores", "tokens")
@@ -96,12 +115,15 @@ def region_grid(captioner) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def build_module(captioner, vocabulary, decoding, max_beam_size: int):
-    """The `tf.Module` with the four signatures of the module docstring over `captioner` (a
+def build_module(captioner, vocabulary, decoding, max_beam_size: int,
+                 jpeg_quality: int = JPEG_QUALITY):
+    """The `tf.Module` with the five signatures of the module docstring over `captioner` (a
     trained Captioner), and its export.json.
 
     vocabulary: a `text.Vocabulary`; decoding: the `decoding.DecodeSettings` whose method,
-    alpha, max length and beam size (the default) the export keeps.
+    alpha, max length and beam size (the default) the export keeps; jpeg_quality: the quality
+    the image shards were written with (their manifest's params.jpeg_quality), repeated in
+    the graph's JPEG round trip.
     """
     import tensorflow as tf
 
@@ -165,8 +187,14 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int):
             return {"regions": captioner({"image": pixels})}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def preprocess_images(self, images):
+            """What the byte signatures feed the model: pixels [B, S, S, 3] (checks, clients
+            that batch pixels themselves)."""
+            return {"pixels": decode_images(images, size, jpeg_quality)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serving_default(self, images):
-            return self.outputs(decode_images(images, size), default_beam)
+            return self.outputs(decode_images(images, size, jpeg_quality), default_beam)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images"),
                                       tf.TensorSpec([], tf.int32, name="beam_size")])
@@ -175,13 +203,14 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int):
             check = tf.debugging.Assert(in_range, ["beam_size must be in 1..", max_beam_size,
                                                    "got", beam_size])
             with tf.control_dependencies([check]):
-                pixels = decode_images(images, size)
+                pixels = decode_images(images, size, jpeg_quality)
             branches = [lambda k=k: self.outputs(pixels, k) for k in range(1, max_beam_size + 1)]
             return tf.switch_case(beam_size - 1, branches)
 
     info = {
         "format": FORMAT,
         "image_size": size,
+        "jpeg_quality": jpeg_quality,
         "grid": [height, width],
         "max_length": max_length,
         "method": decoding.method,
@@ -189,7 +218,8 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int):
         "default_beam_size": default_beam,
         "max_beam_size": max_beam_size,
         "signatures": {DEFAULT_SIGNATURE: ["images"], BEAM_SIGNATURE: ["images", "beam_size"],
-                       PIXELS_SIGNATURE: ["pixels"], ENCODER_SIGNATURE: ["pixels"]},
+                       PIXELS_SIGNATURE: ["pixels"], ENCODER_SIGNATURE: ["pixels"],
+                       PREPROCESS_SIGNATURE: ["images"]},
         "outputs": list(OUTPUTS),
         "vocabulary": vocabulary.to_dict(),
     }
@@ -204,63 +234,6 @@ class ModelExport:
     info: dict[str, Any]  # assets.extra/export.json
 
 
-def decode_images(images, size: int):
-    """Encoded images string [B] -> float32 [B, S, S, 3] in 0..255, as training saw them.
-
-    Training images were resized with Pillow's Lanczos filter to S x S (aspect ratio not kept)
-    and stored as JPEG; the reader resizes only images of another size. Here: decode any
-    JPEG / PNG / GIF / BMP, drop alpha, and resize with Pillow's Lanczos-3 weights
-    (`lanczos_weights`) to S x S, rounded to whole grey levels as Pillow's 8-bit output is.
-    S x S images pass unchanged, so shard images give the reader's exact pixels.
-    """
-    import tensorflow as tf
-
-    def one(data):
-        pixels = tf.io.decode_image(data, channels=3, expand_animations=False)  # uint8 [H, W, 3]
-        pixels = tf.cast(tf.ensure_shape(pixels, [None, None, 3]), tf.float32)
-        shape = tf.shape(pixels)
-        same = tf.reduce_all(tf.equal(shape[:2], size))
-
-        def resize():
-            rows = lanczos_weights(shape[0], size)  # [S, H]
-            cols = lanczos_weights(shape[1], size)  # [S, W]
-            # Separable: columns first ([H, S, 3]), then rows ([S, S, 3]).
-            out = tf.einsum("hwc,sw->hsc", pixels, cols)
-            out = tf.einsum("hsc,rh->rsc", out, rows)
-            return tf.round(tf.clip_by_value(out, 0.0, 255.0))
-
-        resized = tf.cond(same, lambda: pixels, resize)
-        return tf.ensure_shape(resized, [size, size, 3])
-
-    return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-
-
-def lanczos_weights(length, size: int):
-    """[size, length] float32: output pixel i as a weighted sum of input pixels j, Pillow's
-    Lanczos-3 resampling (`Image.resize(..., LANCZOS)`): kernel sinc(x) sinc(x / 3) at
-    x = (j + 0.5 - centre_i) / scale, centre_i = (i + 0.5) * length / size, the kernel widened
-    by the scale when shrinking (antialiasing), each row normalized to sum 1.
-
-    As a matrix product rather than `tf.image.resize(method="lanczos3")`, whose
-    ScaleAndTranslate op TFLite cannot run (not even as a Flex op).
-    """
-    import tensorflow as tf
-
-    length_f = tf.cast(length, tf.float32)
-    ratio = length_f / size
-    scale = tf.maximum(ratio, 1.0)
-    centre = (tf.range(size, dtype=tf.float32) + 0.5) * ratio  # [S]
-    x = ((tf.range(length_f) + 0.5)[None, :] - centre[:, None]) / scale  # [S, length]
-
-    def sinc(v):
-        pv = np.pi * v
-        small = tf.abs(v) < 1e-6
-        return tf.where(small, 1.0, tf.sin(pv) / tf.where(small, 1.0, pv))
-
-    weights = tf.where(tf.abs(x) < 3.0, sinc(x) * sinc(x / 3.0), 0.0)
-    return weights / tf.reduce_sum(weights, axis=1, keepdims=True)
-
-
 def save_export(export: ModelExport, path: str | os.PathLike) -> Path:
     """Write the SavedModel and its export.json to `path` atomically (a temporary sibling
     folder, renamed when complete)."""
@@ -270,7 +243,8 @@ def save_export(export: ModelExport, path: str | os.PathLike) -> Path:
     signatures = {DEFAULT_SIGNATURE: module.serving_default.get_concrete_function(),
                   BEAM_SIGNATURE: module.caption_beam.get_concrete_function(),
                   PIXELS_SIGNATURE: module.caption_pixels.get_concrete_function(),
-                  ENCODER_SIGNATURE: module.encode_pixels.get_concrete_function()}
+                  ENCODER_SIGNATURE: module.encode_pixels.get_concrete_function(),
+                  PREPROCESS_SIGNATURE: module.preprocess_images.get_concrete_function()}
     with atomic_directory(path) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         (tmp / INFO_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -281,10 +255,29 @@ def save_export(export: ModelExport, path: str | os.PathLike) -> Path:
 def convert_tflite(saved_model: str | os.PathLike) -> bytes:
     """The `caption_pixels` signature as a TFLite flatbuffer of builtin ops only.
 
-    The app decodes and resizes the photo itself (as an Android app does with its bitmap
-    API) and gets ids, scores, attention and each step's word; the vocabulary is inside.
-    Image decoding needs TensorFlow's DecodeImage, a Flex op that the interpreter of the
-    `tensorflow` pip package cannot run, and TFLite has no op for the antialiased resize.
+    The model takes pixels, not image bytes: image decoding needs TensorFlow's DecodeImage,
+    a Flex op that the interpreter of the `tensorflow` pip package cannot run, and TFLite has
+    none of the string ops, JPEG codec or data-dependent resize of `image_graph`. Before
+    calling it, an app must do what `preprocess_images` does, in this order (S and Q are
+    export.json's "image_size" and "jpeg_quality"):
+
+      1. decode the image to 8-bit RGB: grey replicated to 3 channels; CMYK converted to RGB;
+         16-bit grey scaled v * 255 / 65535 and rounded, 16-bit colour its high byte;
+      2. turn it upright by its EXIF orientation tag (0x0112), as a viewer shows it;
+      3. composite any transparency (alpha channel, palette or tRNS transparency) over opaque
+         white: round((c * a + 255 * (255 - a)) / 255) per channel;
+      4. resize to S x S, aspect ratio not kept, as Pillow's `resize((S, S), LANCZOS,
+         reducing_gap=3)`: first the mean of fx x fy blocks, f = int(side / S / 3) or 1, then
+         Lanczos-3 (antialiased: the kernel widened by the scale) rounded to 8 bits; a plain
+         bilinear or GPU resize gives other pixels, and aliasing on big photos;
+      5. encode as baseline JPEG at quality Q with 4:2:0 chroma (libjpeg's defaults) and
+         decode it again (training saw JPEG artifacts) - unless the image already is an
+         upright 3-channel S x S JPEG, which is decoded as it is;
+      6. pass float32 [B, S, S, 3], RGB, 0..255 (not normalized: the model does that).
+
+    It gets ids, scores, attention and each step's word; the vocabulary is inside. Skipping
+    steps 4-5 (a bilinear resize, no round trip) costs a few grey levels per pixel and may
+    change a caption; the SavedModel's byte signatures do all six.
     """
     import tensorflow as tf
 
@@ -357,6 +350,7 @@ class ExportedCaptioner:
             raise DataError(f"model {self.path}: cannot be loaded ({error})") from None
         self._beam = self._loaded.signatures[BEAM_SIGNATURE]
         self._pixels = self._loaded.signatures[PIXELS_SIGNATURE]
+        self._preprocess = self._loaded.signatures.get(PREPROCESS_SIGNATURE)
 
     @property
     def default_beam_size(self) -> int:
@@ -375,13 +369,24 @@ class ExportedCaptioner:
         beam_size = self.default_beam_size if beam_size is None else beam_size
         if not 1 <= beam_size <= self.max_beam_size:
             raise DataError(f"beam_size must be in 1..{self.max_beam_size}, got {beam_size}")
-        out = self._beam(images=tf.constant(list(images), tf.string),
-                         beam_size=tf.constant(beam_size, tf.int32))
+        with _image_errors():
+            out = self._beam(images=tf.constant(list(images), tf.string),
+                             beam_size=tf.constant(beam_size, tf.int32))
         result = {key: value.numpy() for key, value in out.items()}
         for key in ("caption", "captions", "tokens"):
             result[key] = np.vectorize(bytes.decode, otypes=[object])(result[key])
         return result
 
+
+    def preprocess(self, images: Sequence[bytes]) -> np.ndarray:
+        """The graph's preprocessing alone: encoded images -> pixels float32 [B, S, S, 3]."""
+        import tensorflow as tf
+
+        if self._preprocess is None:
+            raise DataError(f"model {self.path}: exported before {PREPROCESS_SIGNATURE} "
+                            f"existed; export it again")
+        with _image_errors():
+            return self._preprocess(images=tf.constant(list(images), tf.string))["pixels"].numpy()
 
     def caption_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The `caption_pixels` signature (what the TFLite model computes) on [B, S, S, 3]."""
@@ -389,6 +394,34 @@ class ExportedCaptioner:
 
         out = self._pixels(pixels=tf.constant(pixels, tf.float32))
         return {key: value.numpy() for key, value in out.items()}
+
+
+@contextlib.contextmanager
+def _image_errors():
+    """The graph's InvalidArgumentError for a bad image as a DataError naming the problem:
+    "images: image 1 is not a JPEG, PNG, GIF or BMP image ...", or the decoder's own words
+    ("images: Invalid JPEG data, size 13")."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        reason = _error_reason(str(error.message))
+        raise DataError(f"images: {reason}") from None
+
+
+def _error_reason(message: str) -> str:
+    """The line of a TensorFlow error message that says what is wrong, without the node,
+    function and traceback decoration around it."""
+    found = re.search(r"assertion failed: *(.*)", message)
+    if found:
+        # tf.debugging.Assert prints each part in brackets: "[image] [0] [is not ...]".
+        return re.sub(r"\]\s*\[", " ", found.group(1)).strip("[] ")
+    message = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", message)
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.startswith((" ", "\t"))
+             and not line.startswith(("Graph execution error", "Detected at node"))]
+    return lines[-1] if lines else "invalid image"
 
 
 # --- the self-check ---------------------------------------------------------------------------
@@ -435,7 +468,115 @@ def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shar
             exported_captions[image_id] = [str(c) for c in beams]
     report = compare_captions(exported_captions, reference, "SavedModel vs in-process")
     logger.info("Export self-check: %d test images, every beam equal", report["images"])
-    return {**report, "beam_size": beam, "method": decoding.method}
+    preprocessing = check_preprocessing(exported, captioner, vocabulary, decoding, images[0])
+    return {**report, "beam_size": beam, "method": decoding.method,
+            "preprocessing": preprocessing}
+
+
+# Largest difference in grey levels allowed between the graph's preprocessing and the Python
+# path's. 0: `image_graph` repeats Pillow's integer arithmetic and libjpeg's defaults
+# bit-exactly (measured 0 on every case of `preprocessing_cases`); a difference means the
+# two paths have drifted (a Pillow or TensorFlow upgrade), to be looked at, not tolerated.
+PIXEL_TOLERANCE = 0
+
+
+def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes>"
+                  ) -> np.ndarray:
+    """float32 [S, S, 3]: the pixels training would have seen of this image, by the
+    Python path: `images.decode_image` (as ingestion), `images.encode_jpeg` (as the shard
+    writer), `tfrecords.decode_jpeg_image` (as the reader). An upright RGB JPEG already S x S
+    is read as it is, as the graph reads shard images."""
+    import tensorflow as tf
+
+    from caption_pipeline.images import decode_image, encode_jpeg
+    from caption_pipeline.tfrecords import decode_jpeg_image
+
+    decoded = decode_image(data, name=name)
+    as_shard = (decoded.format == "JPEG" and decoded.mode == "RGB"
+                and decoded.orientation == 1 and decoded.image.size == (size, size))
+    jpeg = data if as_shard else encode_jpeg(decoded.image, size, quality=jpeg_quality)
+    return decode_jpeg_image(tf.constant(jpeg), size).numpy()
+
+
+def preprocessing_cases(image, size: int) -> dict[str, bytes]:
+    """Encoded variants of a Pillow image for the preprocessing check, made with Pillow:
+    every case the graph handles apart from plain S x S JPEG (which the caption check covers)."""
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    off = rgb.resize((3 * size + 7, 2 * size + 1), Image.Resampling.BICUBIC)  # Lanczos only
+    large = rgb.resize((7 * size + 3, 4 * size), Image.Resampling.BICUBIC)  # box reduce first
+    alpha = off.convert("RGBA")
+    ramp = np.linspace(0, 255, off.size[0]).astype(np.uint8)  # transparent at the left
+    alpha.putalpha(Image.fromarray(np.tile(ramp, (off.size[1], 1))))
+    grey16 = (np.asarray(off.convert("L"), np.uint16) * 257).astype(np.uint16)
+
+    def encode(img, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    def exif(orientation: int) -> bytes:
+        tags = Image.Exif()
+        tags[0x0112] = orientation
+        return tags.tobytes()
+
+    return {
+        "off_size_jpeg": encode(off, "JPEG", quality=95),
+        "large_jpeg": encode(large, "JPEG", quality=95),
+        "exif_rotated_jpeg": encode(off.transpose(Image.Transpose.ROTATE_90), "JPEG",
+                                    quality=95, exif=exif(6)),
+        "exif_rotated_png": encode(off.transpose(Image.Transpose.ROTATE_270), "PNG",
+                                   exif=exif(8)),
+        "model_size_png": encode(rgb.resize((size, size)), "PNG"),
+        "grey_jpeg": encode(off.convert("L"), "JPEG", quality=95),
+        "grey_png": encode(off.convert("L"), "PNG"),
+        "cmyk_jpeg": encode(off.convert("CMYK"), "JPEG", quality=95),
+        "alpha_png": encode(alpha, "PNG"),
+        "palette_transparency_png": encode(off.convert("P"), "PNG", transparency=0),
+        "grey_16_bit_png": encode(Image.fromarray(grey16), "PNG"),
+    }
+
+
+def check_preprocessing(exported: ExportedCaptioner, captioner, vocabulary, decoding,
+                        jpeg: bytes) -> dict[str, Any]:
+    """The graph's preprocessing against the Python path (`python_pixels`) on the
+    `preprocessing_cases` of one test image: pixels within PIXEL_TOLERANCE and every beam's
+    caption equal. Returns the per-case pixel differences; a DataError names the cases that
+    differ."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from caption_pipeline.decoding import decode_dataset
+
+    size = int(exported.info["image_size"])
+    quality = int(exported.info.get("jpeg_quality", JPEG_QUALITY))
+    cases = preprocessing_cases(Image.open(io.BytesIO(jpeg)), size)
+    names, data = list(cases), list(cases.values())
+    expected = np.stack([python_pixels(d, size, quality, name) for name, d in cases.items()])
+    pixels = exported.preprocess(data)
+    difference = np.abs(pixels - expected).reshape(len(names), -1)
+    differences = {name: {"max": float(difference[i].max()),
+                          "mean": round(float(difference[i].mean()), 4)}
+                   for i, name in enumerate(names)}
+    over = {name: d["max"] for name, d in differences.items() if d["max"] > PIXEL_TOLERANCE}
+    if over:
+        raise DataError(f"export self-check (preprocessing): the graph's pixels differ from "
+                        f"the Python path's by more than {PIXEL_TOLERANCE} levels: {over}")
+    batches = tf.data.Dataset.from_tensor_slices(
+        {"image": expected, "image_id": np.arange(len(names))}).batch(len(names))
+    reference = {d.image_id: d.captions
+                 for d in decode_dataset(captioner, vocabulary, batches, decoding)}
+    out = exported.caption(data, exported.default_beam_size)
+    found = {i: [str(c) for c in beams] for i, beams in enumerate(out["captions"])}
+    try:
+        compare_captions(found, reference, "preprocessing, SavedModel vs Python path")
+    except DataError as error:
+        raise DataError(f"{error} (cases by image number: {names})") from None
+    logger.info("Export self-check: %d preprocessing cases, pixels within %d, every beam equal",
+                len(names), PIXEL_TOLERANCE)
+    return {"cases": differences, "images": len(names), "equal": len(names),
+            "pixel_tolerance": PIXEL_TOLERANCE}
 
 
 def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) -> dict[str, Any]:

@@ -35,8 +35,9 @@ def prepare_image(source: bytes | os.PathLike, name: str,
 
     Plain RGB JPEG and PNG files without an EXIF rotation pass as they are. Anything else
     (grey, CMYK, palette, alpha, 16-bit, rotated by EXIF, GIF, WebP, TIFF ...) is passed as
-    the PNG of the upright 8-bit RGB image that ingestion would have made of it, so the
-    in-graph decoder never has to know those cases.
+    the PNG of the upright 8-bit RGB image that ingestion would have made of it. The graph
+    handles the JPEG and PNG cases itself too (`image_graph`, the same pixels); this
+    conversion is for the formats it refuses (WebP, TIFF, transparent GIF).
     """
     data = source if isinstance(source, bytes) else read_image_file(source, name)
     decoded = decode_image(data, max_pixels=max_pixels, name=name)

@@ -19,14 +19,15 @@ from caption_pipeline.text import Vocabulary
 from caption_pipeline.tfrecords import ShardSet
 
 
-def export_captioner(captioner, vocabulary: dict[str, Any], evaluate: dict[str, Any],
-                     export: dict[str, Any]):
-    """The captioner, its vocabulary and the evaluation's search settings as one module
-    (saved by the `exported_model` dataset)."""
+def export_captioner(captioner, vocabulary: dict[str, Any], shards: ShardSet,
+                     evaluate: dict[str, Any], export: dict[str, Any]):
+    """The captioner, its vocabulary, the evaluation's search settings and the image shards'
+    JPEG quality (the graph repeats their round trip) as one module (saved by the
+    `exported_model` dataset)."""
     settings = ExportSettings.from_params(export)
     decoding = EvaluateSettings.from_params(evaluate).decoding
     return build_module(captioner, Vocabulary.from_dict(vocabulary), decoding,
-                        settings.max_beam_size)
+                        settings.max_beam_size, int(shards.manifest["params"]["jpeg_quality"]))
 
 
 def check_export(exported_model: ExportedCaptioner, captioner, shards: ShardSet,

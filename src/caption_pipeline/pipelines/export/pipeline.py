@@ -18,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 export_captioner,
-                ["captioner", "vocabulary", "params:evaluate", "params:export"],
+                ["captioner", "vocabulary", "shards", "params:evaluate", "params:export"],
                 "exported_model",
                 name="export_saved_model",
             ),
