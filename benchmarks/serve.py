@@ -17,6 +17,12 @@ server part: `caption-pipeline serve` in a subprocess on 127.0.0.1; --requests m
 POSTs of the images (round robin) from 1 and from 8 client threads, after 8 warm-up
 requests: p50 / p99 latency and requests/s; then again at 8 clients with micro-batching off
 (--max-batch 1). Prints one JSON line with the machine description.
+
+--overload (issue 12): the server with its default overload settings (serve.max_queue 32,
+serve.max_batch 8) at 1 client (the single-request latency), at as many clients as the queue
+holds (throughput at capacity: every request admitted, the model never idle), and at 64
+clients (past capacity): requests/s of the 200s, the fraction shed (503 with Retry-After),
+p50 / p99 of the 200s and of the 503s. The model part is skipped.
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ def model_latency(model_path: Path, image: bytes, repeats: int) -> dict:
 
 
 def load(url: str, images: list[bytes], requests_count: int, clients: int) -> dict:
+    """`requests_count` POSTs from `clients` threads: latency of the 200s, requests/s of the
+    200s, and the 503s (shed) with their latency; any other status is counted as `other`."""
     local = threading.local()
 
     def one(i: int) -> tuple[float, int]:
@@ -107,19 +115,29 @@ def load(url: str, images: list[bytes], requests_count: int, clients: int) -> di
         start = time.perf_counter()
         results = list(pool.map(one, range(requests_count)))
         wall = time.perf_counter() - start
-    latencies = sorted(ms for ms, _ in results)
-    return {"clients": clients, "requests": requests_count,
-            "ok": sum(status == 200 for _, status in results),
-            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1),
-            "requests_per_s": round(requests_count / wall, 1)}
+    ok = [ms for ms, status in results if status == 200]
+    shed = [ms for ms, status in results if status == 503]
+    report = {"clients": clients, "requests": requests_count, "ok": len(ok),
+              **_percentiles("", ok), "requests_per_s": round(len(ok) / wall, 1),
+              "shed": len(shed), "shed_fraction": round(len(shed) / requests_count, 3),
+              "other": requests_count - len(ok) - len(shed)}
+    return {**report, **_percentiles("shed_", shed)} if shed else report
 
 
-def server_runs(model_path: Path, images: list[bytes], requests_count: int,
-                port: int) -> list[dict]:
+def _percentiles(prefix: str, latencies: list[float]) -> dict:
+    if not latencies:
+        return {}
+    return {f"{prefix}p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            f"{prefix}p99_ms": round(float(np.percentile(latencies, 99)), 1)}
+
+
+def server_runs(model_path: Path, images: list[bytes], requests_count: int, port: int,
+                plan: tuple[tuple[int, tuple[int, ...]], ...] = ((8, (1, 8)), (1, (8,)))
+                ) -> list[dict]:
+    """For each (max_batch, client counts) of `plan`: a server, then `load` at each count."""
     command = str(Path(sys.executable).with_name("caption-pipeline"))
     runs = []
-    for max_batch, concurrency in ((8, (1, 8)), (1, (8,))):
+    for max_batch, concurrency in plan:
         process = subprocess.Popen(
             [command, "serve", "--model", str(model_path), "--port", str(port),
              "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL,
@@ -149,12 +167,23 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--overload", action="store_true",
+                        help="throughput at capacity and the fraction shed at 64 clients")
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:32]]
     if not images:
         sys.exit(f"no .jpg images in {args.images}")
-    report = {"machine": machine(), "model": model_latency(args.model, images[0], args.repeats)}
-    report["server"] = server_runs(args.model, images, args.requests, args.port)
+    if args.overload:
+        from caption_pipeline.server import ServeSettings
+
+        defaults = ServeSettings()
+        report = {"machine": machine(), "max_queue": defaults.max_queue}
+        plan = ((defaults.max_batch, (1, defaults.max_queue, 64)),)
+    else:
+        report = {"machine": machine(),
+                  "model": model_latency(args.model, images[0], args.repeats)}
+        plan = ((8, (1, 8)), (1, (8,)))
+    report["server"] = server_runs(args.model, images, args.requests, args.port, plan)
     report["machine"]["load_average_end"] = os.getloadavg()
     print(json.dumps(report))
 

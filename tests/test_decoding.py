@@ -23,6 +23,7 @@ from caption_pipeline.model.beam_search import (
     END_ID,
     PAD_ID,
     START_ID,
+    UNK_ID,
     beam_search,
     greedy_search,
     length_penalty,
@@ -223,10 +224,11 @@ def test_an_image_alone_or_repeated_or_among_others_decodes_the_same(model, feat
     np.testing.assert_allclose(beam3.log_probs[2], alone.log_probs[0], rtol=1e-5)
 
 
-def all_captions(max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every caption the search may produce: up to max_length tokens, words 3..V-1 then
-    <end>, or max_length words without one. ids [N, max_length], lengths [N]."""
-    words = range(END_ID + 1, V)  # <unk> (3) included: the search may write it
+def all_captions(max_length: int, allow_unk: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every caption the search may produce: up to max_length tokens, words then <end>, or
+    max_length words without one; the words are 4..V-1, and <unk> (3) with `allow_unk`.
+    ids [N, max_length], lengths [N]."""
+    words = range(UNK_ID if allow_unk else UNK_ID + 1, V)
     ids, lengths = [], []
     for n in range(max_length):
         for prefix in itertools.product(words, repeat=n):
@@ -238,11 +240,12 @@ def all_captions(max_length: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(ids, dtype="int32"), np.array(lengths)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_a_beam_as_wide_as_every_caption_finds_the_exhaustive_ranking(alpha):
+@pytest.mark.parametrize("alpha, allow_unk", [(0.0, False), (1.0, False), (0.0, True)])
+def test_a_beam_as_wide_as_every_caption_finds_the_exhaustive_ranking(alpha, allow_unk):
     model, features = tiny_captioner(end_bias=1.5), image_features(2, seed=3)
-    ids, lengths = all_captions(3)  # 1 + 9 + 81 + 729 = 820 captions
-    beams = numpy_captions(beam_search(model, features, len(ids), 3, alpha))
+    ids, lengths = all_captions(3, allow_unk)  # 1 + 8 + 64 + 512 = 585 (820 with <unk>)
+    beams = numpy_captions(beam_search(model, features, len(ids), 3, alpha,
+                                       allow_unk=allow_unk))
     for image in range(2):
         log_probs, _ = teacher_forced(model, np.repeat(features[image:image + 1], len(ids), 0),
                                       ids, lengths)
@@ -253,6 +256,28 @@ def test_a_beam_as_wide_as_every_caption_finds_the_exhaustive_ranking(alpha):
         np.testing.assert_array_equal(beams.lengths[image, :10], lengths[order[:10]])
     # The best captions have different lengths, so the length normalization matters here.
     assert len(set(beams.lengths[:, :10].ravel())) > 1
+
+
+def unk_loving_captioner() -> Captioner:
+    """A tiny Captioner whose most likely word is <unk> at every step, by far."""
+    model = tiny_captioner()
+    bias = np.array(ops.convert_to_numpy(model.decoder.out_vocab.bias))
+    bias[UNK_ID] = 50.0
+    model.decoder.out_vocab.bias.assign(bias)
+    return model
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_unk_is_never_generated_unless_allowed(method):
+    model, features = unk_loving_captioner(), image_features(3)
+    never = make_decoder(model, DecodeSettings(method=method), MAX_LENGTH)({"features": features})
+    assert not (never.ids == UNK_ID).any()
+    assert (never.log_probs > -1e3).all()  # real captions of the other words, not dead beams
+    allowed = make_decoder(model, DecodeSettings(method=method, allow_unk=True),
+                           MAX_LENGTH)({"features": features})
+    assert (allowed.ids[:, 0, 0] == UNK_ID).all()  # what the model likes best, when allowed
+    with pytest.raises(DataError, match="decoding.allow_unk must be true or false"):
+        DecodeSettings(allow_unk="no")
 
 
 def test_decode_dataset_turns_shards_into_captions(tmp_path, model):

@@ -482,3 +482,25 @@ def loader_base_batch_size(conf: Path) -> int:
     import yaml
 
     return yaml.safe_load((conf / "base" / "parameters_train.yml").read_text())["train"]["batch_size"]
+
+
+def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
+    """Issue 12: `kedro run --pipelines=ingest` on a fresh clone with one's own dataset ends in
+    one line saying to run `synthetic` first (it records the dataset block), not a traceback;
+    and that advice works."""
+    from conftest import run_kedro
+
+    from caption_pipeline.project import copy_project
+
+    project = copy_project(tmp_path / "project")
+    three_splits(tmp_path / "mydata")
+    own = f"--params=dataset.name=mydata,dataset.root={tmp_path / 'mydata'}"
+    alone = run_kedro(project, "run", "--pipelines=ingest", own)
+    assert alone.returncode != 0
+    assert "Traceback" not in alone.stderr + alone.stdout
+    assert ("Error: raw_dataset (" in alone.stderr and "data/01_raw/raw_dataset.json) does not "
+            "exist yet: run `kedro run --pipelines=synthetic` first" in alone.stderr), alone.stderr
+    advised = run_kedro(project, "run", "--pipelines=synthetic,ingest", own)
+    assert advised.returncode == 0, advised.stderr[-3000:]
+    table = pd.read_parquet(project / "data/02_intermediate/captions.parquet")
+    assert set(table.split) == {"train", "val", "test"}

@@ -7,14 +7,20 @@ import numpy as np
 from keras import ops
 
 from caption_pipeline.decoding import compile_function
-from caption_pipeline.model.beam_search import END_ID, PAD_ID, START_ID
+from caption_pipeline.model.beam_search import END_ID, PAD_ID, START_ID, UNK_ID
 from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import (
     SelfCriticalTrainer,
     advantages,
     self_critical_loss,
 )
-from tests.test_decoding import MAX_LENGTH, image_features, teacher_forced, tiny_captioner
+from tests.test_decoding import (
+    MAX_LENGTH,
+    image_features,
+    teacher_forced,
+    tiny_captioner,
+    unk_loving_captioner,
+)
 
 
 def uniforms(batch: int, k: int, seed: int) -> np.ndarray:
@@ -37,7 +43,9 @@ def test_sampling_is_deterministic_under_its_uniforms_and_varies_with_them():
 
 
 def test_sampled_log_probs_are_the_models_and_finished_samples_are_padded():
-    model, features = tiny_captioner(), image_features(3)
+    # <end> a little less likely, so that some of the 12 samples run to MAX_LENGTH (with <unk>
+    # never drawn, the default, almost all end early at end_bias 0).
+    model, features = tiny_captioner(end_bias=-1.0), image_features(3)
     samples = draw(model, features, uniforms(3, 4, 2))
     ids = samples.ids.reshape(-1, MAX_LENGTH)
     lengths, finished = samples.lengths.reshape(-1), samples.finished.reshape(-1)
@@ -156,3 +164,13 @@ def test_scst_logs_reward_baseline_entropy_and_resumes_to_the_same_run(tmp_path,
     np.testing.assert_allclose(resumed_history["val_cider"], history["val_cider"], rtol=1e-6)
     for a, b in zip(model.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unk_is_never_sampled_unless_allowed():
+    model, features = unk_loving_captioner(), image_features(2)
+    u = uniforms(2, 4, seed=0)
+    never = sample_captions(model, features, u)
+    assert not (ops.convert_to_numpy(never.ids) == UNK_ID).any()
+    assert (ops.convert_to_numpy(never.log_probs) > -1e3).all()
+    allowed = sample_captions(model, features, u, allow_unk=True)
+    assert (ops.convert_to_numpy(allowed.ids)[:, :, 0] == UNK_ID).all()

@@ -1,17 +1,27 @@
-"""The HTTP server (issue 5): answers, every kind of bad input, readiness, a load test."""
+"""The HTTP server (issue 5): answers, every kind of bad input, readiness, a load test;
+overload, timeouts and SIGTERM (issue 12)."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from conftest import free_port, start_server, stop_server
 from PIL import Image
 
-from caption_pipeline.server import MicroBatcher, ServeSettings, create_app
+from caption_pipeline.errors import DataError
+from caption_pipeline.server import (MicroBatcher, Overloaded, RequestTimeout, ServeSettings,
+                                     check_settings, create_app)
 
 
 def _png(size=(64, 48), colour="red") -> bytes:
@@ -219,3 +229,171 @@ def test_micro_batcher_hands_model_errors_to_the_requests():
     batcher = MicroBatcher(broken, max_batch=4, wait_ms=1)
     with pytest.raises(RuntimeError, match="model failed"):
         batcher.submit(b"x", 1)
+
+
+def test_micro_batcher_sheds_past_max_queue_at_once():
+    release = threading.Event()
+    model = _FakeModel()
+
+    def blocked(images, beam_size):
+        release.wait(30)
+        return model.caption(images, beam_size)
+
+    batcher = MicroBatcher(blocked, max_batch=1, wait_ms=0, max_queue=2)
+    with ThreadPoolExecutor(2) as pool:
+        admitted = [pool.submit(batcher.submit, bytes(n), 1) for n in (1, 2)]
+        while batcher.pending < 2:
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as shed:
+            batcher.submit(b"3", 1)
+        assert time.monotonic() - started < 0.5  # answered at once, not after the queue
+        assert shed.value.status == 503 and int(shed.value.headers["Retry-After"]) >= 1
+        release.set()
+        assert [f.result(timeout=30)[0]["caption"][0] for f in admitted] == ["len 1", "len 2"]
+    assert batcher.pending == 0
+
+
+def test_micro_batcher_times_out_and_drops_requests_not_started():
+    model = _FakeModel()
+
+    def slow(images, beam_size):
+        time.sleep(0.5)
+        return model.caption(images, beam_size)
+
+    batcher = MicroBatcher(slow, max_batch=1, wait_ms=0, timeout_s=0.2)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(batcher.submit, b"1", 1)
+        time.sleep(0.05)
+        queued = pool.submit(batcher.submit, b"22", 1)  # waits behind the first, times out
+        for future in (running, queued):
+            with pytest.raises(RequestTimeout):
+                future.result(timeout=30)
+    for _ in range(100):
+        if batcher.pending == 0:
+            break
+        time.sleep(0.05)
+    assert batcher.pending == 0 and model.batches == [(1, 1)]  # the second was never run
+
+
+def test_timeout_is_a_504_json_error():
+    model = _FakeModel()
+    caption = model.caption
+    model.caption = lambda images, beam: (time.sleep(0.3), caption(images, beam))[1]
+    client = create_app(lambda: model, ServeSettings(request_timeout_s=0.1)).test_client()
+    for _ in range(200):
+        if client.get("/readyz").status_code == 200:
+            break
+        time.sleep(0.05)
+    answer = client.post("/v1/caption", data=_png(), content_type="image/png")
+    assert answer.status_code == 504 and answer.json["error"]["code"] == "timeout"
+    assert "request_timeout_s" in answer.json["error"]["message"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(threads=8, max_queue=32), "serve.threads (8) must be greater than serve.max_queue"),
+    (dict(max_queue=0), "serve.max_queue must be an integer >= 1"),
+    (dict(request_timeout_s=0), "serve.request_timeout_s must be a number > 0"),
+    (dict(drain_timeout_s=-1), "serve.drain_timeout_s must be a number > 0"),
+])
+def test_bad_overload_settings_are_named(change, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_settings(ServeSettings(**change))
+
+
+# --- overload and SIGTERM on a real server process (a fake model with a fixed call time) --------
+
+SLOW_SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_serve import _FakeModel
+from caption_pipeline.server import ServeSettings, serve
+
+class SlowModel(_FakeModel):
+    def caption(self, images, beam_size):
+        time.sleep({call_s} + {image_s} * len(images))  # a model call: fixed cost + per image
+        return super().caption(images, beam_size)
+
+serve(SlowModel, ServeSettings(port={port}, threads={threads}, max_queue={max_queue},
+                               max_batch=8, batch_wait_ms=5, drain_timeout_s=10))
+"""
+
+
+def _slow_server(call_s: float, image_s: float, threads: int, max_queue: int):
+    """A `server.serve` process on 127.0.0.1 whose model call takes call_s + image_s * batch
+    seconds (sleeping, so timing does not depend on the shared CPUs): (url, process)."""
+    port = free_port()
+    script = SLOW_SERVER.format(tests=str(Path(__file__).parent), call_s=call_s,
+                                image_s=image_s, port=port, threads=threads,
+                                max_queue=max_queue)
+    url = f"http://127.0.0.1:{port}"
+    return url, start_server([sys.executable, "-c", script], Path.cwd(), f"{url}/readyz")
+
+
+def _timed_post(http, url: str) -> tuple[int, float, requests.Response]:
+    started = time.perf_counter()
+    answer = http.post(f"{url}/v1/caption", data=_png(), headers={"Content-Type": "image/png"},
+                       timeout=60)
+    return answer.status_code, time.perf_counter() - started, answer
+
+
+def test_64_clients_get_200_or_a_fast_503_and_latency_stays_bounded():
+    """64 clients x 4 requests against a queue of 16: every answer is a 200 or a 503
+    `overloaded` with Retry-After, nothing else, and the 200s' p99 stays within a generous
+    multiple of one request's latency alone (an unbounded queue would make it grow with the
+    clients: 64 / 8 model calls)."""
+    url, process = _slow_server(call_s=0.02, image_s=0.005, threads=80, max_queue=16)
+    try:
+        http = requests.Session()
+        single = float(np.median([_timed_post(http, url)[1] for _ in range(5)]))
+        local = threading.local()
+
+        def client(_):
+            if not hasattr(local, "http"):
+                local.http = requests.Session()
+            return _timed_post(local.http, url)
+
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(client, range(256)))
+    finally:
+        stop_server(process)
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    ok = [seconds for status, seconds, _ in results if status == 200]
+    shed = [(seconds, answer) for status, seconds, answer in results if status == 503]
+    assert ok and shed, (len(ok), len(shed))  # the queue filled, and it still served
+    for _, answer in shed:
+        assert answer.json()["error"]["code"] == "overloaded"
+        assert int(answer.headers["Retry-After"]) >= 1
+    # Fast: a shed request does not wait for the model, so it beats the typical admitted one.
+    assert np.median([seconds for seconds, _ in shed]) < np.median(ok)
+    assert np.percentile(ok, 99) < 30 * single, (np.percentile(ok, 99), single)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0():
+    url, process = _slow_server(call_s=0.5, image_s=0.01, threads=40, max_queue=32)
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(_timed_post, requests, url) for _ in range(12)]
+            deadline = time.monotonic() + 30
+            while requests.get(f"{url}/readyz", timeout=10).json()["queued"] < 12:
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                time.sleep(0.02)
+            os.killpg(process.pid, signal.SIGTERM)
+            signalled = time.monotonic()
+            refused = False
+            while not refused and time.monotonic() < signalled + 5:
+                try:
+                    requests.get(f"{url}/healthz", timeout=2)
+                except requests.ConnectionError:
+                    refused = True  # no new connections once draining
+                time.sleep(0.02)
+            answers = [future.result(timeout=60) for future in futures]
+            statuses = [status for status, _, _ in answers]
+        assert refused
+        assert statuses == [200] * 12, answers[0][2].text
+        assert process.wait(timeout=15) == 0, process.stdout.read()[-3000:]
+        assert time.monotonic() - signalled < 12  # drain_timeout_s 10 bounds it
+    finally:
+        if process.poll() is None:
+            stop_server(process)

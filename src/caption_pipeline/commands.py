@@ -74,6 +74,13 @@ def caption(paths: tuple[str, ...], model: str | None, env: str | None, beam_siz
 @click.option("--max-pixels", type=int, default=None)
 @click.option("--max-batch", type=int, default=None)
 @click.option("--batch-wait-ms", type=float, default=None)
+@click.option("--max-queue", type=int, default=None,
+              help="default: serve.max_queue (32); past it 503 with Retry-After")
+@click.option("--request-timeout-s", type=float, default=None,
+              help="default: serve.request_timeout_s (30); past it 504")
+@click.option("--drain-timeout-s", type=float, default=None,
+              help="default: serve.drain_timeout_s (20); on SIGTERM, the wait for in-flight "
+                   "requests")
 def serve(model: str | None, env: str | None, **options: Any) -> None:
     """Run the HTTP server: POST /v1/caption, GET /healthz, /readyz and the web page /."""
     import logging

@@ -42,6 +42,9 @@ class DecodeSettings:
     alpha: float = 0.0  # GNMT length normalization, score = log p / ((5 + len) / 6) ** alpha
     jit_compile: bool = True  # TensorFlow backend: compile with XLA (JAX always does)
     keep_attention: bool = False  # return each caption's attention maps [K, L, R]
+    # Let captions contain <unk>; off by default: <unk> is no word for a reader, and the
+    # scorers would count it as one (issue 12).
+    allow_unk: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -49,6 +52,8 @@ class DecodeSettings:
                             f"got {self.method!r}")
         max_length = 1 if self.max_length is None else self.max_length
         check_search_params(self.beam_size, max_length, self.alpha)
+        if not isinstance(self.allow_unk, bool):
+            raise DataError(f"decoding.allow_unk must be true or false, got {self.allow_unk!r}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> DecodeSettings:
@@ -85,8 +90,9 @@ class DecodedImage:
 def search(model, features, settings: DecodeSettings, max_length: int) -> Captions:
     """The search `settings` asks for on features [B, R, D]; traced, to be compiled."""
     if settings.method == "greedy":
-        return greedy_search(model, features, max_length, settings.alpha)
-    return beam_search(model, features, settings.beam_size, max_length, settings.alpha)
+        return greedy_search(model, features, max_length, settings.alpha, settings.allow_unk)
+    return beam_search(model, features, settings.beam_size, max_length, settings.alpha,
+                       settings.allow_unk)
 
 
 def make_decoder(model: keras.Model, settings: DecodeSettings,

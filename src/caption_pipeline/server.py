@@ -12,16 +12,30 @@
 Bad input gets a 4xx with {"error": {"code", "message"}} and the server keeps serving.
 Requests are checked (Pillow, header first) in the request threads; a `MicroBatcher` then
 captions the waiting requests of the same beam size together in one model call.
+
+Overload and shutdown (issue 12):
+  * at most `serve.max_queue` requests wait for or are in a model call; one more is answered
+    at once `503 {"error": {"code": "overloaded"}}` with `Retry-After` (seconds, estimated from
+    the recent model calls), so latency stays bounded and clients back off instead of piling up;
+  * a request that waits and runs longer than `serve.request_timeout_s` is answered
+    `504 {"error": {"code": "timeout"}}` (the gateway-timeout status: the server, not the
+    client, ran out of time; a request not yet started is taken off the queue);
+  * SIGTERM (and Ctrl-C) stops accepting connections, turns /readyz to 503, finishes the
+    requests in flight, closes each connection once idle, and returns (the command exits 0)
+    after at most `serve.drain_timeout_s`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -46,11 +60,14 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    threads: int = 8
+    threads: int = 40
     max_upload_mb: float = 10
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 8
     batch_wait_ms: float = 5
+    max_queue: int = 32
+    request_timeout_s: float = 30
+    drain_timeout_s: float = 20
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> ServeSettings:
@@ -58,11 +75,32 @@ class ServeSettings:
 
 
 class RequestError(Exception):
-    """A bad request: HTTP `status`, a short `code` and a message naming the problem."""
+    """A bad request: HTTP `status`, a short `code` and a message naming the problem (and
+    response `headers`, e.g. Retry-After)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+class Overloaded(RequestError):
+    """503: the queue is full; `retry_after` whole seconds is when a retry likely gets in."""
+
+    def __init__(self, pending: int, retry_after: int):
+        super().__init__(503, "overloaded", f"the server is at capacity ({pending} requests "
+                         f"queued, serve.max_queue); retry after {retry_after} s",
+                         {"Retry-After": str(retry_after)})
+
+
+class RequestTimeout(RequestError):
+    """504: the request waited and ran longer than serve.request_timeout_s."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(504, "timeout", f"the caption took longer than the server's limit "
+                         f"of {timeout_s:g} s (serve.request_timeout_s); the server is busy, "
+                         "retry later")
 
 
 class MicroBatcher:
@@ -73,20 +111,55 @@ class MicroBatcher:
     beam size (others wait for the next rounds, first come first served), and runs them as
     one batch: on 2 cores a batch of 8 is about 2x the images/s
     of 8 single calls. Only this thread calls the model.
+
+    The queue is bounded: with `max_queue` requests pending (queued or in the running call),
+    `submit` raises `Overloaded` at once. Past capacity an unbounded queue only turns every
+    request slow (latency grows with the queue while throughput stays the same); shedding the
+    excess keeps the admitted requests' latency near `max_queue / max_batch + 1` model calls
+    and tells clients when to come back. TF Serving bounds its batching queue the same way
+    (`max_enqueued_batches`, UNAVAILABLE past it), as gunicorn bounds waiting connections
+    (`backlog`). `timeout_s` bounds a request's wait and run: past it `RequestTimeout`, and a
+    request the worker has not started yet is dropped from the queue (its future cancelled).
     """
 
     def __init__(self, caption: Callable[[list[bytes], int], dict], max_batch: int,
-                 wait_ms: float):
+                 wait_ms: float, max_queue: int = 1_000_000, timeout_s: float = math.inf):
         self._caption, self._max_batch, self._wait = caption, max_batch, wait_ms / 1000
+        self._max_queue, self._timeout = max_queue, timeout_s
         self._queue: queue.Queue = queue.Queue()
         self._held: list = []  # taken from the queue but of another beam size
+        self._lock = threading.Lock()
+        self.pending = 0  # submitted, not yet answered (or dropped): bounded by max_queue
+        self._call_s = 0.0  # moving average of a model call's seconds, for Retry-After
         threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
+
+    def check_capacity(self) -> None:
+        """`Overloaded` if the queue is full now: lets a request be shed before its upload is
+        parsed and checked, the CPU that the admitted requests need. `submit` decides."""
+        if self.pending >= self._max_queue:
+            raise Overloaded(self.pending, self.retry_after())
 
     def submit(self, image: bytes, beam_size: int) -> tuple[dict, int]:
         """(the model's outputs for a batch, this image's index in it)."""
+        with self._lock:
+            self.check_capacity()
+            self.pending += 1
         future: Future = Future()
         self._queue.put((image, beam_size, future))
-        return future.result()
+        try:
+            return future.result(timeout=None if math.isinf(self._timeout) else self._timeout)
+        except (FutureTimeout, CancelledError):
+            future.cancel()  # False once running: the call finishes, its answer is dropped
+            raise RequestTimeout(self._timeout) from None
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue has likely drained: its model calls, at least 1."""
+        calls = math.ceil(self.pending / self._max_batch)
+        return max(1, math.ceil(calls * self._call_s))
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self.pending -= count
 
     def _next(self, timeout: float | None):
         """The held request first, else the queue's next (queue.Empty after `timeout`)."""
@@ -106,13 +179,24 @@ class MicroBatcher:
                     break
                 (batch if item[1] == first[1] else other).append(item)
             self._held = other + self._held
-            try:
-                outputs = self._caption([item[0] for item in batch], first[1])
-                for index, item in enumerate(batch):
-                    item[2].set_result((outputs, index))
-            except Exception as error:  # noqa: BLE001 (handed to the waiting requests)
-                for item in batch:
-                    item[2].set_exception(error)
+            live = [item for item in batch if item[2].set_running_or_notify_cancel()]
+            self._done(len(batch) - len(live))  # timed out while queued: not captioned
+            if live:
+                self._call(live)
+
+    def _call(self, batch: list) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self._caption([item[0] for item in batch], batch[0][1])
+            for index, item in enumerate(batch):
+                item[2].set_result((outputs, index))
+        except Exception as error:  # noqa: BLE001 (handed to the waiting requests)
+            for item in batch:
+                item[2].set_exception(error)
+        finally:
+            seconds = time.monotonic() - started
+            self._call_s = seconds if not self._call_s else 0.8 * self._call_s + 0.2 * seconds
+            self._done(len(batch))
 
 
 def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
@@ -121,6 +205,7 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
     state: dict[str, Any] = {"model": None, "batcher": None, "error": None}
+    app.config["draining"] = threading.Event()  # set by serve() on SIGTERM
     page = resources.files("caption_pipeline").joinpath("static/index.html").read_bytes()
 
     def load() -> None:
@@ -128,7 +213,8 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
             model = load_model()
             model.caption([_warmup_image()], model.default_beam_size)  # loads the graph now
             state["batcher"] = MicroBatcher(model.caption, settings.max_batch,
-                                            settings.batch_wait_ms)
+                                            settings.batch_wait_ms, settings.max_queue,
+                                            settings.request_timeout_s)
             state["model"] = model
             logger.info("Model %s ready", model.path)
         except Exception as error:  # noqa: BLE001 (reported by /readyz)
@@ -139,7 +225,7 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
 
     @app.errorhandler(RequestError)
     def bad_request(error: RequestError):
-        return _error(error.status, error.code, error.message)
+        return _error(error.status, error.code, error.message, error.headers)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
@@ -165,13 +251,16 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
     @app.get("/readyz")
     def readyz():
         model = state["model"]
+        if app.config["draining"].is_set():
+            return jsonify(status="draining", error="shutting down"), 503
         if model is None:
             status = "failed" if state["error"] else "loading"
             return jsonify(status=status, error=state["error"]), 503
         info = model.info
         return jsonify(status="ready", model=str(model.path), image_size=info["image_size"],
                        grid=info["grid"], default_beam_size=info["default_beam_size"],
-                       max_beam_size=info["max_beam_size"])
+                       max_beam_size=info["max_beam_size"], queued=state["batcher"].pending,
+                       max_queue=settings.max_queue)
 
     @app.post("/v1/caption")
     def caption():
@@ -179,6 +268,7 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
         if model is None:
             return _error(503, "not_ready", "the model is still loading; retry shortly")
         started = time.perf_counter()
+        state["batcher"].check_capacity()
         data, name = _upload()
         beam_size = _beam_size(model.max_beam_size, model.default_beam_size)
         attention = _flag("attention")
@@ -242,30 +332,89 @@ def _flag(name: str) -> bool:
     return value in TRUE
 
 
-def _error(status: int, code: str, message: str):
-    return jsonify(error={"code": code, "message": message}), status
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    return jsonify(error={"code": code, "message": message}), status, headers or {}
 
 
 def serve(load_model: Callable[[], Any], settings: ServeSettings) -> None:
-    """Run the app with waitress until interrupted."""
+    """Run the app with waitress until SIGTERM or Ctrl-C, then drain and return.
+
+    Instead of `server.run()`, this thread runs waitress's event loop one poll at a time, so
+    that it sees a signal between polls. On SIGTERM the listening socket is closed (new
+    connections are refused at once, and a load balancer's next try goes elsewhere), /readyz
+    turns 503, the requests that waitress has read or is answering finish (the loop keeps
+    polling, so their answers go out), idle keep-alive connections are closed, and the worker
+    threads are shut down. Waiting is bounded by `serve.drain_timeout_s`, like gunicorn's
+    `graceful_timeout`: a process manager gets its exit 0 before it would send SIGKILL. A
+    second SIGTERM while draining stops at once (the default handler is back).
+    """
     import waitress
+    from waitress.channel import HTTPChannel
+    from waitress.wasyncore import close_all, dispatcher
 
     app = create_app(load_model, settings)
-    logger.info("Serving on http://%s:%d/", settings.host, settings.port)
     # waitress refuses bodies far over the limit itself; Flask answers those near it in JSON.
-    waitress.serve(app, host=settings.host, port=settings.port, threads=settings.threads,
-                   max_request_body_size=int(4 * settings.max_upload_mb * 1024 * 1024),
-                   ident="caption-pipeline")
+    server = waitress.create_server(
+        app, host=settings.host, port=settings.port, threads=settings.threads,
+        max_request_body_size=int(4 * settings.max_upload_mb * 1024 * 1024),
+        ident="caption-pipeline")
+    draining: threading.Event = app.config["draining"]
+    previous = signal.signal(signal.SIGTERM, lambda *_: draining.set())
+    logger.info("Serving on http://%s:%d/", settings.host, settings.port)
+
+    def busy() -> int:
+        """Connections with a request being read, run or answered; idle ones are closed (a
+        keep-alive client then reconnects elsewhere instead of sending us more)."""
+        count = 0
+        for channel in list(server._map.values()):
+            if isinstance(channel, HTTPChannel):
+                if channel.requests or channel.request or channel.total_outbufs_len:
+                    count += 1
+                elif draining.is_set():
+                    channel.handle_close()
+        return count
+
+    try:
+        while not draining.is_set():
+            server.asyncore.loop(timeout=0.2, map=server._map, count=1,
+                                 use_poll=server.adj.asyncore_use_poll)
+    except KeyboardInterrupt:
+        draining.set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    dispatcher.close(server)  # the listening socket only; the trigger wakes the loop still
+    deadline = time.monotonic() + settings.drain_timeout_s
+    logger.info("Shutting down: %d connections busy, waiting up to %g s", busy(),
+                settings.drain_timeout_s)
+    while busy() and time.monotonic() < deadline:
+        server.asyncore.loop(timeout=0.1, map=server._map, count=1,
+                             use_poll=server.adj.asyncore_use_poll)
+    if busy():
+        logger.warning("Drain timeout: %d requests still in flight are dropped", busy())
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+    close_all(server._map)  # idle keep-alive connections and the trigger
+    logger.info("Stopped")
 
 
 def check_settings(settings: ServeSettings) -> ServeSettings:
     """A DataError naming the first setting out of range."""
-    for name, low in (("port", 0), ("threads", 1), ("max_pixels", 1), ("max_batch", 1)):
+    for name, low in (("port", 0), ("threads", 1), ("max_pixels", 1), ("max_batch", 1),
+                      ("max_queue", 1)):
         value = getattr(settings, name)
         if not isinstance(value, int) or value < low:
             raise DataError(f"serve.{name} must be an integer >= {low}, got {value!r}")
-    if not settings.max_upload_mb > 0 or not settings.batch_wait_ms >= 0:
-        raise DataError("serve.max_upload_mb must be > 0 and serve.batch_wait_ms >= 0")
+    for name in ("max_upload_mb", "request_timeout_s", "drain_timeout_s"):
+        value = getattr(settings, name)
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise DataError(f"serve.{name} must be a number > 0, got {value!r}")
+    if not settings.batch_wait_ms >= 0:
+        raise DataError(f"serve.batch_wait_ms must be >= 0, got {settings.batch_wait_ms!r}")
+    if settings.threads <= settings.max_queue:
+        # A request past the queue needs a free waitress thread to be told 503 at once;
+        # otherwise it waits, unseen, in waitress's own unbounded task queue.
+        raise DataError(f"serve.threads ({settings.threads}) must be greater than "
+                        f"serve.max_queue ({settings.max_queue}), so that requests past the "
+                        "queue are answered 503 at once")
     return settings
 
 

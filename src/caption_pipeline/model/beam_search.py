@@ -14,9 +14,13 @@ wraps them in `tf.function` or `jax.jit`); run eagerly they work too, one Python
 Conventions:
 
 * `max_length` counts decoding steps, <end> included: a caption of N words needs N + 1.
-* <pad> and <start> are never chosen for a caption that is still running. A beam that has
-  emitted <end> is finished: its score is frozen, its later tokens are <pad> and its later
-  attention rows are zero.
+* <pad> and <start> are never chosen for a caption that is still running, nor is <unk>
+  unless `allow_unk=True` (issue 12): it stands for every rare word at once, so a caption
+  with it is not one a reader can use, and the scorers would count it as a word. Banned
+  tokens get log p = -inf after the softmax, the same as masking their logits for the choice;
+  the remaining words keep the model's own log-probabilities, so scores stay comparable with
+  teacher forcing (`Captioner.teacher_forced`). A beam that has emitted <end> is finished:
+  its score is frozen, its later tokens are <pad> and its later attention rows are zero.
 * `lengths` counts the tokens a beam generated, its <end> included (`max_length` when it never
   ended); `log_probs` is the sum of the log-probabilities of exactly those tokens.
 * Length normalization is GNMT's (Wu et al. 2016, eq. 14): score = log_prob / lp with
@@ -37,6 +41,7 @@ from caption_pipeline.errors import DataError
 from caption_pipeline.text import Vocabulary
 
 PAD_ID, START_ID, END_ID = Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id
+UNK_ID = Vocabulary.unk_id
 NEG_INF = float("-inf")
 
 
@@ -56,10 +61,12 @@ def length_penalty(lengths, alpha: float):
     return ops.power((5.0 + ops.cast(lengths, "float32")) / 6.0, alpha)
 
 
-def greedy_search(model, features, max_length: int, alpha: float = 0.0) -> Captions:
+def greedy_search(model, features, max_length: int, alpha: float = 0.0,
+                  allow_unk: bool = False) -> Captions:
     """The most likely next word at every step: `Captions` with K = 1.
 
-    model: a Captioner (or anything with `init_state` / `step`); features [B, R, D].
+    model: a Captioner (or anything with `init_state` / `step`); features [B, R, D];
+    allow_unk: let <unk> be generated (by default it never is).
     """
     check_search_params(1, max_length, alpha)
     state = model.init_state(features)
@@ -67,7 +74,7 @@ def greedy_search(model, features, max_length: int, alpha: float = 0.0) -> Capti
 
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished):
         logits, alpha_t, h_next, c_next = _step(model, state, 1, words, h, c)
-        logp = _allowed_log_probs(logits, finished)  # [B, V]
+        logp = _allowed_log_probs(logits, finished, allow_unk)  # [B, V]
         words = ops.cast(ops.argmax(logp, axis=-1), "int32")  # [B]
         log_probs = log_probs + ops.take_along_axis(logp, words[:, None], axis=1)[:, 0]
         lengths = ops.where(finished, lengths, t + 1)
@@ -79,12 +86,12 @@ def greedy_search(model, features, max_length: int, alpha: float = 0.0) -> Capti
 
 
 def beam_search(model, features, beam_size: int, max_length: int,
-                alpha: float = 0.0) -> Captions:
+                alpha: float = 0.0, allow_unk: bool = False) -> Captions:
     """The `beam_size` best-scoring captions per image (`Captions` with K = beam_size).
 
     model: a Captioner (or anything with `init_state` / `step`, whose step takes the K beams of
     each image as words [B, K] and h, c [B, K, n], as `AttentionDecoder.step` does);
-    features [B, R, D].
+    features [B, R, D]; allow_unk: let <unk> be generated (by default it never is).
     """
     check_search_params(beam_size, max_length, alpha)
     k = beam_size
@@ -102,7 +109,7 @@ def beam_search(model, features, beam_size: int, max_length: int,
         logits, alpha_t, h_next, c_next = _step(model, state, k, words, h, c)
         vocab = logits.shape[-1]
         # Every (beam, word) candidate: its sum, length and score; [B*K, V].
-        candidate_logp = log_probs[:, None] + _allowed_log_probs(logits, finished)
+        candidate_logp = log_probs[:, None] + _allowed_log_probs(logits, finished, allow_unk)
         candidate_length = ops.where(finished, lengths, t + 1)
         score = candidate_logp / length_penalty(candidate_length, alpha)[:, None]
         # The K best of each image's K*V candidates; top_k sorts them best first.
@@ -191,15 +198,18 @@ def _running(max_length: int):
     return cond
 
 
-def _allowed_log_probs(logits, finished):
+def _allowed_log_probs(logits, finished, allow_unk: bool = False):
     """logits [N, V], finished [N] -> log p [N, V], -inf where a word may not come next.
 
-    A running caption may not continue with <pad> or <start>; a finished one continues with
-    <pad> only, at log p = 0, so that its sum stays as it was.
+    A running caption may not continue with <pad> or <start>, nor with <unk> unless
+    `allow_unk`; a finished one continues with <pad> only, at log p = 0, so that its sum stays
+    as it was.
     """
     logp = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
     token = ops.arange(logp.shape[-1])[None, :]
     banned = ops.logical_or(ops.equal(token, PAD_ID), ops.equal(token, START_ID))
+    if not allow_unk:
+        banned = ops.logical_or(banned, ops.equal(token, UNK_ID))
     running = ops.where(banned, NEG_INF, logp)
     done = ops.where(ops.equal(token, PAD_ID), 0.0, NEG_INF)
     return ops.where(finished[:, None], done, running)

@@ -7,7 +7,8 @@ once, as there), so it compiles the same way (`tf.function` + XLA, or `jax.jit`,
 `caption_pipeline.decoding.compile_function`) and runs under TensorFlow and JAX.
 
 At step t, each running caption n draws its next word from the model's distribution
-p_t(w) = softmax(logits)_w, with <pad> and <start> excluded (as in the searches), by inverse
+p_t(w) = softmax(logits)_w, with <pad>, <start> and (unless `allow_unk`) <unk> excluded, as in
+the searches (`beam_search._allowed_log_probs`), by inverse
 transform sampling:
 
     w_t = min { w : sum_{v <= w} p_t(v) >= u_nt * sum_v p_t(v) },   u_nt ~ U(0, 1)
@@ -52,12 +53,14 @@ class Samples(NamedTuple):
     entropy: object  # [] float32: mean entropy (nats) of the distributions sampled from
 
 
-def sample_captions(model, features, uniforms) -> Samples:
+def sample_captions(model, features, uniforms, allow_unk: bool = False) -> Samples:
     """K captions per image drawn from the model.
 
     model: a Captioner (or anything with `init_state` / `step`, whose step takes K captions per
     image as [B, K, ...], see `beam_search.beam_search`); features [B, R, D];
-    uniforms [B, K, L] in (0, 1): K samples per image, L = max_length decoding steps.
+    uniforms [B, K, L] in (0, 1): K samples per image, L = max_length decoding steps;
+    allow_unk: let <unk> be drawn (by default it never is: SCST would otherwise reward a
+    caption for an <unk> that happens to match a reference's rare word).
     """
     k, max_length = uniforms.shape[1], uniforms.shape[2]
     state = model.init_state(features)  # per image; h and c are per sample in the loop
@@ -69,7 +72,7 @@ def sample_captions(model, features, uniforms) -> Samples:
 
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished, entropy, tokens):
         logits, alpha_t, h, c = _step(model, state, k, words, h, c)
-        logp = _allowed_log_probs(logits, finished)  # [N, V], -inf where banned
+        logp = _allowed_log_probs(logits, finished, allow_unk)  # [N, V], -inf where banned
         p = ops.exp(logp)
         cumulative = ops.cumsum(p, axis=-1)
         u = ops.take(uniforms, t, axis=1) * cumulative[:, -1]  # [N]
