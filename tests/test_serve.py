@@ -231,14 +231,19 @@ def test_micro_batcher_hands_model_errors_to_the_requests():
         batcher.submit(b"x", 1)
 
 
-def test_micro_batcher_sheds_past_max_queue_at_once():
-    release = threading.Event()
-    model = _FakeModel()
+def _captions_after(model, wait):
+    """`model`'s captions, each model call first running `wait()`."""
 
-    def blocked(images, beam_size):
-        release.wait(30)
+    def caption(images, beam_size):
+        wait()
         return model.caption(images, beam_size)
 
+    return caption
+
+
+def test_micro_batcher_sheds_past_max_queue_at_once():
+    release = threading.Event()
+    blocked = _captions_after(_FakeModel(), lambda: release.wait(30))
     batcher = MicroBatcher(blocked, max_batch=1, wait_ms=0, max_queue=2)
     with ThreadPoolExecutor(2) as pool:
         admitted = [pool.submit(batcher.submit, bytes(n), 1) for n in (1, 2)]
@@ -256,11 +261,7 @@ def test_micro_batcher_sheds_past_max_queue_at_once():
 
 def test_micro_batcher_times_out_and_drops_requests_not_started():
     model = _FakeModel()
-
-    def slow(images, beam_size):
-        time.sleep(0.5)
-        return model.caption(images, beam_size)
-
+    slow = _captions_after(model, lambda: time.sleep(0.5))
     batcher = MicroBatcher(slow, max_batch=1, wait_ms=0, timeout_s=0.2)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(batcher.submit, b"1", 1)
