@@ -6,9 +6,10 @@
 Options: --configs shapes,coco  --batch 64  --repeats 5  --jit-compile best|true|false|auto
          --precision float32,mixed_bfloat16 (Keras dtype policies, each measured in this process)
 
-Two configs: "shapes" (the embedded default: compact CNN trained end to end on 128 px images)
-and "coco" (precomputed NASNetLarge features, 121 x 4032, vocab 10,204, dims 512). Prints one
-JSON line with, per config, captions/s and achieved GFLOP/s (best step), the rate of a
+Three configs: "shapes" (the embedded default: compact CNN trained end to end on 128 px
+images), "coco" (precomputed NASNetLarge features, 121 x 4032, vocab 10,204, dims 512) and
+"coco_projected" (the same features projected to 121 x 512, model.feature_projection). Prints
+one JSON line with, per config, captions/s and achieved GFLOP/s (best step), the rate of a
 [4096, 4096] float32 matmul timed in the same process, and the fraction of it the step reaches
 (each step paired with a matmul timed just before it: the machine may be shared).
 
@@ -47,16 +48,20 @@ from caption_pipeline.model import Captioner, ModelConfig  # noqa: E402
 # XLA for TensorFlow, by config, as measured on the 2-core CPU: it speeds up the COCO decoder
 # (34 vs 27 captions/s) but slows the compact CNN's convolutions (37 vs 62). (Keras's "auto"
 # turns XLA off for TensorFlow on CPU-only machines; JAX always compiles.)
-TF_XLA = {"shapes": False, "coco": True}
+TF_XLA = {"shapes": False, "coco": True, "coco_projected": True}
 CONFIGS = {
     # name: (ModelConfig kwargs, steps T, input)
     "shapes": (dict(vocab_size=80, encoder="compact", image_size=128), 16, "image"),
     "coco": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331, embed_dim=512,
                   attention_dim=512, lstm_units=512), 24, "features"),
+    # The same, on features projected to 512 per region (model.feature_projection).
+    "coco_projected": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331,
+                            embed_dim=512, attention_dim=512, lstm_units=512,
+                            feature_projection=512), 24, "features"),
 }
 # Precomputed features [R, D]: training builds the decoder alone (`Captioner(feature_shape=)`),
 # as the train pipeline does; NASNetLarge at 331 px gives 11 x 11 regions of 4032.
-FEATURE_SHAPES = {"coco": (121, 4032)}
+FEATURE_SHAPES = {"coco": (121, 4032), "coco_projected": (121, 512)}
 
 
 def decoder_flops(R, D, A, n, m, V, T, features_need_grad: bool) -> float:

@@ -53,7 +53,7 @@ FROZEN = {
     "compact_filters": [8, 16, 16],
 }
 REGIONS, DEPTH = 64, 16
-FEATURES = {"batch_size": 4, "seed": 3}
+FEATURES = {"batch_size": 4, "seed": 3, "projection_images": 8}
 
 
 def write_image_shards(folder: Path, split_sizes: dict, num_shards: dict, seed: int = 1):

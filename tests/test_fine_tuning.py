@@ -58,7 +58,7 @@ def data(tmp_path_factory):
     _, images = write_image_shards(root, {"train": 8, "val": 4, "test": 2},
                                    {"train": 2, "val": 1, "test": 1})
     weights = encoder_file(root / "encoder.weights.h5", FROZEN, seed=3)
-    plan = build_feature_plan(images, weights, FROZEN, {"batch_size": 4, "seed": 3})
+    plan = build_feature_plan(images, weights, FROZEN, {"batch_size": 4, "seed": 3, "projection_images": 8})
     write_model_inputs(plan, root / "model_inputs", progress=False)
     return SimpleNamespace(images=images, weights=weights,
                            features=load_model_inputs(root / "model_inputs"))
@@ -178,7 +178,7 @@ def test_the_encoder_moves_ratio_times_the_decoders_first_adam_step(backend):
 
 
 def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp_path):
-    model = {**TINY_MODEL, "dropout": 0.0}  # dropout masks are not in a checkpoint
+    model = {**TINY_MODEL, "dropout": 0.0}  # dropout with resume: tests/test_exact_resume.py
 
     def configs(root: Path) -> tuple[dict, dict]:
         train = {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 4,

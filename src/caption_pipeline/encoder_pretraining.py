@@ -273,11 +273,10 @@ def initial_encoder(shards: ShardSet, instances: Mapping[str, Path | None], mode
     """
     import keras
 
-    from caption_pipeline.model import build_encoder
+    from caption_pipeline.model.encoder import regions_model
 
     keras.utils.set_random_seed(seed)
-    encoder = build_encoder(model.encoder, model.image_size, model.encoder_weights,
-                            model.compact_filters, model.compact_pool_last)
+    encoder = model.build_encoder(model.encoder_weights)
     if not config.enabled:
         return encoder, []
     if model.trains_encoder:
@@ -300,4 +299,6 @@ def initial_encoder(shards: ShardSet, instances: Mapping[str, Path | None], mode
     train = region_targets(instances["train"], model.image_size, grid)
     val = (region_targets(instances["val"], model.image_size, grid)
            if instances.get("val") is not None else None)
-    return pretrain_encoder(encoder, shards, train, val, config)
+    # The layers before a feature projection: it is fitted on what they learn here.
+    _, history = pretrain_encoder(regions_model(encoder), shards, train, val, config)
+    return encoder, history

@@ -147,7 +147,7 @@ def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary:
 
     * a `.keras` file: a saved Captioner (the `captioner` of the catalog, or a copy of it);
     * a `*.weights.h5` file: weights saved by `Captioner.save_weights`, e.g. a training
-      checkpoint `<train.checkpoint_dir>/step-NNNNNNNN/checkpoint.weights.h5` or
+      checkpoint `<train.checkpoint_dir>/step-NNNNNNNN-<hex>/checkpoint.weights.h5` or
       `best.weights.h5`; the architecture comes from `params:model` and the vocabulary size.
       A checkpoint of training on precomputed features holds the decoder alone: it is joined
       with the frozen encoder of `encoder_of` (the catalog's captioner, whose encoder computed

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 POINTER_FORMAT = "caption-pipeline/model-inputs-pointer/v1"
 FEATURE_DTYPE = "float16"  # halves disk and reader memory; decoder inputs need no more
-FEATURE_PARAMS = ("batch_size", "seed")
+FEATURE_PARAMS = ("batch_size", "seed", "projection_images")
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,12 +83,15 @@ class FeaturePlan:
 
 
 def encoder_architecture(model: ModelConfig) -> dict[str, Any]:
-    return {
+    architecture = {
         "encoder": model.encoder,
         "image_size": model.image_size,
         "compact_filters": list(model.compact_filters),
         "compact_pool_last": model.compact_pool_last,
     }
+    if model.feature_projection is not None:  # absent, as in manifests written before it
+        architecture["feature_projection"] = model.feature_projection
+    return architecture
 
 
 def build_feature_plan(
@@ -139,10 +142,9 @@ def weights_fingerprint(weights: str | os.PathLike) -> str:
 
 def build_frozen_encoder(model: ModelConfig, weights: str | os.PathLike) -> keras.Model:
     """The encoder of `model` with the weights of file `weights`, not trainable."""
-    from caption_pipeline.model import build_encoder, load_weights_file
+    from caption_pipeline.model import load_weights_file
 
-    encoder = build_encoder(model.encoder, model.image_size, None, model.compact_filters,
-                            model.compact_pool_last)
+    encoder = model.build_encoder(None)
     load_weights_file(encoder, str(weights))
     encoder.trainable = False
     return encoder

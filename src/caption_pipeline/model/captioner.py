@@ -47,6 +47,9 @@ class ModelConfig:
     encoder_batchnorm: str = "train"
     compact_filters: tuple[int, ...] = (32, 64, 128, 128)
     compact_pool_last: bool = True  # false: the compact CNN's grid is twice as fine
+    # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
+    # the train images (`caption_pipeline.projection`); None: the encoder's own D.
+    feature_projection: int | None = None
     embed_dim: int = 128
     attention_dim: int = 128
     lstm_units: int = 256
@@ -68,6 +71,11 @@ class ModelConfig:
         if self.encoder_trainable is None:
             return self.encoder == "compact"
         return self.encoder_trainable
+
+    def build_encoder(self, weights: str | None) -> keras.Model:
+        """This config's encoder architecture, with `weights` (see `build_encoder`)."""
+        return build_encoder(self.encoder, self.image_size, weights, self.compact_filters,
+                             self.compact_pool_last, self.feature_projection)
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelConfig:
@@ -106,8 +114,7 @@ class Captioner(keras.Model):
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         c = self.config
         if feature_shape is None:
-            self.encoder = build_encoder(c.encoder, c.image_size, c.encoder_weights,
-                                         c.compact_filters, c.compact_pool_last)
+            self.encoder = c.build_encoder(c.encoder_weights)
             self.encoder.trainable = c.trains_encoder
             if c.trains_encoder and c.encoder_batchnorm == "frozen":
                 freeze_batchnorm(self.encoder)  # before any optimizer sees the trainable ones

@@ -10,6 +10,13 @@ Two families, chosen by name:
 * ``compact``: a small CNN for the embedded "shapes" data set, where no ImageNet-like weights
   exist: pretrained on its object masks (`caption_pipeline.encoder_pretraining`) and given as
   a weights file, or trained end to end with the decoder.
+
+Either may end in a fixed linear projection of each region's features to `projection` numbers,
+[B, R, D] -> [B, R, K]: a "feature_projection" Dense layer whose weights are not learnt but
+fitted on the train images' features by `caption_pipeline.projection` (principal axes). A
+frozen NASNetLarge's 4032 numbers per region are 0.98 MB of float16 per image, 115 GB for COCO
+2017's train split; 512 of them are 8x less, and the decoder's work on them is cheaper too (see
+docs/benchmarks.md, "Feature storage"). The layers before it are `regions_model(encoder)`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ NASNETS = {
 }
 ENCODERS = ("compact", *NASNETS)
 BATCHNORM = ("train", "frozen")  # what training does to the BatchNormalization layers
+PROJECTION = "feature_projection"  # the name of the fixed projection layer, when there is one
 
 
 def build_encoder(
@@ -38,8 +46,10 @@ def build_encoder(
     weights: str | None = None,
     compact_filters: tuple[int, ...] = (32, 64, 128, 128),
     compact_pool_last: bool = True,
+    projection: int | None = None,
 ) -> keras.Model:
-    """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]."""
+    """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]
+    (D = `projection` when given; the projection's weights are then still to be fitted)."""
     images = keras.Input((image_size, image_size, 3), name="image")
     if name == "compact":
         if weights == "imagenet":
@@ -55,10 +65,23 @@ def build_encoder(
     # [B, H, W, D] -> [B, H*W, D]: the regions the decoder attends over, row by row.
     _, height, width, depth = grid.shape
     regions = layers.Reshape((height * width, depth), name="regions")(grid)
+    if projection is not None:
+        if not 1 <= projection <= depth:
+            raise DataError(f"model.feature_projection: {projection}; expected 1 to the "
+                            f"encoder's {depth} features per region, or null")
+        regions = layers.Dense(projection, name=PROJECTION)(regions)
     encoder = keras.Model(images, regions, name=f"{name}_encoder")
     if name == "compact" and weights is not None:
         load_weights_file(encoder, weights)
     return encoder
+
+
+def regions_model(encoder: keras.Model) -> keras.Model:
+    """The layers of `encoder` up to its region features [B, R, D], before any projection:
+    the same layers and weights, so that training or reading it is training or reading them."""
+    if PROJECTION not in [layer.name for layer in encoder.layers]:
+        return encoder
+    return keras.Model(encoder.input, encoder.get_layer("regions").output, name=encoder.name)
 
 
 def nasnet_backbone(name: str, weights: str | None) -> keras.Model:

@@ -10,6 +10,7 @@ from caption_pipeline.attention_maps import instances_file
 from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.features import FeaturePlan, build_feature_plan
 from caption_pipeline.model import ModelConfig
+from caption_pipeline.projection import fit_projection
 from caption_pipeline.tfrecords import ShardSet
 
 
@@ -21,12 +22,16 @@ def prepare_encoder(
     encoder_pretraining: dict[str, Any],
 ) -> tuple[Any, pd.DataFrame]:
     """The encoder the captioner starts from (pretrained on the train split's object masks
-    when `encoder_pretraining.enabled`), and the pretraining history per epoch."""
+    when `encoder_pretraining.enabled`, its feature projection fitted on the train images when
+    `model.feature_projection`), and the pretraining history per epoch."""
     config = ModelConfig.from_dict({**model, "vocab_size": 1})
     instances = {split: instances_file(raw_dataset, split) for split in ("train", "val")}
     encoder, history = initial_encoder(shards, instances, config,
                                        PretrainConfig.from_dict(encoder_pretraining),
                                        seed=int(features["seed"]))
+    if config.feature_projection is not None:
+        fit_projection(encoder, shards, images=features["projection_images"],
+                       batch_size=int(features["batch_size"]))
     return encoder, pd.DataFrame(history, columns=None if history else ["epoch"])
 
 
