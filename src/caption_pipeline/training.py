@@ -29,6 +29,13 @@ folder has (never replacing one: that takes two renames, and a kill between them
 folder under the name), then `latest.json` is pointed at it atomically, then the older folders
 are deleted. A folder that `latest.json` does not name is never read (and is deleted on
 resume), so a kill at any instruction leaves one complete checkpoint in charge.
+
+Under `strategy: multi_worker` every worker runs this same code on the same `checkpoint_dir`
+(a shared filesystem), and only the chief writes there: `is_chief` (TF_CONFIG's "chief" task,
+or "worker" 0 when the cluster has none; a single process is the chief). The other workers read
+the chief's checkpoint to resume, and otherwise write every checkpoint to a scratch folder of
+their own that is deleted at once: saving reads the metrics' on-read variables, an all-reduce
+that every worker must enter (tests/test_multi_worker.py).
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -188,6 +197,109 @@ def make_strategy(config: TrainConfig):
     return strategy
 
 
+def is_chief(config: TrainConfig) -> bool:
+    """Whether this process writes checkpoints, best weights and results: always, but under
+    `strategy: multi_worker` only TF_CONFIG's "chief" task, or "worker" 0 when there is none."""
+    if config.strategy != "multi_worker" or not os.environ.get("TF_CONFIG"):
+        return True
+    try:
+        tf_config = json.loads(os.environ["TF_CONFIG"])
+        cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
+        kind, index = task.get("type"), int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise DataError(f"TF_CONFIG: not a cluster and task ({error})") from None
+    if "chief" in cluster:
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def _barrier(strategy) -> None:
+    """Return once every worker of `strategy` is here (an all-reduce); no-op without one."""
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return
+    import tensorflow as tf
+
+    strategy.reduce(tf.distribute.ReduceOp.SUM,
+                    strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def _without_symbolic_build(model: keras.Model) -> None:
+    """Under tf.distribute, Keras' `fit` and `evaluate` first all-reduce a whole batch to build
+    the model symbolically (`_maybe_symbolic_build`, Keras 3.15), which fails under
+    MultiWorkerMirroredStrategy (its `reduce` takes one tensor, not a batch's dict: a
+    ValueError). `build_captioner` has built every layer and the optimizer, and the Captioner
+    compiles no loss or metric, so there is nothing left to build: the step is skipped while
+    that holds."""
+    original = model._maybe_symbolic_build
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        built = (all(layer.built for layer in model._flatten_layers())
+                 and all(part is None or part.built
+                         for part in (model._compile_metrics, model._compile_loss)))
+        if not built:
+            original(iterator=iterator, data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
+
+
+def _clip_after_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
+    """Clip the global norm of the gradient all the replicas make together, as one device
+    clips its batch's. Keras 3.15 clips each replica's gradient (of its share of the loss)
+    before the all-reduce sums them: another direction and size whenever the clip bites. Here
+    the replicas sum their gradients first, clip the sum, and hand Keras 1/N of it each, which
+    its own all-reduce sums back (exactly: N = 2^k). One more all-reduce per step; only with
+    `global_clipnorm` set. Under mixed precision it is the wrapped optimizer that clips."""
+    import tensorflow as tf
+
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if optimizer.global_clipnorm is None:
+        return
+    original = optimizer._clip_gradients
+
+    def clip_gradients(grads):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return original(grads)
+        present = [i for i, grad in enumerate(grads) if grad is not None]
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+        clipped = original(summed)
+        share = 1.0 / context.num_replicas_in_sync
+        grads = list(grads)
+        for i, grad in zip(present, clipped):
+            grads[i] = grad * tf.cast(share, grad.dtype)
+        return grads
+
+    object.__setattr__(optimizer, "_clip_gradients", clip_gradients)
+
+
+def _mean_scalar_logs_over_workers() -> None:
+    """Keras 3.15 averages a train or test step's logs over the workers of a
+    MultiWorkerMirroredStrategy with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
+    scalars they are (a ValueError: no dimension 0). A scalar is averaged with `axis=None`
+    instead; anything else goes to Keras as before. Idempotent."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    original = trainer.reduce_per_replica
+    if getattr(original, "scalar_logs", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if (reduction not in ("auto", "mean")
+                or not trainer._collective_all_reduce_multi_worker(strategy)):
+            return original(values, strategy, reduction)
+
+        def reduce(value):
+            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return tree.map_structure(reduce, values)
+
+    reduce_per_replica.scalar_logs = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
 def with_device_defaults(config: TrainConfig) -> TrainConfig:
     """`config` with `precision: auto` resolved for the devices found, which are logged."""
     devices = training_devices()
@@ -276,11 +388,13 @@ def metric_results(model: keras.Model) -> dict[str, float]:
 class Checkpoints:
     """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge
     (see the module docstring). `state_type`: the dataclass of `state.json` (`TrainState`;
-    SCST has its own)."""
+    SCST has its own). `chief=False` (a multi-worker run's other workers): `root` is only
+    read; every save goes to a scratch folder, deleted before `save` returns."""
 
-    def __init__(self, root: str | Path, state_type: type = TrainState):
+    def __init__(self, root: str | Path, state_type: type = TrainState, *, chief: bool = True):
         self.root = Path(root)
         self.state_type = state_type
+        self.chief = chief
 
     def latest(self) -> Path | None:
         pointer = self.root / LATEST
@@ -294,17 +408,27 @@ class Checkpoints:
             raise DataError(f"{pointer} names {folder.name}, which is incomplete or missing")
         return folder
 
-    def save(self, model: keras.Model, state, step: int) -> Path:
+    def save(self, model: keras.Model, state, step: int) -> Path | None:
+        if not self.chief:
+            # The same reads as the chief's (an all-reduce of the metrics), written nowhere
+            # that lasts.
+            with tempfile.TemporaryDirectory(prefix="worker-checkpoint-") as scratch:
+                self._write(Path(scratch), model, state, step)
+            return None
         # A unique name: the folder is renamed once into place, never over another one.
         name = f"step-{step:08d}-{uuid.uuid4().hex[:8]}"
         with atomic_directory(self.root / name) as tmp:
-            model.save_weights(tmp / WEIGHTS)
-            np.savez(tmp / VARIABLES, *[keras.ops.convert_to_numpy(v)
-                                        for v in extra_variables(model)])
-            atomic_write_json(tmp / "state.json", dataclasses.asdict(state) | {"step": step})
+            self._write(tmp, model, state, step)
         self._point_at(name, step)
         self._remove_unnamed(name)
         return self.root / name
+
+    @staticmethod
+    def _write(folder: Path, model: keras.Model, state, step: int) -> None:
+        model.save_weights(folder / WEIGHTS)
+        np.savez(folder / VARIABLES, *[keras.ops.convert_to_numpy(v)
+                                       for v in extra_variables(model)])
+        atomic_write_json(folder / "state.json", dataclasses.asdict(state) | {"step": step})
 
     def _point_at(self, name: str, step: int) -> None:
         """The instant the new checkpoint takes charge: one atomic rename of `latest.json`."""
@@ -319,9 +443,10 @@ class Checkpoints:
 
     def restore(self, model: keras.Model, fingerprint: str):
         """Load the latest checkpoint into `model` if it belongs to this run, else None."""
-        remove_stale_temporaries(self.root)
+        if self.chief:
+            remove_stale_temporaries(self.root)
         folder = self.latest()
-        if self.root.exists():
+        if self.chief and self.root.exists():
             self._remove_unnamed(folder and folder.name)
         if folder is None:
             return None
@@ -347,6 +472,10 @@ class Checkpoints:
         return self.state_type(**{k: v for k, v in saved.items() if k in known})
 
     def save_best(self, model: keras.Model) -> None:
+        if not self.chief:  # joins the chief's reads, as `save` does
+            with tempfile.TemporaryDirectory(prefix="worker-best-") as scratch:
+                model.save_weights(Path(scratch) / BEST_WEIGHTS)
+            return
         path = self.root / BEST_WEIGHTS
         tmp = path.with_name(f".tmp-{BEST_WEIGHTS}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -361,7 +490,7 @@ class Checkpoints:
         return True
 
     def clear(self) -> None:
-        if self.root.exists():
+        if self.chief and self.root.exists():
             shutil.rmtree(self.root)
 
 
@@ -437,7 +566,12 @@ def train_captioner(
     with _scope(strategy):
         model = build_captioner(model_config, config, steps_per_epoch, sample_inputs,
                                 optimizer=optimizer, initialise=initialise)
-    checkpoints = Checkpoints(config.checkpoint_dir)
+    if strategy is not None:
+        _clip_after_all_reduce(model.optimizer)
+    if config.strategy == "multi_worker":
+        _without_symbolic_build(model)
+        _mean_scalar_logs_over_workers()
+    checkpoints = Checkpoints(config.checkpoint_dir, chief=is_chief(config))
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
     if state.step:
         logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)", state.step,
@@ -491,6 +625,7 @@ def train_captioner(
     if checkpoints.load_best(model):
         logger.info("Keeping the weights of epoch %d (best val xent %.4f)",
                     state.best_epoch, state.best_val_xent)
+    _barrier(strategy)  # every worker has read the best weights before the chief deletes them
     if not config.keep_checkpoints:
         checkpoints.clear()
     return model, pd.DataFrame(state.history), pd.DataFrame(state.steps)

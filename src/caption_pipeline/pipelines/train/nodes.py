@@ -18,6 +18,7 @@ from caption_pipeline.training import (
     Checkpoints,
     DatasetFactory,
     TrainConfig,
+    is_chief,
     pad_captions,
     train_captioner,
     training_curves_figure,
@@ -83,7 +84,7 @@ def train_model(
                               (tuning.enabled and scst.enabled, tuning.keep_checkpoints,
                                tuning.checkpoint_dir)):
         if ran and not keep:
-            Checkpoints(folder).clear()
+            Checkpoints(folder, chief=is_chief(config)).clear()
     return (captioner, history, loss_steps, tuned_history, tuned_steps, scst_history,
             scst_steps)
 

@@ -1,0 +1,220 @@
+"""Multi-worker training (issue 12): two worker processes on 127.0.0.1, joined by TF_CONFIG under
+`strategy: multi_worker`, train as one worker does at the same global batch; only the chief
+writes to `checkpoint_dir`; a kill -9 of one worker, then a restart of both, resumes from the
+chief's last checkpoint and finishes.
+
+Tiny and on features (a decoder on 3 x 4 features), so that each worker process spends its
+time starting TensorFlow, not training. Every caption has the same length, and every batch
+splits evenly over the two workers: each worker's loss is a mean over its own tokens, and
+Keras averages the workers' means, which equals the mean over the global batch only when the
+workers hold as many tokens (a ragged split weighs the tokens differently: another result,
+not a rounding error). Dropout is off, since each worker draws its own masks. The global-norm
+clip (1.0) bites: it is applied to the gradient the workers sum, as one device clips its batch's
+(`training._clip_after_all_reduce`; Keras alone clips each worker's half).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.text import Vocabulary
+from tests.conftest import PROJECT_ROOT, free_port
+
+VOCAB, REGIONS, DIM, LENGTH, WORDS = 12, 3, 4, 7, 4
+BATCH = 4  # the global batch: 2 per worker
+MODEL = ModelConfig(vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
+                    lstm_units=8, dropout=0.0)
+EPOCHS, STEPS_PER_EPOCH = 3, 4  # 16 captions / 4
+# float32 rounding over 12 Adam steps: each worker's gradient is the mean over its 2
+# captions, halved, and the all-reduce adds the halves, where one device sums 4 captions in
+# one go; a different order of the same float32 additions (measured: see the report).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _split(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    captions = np.zeros((n, LENGTH), np.int32)
+    captions[:, 0], captions[:, WORDS + 1] = Vocabulary.start_id, Vocabulary.end_id
+    captions[:, 1:WORDS + 1] = rng.integers(4, VOCAB, (n, WORDS))
+    features = rng.normal(size=(n, REGIONS, DIM)).astype(np.float16)
+    return {"features": features, "image_id": np.arange(n)}, captions
+
+
+SPLITS = {"train": _split(0, BATCH * STEPS_PER_EPOCH), "val": _split(1, 2 * BATCH)}
+
+
+def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
+    """The `DatasetFactory`. The same on every worker (the shuffle's seed is the epoch's):
+    tf.distribute's data sharding gives each worker its half of every global batch."""
+    import tensorflow as tf
+
+    inputs, captions = SPLITS[split]
+    ds = tf.data.Dataset.from_tensor_slices((inputs, captions))
+    if shuffle:
+        ds = ds.shuffle(len(captions), seed=42 + epoch)
+    return ds.batch(BATCH)
+
+
+def train_config(checkpoints: Path, strategy: str) -> dict:
+    return {"epochs": EPOCHS, "batch_size": BATCH, "caption_mode": "all", "learning_rate": 1e-2,
+            "clipnorm": 1.0, "early_stopping_patience": None, "checkpoint_every_steps": 1,
+            "log_every_steps": 1, "checkpoint_dir": str(checkpoints), "strategy": strategy,
+            "precision": "float32", "jit_compile": False, "progress": False}
+
+
+def train(config: dict):
+    from caption_pipeline.training import TrainConfig, train_captioner
+
+    return train_captioner(datasets, MODEL, TrainConfig.from_dict(config),
+                           steps_per_epoch=STEPS_PER_EPOCH, data_fingerprint={"data": "tiny"})
+
+
+# One worker: records every change its Python code makes under the checkpoint folder (audit
+# events: what h5py writes in C goes to files created and renamed through them), optionally
+# slowed down per batch so that it can be killed mid-way, and saves its final weights.
+WORKER = """
+import json, logging, os, sys, time
+sys.path.insert(0, sys.argv[1])
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+config, log_path, out = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+root = os.path.abspath(config["checkpoint_dir"])
+log = open(log_path, "a", buffering=1)
+WRITES = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+def audit(event, args):
+    if event == "open" and args[1] is not None and not any(c in str(args[1]) for c in "wax+"):
+        return
+    if event in WRITES or event == "open":
+        paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
+        if any(os.path.abspath(os.fsdecode(p)).startswith(root) for p in paths):
+            log.write(json.dumps([event, [os.fsdecode(p) for p in paths]]) + "\\n")
+sys.addaudithook(audit)
+import numpy as np
+from caption_pipeline import training
+if os.environ.get("SLOW_STEPS"):
+    end = training._StepCheckpoint.on_train_batch_end
+    def slow(self, batch, logs=None):
+        end(self, batch, logs)
+        time.sleep(float(os.environ["SLOW_STEPS"]))
+    training._StepCheckpoint.on_train_batch_end = slow
+from tests.test_multi_worker import train
+model, history, steps = train(config)
+np.savez(out, *model.get_weights())
+print("HISTORY " + history.drop(columns="seconds").to_json(orient="records"))
+"""
+
+
+def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0):
+    """Two workers of one cluster (fresh ports), each in its own session (for kill -9)."""
+    hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    workers = []
+    for index in range(2):
+        scratch = tmp_path / f"tmp-{run}-{index}"
+        scratch.mkdir()
+        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
+               "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch), "KERAS_BACKEND": "tensorflow",
+               "SLOW_STEPS": str(slow) if slow else ""}
+        out = open(tmp_path / f"out-{run}-{index}.txt", "w")
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(PROJECT_ROOT), json.dumps(config),
+             str(tmp_path / f"writes-{index}.jsonl"), str(tmp_path / f"weights-{run}-{index}.npz")],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    return workers
+
+
+def output(tmp_path: Path, run: str, index: int) -> str:
+    return (tmp_path / f"out-{run}-{index}.txt").read_text()
+
+
+def history_of(text: str) -> list[dict]:
+    line = next(line for line in text.splitlines() if line.startswith("HISTORY "))
+    return json.loads(line.removeprefix("HISTORY "))
+
+
+def writes(tmp_path: Path, index: int) -> list:
+    path = tmp_path / f"writes-{index}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    latest = checkpoints / "latest.json"
+
+    # Two workers, slowed down, the non-chief killed -9 in the second epoch; the chief, whose
+    # next all-reduce has no peer, then too.
+    first = start_workers(tmp_path, train_config(checkpoints, "multi_worker"), "killed", 0.3)
+    try:
+        deadline = time.monotonic() + 90
+        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 6):
+            assert all(w.poll() is None for w in first) and time.monotonic() < deadline, (
+                "the workers ended or stalled before the kill:\n"
+                + output(tmp_path, "killed", 0)[-3000:] + output(tmp_path, "killed", 1)[-3000:])
+            time.sleep(0.02)
+        os.killpg(first[1].pid, signal.SIGKILL)
+        killed_at = json.loads(latest.read_text())["step"]
+    finally:
+        for worker in first:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert killed_at < EPOCHS * STEPS_PER_EPOCH
+    resumed_at = json.loads(latest.read_text())["step"]  # the chief may have saved one more
+
+    # Both restarted (fresh ports), not slowed; meanwhile, in this process, the reference: one
+    # worker at the same global batch.
+    second = start_workers(tmp_path, train_config(checkpoints, "multi_worker"), "resumed")
+    try:
+        model, expected_history, _ = train(train_config(tmp_path / "single", "default"))
+        expected = model.get_weights()
+        # The clip bites in this run: unclipped, it ends elsewhere (Keras alone clips each
+        # worker's half of the gradient: `training._clip_after_all_reduce`).
+        unclipped = train({**train_config(tmp_path / "unclipped", "default"), "clipnorm": None})
+        assert max(np.max(np.abs(a - b))
+                   for a, b in zip(unclipped[0].get_weights(), expected)) > 1e-3
+        for worker in second:
+            worker.wait(timeout=150)
+    finally:
+        for worker in second:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    for index, worker in enumerate(second):
+        text = output(tmp_path, "resumed", index)
+        assert worker.returncode == 0, text[-5000:]
+        assert "Training with the multi_worker strategy over 2 replicas" in text
+        assert f"Resuming from checkpoint at step {resumed_at}" in text
+
+    # (a) Both workers end with the weights of one worker at the same global batch, to
+    # float32 rounding (RTOL, ATOL), and with its history: every epoch, none trained twice.
+    for index in range(2):
+        with np.load(tmp_path / f"weights-resumed-{index}.npz") as saved:
+            got = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        assert len(got) == len(expected)
+        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected))
+        print(f"worker {index}: largest weight difference {worst:.3g}")
+        for g, want in zip(got, expected):
+            np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+        history = history_of(output(tmp_path, "resumed", index))
+        assert [row["step"] for row in history] == [4, 8, 12]
+        for row, want in zip(history, expected_history.to_dict("records"), strict=True):
+            assert row["val_xent"] == pytest.approx(want["val_xent"], rel=RTOL)
+
+    # (b) Only the chief wrote to the checkpoint folder, in both runs; the other worker's
+    # scratch checkpoints are gone; the finished run removed the folder.
+    assert writes(tmp_path, 1) == []
+    chief = writes(tmp_path, 0)
+    assert any(event == "os.rename" and "latest.json" in paths[-1] for event, paths in chief)
+    assert any("best.weights.h5" in paths[-1] for event, paths in chief)
+    for index in range(2):
+        assert list((tmp_path / f"tmp-resumed-{index}").iterdir()) == []
+    assert not checkpoints.exists()
