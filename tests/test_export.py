@@ -347,3 +347,37 @@ def test_unsupported_images_are_refused_with_a_clear_error(tiny_export):
     truncated = _encode(image, "JPEG")[:40]
     with pytest.raises(DataError, match=r"images: .*JPEG"):
         exported.caption([truncated])
+
+
+def _claiming(data: bytes, offset: int, fields: bytes) -> bytes:
+    """`data` with its header's width and height bytes at `offset` replaced by `fields`."""
+    return data[:offset] + fields + data[offset + len(fields):]
+
+
+def test_a_canvas_over_max_pixels_is_refused_from_the_header(tiny_export):
+    """A small file that claims a huge canvas (a decompression bomb) is refused by the
+    SavedModel itself, as `images.decode_image` refuses it, before anything is decoded: the
+    images below hold 16 x 16 pixels of data and could not be decoded at the size claimed."""
+    import struct
+
+    exported, *_ = tiny_export
+    image = _source_image().resize((16, 16))
+    jpeg = _encode(image, "JPEG")
+    sof = jpeg.index(b"\xff\xc0") + 5  # baseline frame header: precision, then H, W
+    bombs = {
+        "png": (_claiming(_encode(image, "PNG"), 16, struct.pack(">II", 20000, 10000)),
+                "20000 x 10000"),
+        "jpeg": (_claiming(jpeg, sof, struct.pack(">HH", 9000, 8000)), "8000 x 9000"),
+        "gif": (_claiming(_encode(image, "GIF"), 6, struct.pack("<HH", 60000, 1000)),
+                "60000 x 1000"),
+        # A negative height is a top-down bitmap: its size is the absolute value.
+        "bmp": (_claiming(_encode(image, "BMP"), 18, struct.pack("<ii", 10000, -6000)),
+                "10000 x 6000"),
+    }
+    good = _encode(image, "PNG")
+    for kind, (data, size) in bombs.items():
+        with pytest.raises(DataError, match=rf"image 1 is {size} pixels, more than "
+                                            rf"max_pixels 50000000"):
+            exported.caption([good, data])
+    assert exported.info["max_pixels"] == 50_000_000
+    assert exported.preprocess([good]).shape == (1, TINY_SIZE, TINY_SIZE, 3)

@@ -28,13 +28,14 @@ K beams, L steps, an H x W grid of regions):
 
 A beam size is a static shape of the search (the beams are folded into the batch), so
 `caption_beam` holds one traced search per size and picks one with `tf.switch_case`.
-`assets.extra/export.json` describes the export (image size, JPEG quality, grid, beam sizes,
-vocabulary) for Python clients; the graph itself does not need it.
+`assets.extra/export.json` describes the export (image size, JPEG quality, pixel limit, grid,
+beam sizes, vocabulary) for Python clients; the graph itself does not need it.
 
 A bad image fails the byte signatures with an InvalidArgumentError naming the image and the
 problem ("image 1 is not a JPEG, PNG, GIF or BMP image ...", "image 0 is a GIF with
-transparency ...", or the decoder's "Invalid JPEG data ..."); `ExportedCaptioner` raises it
-as a DataError.
+transparency ...", "image 0 is 30000 x 30000 pixels, more than max_pixels 50000000 ..." read
+from the header before anything is decoded, or the decoder's "Invalid JPEG data ...");
+`ExportedCaptioner` raises it as a DataError.
 The export self-check (`check_preprocessing`) feeds Pillow-made off-size, EXIF-rotated, grey,
 CMYK, palette, alpha and 16-bit images to the SavedModel and to the Python path
 (`python_pixels`: `images.decode_image` -> `images.encode_jpeg` -> the reader) and requires
@@ -60,7 +61,7 @@ import numpy as np
 from caption_pipeline.atomic import atomic_directory
 from caption_pipeline.errors import DataError
 from caption_pipeline.image_graph import decode_images
-from caption_pipeline.images import JPEG_QUALITY
+from caption_pipeline.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY
 from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,16 @@ class ExportSettings:
     """`params:export`; see conf/base/parameters_export.yml."""
 
     max_beam_size: int = 5
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger canvases are refused by the graph itself
     check: CheckSettings = field(default_factory=CheckSettings)
 
     def __post_init__(self):
         if not isinstance(self.max_beam_size, int) or not 1 <= self.max_beam_size <= 16:
             raise DataError(f"parameters export.max_beam_size: expected 1..16, "
                             f"got {self.max_beam_size!r}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise DataError(f"parameters export.max_pixels: expected a positive integer, "
+                            f"got {self.max_pixels!r}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportSettings:
@@ -116,14 +121,16 @@ def region_grid(captioner) -> tuple[int, int]:
 
 
 def build_module(captioner, vocabulary, decoding, max_beam_size: int,
-                 jpeg_quality: int = JPEG_QUALITY):
+                 jpeg_quality: int = JPEG_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS):
     """The `tf.Module` with the five signatures of the module docstring over `captioner` (a
     trained Captioner), and its export.json.
 
     vocabulary: a `text.Vocabulary`; decoding: the `decoding.DecodeSettings` whose method,
     alpha, max length and beam size (the default) the export keeps; jpeg_quality: the quality
     the image shards were written with (their manifest's params.jpeg_quality), repeated in
-    the graph's JPEG round trip.
+    the graph's JPEG round trip; max_pixels: the largest canvas the byte signatures decode
+    (a direct client of the SavedModel has no Pillow in front of it to refuse a
+    decompression bomb).
     """
     import tensorflow as tf
 
@@ -190,11 +197,12 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
         def preprocess_images(self, images):
             """What the byte signatures feed the model: pixels [B, S, S, 3] (checks, clients
             that batch pixels themselves)."""
-            return {"pixels": decode_images(images, size, jpeg_quality)}
+            return {"pixels": decode_images(images, size, jpeg_quality, max_pixels)}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serving_default(self, images):
-            return self.outputs(decode_images(images, size, jpeg_quality), default_beam)
+            pixels = decode_images(images, size, jpeg_quality, max_pixels)
+            return self.outputs(pixels, default_beam)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images"),
                                       tf.TensorSpec([], tf.int32, name="beam_size")])
@@ -203,7 +211,7 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
             check = tf.debugging.Assert(in_range, ["beam_size must be in 1..", max_beam_size,
                                                    "got", beam_size])
             with tf.control_dependencies([check]):
-                pixels = decode_images(images, size, jpeg_quality)
+                pixels = decode_images(images, size, jpeg_quality, max_pixels)
             branches = [lambda k=k: self.outputs(pixels, k) for k in range(1, max_beam_size + 1)]
             return tf.switch_case(beam_size - 1, branches)
 
@@ -211,6 +219,7 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
         "format": FORMAT,
         "image_size": size,
         "jpeg_quality": jpeg_quality,
+        "max_pixels": max_pixels,
         "grid": [height, width],
         "max_length": max_length,
         "method": decoding.method,

@@ -8,6 +8,9 @@ a client of the SavedModel (TF Serving, another language) needs no Pillow:
 
   1. format by magic bytes; anything but JPEG, PNG, GIF or BMP is refused by name, and so is
      a GIF with transparency (TensorFlow's GIF decoder does not say which pixels it covers);
+     a canvas of more than `max_pixels` (its width and height read from the header, before
+     anything is decoded: a small file can claim a huge canvas) is refused, as
+     `images.decode_image` refuses it;
   2. EXIF orientation from the JPEG APP1 "Exif" segment or the PNG eXIf chunk, walked with
      string ops (`jpeg_orientation`, `png_orientation`, `tiff_orientation`), applied as
      Pillow's transposes (`transpose_upright`);
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from caption_pipeline.images import JPEG_QUALITY, REDUCING_GAP
+from caption_pipeline.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, REDUCING_GAP
 
 # Pillow's resampling precision: coefficients are integers scaled by 2**22.
 _PRECISION_BITS = 32 - 8 - 2
@@ -47,24 +50,26 @@ _ORIENTATION_TAG = 0x0112
 LANCZOS_SUPPORT = 3.0  # Pillow's Lanczos kernel: sinc(x) sinc(x / 3) for |x| < 3
 
 
-def decode_images(images, size: int, jpeg_quality: int = JPEG_QUALITY):
+def decode_images(images, size: int, jpeg_quality: int = JPEG_QUALITY,
+                  max_pixels: int = DEFAULT_MAX_PIXELS):
     """Encoded images string [B] -> float32 [B, S, S, 3] in 0..255, as training saw them.
 
-    jpeg_quality: the shard set's JPEG quality. A bad image fails the whole call with
-    InvalidArgumentError "image i: ...".
+    jpeg_quality: the shard set's JPEG quality; max_pixels: the largest canvas decoded. A bad
+    image fails the whole call with InvalidArgumentError "image i ...".
     """
     import tensorflow as tf
 
     def one(args):
         index, data = args
-        return preprocess(data, index, size, jpeg_quality)
+        return preprocess(data, index, size, jpeg_quality, max_pixels)
 
     indices = tf.range(tf.shape(images)[0])
     return tf.map_fn(one, (indices, images),
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
-def preprocess(data, index, size: int, jpeg_quality: int):
+def preprocess(data, index, size: int, jpeg_quality: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     """One encoded image string [] -> float32 [S, S, 3]; see the module docstring."""
     import tensorflow as tf
 
@@ -88,8 +93,14 @@ def preprocess(data, index, size: int, jpeg_quality: int):
         orientation = tf.case([(is_jpeg, lambda: jpeg_orientation(data)),
                                (is_png, lambda: png_orientation(data))],
                               default=lambda: tf.constant(1))
-    jpeg_shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data),
-                         lambda: tf.zeros([3], tf.int32))  # [H, W, components]
+        jpeg_shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data),
+                             lambda: tf.zeros([3], tf.int32))  # [H, W, components]
+    width, height = canvas_size(data, jpeg_shape, is_jpeg, is_png, is_gif)
+    size_check = tf.debugging.Assert(width * height <= max_pixels, [
+        "image", index, "is", width, "x", height, "pixels, more than max_pixels", max_pixels,
+        "(a decompression bomb?)"])
+    with tf.control_dependencies([size_check]):  # nothing is decoded before the check
+        data = tf.identity(data)
     # An upright 3-component S x S JPEG, such as a shard image, is read as the reader reads
     # it: decoded with TensorFlow's default (fast) DCT, no round trip. Any other JPEG is
     # decoded as Pillow decodes it, with libjpeg's accurate integer DCT (the fast one is up to
@@ -112,6 +123,33 @@ def preprocess(data, index, size: int, jpeg_quality: int):
 
 
 # --- reading headers with string ops ----------------------------------------------------------
+
+
+def canvas_size(data, jpeg_shape, is_jpeg, is_png, is_gif):
+    """(width, height) int64 [] of an image's canvas, from its header alone: the JPEG frame
+    header (`jpeg_shape`, [H, W, C] from `tf.io.extract_jpeg_shape`), the PNG IHDR chunk
+    (big-endian uint32 at bytes 16 and 20), the GIF logical screen (little-endian uint16 at
+    bytes 6 and 8) or the BMP info header (little-endian int32 at bytes 18 and 22; a negative
+    height is a top-down bitmap)."""
+    import tensorflow as tf
+
+    read, _ = _reader(data)
+
+    def number(pos, n: int, little: bool):
+        raw = tf.cast(read(pos, n), tf.int64)
+        weights = tf.constant([256 ** i for i in range(n)], tf.int64)
+        return tf.reduce_sum(raw * (weights if little else weights[::-1]))
+
+    def signed32(value):
+        return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+
+    jpeg = tf.cast(jpeg_shape, tf.int64)
+    sizes = tf.case([(is_jpeg, lambda: tf.stack([jpeg[1], jpeg[0]])),
+                     (is_png, lambda: tf.stack([number(16, 4, False), number(20, 4, False)])),
+                     (is_gif, lambda: tf.stack([number(6, 2, True), number(8, 2, True)]))],
+                    default=lambda: tf.stack([signed32(number(18, 4, True)),
+                                              signed32(number(22, 4, True))]))
+    return sizes[0], sizes[1]
 
 
 def _reader(data):

@@ -27,7 +27,8 @@ def export_captioner(captioner, vocabulary: dict[str, Any], shards: ShardSet,
     settings = ExportSettings.from_params(export)
     decoding = EvaluateSettings.from_params(evaluate).decoding
     return build_module(captioner, Vocabulary.from_dict(vocabulary), decoding,
-                        settings.max_beam_size, int(shards.manifest["params"]["jpeg_quality"]))
+                        settings.max_beam_size, int(shards.manifest["params"]["jpeg_quality"]),
+                        settings.max_pixels)
 
 
 def check_export(exported_model: ExportedCaptioner, captioner, shards: ShardSet,
