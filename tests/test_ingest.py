@@ -504,3 +504,10 @@ def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
     assert advised.returncode == 0, advised.stderr[-3000:]
     table = pd.read_parquet(project / "data/02_intermediate/captions.parquet")
     assert set(table.split) == {"train", "val", "test"}
+    # The record is now mydata's: ingest under other dataset parameters refuses it, in one
+    # line, rather than silently reading mydata again.
+    stale = run_kedro(project, "run", "--pipelines=ingest")
+    assert stale.returncode != 0 and "Traceback" not in stale.stderr + stale.stdout
+    assert ("raw_dataset records dataset 'mydata'" in stale.stderr and "the parameters now say "
+            "'shapes' at 'data/01_raw/shapes' (dataset.name, dataset.root changed): run `kedro "
+            "run --pipelines=synthetic` first" in stale.stderr), stale.stderr[-3000:]

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 FORMATS = ("coco", "karpathy")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# What the `synthetic` stage adds to the `dataset` block it records as `raw_dataset`.
+DATASET_RECORD_KEYS = ("generated", "fingerprint", "counts")
 # Columns of the caption table (contract 2), in order, with their dtypes.
 TABLE_DTYPES = {
     "image_id": "int64",
@@ -179,6 +181,23 @@ class _Candidate(NamedTuple):
     image_id: int
     file_path: str  # as written in the table: root / images / file_name
     captions: list[tuple[int, str]]  # (annotation id, clean caption)
+
+
+def check_recorded(raw_dataset: Mapping[str, Any], dataset: Mapping[str, Any]) -> None:
+    """A DataError unless `raw_dataset`, the `dataset` block the `synthetic` stage recorded,
+    is the `dataset` block of this run's parameters: otherwise ingest would silently read
+    whatever an earlier run (say, the shapes data) recorded, not the data now configured."""
+    keys = {*dataset, *raw_dataset} - set(DATASET_RECORD_KEYS)
+    # Compared as JSON values: the record went through a JSON file.
+    changed = sorted(key for key in keys
+                     if json.loads(json.dumps(dataset.get(key))) != raw_dataset.get(key))
+    if changed:
+        raise DataError(
+            f"raw_dataset records dataset {raw_dataset.get('name')!r} at "
+            f"{raw_dataset.get('root')!r}, but the parameters now say {dataset.get('name')!r} "
+            f"at {dataset.get('root')!r} (dataset.{', dataset.'.join(changed)} changed): run "
+            "`kedro run --pipelines=synthetic` first, with the same parameters (it records "
+            "the dataset block, and generates the shapes data)")
 
 
 def ingest(dataset: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:

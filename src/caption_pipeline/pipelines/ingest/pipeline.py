@@ -1,4 +1,5 @@
-"""`ingest` pipeline: raw_dataset + params:ingest -> caption_table, ingestion_report."""
+"""`ingest` pipeline: raw_dataset (checked against params:dataset) + params:ingest ->
+caption_table, ingestion_report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=ingest_captions,
-                inputs=["raw_dataset", "params:ingest"],
+                inputs=["raw_dataset", "params:dataset", "params:ingest"],
                 outputs=["caption_table", "ingestion_report"],
                 name="ingest_captions",
             )
