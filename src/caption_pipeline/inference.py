@@ -104,15 +104,15 @@ def default_export(project: Path, env: str | None = None) -> Path:
 
 
 def project_config(project: Path, env: str | None, key: str) -> dict[str, Any]:
-    """`catalog` or `parameters` of the Kedro project in `project`, as `kedro run` reads it."""
-    from kedro.config import OmegaConfigLoader
+    """`catalog` or `parameters` of the Kedro project in `project`, as `kedro run` reads it:
+    with the loader and its arguments of the project's settings.py (base + `env`, else local)."""
+    from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 
     conf = project / "conf"
     if not (conf / "base").is_dir():
         raise DataError(f"no --model given and {project.resolve()} is not a caption-pipeline "
                         f"project (no conf/base): pass --model PATH_OR_MODELS_URI")
-    loader = OmegaConfigLoader(str(conf), base_env="base", default_run_env=env or "local",
-                               merge_strategy={"parameters": "soft"})
+    loader = CONFIG_LOADER_CLASS(str(conf), env=env, **CONFIG_LOADER_ARGS)
     return dict(loader[key])
 
 

@@ -272,34 +272,6 @@ def _clip_after_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
     object.__setattr__(optimizer, "_clip_gradients", clip_gradients)
 
 
-def _mean_scalar_logs_over_workers() -> None:
-    """Keras 3.15 averages a train or test step's logs over the workers of a
-    MultiWorkerMirroredStrategy with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
-    scalars they are (a ValueError: no dimension 0). A scalar is averaged with `axis=None`
-    instead; anything else goes to Keras as before. Idempotent."""
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer
-
-    original = trainer.reduce_per_replica
-    if getattr(original, "scalar_logs", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if (reduction not in ("auto", "mean")
-                or not trainer._collective_all_reduce_multi_worker(strategy)):
-            return original(values, strategy, reduction)
-
-        def reduce(value):
-            if strategy.experimental_local_results(value)[0].shape.rank == 0:
-                return strategy.reduce("MEAN", value, axis=None)
-            return original(value, strategy, reduction)
-
-        return tree.map_structure(reduce, values)
-
-    reduce_per_replica.scalar_logs = True
-    trainer.reduce_per_replica = reduce_per_replica
-
-
 def with_device_defaults(config: TrainConfig) -> TrainConfig:
     """`config` with `precision: auto` resolved for the devices found, which are logged."""
     devices = training_devices()
@@ -570,7 +542,6 @@ def train_captioner(
         _clip_after_all_reduce(model.optimizer)
     if config.strategy == "multi_worker":
         _without_symbolic_build(model)
-        _mean_scalar_logs_over_workers()
     checkpoints = Checkpoints(config.checkpoint_dir, chief=is_chief(config))
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
     if state.step:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import keras
 from keras import ops
-from keras.src.losses.loss import scale_loss_for_distribution
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_params
@@ -81,6 +80,29 @@ class ModelConfig:
     def from_dict(cls, params: dict) -> ModelConfig:
         """From a `params:model` dict; unknown keys are an error that names them."""
         return from_params(cls, params, "model")
+
+
+def _replicas_in_sync() -> int:
+    """Replicas whose gradients tf.distribute sums each step (1 outside it, and under JAX):
+    each divides its loss by their count, so that the sum is the gradient of the mean loss,
+    as Keras does with its own losses (its trainer multiplies the logs back)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _workers_in_sync() -> int:
+    """Worker processes of the MultiWorkerMirroredStrategy the step runs under (else 1)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    return len(strategy.cluster_resolver.cluster_spec().as_dict().get("worker", [None]))
 
 
 def caption_losses(logits, alpha, targets):
@@ -175,9 +197,17 @@ class Captioner(keras.Model):
         loss = xent + self.config.attention_lambda * attention
         if self.losses:  # L2
             loss = loss + ops.sum(ops.stack(self.losses))
-        # Under tf.distribute, replicas' gradients are summed: Keras divides every loss by the
-        # replica count (a no-op otherwise, and under JAX); its trainer undoes it for the logs.
-        return scale_loss_for_distribution(loss)
+        replicas = _replicas_in_sync()
+        return loss * (1.0 / replicas) if replicas > 1 else loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The step's logs; across several workers, each as [1], not a scalar []: Keras 3.15
+        averages them over the workers with `strategy.reduce("MEAN", log, axis=0)`, which
+        needs a dimension 0 (a ValueError on a scalar), and gives the scalar back."""
+        logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        if _workers_in_sync() > 1:
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
 
     # The step-wise API, for batched greedy / beam search in one compiled function.
     def init_state(self, features):

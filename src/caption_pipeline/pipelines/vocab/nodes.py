@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.ingestion import SPLITS
 from caption_pipeline.text import (
     VocabSettings,
     Vocabulary,
@@ -16,7 +17,6 @@ from caption_pipeline.text import (
     vocabulary_stats,
 )
 
-SPLITS = ("train", "val", "test")
 KEY_COLUMNS = ["image_id", "split", "file_path", "annotation_id"]
 MAX_EXAMPLES = 5  # empty captions quoted in the stats
 
