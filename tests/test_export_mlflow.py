@@ -37,6 +37,14 @@ def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
     assert model.run_id == second["run_id"]
     metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
     assert float(model.tags["test.CIDEr"]) == round(metrics["test"]["CIDEr"], 4)
+    # The same model scores the same val CIDEr: the new version is the candidate, and the
+    # champion stays the first (issue 14: promoted only when better on val).
+    assert not second["promotion"]["promoted"], second["promotion"]
+    assert int(client.get_model_version_by_alias("image-captioner", "candidate").version) == (
+        second["version"])
+    assert int(client.get_model_version_by_alias("image-captioner", "champion").version) == (
+        first["version"])
+    assert model.tags["promotion"] == "kept" and "<=" in model.tags["promotion_reason"]
 
 
 def test_mlflow_models_serve_answers_a_request(smoke_project, exported, test_jpegs):
@@ -69,6 +77,7 @@ def test_mlflow_models_serve_answers_a_request(smoke_project, exported, test_jpe
 
 
 def test_caption_command_takes_a_models_uri(smoke_project, exported, test_jpegs, tmp_path):
+    """`caption --model models:/image-captioner@champion`: the registry's champion alias."""
     import os
     import subprocess
 
@@ -78,7 +87,7 @@ def test_caption_command_takes_a_models_uri(smoke_project, exported, test_jpegs,
     env = {**os.environ, "MLFLOW_TRACKING_URI": registration["tracking_uri"]}
     result = subprocess.run(
         [str(Path(sys.executable).with_name("caption-pipeline")), "caption", str(image),
-         "--model", registration["registered_model_uri"]],
+         "--model", "models:/image-captioner@champion"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["caption"] == exported.caption([image.read_bytes()])[

@@ -13,7 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from caption_pipeline.tracking import dvc_data_hash, evaluation_metric_values, training_metric_series
+from caption_pipeline.tracking import (
+    caption_digest, caption_inputs, changed_params, dvc_data_hash, evaluation_metric_values,
+    run_name, training_metric_series,
+)
 from tests.conftest import (
     PROJECT_ROOT, copy_project, free_port, run_kedro, start_server, stop_server,
 )
@@ -98,23 +101,92 @@ def test_every_environment_tracks_to_the_project_sqlite_database(tmp_path):
     assert not (project / "notebooks" / "mlflow.db").exists() and not (project / "mlruns").exists()
 
 
+def test_run_names_tell_runs_apart():
+    assert run_name(["__default__"], None, {}) == "all stages · local"
+    assert run_name(["train"], "smoke", {"train": {"epochs": 3, "batch_size": 8}}) == (
+        "train · smoke · train.batch_size=8 · train.epochs=3")
+    assert run_name(["train", "evaluate"], "local", {}, "lucid-pony") == (
+        "exp lucid-pony · train+evaluate · local")
+    assert changed_params({"train": {"epochs": 3, "seed": 1}, "new": [1]},
+                          {"train": {"epochs": 10, "seed": 1}}) == {"train.epochs": 3, "new": [1]}
+
+
+def test_each_split_of_the_caption_table_is_a_dataset_input_with_a_stable_digest():
+    table = pd.DataFrame({"image_id": [1, 1, 2, 3], "annotation_id": [10, 11, 20, 30],
+                          "caption": ["a", "b", "c", "d"], "split": ["train", "train", "val", "test"]})
+    assert caption_digest(table) == caption_digest(table.iloc[::-1])
+    assert caption_digest(table) != caption_digest(table.assign(caption=["a", "b", "c", "e"]))
+    inputs = caption_inputs(table, "data/01_raw/shapes", "abc123")
+    assert [(d.name, context, tags["images"]) for d, context, tags in inputs] == [
+        ("captions-test", "test", "1"), ("captions-train", "training", "1"),
+        ("captions-val", "validation", "1")]
+    dataset, _, tags = inputs[1]
+    assert dataset.digest == caption_digest(table[table.split == "train"])
+    assert dataset.source.uri == "data/01_raw/shapes" and tags["dvc_data_hash"] == "abc123"
+
+
+def test_the_champion_gate_promotes_on_val_only_when_better(tmp_path):
+    """A real sqlite registry: the first version is the champion, a better val score takes
+    over, a worse one does not, `force` and `skip` do what they say, and a score on other val
+    captions is never compared. Every version is the `candidate` when registered."""
+    import mlflow
+
+    from caption_pipeline.mlflow_model import ValScore, promote
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+
+    def register(value: float, mode: str = "auto", digest: str = "val-1") -> dict:
+        version = str(client.create_model_version("m", source=str(tmp_path)).version)
+        decision = promote(client, "m", version, ValScore(value, digest), mode)
+        assert str(client.get_model_version_by_alias("m", "candidate").version) == version
+        tags = client.get_model_version("m", version).tags
+        assert tags["promotion"] == ("champion" if decision["promoted"] else "kept")
+        assert tags["promotion_reason"] == decision["reason"] and float(tags["val.CIDEr"]) == value
+        return decision
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("m", "champion").version)
+
+    assert register(2.0)["reason"] == "no champion yet" and champion() == "1"
+    better = register(2.5)
+    assert better["promoted"] and better["previous_champion_val_CIDEr"] == 2.0 and champion() == "2"
+    worse = register(2.2)
+    assert not worse["promoted"] and champion() == "2"
+    assert worse["reason"] == "val CIDEr 2.2000 <= 2.5000 of version 2"
+    assert register(1.0, "force")["promoted"] and champion() == "4"
+    assert not register(9.0, "skip")["promoted"] and champion() == "4"
+    other = register(9.0, digest="val-2")
+    assert not other["promoted"] and other["reason"].startswith("not comparable") and champion() == "4"
+
+
 # --- a failed run -------------------------------------------------------------------------------
 
 
 def test_failed_run_is_recorded_as_failed_with_its_error(tmp_path):
+    """Two failed runs with different parameters: each FAILED with its error, and each named
+    after its stage, environment and parameters (issue 14), described by its command."""
     import mlflow
 
     project = copy_project(tmp_path / "project")
-    result = run_kedro(
-        project, "run", "--env", "smoke", "--pipelines", "synthetic",
-        "--params", "synthetic.captions_per_image=99",
-    )
-    assert result.returncode != 0
+    for value in (99, 98):
+        result = run_kedro(
+            project, "run", "--env", "smoke", "--pipelines", "synthetic",
+            "--params", f"synthetic.captions_per_image={value}",
+        )
+        assert result.returncode != 0
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == [
+        "synthetic · smoke · synthetic.captions_per_image=99",
+        "synthetic · smoke · synthetic.captions_per_image=98"]
+    run = runs[0]
     assert run.info.status == "FAILED"
     assert "captions_per_image" in run.data.tags["error"]
     assert run.data.params["synthetic.captions_per_image"] == "99"
+    assert run.data.tags["mlflow.note.content"].startswith("`kedro run --env smoke")
+    assert "synthetic.captions_per_image=99" in run.data.tags["params_changed"]
     error_txt = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path)))
     assert "DataError" in error_txt.read_text()
 
@@ -158,9 +230,17 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
     api = mlflow_server
     experiment = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     runs = api.post("runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-    (run,) = [r for r in runs if r["info"]["run_name"] == "__default__"]
+    (run,) = [r for r in runs if r["info"]["run_name"] == "all stages · smoke"]
     assert run["info"]["status"] == "FINISHED"
     run_id = run["info"]["run_id"]
+
+    # Its inputs: each split of the caption table, as MLflow datasets (issue 14).
+    inputs = {i["dataset"]["name"]: i for i in run["inputs"]["dataset_inputs"]}
+    assert sorted(inputs) == ["captions-test", "captions-train", "captions-val"]
+    table = pd.read_parquet(smoke_project / "data/02_intermediate/captions.parquet")
+    train = inputs["captions-train"]
+    assert train["dataset"]["digest"] == caption_digest(table[table.split == "train"])
+    assert {t["key"]: t["value"] for t in train["tags"]}["mlflow.data.context"] == "training"
 
     # Every parameter block, flattened.
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -176,12 +256,12 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
                 "human.CIDEr", "test_vs_human_refs.CIDEr"):
         assert key in metrics, key
     history = pd.read_csv(smoke_project / "data/08_reporting/training_history.csv")
-    val_xent = api.get("metrics/get-history", run_id=run_id, metric_key="val_xent")["metrics"]
+    val_xent = api.get("metrics/get-history", run_id=run_id, metric_key="xent.val_xent")["metrics"]
     assert [(m["step"], round(m["value"], 5)) for m in val_xent] == [
         (epoch, round(value, 5)) for epoch, value in zip(history["epoch"], history["val_xent"])
     ]
     steps = pd.read_csv(smoke_project / "data/08_reporting/training_steps.csv")
-    loss = api.get("metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    loss = api.get("metrics/get-history", run_id=run_id, metric_key="xent.loss")["metrics"]
     assert [m["step"] for m in loss] == steps["step"].tolist() and len(loss) >= 2
 
     # Artifacts: vocabulary, attention PNGs, training curves, results JSON, metrics.json.
@@ -196,6 +276,11 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
     pngs = sorted(p.name for p in (smoke_project / "data/08_reporting/attention").glob("*.png"))
     assert sorted(Path(p).name for p in listing("evaluation/attention")) == pngs and pngs
 
+    # System metrics, sampled while it ran (MLflow's own: system/cpu_utilization_percentage).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        metrics), sorted(metrics)
+    assert {"xent.val_xent", "fine_tune.val_xent", "scst.val_cider"} <= set(metrics)
+
     # Tags: the code and data versions (the copy is no git repository and DVC tracks nothing).
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["env"] == "smoke"
@@ -207,3 +292,7 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
         model = api.get("registered-models/get", name="image-captioner")["registered_model"]
         versions = api.get("model-versions/search", filter="name='image-captioner'")
         assert run_id in {v["run_id"] for v in versions["model_versions"]}, model
+        # The first version is the champion: there was none (issue 14).
+        champion = api.get("registered-models/alias", name="image-captioner", alias="champion")
+        assert champion["model_version"]["run_id"] == run_id
+        assert tags["promotion"] == "champion" and tags["promotion_reason"] == "no champion yet"

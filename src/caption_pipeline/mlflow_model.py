@@ -1,4 +1,5 @@
-"""The export as an MLflow pyfunc model, logged and registered in the model registry.
+"""The export as an MLflow pyfunc model, logged and registered in the model registry, and
+the champion gate that decides which version to serve.
 
 Input: a DataFrame with a binary column `image` (encoded image bytes; base64 in JSON
 requests to `mlflow models serve`), and an optional `beam_size` parameter. Output: one row
@@ -25,6 +26,10 @@ from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
 
+PROMOTIONS = ("auto", "force", "skip")
+CANDIDATE, CHAMPION = "candidate", "champion"  # the registry aliases
+GATE_METRIC = "CIDEr"  # of the val split: what the gate compares (never a test figure)
+
 
 @dataclass(frozen=True)
 class MlflowSettings:
@@ -34,6 +39,12 @@ class MlflowSettings:
     register: bool = True  # a new version of `registered_model_name` per run
     registered_model_name: str = "image-captioner"
     run_name: str = "export"  # of the run started when none is active
+    promote: str = "auto"  # auto: champion if its val score is higher; force; skip
+
+    def __post_init__(self):
+        if self.promote not in PROMOTIONS:
+            raise DataError(f"parameters export.mlflow.promote: expected one of {PROMOTIONS}, "
+                            f"got {self.promote!r}")
 
     @classmethod
     def from_params(cls, export: Mapping[str, Any]) -> MlflowSettings:
@@ -69,14 +80,78 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["caption", "captions", "scores", "error"])
 
 
+@dataclass(frozen=True)
+class ValScore:
+    """What the champion gate compares: the val split's `GATE_METRIC` and the digest of the
+    val captions it was scored against (`tracking.caption_digest`); two versions are compared
+    only when they were scored on the same val captions."""
+
+    value: float
+    val_digest: str
+
+
+def promote(client, name: str, version: str, score: ValScore, mode: str) -> dict[str, Any]:
+    """Alias `version` of registered model `name` as the candidate, and as the champion when
+    `mode` is "force", or "auto" and there is no champion yet or `score` beats the champion's
+    on the same val captions. The decision, its reason and both figures are tags of the
+    version and are returned (for the run)."""
+    client.set_model_version_tag(name, version, f"val.{GATE_METRIC}", f"{score.value:.6f}")
+    client.set_model_version_tag(name, version, "val_digest", score.val_digest)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    champion = _aliased(client, name, CHAMPION)
+    old = None if champion is None else champion.tags.get(f"val.{GATE_METRIC}")
+    if mode == "skip":
+        promoted, reason = False, "promotion skipped (export.mlflow.promote: skip)"
+    elif mode == "force":
+        promoted, reason = True, "promotion forced (export.mlflow.promote: force)"
+    elif champion is None or old is None:
+        promoted, reason = True, "no champion yet"
+    elif champion.tags.get("val_digest") != score.val_digest:
+        promoted, reason = False, (f"not comparable: champion version {champion.version} was "
+                                   f"scored on other val captions")
+    elif score.value > float(old):
+        promoted, reason = True, (f"val {GATE_METRIC} {score.value:.4f} > {float(old):.4f} of "
+                                  f"version {champion.version}")
+    else:
+        promoted, reason = False, (f"val {GATE_METRIC} {score.value:.4f} <= {float(old):.4f} of "
+                                   f"version {champion.version}")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    decision = {
+        "promoted": promoted,
+        "reason": reason,
+        f"val_{GATE_METRIC}": score.value,
+        "previous_champion": None if champion is None else int(champion.version),
+        f"previous_champion_val_{GATE_METRIC}": None if old is None else float(old),
+    }
+    client.set_model_version_tag(name, version, "promotion", "champion" if promoted else "kept")
+    client.set_model_version_tag(name, version, "promotion_reason", reason)
+    logger.info("%s version %s: %s (%s)", name, version,
+                "now the champion" if promoted else "not promoted", reason)
+    return decision
+
+
+def _aliased(client, name: str, alias: str):
+    """The version of `name` that `alias` points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
 def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSettings,
                default_beam_size: int, check: Mapping[str, Any],
-               scores: Mapping[str, float] | None = None) -> dict[str, Any]:
+               scores: Mapping[str, float] | None = None,
+               val_score: ValScore | None = None) -> dict[str, Any]:
     """Log the export as a pyfunc model in the active MLflow run (or a new one, against the
     current tracking URI), registered as `settings.registered_model_name` if asked; the new
-    version is tagged with `scores` (the test split's metrics), as `test.CIDEr` etc.
+    version is tagged with `scores` (the test split's metrics, reported only), as `test.CIDEr`
+    etc., aliased `candidate`, and `champion` when `promote` says so on `val_score`.
 
-    Returns what was logged: run id, model URI, registered name and version.
+    Returns what was logged: run id, model URI, registered name and version, and the
+    promotion decision.
     """
     from mlflow.models import infer_signature
 
@@ -105,12 +180,19 @@ def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSet
             metadata={"export_check": dict(check), "test_scores": dict(scores or {})},
         )
         mlflow.log_metrics({"export_check_images": check.get("images", 0)})
+        decision = None
         if info.registered_model_version:
             client = mlflow.MlflowClient()
-            for name, value in (scores or {}).items():
-                client.set_model_version_tag(settings.registered_model_name,
-                                             str(info.registered_model_version),
-                                             f"test.{name}", f"{value:.4f}")
+            name, version = settings.registered_model_name, str(info.registered_model_version)
+            for metric, value in (scores or {}).items():
+                client.set_model_version_tag(name, version, f"test.{metric}", f"{value:.4f}")
+            if val_score is not None:
+                decision = promote(client, name, version, val_score, settings.promote)
+                mlflow.set_tags({"promotion": "champion" if decision["promoted"] else "kept",
+                                 "promotion_reason": decision["reason"]})
+                mlflow.log_metrics({f"promotion.{key}": float(value)
+                                    for key, value in decision.items()
+                                    if isinstance(value, int | float)})
     except Exception as error:  # noqa: BLE001 (tracking server, database, registry errors)
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise DataError(f"export: logging the model to MLflow at {mlflow.get_tracking_uri()} "
@@ -130,6 +212,7 @@ def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSet
         "version": int(version) if version else None,
         "registered_model_uri": (f"models:/{settings.registered_model_name}/{version}"
                                  if version else None),
+        "promotion": decision,
         "settings": dataclasses.asdict(settings),
     }
 

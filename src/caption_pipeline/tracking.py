@@ -3,18 +3,29 @@
 kedro-mlflow opens one MLflow run per `kedro run`, logs the parameters that nodes read and the
 datasets the catalog declares as `kedro_mlflow.io.*`. This module adds what it does not do:
 
-- `training_metric_series` (`fine_tune_metric_series`) / `evaluation_metric_values`: reshape
-  the training history and metrics.json into the {name: [{step, value}, ...]} form that
-  `MlflowMetricsHistoryDataset` logs (one point per epoch, per logged step, or a single value);
-- `MlflowRunHooks`: anchor a relative `sqlite:///` tracking URI at the project root, tag the run
-  with the git commit and the DVC hash of the raw data, and record the error of a failed run.
+- `training_metric_series` (of the cross-entropy and the fine-tuning phases, prefixed `xent.`
+  and `fine_tune.` by the catalog), `self_critical_metric_series` (`scst.`) and
+  `evaluation_metric_values`: reshape the training histories and metrics.json into the
+  {name: [{step, value}, ...]} form that `MlflowMetricsHistoryDataset` logs (one point per
+  epoch, per logged step, or a single value);
+- `MlflowRunHooks`: anchor a relative `sqlite:///` tracking URI at the project root; name the
+  run so that a person can tell runs apart (`run_name`: stages, environment, the parameters
+  given on the command line, the DVC experiment) and describe it with its command line; tag
+  it with the git commit, the DVC hash of the raw data and every parameter that differs from
+  conf/base; log each split of the caption table as an MLflow dataset input
+  (`caption_inputs`); turn on MLflow's system metrics (CPU, memory, GPU where present); and
+  record the error of a failed run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import subprocess
+import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,12 @@ MetricSeries = dict[str, list[dict[str, float]]]
 
 _SQLITE = "sqlite:///"
 _MAX_TAG_CHARS = 5000  # MLflow accepts 8000; the full traceback goes to error.txt
+# Seconds between two samples of CPU, memory (and GPU) use; MLflow's default is 10.
+SYSTEM_METRICS_INTERVAL = 5
+# The stages' names for the pipeline `kedro run` runs without --pipelines.
+_DEFAULT_PIPELINE = "__default__"
+# MLflow contexts of the caption table's splits, as the UI's dataset column shows them.
+_SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 
 
 # --- metric series ------------------------------------------------------------------------------
@@ -53,13 +70,6 @@ def training_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> Metric
     if not steps.empty:
         series["loss"] = _points(steps["step"], steps["loss"])
     return {name: points for name, points in series.items() if points}
-
-
-def fine_tune_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> MetricSeries:
-    """The fine-tuning phase's `training_metric_series`, each name prefixed `fine_tune_`
-    (fine_tune_val_xent, fine_tune_loss, ...) beside the cross-entropy phase's in the run."""
-    return {f"fine_tune_{name}": points
-            for name, points in training_metric_series(history, steps).items()}
 
 
 def self_critical_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> MetricSeries:
@@ -151,19 +161,88 @@ def dvc_data_hash(project_path: Path, data_root: str | Path) -> tuple[str, str] 
     return None
 
 
+# --- names, descriptions and inputs ------------------------------------------------------------
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as {"train.epochs": 3, ...}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def changed_params(params: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """The leaves of `params` whose value differs from (or is absent in) `base`."""
+    base_flat = flatten(base)
+    return {key: value for key, value in flatten(params).items()
+            if key not in base_flat or base_flat[key] != value}
+
+
+def run_name(pipelines: list[str] | None, env: str | None, runtime_params: Mapping[str, Any],
+             experiment: str | None = None) -> str:
+    """A run name a person can read: "all stages · local", "train · smoke · train.epochs=3",
+    "exp lucid-pony · train · local": the DVC experiment when there is one, the stages run,
+    the Kedro environment, and the parameters given on the command line."""
+    stages = [name for name in (pipelines or []) if name != _DEFAULT_PIPELINE]
+    parts = [f"exp {experiment}"] if experiment else []
+    parts.append("+".join(stages) if stages else "all stages")
+    parts.append(env or "local")
+    parts += [f"{key}={value}" for key, value in sorted(flatten(runtime_params or {}).items())]
+    return " · ".join(parts)
+
+
+def caption_digest(table: pd.DataFrame) -> str:
+    """12 hex digits of sha256 over (image_id, annotation_id, caption) sorted: the same rows
+    give the same digest on any machine, whatever their order."""
+    rows = table[["image_id", "annotation_id", "caption"]].sort_values(
+        ["image_id", "annotation_id"]).itertuples(index=False)
+    digest = hashlib.sha256()
+    for image_id, annotation_id, caption in rows:
+        digest.update(f"{image_id}\t{annotation_id}\t{caption}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def caption_inputs(table: pd.DataFrame, data_root: str, data_hash: str | None) -> list:
+    """(mlflow Dataset, context, tags) for each split of the caption table: named
+    "captions-<split>", its digest `caption_digest`, its source the raw data folder, tagged
+    with the DVC hash of that folder (or "untracked")."""
+    inputs = []
+    for split in sorted(table["split"].unique()):
+        rows = table[table["split"] == split].reset_index(drop=True)
+        with warnings.catch_warnings():  # a local path: MLflow registers two local sources
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(rows, source=str(data_root),
+                                              name=f"captions-{split}", digest=caption_digest(rows))
+        tags = {"split": split, "dvc_data_hash": data_hash or "untracked",
+                "images": str(rows["image_id"].nunique())}
+        inputs.append((dataset, _SPLIT_CONTEXT.get(split, split), tags))
+    return inputs
+
+
 class MlflowRunHooks:
     """Project-level additions to kedro-mlflow's run (see the module docstring)."""
 
     def __init__(self) -> None:
         self._run_id: str | None = None
         self._data_root: str | None = None
+        self._context = None
+        self._inputs_logged = False
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         """Before kedro-mlflow reads mlflow.yml: make a relative sqlite database and artifact
         folder absolute under the project root, so every working directory (notebooks/, a
         DVC stage) uses the same store."""
+        self._context = context
         self._data_root = (context.params.get("dataset") or {}).get("root")
+        # Read when kedro-mlflow starts the run; a process that sets it itself keeps its own.
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
         try:
             conf = context.config_loader["mlflow"]
         except (MissingConfigException, KeyError):
@@ -188,6 +267,7 @@ class MlflowRunHooks:
         """After kedro-mlflow started the run: tag it with the code and data versions."""
         run = mlflow.active_run()
         self._run_id = run.info.run_id if run else None
+        self._inputs_logged = False
         if run is None:
             return
         project_path = Path(run_params["project_path"])
@@ -197,7 +277,49 @@ class MlflowRunHooks:
         found = dvc_data_hash(project_path, self._data_root) if self._data_root else None
         tags["dvc_data_path"] = str(self._data_root or "")
         tags["dvc_data_hash"], tags["dvc_data_source"] = found or ("untracked", "")
+        experiment = os.environ.get("DVC_EXP_NAME")
+        tags["dvc_experiment"] = experiment or ""
+        tags["mlflow.runName"] = run_name(run_params.get("pipeline_names"), run_params.get("env"),
+                                          run_params.get("runtime_params") or {}, experiment)
+        tags["mlflow.note.content"] = "`" + " ".join(["kedro", *sys.argv[1:]]) + "`"
+        changed = self._changed_params()
+        tags["params_changed"] = (", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+                                  [:_MAX_TAG_CHARS] or "none")
         mlflow.set_tags({key: value for key, value in tags.items() if value != ""})
+
+    def _changed_params(self) -> dict[str, Any]:
+        """This run's parameters that differ from conf/base's (environment and --params)."""
+        context = self._context
+        if context is None:
+            return {}
+        loader = type(context.config_loader)
+        try:
+            base = loader(str(Path(context.project_path) / "conf"), env="base",
+                          **_loader_args())["parameters"]
+        except Exception:  # noqa: BLE001 (a loader that cannot load base alone: no tag)
+            return {}
+        return changed_params(context.params, base)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
+        """The caption table a stage reads, as the run's dataset inputs."""
+        self._log_inputs(dataset_name, data)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
+        """The caption table ingest writes, as the run's dataset inputs."""
+        self._log_inputs(dataset_name, data)
+
+    def _log_inputs(self, dataset_name: str, data: Any) -> None:
+        if (dataset_name != "caption_table" or self._inputs_logged
+                or mlflow.active_run() is None or not isinstance(data, pd.DataFrame)):
+            return
+        root = Path(self._context.project_path) if self._context else Path.cwd()
+        found = dvc_data_hash(root, self._data_root) if self._data_root else None
+        for dataset, context, tags in caption_inputs(data, self._data_root or "",
+                                                     found[0] if found else None):
+            mlflow.log_input(dataset, context=context, tags=tags)
+        self._inputs_logged = True
 
     @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error: Exception) -> None:
@@ -213,3 +335,9 @@ class MlflowRunHooks:
             "error.txt",
         )
 
+
+
+def _loader_args() -> dict[str, Any]:
+    from caption_pipeline.settings import CONFIG_LOADER_ARGS
+
+    return CONFIG_LOADER_ARGS

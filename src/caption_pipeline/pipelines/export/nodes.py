@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from caption_pipeline.evaluation import EvaluateSettings
 from caption_pipeline.export import (
     ExportedCaptioner,
@@ -13,10 +15,10 @@ from caption_pipeline.export import (
     check_against_model,
     check_tflite,
     convert_tflite,
-    test_images,
+    held_out_images,
 )
+from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
-from caption_pipeline.tfrecords import ShardSet
 
 
 def export_captioner(captioner, vocabulary: dict[str, Any], shards: ShardSet,
@@ -54,13 +56,17 @@ def export_tflite(exported_model: ExportedCaptioner, shards: ShardSet,
 
 def register_export(exported_model: ExportedCaptioner, shards: ShardSet,
                     export_check: dict[str, Any], evaluation_metrics: dict[str, Any],
-                    export: dict[str, Any]) -> dict[str, Any]:
+                    caption_table: pd.DataFrame, export: dict[str, Any]) -> dict[str, Any]:
     """Log the checked export as an MLflow pyfunc model and register a new version, tagged
-    with the test scores of metrics.json."""
-    from caption_pipeline.mlflow_model import MlflowSettings, log_export
+    with the test scores of metrics.json (reported only); the champion gate compares its
+    val CIDEr, on the same val captions, with the champion's."""
+    from caption_pipeline.mlflow_model import GATE_METRIC, MlflowSettings, ValScore, log_export
+    from caption_pipeline.tracking import caption_digest
 
-    _, (example, *_) = test_images(shards, 1)
+    _, (example, *_) = held_out_images(shards, 1)
     scores = {name: float(value) for name, value in evaluation_metrics.get("test", {}).items()
               if isinstance(value, int | float)}
+    val = ValScore(float(evaluation_metrics["val"][GATE_METRIC]),
+                   caption_digest(caption_table[caption_table["split"] == "val"]))
     return log_export(exported_model.path, example, MlflowSettings.from_params(export),
-                      exported_model.default_beam_size, export_check, scores)
+                      exported_model.default_beam_size, export_check, scores, val)

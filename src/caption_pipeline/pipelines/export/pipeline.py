@@ -35,10 +35,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "exported_tflite",
                 name="export_tflite",
             ),
-            Node(  # only a checked export is registered, with its test scores (so the
-                register_export,  # export runs after evaluate in the default pipeline)
+            Node(  # only a checked export is registered, with its test scores, and made
+                register_export,  # the champion on its val score (so export follows evaluate)
                 ["exported_model", "shards", "export_check", "evaluation_metrics",
-                 "params:export"],
+                 "caption_table", "params:export"],
                 "export_registration",
                 name="register_export",
             ),

@@ -4,7 +4,6 @@ from kedro.pipeline import Node, Pipeline
 
 from caption_pipeline.pipelines.train.nodes import plot_training_curves, train_model
 from caption_pipeline.tracking import (
-    fine_tune_metric_series,
     self_critical_metric_series,
     training_metric_series,
 )
@@ -28,14 +27,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="training_curves",
                 name="plot_training_curves",
             ),
-            Node(  # MLflow metric series: per epoch, and the loss per logged step
+            Node(  # MLflow metric series (prefixed xent.): per epoch, the loss per logged step
                 training_metric_series,
                 inputs=["training_history", "training_steps"],
                 outputs="training_metrics",
                 name="log_training_metrics",
             ),
-            Node(  # the same series of the fine-tuning phase, named fine_tune_*
-                fine_tune_metric_series,
+            Node(  # the same series of the fine-tuning phase (prefixed fine_tune.)
+                training_metric_series,
                 inputs=["fine_tune_history", "fine_tune_steps"],
                 outputs="fine_tune_metrics",
                 name="log_fine_tune_metrics",
