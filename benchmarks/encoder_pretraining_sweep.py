@@ -29,7 +29,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from caption_pipeline.attention_maps import load_instances, localization_score
+from caption_pipeline.attention_maps import localization_score
+from caption_pipeline.coco_instances import load_instances
 from caption_pipeline.decoding import DecodeSettings, decode_dataset
 from caption_pipeline.encoder_pretraining import (
     RegionTargets,

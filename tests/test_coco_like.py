@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from caption_pipeline import coco_like
-from caption_pipeline.attention_maps import load_instances
+from caption_pipeline.coco_instances import load_instances
 from caption_pipeline.errors import DataError
 from caption_pipeline.ingestion import SPLITS, clean_caption, ingest
 from caption_pipeline.text import tokenize
@@ -147,8 +147,8 @@ def test_the_json_files_have_coco_2017s_schema(generated):
         polygon = np.array(annotation["segmentation"][0]).reshape(-1, 2)
         assert np.allclose(polygon.min(axis=0), [x, y], atol=0.01)
     objects = load_instances(root / "annotations/instances_val2017.json")  # attention_maps reads it
-    assert set(objects) == set(sizes)
-    assert sum(len(b) for scene in objects.values() for b in scene.boxes.values()) == len(
+    assert set(objects.images) == set(sizes)
+    assert sum(len(b) for scene in objects.images.values() for b in scene.boxes.values()) == len(
         instances["annotations"]
     )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caption_pipeline.attention_maps import instances_file
+from caption_pipeline.coco_instances import instances_file
 from caption_pipeline.encoder_pretraining import (
     PretrainConfig,
     initial_encoder,

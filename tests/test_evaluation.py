@@ -448,7 +448,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
                             SHAPE_WORDS[word]:
                         covered |= (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
                 fractions.append(covered.mean())
-    assert result["shape_words"] == len(fractions)
+    assert result["object_words"] == len(fractions)
     assert result["uniform"] == pytest.approx(np.mean(fractions))
 
     table = pd.read_parquet("data/02_intermediate/captions.parquet")

@@ -488,7 +488,7 @@ def test_annotation_order_favours_no_template_family():
     shares = np.zeros(5)
     scenes = 800
     for _ in range(scenes):
-        objects = shapes._sample_objects(rng, 64)
+        objects = shapes.sample_objects(rng, 64)
         captions = shapes.make_captions(objects, "striped", 64, 5, rng)
         shares += [bool(spatial.search(c.lower())) for c in captions]
     shares /= scenes

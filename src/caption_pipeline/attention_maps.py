@@ -1,5 +1,5 @@
 """Where the captioner looks: word-by-word attention figures, and an attention localization
-score on data with object boxes (the embedded shapes data).
+score on data with object boxes (a COCO instances file: the shapes data, MS COCO).
 
 Geometry. The decoder attends over the encoder's output grid: R = G*G regions, row-major
 (region r = row * G + col, row 0 at the top). The encoder sees the image stretched to a square,
@@ -9,31 +9,47 @@ step's weights [R] into a smooth map over the image's pixels: at each pixel cent
 Gaussian-weighted average of the cells' weights (sigma = half a cell, Nadaraya-Watson), so
 uniform attention stays uniform and nothing darkens at the borders.
 
-Attention localization. For each generated word that names a shape (`shapes.SHAPE_WORDS`), the
-peak of that decoding step's attention is the pixel of the upsampled map with the largest value
-(the first in row-major order on ties). It is a hit when that pixel's centre (x + 0.5, y + 0.5)
-lies in the bbox [bx, by, bw, bh] of an object of the named shape in the image
-(bx <= x + 0.5 < bx + bw, the same for y). Score = hits / shape words. The uniform-attention
-baseline is the expected hit rate of a peak at a uniformly random pixel: the fraction of pixel
-centres inside the union of the boxes of that shape, averaged over the same words. A word that
-names a shape the image does not contain is a miss for both.
+Attention localization (a pointing game). An object word is a generated word that names a
+category of the instances file (`category_words`: its word list, looked up by the category's
+name; a phrase such as "teddy bear" counts once, at its last word). For each object word, the
+peak of that decoding step's attention is the pixel of the upsampled map with the largest
+value (the first in row-major order on ties). It is a hit when that pixel's centre
+(x + 0.5, y + 0.5) lies in the bbox [bx, by, bw, bh] of an object of the named category in the
+image (bx <= x + 0.5 < bx + bw, the same for y). Score = hits / object words. The
+uniform-attention baseline is the expected hit rate of a peak at a uniformly random pixel: the
+fraction of pixel centres inside the union of the boxes of that category, averaged over the
+same words. A word that names a category the image does not contain is a miss for both.
+Categories of the file without a word list are not scored: no word can name them; their
+objects in the scored images are counted (`categories_without_words`).
+
+What it measures: whether the single most attended point of the step that writes an object's
+word falls in that object's box; not how much of the attention mass is on it, and not the
+object's mask (a box holds background too, more so for thin or hollow objects). On the shapes
+data it is reported with each run (docs/benchmarks.md). It runs unchanged on MS COCO
+(`instances_val2017.json`, COCO's 80 categories), but no COCO-scale figure exists in this
+project: it has not been run on real COCO, and on `coco_like` data (random blobs that its
+random captions do not describe) a score only shows that the files are read. The COCO word
+lists were written by hand (`category_words`), not validated on COCO's captions.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from caption_pipeline.category_words import CATEGORY_WORDS, CategoryWords
+from caption_pipeline.coco_instances import (
+    Instances,
+    instances_candidates,
+    instances_file,
+    load_instances,
+)
 from caption_pipeline.decoding import DecodedImage
 from caption_pipeline.errors import DataError
-from caption_pipeline.shapes import SHAPE_WORDS, layout_from_dataset
 
 SIGMA_CELLS = 0.5  # Gaussian width of the upsampling, in grid cells
 FIGURE_COLUMNS = 5
@@ -90,63 +106,6 @@ def box_union_fraction(boxes: Iterable[Iterable[float]], height: int, width: int
     return float(covered.mean())
 
 
-# --- object boxes ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageObjects:
-    """An image's size and its objects' boxes [x, y, w, h] by category name."""
-
-    width: int
-    height: int
-    boxes: dict[str, list[tuple[float, float, float, float]]]
-
-
-def instances_file(dataset: Mapping[str, Any], split: str) -> Path | None:
-    """The COCO instances file of `split` next to its captions file (the shapes layout:
-    annotations/instances_{split}.json), or None when the dataset has none."""
-    try:
-        layout = layout_from_dataset(dataset)
-    except DataError:  # not a COCO-layout dataset under `root`: no instances to look for
-        return None
-    if split not in layout:
-        return None
-    path = Path(dataset["root"]) / layout[split].instances
-    return path if path.is_file() else None
-
-
-def load_instances(path: str | Path) -> dict[int, ImageObjects]:
-    """{image_id: ImageObjects} from a COCO instances JSON; a DataError names the file and field."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DataError(f"{path}: not a readable JSON file ({error})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise DataError(f"{path}: field '{key}' must be a list")
-    try:
-        names = {c["id"]: str(c["name"]) for c in data["categories"]}
-        images = {int(i["id"]): (int(i["width"]), int(i["height"])) for i in data["images"]}
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"{path}: a category or image lacks field {error}") from None
-    boxes: dict[int, dict[str, list]] = {i: {} for i in images}
-    for index, annotation in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{index}]"
-        try:
-            image_id, category = int(annotation["image_id"]), annotation["category_id"]
-            box = tuple(float(v) for v in annotation["bbox"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{where}: missing or bad field {error}") from None
-        if image_id not in boxes or category not in names:
-            raise DataError(f"{where}: image_id {image_id} or category_id {category} is "
-                            f"not listed in 'images' / 'categories'")
-        if len(box) != 4 or box[2] < 0 or box[3] < 0:
-            raise DataError(f"{where}: field 'bbox' must be [x, y, width, height]")
-        boxes[image_id].setdefault(names[category], []).append(box)
-    return {i: ImageObjects(*images[i], boxes[i]) for i in images}
-
-
 # --- captions and their attention -----------------------------------------------------------
 
 
@@ -160,50 +119,62 @@ def word_attention(decoded: DecodedImage) -> list[tuple[str, np.ndarray]]:
     return [(word, rows[t]) for t, word in enumerate(words)]
 
 
-def localization_score(decoded: Iterable[DecodedImage],
-                       objects: Mapping[int, ImageObjects]) -> dict[str, Any]:
-    """Attention localization of shape words, and the uniform-attention baseline (module doc).
+def localization_score(decoded: Iterable[DecodedImage], instances: Instances,
+                       category_words: Mapping[str, Iterable[str]] = CATEGORY_WORDS,
+                       ) -> dict[str, Any]:
+    """Attention localization of object words, and the uniform-attention baseline (module doc).
 
-    Images missing from `objects` are left out. Score and baseline are None without shape words.
+    `category_words`: category name -> the words that name it, for the categories of
+    `instances` it holds. Images missing from `instances` are left out. Score and baseline are
+    None without object words.
     """
+    words_of = CategoryWords({name: category_words[name] for name in instances.categories
+                              if name in category_words})
+    without_words = {name: 0 for name in instances.categories if name not in words_of.categories}
     hits, uniform, words, absent, images = 0, 0.0, 0, 0, 0
     for image in decoded:
-        if image.image_id not in objects:
+        scene = instances.images.get(image.image_id)
+        if scene is None:
             continue
-        scene = objects[image.image_id]
         images += 1
-        for word, alpha in word_attention(image):
-            shape = SHAPE_WORDS.get(word)
-            if shape is None:
-                continue
-            boxes = scene.boxes.get(shape, [])
+        for name in without_words.keys() & scene.boxes.keys():
+            without_words[name] += len(scene.boxes[name])
+        steps = word_attention(image)
+        for step, category in words_of.mentions([word for word, _ in steps]):
+            boxes = scene.boxes.get(category, [])
             words += 1
             absent += not boxes
-            x, y = attention_peak(upsample_attention(alpha, scene.height, scene.width))
+            x, y = attention_peak(upsample_attention(steps[step][1], scene.height, scene.width))
             hits += any(inside_box(x, y, box) for box in boxes)
             uniform += box_union_fraction(boxes, scene.height, scene.width)
     return {
         "score": hits / words if words else None,
         "uniform": uniform / words if words else None,
-        "shape_words": words,
+        "object_words": words,
         "hits": hits,
-        "words_naming_an_absent_shape": absent,
+        "words_naming_an_absent_object": absent,
         "images": images,
+        "categories": len(words_of.categories),
+        # Objects in the scored images whose category no word names, by category.
+        "categories_without_words": without_words,
     }
 
 
 def attention_localization(decoded: list[DecodedImage], dataset: Mapping[str, Any],
                            split: str) -> dict[str, Any]:
-    """`localization_score` on `split` when the dataset has object boxes for it, else
-    {"score": None, "uniform": None, "reason": ...}."""
+    """`localization_score` on `split` when the dataset has a COCO instances file for it,
+    else {"score": None, "uniform": None, "reason": ...}."""
     path = instances_file(dataset, split)
     if path is None:
+        looked = [str(p) for p in instances_candidates(dataset, split)]
         return {"score": None, "uniform": None,
                 "reason": f"dataset {dataset.get('name')!r} has no COCO instances file with "
-                          f"object boxes for split {split!r} next to its captions file"}
+                          f"object boxes for split {split!r} next to its captions file"
+                          + (f" (looked for {', '.join(looked)})" if looked else "")}
     result = localization_score(decoded, load_instances(path))
     if result["score"] is None:
-        result["reason"] = f"no generated {split} caption names a shape"
+        result["reason"] = (f"no generated {split} caption names an object category of the "
+                            f"instances file")
     return {**result, "split": split, "instances": str(path)}
 
 

@@ -46,10 +46,11 @@ What is modelled, and the numbers (measured on this project's 2-core CPU machine
   distinct words. Smaller scales have smaller vocabularies (expected: 1,310 words at 5,000
   train images, 3,223 at 20,000, 5,839 at 50,000).
 - Objects. Every blob is an object of one of COCO's 80 categories (person 30 %), with its
-  bbox, polygon and area in instances_val2017.json (no crowd regions), readable by
-  `attention_maps.load_instances`. (Its localization score looks for
-  `instances_{split}.json` next to the captions file, the shapes layout, and scores shape
-  words only, so it leaves COCO-layout data unscored either way.)
+  bbox, polygon and area in instances_val2017.json (no crowd regions), which the attention
+  localization score reads for conf/coco's val and test splits (`coco_instances`). Blobs and
+  captions are drawn independently, so the captions' words for COCO's categories (its head
+  words hold "man", "dog", "pizza", ...) say nothing of the blobs: a score on this data only
+  shows that the files are read, it measures nothing.
 - Ids. Image ids are drawn without replacement from COCO's range (1..581,929), caption ids
   from 1..830,000 (both larger when the scale needs it), so they are sparse, as in COCO.
   URLs point at `.invalid` hosts: the images are synthetic, not COCO's.

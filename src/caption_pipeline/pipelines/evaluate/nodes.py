@@ -59,7 +59,8 @@ def score_captions(caption_results_val: list[dict], caption_results_test: list[d
 
 def localize_attention(evaluation_captions: Captions,
                        raw_dataset: dict[str, Any]) -> dict[str, Any]:
-    """Attention localization of shape words on the test split (where boxes exist)."""
+    """Attention localization of object words on the test split (where the dataset has a COCO
+    instances file for it)."""
     return attention_localization(evaluation_captions["test"], raw_dataset, "test")
 
 

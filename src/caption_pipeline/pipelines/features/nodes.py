@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from caption_pipeline.attention_maps import instances_file
+from caption_pipeline.coco_instances import instances_file
 from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.features import FeaturePlan, build_feature_plan
 from caption_pipeline.model import ModelConfig
