@@ -1,8 +1,10 @@
-"""The `caption-pipeline` command: `run` (Kedro's, the default), `caption` and `serve`.
+"""The `caption-pipeline` command: `run` (Kedro's, the default), `caption`, `serve` and
+`dvc-yaml`.
 
   caption-pipeline [run] [KEDRO RUN OPTIONS]      the pipeline, as `kedro run`
   caption-pipeline caption PATH... [--output F]   caption image files or folders, JSON lines
   caption-pipeline serve [--model M] [--port N]   the HTTP server and web page
+  caption-pipeline dvc-yaml [--check]             write dvc.yaml from the Kedro project
 
 Without --model, `caption` and `serve` use the export of the Kedro project in the current
 folder (the catalog's `exported_model`); --model takes an export folder or an MLflow
@@ -23,7 +25,7 @@ import click
 
 from caption_pipeline.errors import DataError
 
-COMMANDS = ("run", "caption", "serve")
+COMMANDS = ("run", "caption", "serve", "dvc-yaml")
 MODEL_HELP = ("export folder, or MLflow models:/NAME/VERSION; default: the project's "
               "exported_model (data/06_models/export/saved_model)")
 
@@ -98,6 +100,28 @@ def serve(model: str | None, env: str | None, **options: Any) -> None:
     click.echo(f"caption-pipeline: serving {path} on http://{settings.host}:{settings.port}/",
                err=True)
     run_server(lambda: ExportedCaptioner(path), settings)
+
+
+@cli.command("dvc-yaml")
+@click.option("--check", is_flag=True,
+              help="write nothing; exit 1, naming the drift, if dvc.yaml is not up to date")
+def dvc_yaml(check: bool) -> None:
+    """Write the project's dvc.yaml from its Kedro pipelines, catalog and conf/ environments
+    (caption_pipeline.dvc_stages), printing what changed."""
+    from caption_pipeline.atomic import atomic_path
+    from caption_pipeline.dvc_stages import PROJECT_ROOT, drift, generate
+
+    path = PROJECT_ROOT / "dvc.yaml"
+    text = generate()
+    changes = drift(path.read_text() if path.exists() else "", text)
+    if check and changes:
+        raise click.ClickException(
+            f"{path} is not what `caption-pipeline dvc-yaml` generates:\n" + "\n".join(changes))
+    if not check and changes:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    click.echo("\n".join([f"{path}: {'up to date' if not changes else 'written'}", *changes]),
+               err=True)
 
 
 def _resolve(model: str | None, env: str | None) -> Path:

@@ -1,0 +1,570 @@
+"""`dvc.yaml`, generated from the Kedro project, so that it cannot drift from it:
+`caption-pipeline dvc-yaml` writes it, `caption-pipeline dvc-yaml --check` (and
+tests/test_dvc_yaml.py) fails, naming each stage's missing or extra dep, param or out, when the
+committed file is not what the project generates.
+
+One DVC stage per pipeline of `pipeline_registry` (`kedro run --pipelines=<stage>`), built from:
+
+- data: the pipeline's free inputs that have a file path in the catalog of conf/base are deps,
+  its outputs with a path are outs (datasets without one are in memory or MLflow only). The
+  paths are Kedro's, resolved by the config loader of `settings.py` (globals, templating,
+  dataset factories); every environment must resolve them alike, since dvc.yaml has one path.
+- params: for each `params:<key>` input, every parameter file of every environment in conf/
+  (but `local`, per machine and not in git) that sets `<key>` is listed with that key, and the
+  `globals.yml` of every environment that sets a `${globals:...}` name its value uses. DVC does
+  not know KEDRO_ENV, so an environment's override re-runs the stage wherever it runs.
+- code: the stage's pipeline folder, the project modules it imports, directly or not, and the
+  modules of the project's dataset classes that load its inputs or save its outputs (packages
+  as one folder dep, but `datasets` and `pipelines`, whose modules are separate units).
+
+What Kedro cannot say is declared below, each with its reason: the datasets whose content names
+other inputs (`CARRIED`), the parameters that are data folders (`PATH_PARAMS`), the modules
+that are no stage's code (`IGNORED_MODULES`), DVC metrics (`METRICS`) and plots (`PLOTS`), and
+comments (`NOTES`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caption_pipeline.project import PROJECT_ROOT
+
+PACKAGE = "caption_pipeline"
+
+# Datasets that stand for more inputs than their own file, which a stage reading them reads as
+# if they were its node inputs: `raw_dataset` is the `dataset` parameter block that synthetic
+# returns (ingest, features and evaluate open the files under its root); `model_inputs` can be
+# a manifest pointing at the image shards (a trained encoder), and names them for fine-tuning.
+CARRIED = {
+    "raw_dataset": ["params:dataset"],
+    "model_inputs": ["shards"],
+}
+
+# Parameters whose conf/base value is a data folder, and the stage that writes it: an out of
+# that stage, a dep of every stage that reads the parameter (or a block holding it). The
+# checkpoint folders (`train.checkpoint_dir`, ...) are not here: resume state, not results.
+PATH_PARAMS = {
+    "dataset.root": "synthetic",  # shapes.ensure_generated writes the dataset there
+}
+
+# Project modules that are no stage's code, so that editing them re-runs nothing.
+IGNORED_MODULES = {
+    f"{PACKAGE}.errors",  # exception types
+    f"{PACKAGE}.params",  # builds config dataclasses: checks the keys, sets no value
+    f"{PACKAGE}.atomic",  # writes a file under a temporary name, then renames it
+    f"{PACKAGE}.datasets.atomic_datasets",  # kedro-datasets' own, saved through `atomic`
+    f"{PACKAGE}.tracking",  # MLflow logging
+    f"{PACKAGE}.settings",  # Kedro's settings and hooks: how `kedro run` runs every stage
+    f"{PACKAGE}.hooks",  # (config loader, input checks, MLflow run), not what one computes
+}
+
+# Packages whose modules are separate units (one Kedro dataset, one stage's nodes): a stage
+# depends on the modules it uses, not on the whole folder as for `model/`.
+SPLIT_PACKAGES = {"datasets", "pipelines"}
+
+# Datasets that are DVC metrics (`dvc metrics show`/`diff`): small, so kept in git, not cached.
+METRICS = {"evaluation_metrics": "`dvc metrics show`; small, kept in git"}
+
+# Top-level `plots:` of `dvc plots show` (and `dvc plots diff` between commits), by dataset:
+# the training curves per epoch from the history CSV, and the attention figures as images.
+PLOTS = [
+    ("cross_entropy", "training_history", {"x": "epoch", "y": ["train_xent", "val_xent"],
+                                            "y_label": "nats per word"}),
+    ("val_perplexity", "training_history", {"x": "epoch", "y": "val_perplexity"}),
+    ("learning_rate", "training_history", {"x": "epoch", "y": "learning_rate"}),
+    (None, "attention_maps", {}),
+]
+
+# What a dep or out is for, where the data flow does not say it: comments of dvc.yaml, by stage
+# and dataset (or `params:` path parameter). tests/test_dvc_yaml.py checks each still applies.
+NOTES = {
+    ("features", "params:dataset.root"): "the object polygons the encoder pretrains on",
+    ("train", "shards"): "images: of a trained encoder, and fine-tuning's",
+    ("train", "caption_table"): "SCST's reward references",
+    ("evaluate", "attention_maps"): "one PNG per sampled test image",
+    ("export", "evaluation_metrics"): "the registered version is tagged with its test scores",
+    ("export", "export_registration"): "the MLflow run and model version",
+}
+
+HEADER = """\
+# GENERATED by `caption-pipeline dvc-yaml` (src/caption_pipeline/dvc_stages.py) from the Kedro
+# pipelines, catalog and conf/ environments: do not edit, change those and run it again
+# (tests/test_dvc_yaml.py fails, naming the drift, while this file is not what it generates).
+#
+# One DVC stage per Kedro pipeline: `dvc repro` runs what changed, in order, and each stage is
+# one `kedro run` (so one MLflow run). The Kedro environment comes from KEDRO_ENV, which Kedro
+# reads: `dvc repro` runs conf/base + conf/local (the embedded shapes dataset), and
+# `KEDRO_ENV=smoke dvc repro` the tiny sizes the tests use. Every path below is a catalog or
+# parameter path of conf/base; `params` are the keys each pipeline reads, from conf/base and
+# from the environments that override them (editing a smoke or coco override re-runs its stage),
+# and the globals their values use. Code deps are the stage's pipeline folder, the modules it
+# imports, directly or not, and its datasets' classes, but for those that are no stage's code
+# (IGNORED_MODULES): {ignored}.
+#
+# Run-cache: a stage whose code, inputs and params match an earlier run is restored from
+# .dvc/cache without running Kedro, so no new MLflow run is logged (the first run of that
+# state was). `dvc repro --force` (or `-f STAGE`) or `--no-run-cache` runs Kedro, and logs.
+"""
+
+
+@dataclass
+class Project:
+    """What Kedro says about the project: its pipelines, the catalog and parameters of
+    conf/base (resolved), and the raw parameter and globals files of every environment."""
+
+    root: Path
+    pipelines: dict[str, Any]
+    catalog: Any  # kedro.io.CatalogConfigResolver of conf/base
+    params: dict[str, Any]  # conf/base parameters, resolved
+    conf_files: list[tuple[str, Path, dict]]  # (kind, file, raw YAML), base env first
+
+    def path(self, dataset: str) -> str | None:
+        """The dataset's file or folder (relative to the root), or None (memory, MLflow)."""
+        return _config_path(self.catalog.resolve_pattern(dataset))
+
+    def param(self, key: str) -> Any:
+        value = self.params
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+
+def load_project(root: Path = PROJECT_ROOT) -> Project:
+    """Kedro's view of the project at `root` (its conf/ and src/; the pipelines are those of
+    the imported package), loaded the way `kedro run` loads it (settings.py), for conf/base
+    alone: the `local` environment is per machine and must not shape dvc.yaml."""
+    from kedro.framework.project import configure_project, pipelines, settings
+    from kedro.io.catalog_config_resolver import DEFAULT_RUNTIME_PATTERN, CatalogConfigResolver
+
+    configure_project(PACKAGE)
+    conf = root / settings.CONF_SOURCE
+    envs = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name not in {"base", "local"})
+
+    def loader(env: str):
+        return settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=env,
+                                            **settings.CONFIG_LOADER_ARGS)
+
+    base = loader("base")
+
+    def resolver(env: str) -> CatalogConfigResolver:
+        return CatalogConfigResolver(loader(env)["catalog"],
+                                     default_runtime_patterns=DEFAULT_RUNTIME_PATTERN)
+
+    catalog = resolver("base")
+    for env in envs:
+        other = resolver(env)
+        for name in catalog.config:
+            moved = _config_path(other.resolve_pattern(name))
+            if moved != _config_path(catalog.resolve_pattern(name)):
+                raise ValueError(f"conf/{env} moves {name} to {moved}: dvc.yaml has one path")
+    conf_files = [
+        (kind, file, yaml.safe_load(file.read_text()) or {})
+        for env in ["base", *envs]
+        for kind in ("parameters", "globals")
+        for file in _env_files(conf / env, base.config_patterns[kind])
+    ]
+    return Project(root, dict(pipelines), catalog, base["parameters"], conf_files)
+
+
+def _env_files(folder: Path, patterns: list[str]) -> list[Path]:
+    """The files of one environment that the config loader reads for these patterns."""
+    found = {p for pattern in patterns for p in folder.glob(pattern)}
+    return sorted(p for p in found if p.is_file() and p.suffix in {".yml", ".yaml", ".json"})
+
+
+def _config_path(config: dict[str, Any]) -> str | None:
+    """`filepath` or `path` of a dataset's config, or of the dataset it wraps (MLflow artifact,
+    partitions)."""
+    if "filepath" in config or "path" in config:
+        return str(config.get("filepath") or config.get("path"))
+    inner = config.get("dataset")
+    return _config_path(inner) if isinstance(inner, dict) else None
+
+
+def _config_types(config: Any) -> Iterator[str]:
+    """Every dataset `type` in a dataset config, wrapped ones included."""
+    if isinstance(config, dict):
+        if isinstance(config.get("type"), str):
+            yield config["type"]
+        for value in config.values():
+            yield from _config_types(value)
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One DVC stage: paths relative to the project root, params as {file: [keys]}, and a
+    comment for some paths (why it is there, when the pipeline's node inputs do not say)."""
+
+    name: str
+    deps: list[str]
+    params: dict[str, list[str]]
+    outs: list[str]
+    metrics: list[str]
+    notes: dict[str, str]
+
+
+def build_stages(project: Project) -> list[Stage]:
+    """One stage per pipeline but `__default__` (all of them), in data-flow order."""
+    stages = [_stage(project, name, pipeline)
+              for name, pipeline in project.pipelines.items() if name != "__default__"]
+    return _in_order(stages)
+
+
+def _stage(project: Project, name: str, pipeline: Any) -> Stage:
+    """The stage of one pipeline: code deps, then its inputs' paths (those carried and the
+    path parameters too), the params files of its `params:` keys, and its outputs' paths."""
+    inputs = _inputs(pipeline)
+    keys = [i.removeprefix("params:") for i in inputs if i.startswith("params:")]
+    datasets = [i for i in inputs if not i.startswith("params:")]
+    written = list(dict.fromkeys(out for node in pipeline.nodes for out in node.outputs))
+    deps = [path for path in map(project.path, datasets) if path]
+    outs = [path for d in written if d not in METRICS and (path := project.path(d))]
+    metrics = [path for d in written if d in METRICS and (path := project.path(d))]
+    notes = {project.path(d): f"via {inputs[d]}" for d in datasets
+             if inputs[d] and project.path(d)}
+    for param, writer in PATH_PARAMS.items():
+        key = next((k for k in keys if param == k or param.startswith(k + ".")), None)
+        if key is not None:
+            path = str(project.param(param))
+            (outs if writer == name else deps).append(path)
+            carrier = inputs[f"params:{key}"]
+            notes[path] = f"params:{param}" + (f", via {carrier}" if carrier else "")
+    notes.update({project.path(d): note for d, note in METRICS.items() if d in written})
+    notes.update({project.path(d): "`dvc plots show`, below"
+                  for _, d, _ in PLOTS if d in written})
+    for (stage, key), note in NOTES.items():
+        path = _note_path(project, key) if stage == name else None
+        if path in deps + outs + metrics:
+            notes[path] = f"{note} ({notes[path]})" if path in notes else note
+    loaded = [d for d in datasets if not inputs[d]] + written  # by this stage's dataset classes
+    code = _code_deps(project, name, loaded)
+    return Stage(name, list(dict.fromkeys(code + deps)), _params(project, keys), outs, metrics,
+                 notes)
+
+
+def _note_path(project: Project, key: str) -> str | None:
+    """The path a `NOTES` key stands for: a dataset's, or a path parameter's value."""
+    if key.startswith("params:"):
+        return str(project.param(key.removeprefix("params:")))
+    return project.path(key)
+
+
+def _inputs(pipeline: Any) -> dict[str, str | None]:
+    """The pipeline's free inputs (datasets and `params:`) in node order, each followed by
+    what it carries (`CARRIED`), mapped to the dataset that carries it (None: a node's)."""
+    free = pipeline.inputs()
+    found: dict[str, str | None] = {}
+    for node in pipeline.nodes:
+        for name in node.inputs:
+            if name in free:
+                found[name] = None  # read by a node, even if also carried
+                for carried in CARRIED.get(name, []):
+                    found.setdefault(carried, name)
+    return found
+
+
+def _in_order(stages: list[Stage]) -> list[Stage]:
+    """Each stage after the stages whose outputs it reads, ties by name: the order in which
+    `dvc repro` runs them, so that dvc.yaml reads as the data flows."""
+    writer = {path: s.name for s in stages for path in s.outs + s.metrics}
+
+    def producers(stage: Stage) -> set[str]:
+        return {name for dep in stage.deps for path, name in writer.items()
+                if name != stage.name and (dep == path or dep.startswith(path + "/"))}
+
+    ordered: list[Stage] = []
+    while len(ordered) < len(stages):
+        done = {s.name for s in ordered}
+        ready = [s for s in stages if s.name not in done and producers(s) <= done]
+        if not ready:
+            left = sorted({s.name for s in stages} - done)
+            raise ValueError(f"stages read each other's outputs in a cycle: {left}")
+        ordered.append(min(ready, key=lambda s: s.name))
+    return ordered
+
+
+# --- params -----------------------------------------------------------------------------------
+
+_MISSING = object()
+_GLOBAL = re.compile(r"\$\{\s*globals:\s*([^,}\s]+)")
+_INTERPOLATION = re.compile(r"\$\{(?!\s*globals:)")
+
+
+def _params(project: Project, keys: list[str]) -> dict[str, list[str]]:
+    """{file: [keys]}: every parameter file (of every environment) that sets a key the stage
+    reads, then every globals file that sets a name those values use. A key is the node's
+    (`evaluate`, `evaluate.decoding`): a file setting only other keys of its block is left out,
+    since the environments merge key by key (`merge_strategy: soft`)."""
+    params: dict[str, list[str]] = {}
+    names: list[str] = []
+    for kind, file, tree in project.conf_files:
+        for key in keys:
+            value = _lookup(tree, key)
+            if kind == "parameters" and value is not _MISSING:
+                params.setdefault(_relative(project, file), []).append(key)
+                names += [n for n in _globals_used(value, file, key) if n not in names]
+    for kind, file, tree in project.conf_files:
+        for name in names:
+            if kind == "globals" and _lookup(tree, name) is not _MISSING:
+                params.setdefault(_relative(project, file), []).append(name)
+    return params
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _globals_used(value: Any, file: Path, key: str) -> list[str]:
+    """The `${globals:NAME}` names in a raw parameter value. Another interpolation is an
+    error: DVC reads the files as they are, so it could not see what the value depends on."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _globals_used(v, file, key)]
+    if isinstance(value, list):
+        return [n for v in value for n in _globals_used(v, file, key)]
+    if isinstance(value, str) and _INTERPOLATION.search(value):
+        raise ValueError(f"{file}: {key}: {value!r}: dvc_stages knows only ${{globals:...}}")
+    return _GLOBAL.findall(value) if isinstance(value, str) else []
+
+
+def _relative(project: Project, path: Path) -> str:
+    return path.relative_to(project.root).as_posix()
+
+
+# --- code -------------------------------------------------------------------------------------
+
+
+def _code_deps(project: Project, stage: str, datasets: list[str]) -> list[str]:
+    """The stage's pipeline folder first, then, sorted, every project module that it or the
+    dataset classes loading and saving `datasets` import, directly or not (type-only imports
+    and `IGNORED_MODULES` aside)."""
+    src = project.root / "src"
+    own = src / PACKAGE / "pipelines" / stage
+    classes = {t for d in datasets for t in _config_types(project.catalog.resolve_pattern(d))
+               if t.startswith(PACKAGE + ".")}
+    todo = [own] + [_module_path(src, _class_module(t)) for t in sorted(classes)]
+    skip = {_module_path(src, m) for m in IGNORED_MODULES}
+    seen: list[Path] = []
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen or path in skip:
+            continue
+        seen.append(path)
+        todo += [_module_path(src, m) for m in _imported(src, path)]
+    rest = sorted(_relative(project, p) for p in seen if p != own)
+    return [_relative(project, own), *rest]
+
+
+def _class_module(dotted: str) -> str:
+    """The module that defines a catalog `type` (`caption_pipeline.datasets.X` is re-exported
+    by the package; the class knows its own module)."""
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name).__module__
+
+
+def _module_path(src: Path, module: str) -> Path | None:
+    """The dep for a project module: its file, or its package's folder (`model/`), or, in a
+    `SPLIT_PACKAGES` package, its own file (`datasets/keras_model.py`, the package's
+    `__init__.py` for a name imported from the package itself). None: not a project module."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE or len(parts) == 1:
+        return None
+    depth = 3 if parts[1] in SPLIT_PACKAGES else 2
+    if len(parts) < depth:
+        return src.joinpath(*parts, "__init__.py")
+    base = src.joinpath(*parts[:depth])
+    for candidate in (base.with_suffix(".py"), base):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imported(src: Path, path: Path) -> Iterator[str]:
+    """The modules that the Python files at `path` (a file or a folder) import; for
+    `from M import N`, both M and M.N (N may be a module or a name in M)."""
+    for file in [path] if path.is_file() else sorted(path.rglob("*.py")):
+        package = ".".join(file.parent.relative_to(src).parts)  # of relative imports
+        for node in _import_nodes(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                yield from (alias.name for alias in node.names)
+                continue
+            module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            yield module
+            yield from (f"{module}.{alias.name}" for alias in node.names)
+
+
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Import statements anywhere in the tree (functions too), but under `if TYPE_CHECKING:`,
+    which never runs."""
+    for child in ast.iter_child_nodes(tree):
+        typing_only = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
+        for node in child.orelse if typing_only else [child]:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                yield node
+            yield from _import_nodes(node)
+
+
+# --- dvc.yaml ---------------------------------------------------------------------------------
+
+
+def generate(project: Project | None = None) -> str:
+    """The text of dvc.yaml for the project (by default, this checkout's)."""
+    project = project or load_project()
+    stages = build_stages(project)
+    text = render(stages, project)
+    if yaml.safe_load(text) != as_dict(stages, project):  # the hand-written YAML says the same
+        raise AssertionError("dvc_stages.render wrote YAML that does not load as its stages")
+    return text
+
+
+def as_dict(stages: list[Stage], project: Project) -> dict[str, Any]:
+    """dvc.yaml as data, as `yaml.safe_load` reads it."""
+    doc: dict[str, Any] = {"stages": {}}
+    for s in stages:
+        entry: dict[str, Any] = {"cmd": _cmd(s), "deps": s.deps}
+        if s.params:
+            entry["params"] = [{file: keys} for file, keys in s.params.items()]
+        if s.outs:
+            entry["outs"] = s.outs
+        if s.metrics:
+            entry["metrics"] = [{path: {"cache": False}} for path in s.metrics]
+        doc["stages"][s.name] = entry
+    doc["plots"] = [_plot(project, *plot) for plot in PLOTS]
+    return doc
+
+
+def _cmd(stage: Stage) -> str:
+    return f"kedro run --pipelines={stage.name}"
+
+
+def _plot(project: Project, name: str | None, dataset: str, spec: dict) -> Any:
+    path = project.path(dataset)
+    if name is None:
+        return path
+    return {name: {**spec, "y": {path: spec["y"]}}}
+
+
+def render(stages: list[Stage], project: Project) -> str:
+    """dvc.yaml as text: the header, one block per stage with a comment on the paths that
+    have a note, and the plots. Written by hand, not by yaml.dump, for the comments."""
+    ignored = ", ".join(sorted(m.removeprefix(PACKAGE + ".") for m in IGNORED_MODULES))
+    lines = [HEADER.format(ignored=ignored), "stages:"]
+    for s in stages:
+        lines += [f"  {s.name}:", f"    cmd: {_cmd(s)}", "    deps:"]
+        lines += [line for path in s.deps for line in _item(s, path)]
+        if s.params:
+            lines.append("    params:")
+            for file, keys in s.params.items():
+                lines.append(f"      - {_scalar(file)}:")
+                lines += [f"          - {_scalar(key)}" for key in keys]
+        if s.outs:
+            lines.append("    outs:")
+            lines += [line for path in s.outs for line in _item(s, path)]
+        if s.metrics:
+            lines.append("    metrics:")
+            for path in s.metrics:
+                lines += [*_item(s, path, ":"), "          cache: false"]
+        lines.append("")
+    lines += [
+        "# `dvc plots show` (and `dvc plots diff` between commits): the training curves per epoch,",
+        "# drawn from the history CSV, and the attention figures as images.",
+        "plots:",
+    ]
+    for plot in PLOTS:
+        name, dataset, spec = plot
+        if name is None:
+            lines.append(f"  - {_scalar(project.path(dataset))}")
+            continue
+        lines += [f"  - {name}:", f"      x: {_scalar(spec['x'])}", "      y:"]
+        y = spec["y"]
+        shown = f"[{', '.join(map(_scalar, y))}]" if isinstance(y, list) else _scalar(y)
+        lines.append(f"        {_scalar(project.path(dataset))}: {shown}")
+        lines += [f"      {k}: {_scalar(v)}" for k, v in spec.items() if k not in {"x", "y"}]
+    return "\n".join(lines) + "\n"
+
+
+def _item(stage: Stage, path: str, end: str = "") -> list[str]:
+    """A list item, with its note as a comment after it, or above it when the line would be
+    longer than 100 characters."""
+    item = f"      - {_scalar(path)}{end}"
+    if path not in stage.notes:
+        return [item]
+    inline = f"{item}   # {stage.notes[path]}"
+    return [inline] if len(inline) <= 100 else [f"      # {stage.notes[path]}", item]
+
+
+def _scalar(value: str) -> str:
+    """A YAML scalar: plain when it loads back as itself, else double-quoted (JSON is YAML)."""
+    import json
+
+    plain = str(value)
+    safe = ": " not in plain and " #" not in plain and not plain.startswith(("[", "{"))
+    return plain if safe and yaml.safe_load(plain) == value else json.dumps(plain)
+
+
+# --- drift ------------------------------------------------------------------------------------
+
+
+def drift(committed: str, generated: str) -> list[str]:
+    """What `committed` (dvc.yaml as it is) lacks or has beyond `generated`, one line per
+    stage and dep, param (`file:key`), out or metric; the plots; then, when only comments or
+    layout differ, a unified diff. Empty: the same text."""
+    if committed == generated:
+        return []
+    old, new = yaml.safe_load(committed) or {}, yaml.safe_load(generated)
+    old_stages, new_stages = old.get("stages") or {}, new["stages"]
+    lines = [f"stage {name}: missing" for name in new_stages if name not in old_stages]
+    lines += [f"stage {name}: extra (no such pipeline)" for name in old_stages
+              if name not in new_stages]
+    for name in (n for n in new_stages if n in old_stages):
+        for field in ("cmd", "deps", "params", "outs", "metrics"):
+            have = _entries(old_stages[name].get(field))
+            want = _entries(new_stages[name].get(field))
+            lines += [f"stage {name}: {field} missing {e}" for e in want if e not in have]
+            lines += [f"stage {name}: {field} extra {e}" for e in have if e not in want]
+        extra = set(old_stages[name]) - {"cmd", "deps", "params", "outs", "metrics"}
+        lines += [f"stage {name}: extra field {field}" for field in sorted(extra)]
+    if old.get("plots") != new.get("plots"):
+        lines.append("plots: differ")
+    if not lines:
+        lines = ["the same stages; comments or layout differ:", *difflib.unified_diff(
+            committed.splitlines(), generated.splitlines(), "dvc.yaml", "generated", lineterm="")]
+    return lines
+
+
+def _entries(value: Any) -> list[str]:
+    """A stage field as comparable strings: `path`, `path {flags}`, `file:key` (`file:` for a
+    whole params file)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    entries = []
+    for item in value:
+        if not isinstance(item, dict):
+            entries.append(str(item))
+            continue
+        for key, inner in item.items():
+            if isinstance(inner, list):  # params: file -> keys
+                entries += [f"{key}:{k}" for k in inner]
+            elif isinstance(inner, dict):  # an out with flags
+                entries.append(f"{key} {inner}")
+            else:
+                entries.append(f"{key}:")
+    return entries
