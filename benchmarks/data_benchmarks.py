@@ -29,7 +29,9 @@ import psutil
 from PIL import Image, ImageDraw
 
 from caption_pipeline.images import available_cpus
-from caption_pipeline.tfrecords import ImageCaptions, build_shard_plan, load_shard_set, write_shards
+from caption_pipeline.shards.image_writer import write_shards
+from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
+from caption_pipeline.shards.shard_set import load_shard_set
 
 ONE_X = 3600
 CAPTIONS_PER_IMAGE = 5
@@ -133,7 +135,7 @@ def bench_shard(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def bench_read(args: argparse.Namespace, tmp: Path) -> dict:
-    from caption_pipeline.tfrecords import make_caption_dataset
+    from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
 
     images = captioned(make_image_files(tmp / "images", args.images, args.size))
     timed_write(images, tmp / "shards", shards=args.shards, workers=max(args.workers))
@@ -145,12 +147,14 @@ def bench_read(args: argparse.Namespace, tmp: Path) -> dict:
         "epochs": args.epochs,
     }
     for name, options in {
-        "sample_decoded": {"caption_mode": "sample", "decode_images": True},
-        "sample_jpeg_bytes": {"caption_mode": "sample", "decode_images": False},
-        "all_captions_decoded": {"caption_mode": "all", "decode_images": True},
+        "sample_decoded": ("sample", True),
+        "sample_jpeg_bytes": ("sample", False),
+        "all_captions_decoded": ("all", True),
     }.items():
+        caption_mode, decode_images = options
         ds = make_caption_dataset(
-            shard_set, "train", batch_size=args.batch_size, shuffle=True, seed=0, **options
+            shard_set, "train", batch_size=args.batch_size, shuffle=True, seed=0,
+            caption_mode=caption_mode, options=ReaderOptions(decode_images=decode_images),
         )
         for _ in ds:  # warm-up epoch: graph tracing, autotuning, page cache
             pass

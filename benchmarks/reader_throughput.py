@@ -17,8 +17,9 @@ gets static [121, 4032] shapes), then times, one after the other, in this proces
   parse               parse_feature_example on records held in memory (no I/O): the parse
   read_parse          interleave + parse, nothing after: make_caption_dataset's first stages
   default             make_caption_dataset(caption_mode="grouped", captions_per_image=5,
-                      shuffle=True, seed=0, shuffle_buffer=1024, batch_size=64, repeat=True):
-                      the COCO training reader (conf/coco: seeded, so deterministic order)
+                      shuffle=True, seed=0, shuffle_buffer=1024, batch_size=64,
+                      options=ReaderOptions(repeat=True)): the COCO training reader
+                      (conf/coco: seeded, so deterministic order)
   unseeded            the same with seed=None (parallel reads may finish out of order)
   cycle_length_1      the same as default, one file at a time (no parallel interleave)
   no_shuffle          the same as default, shuffle=False
@@ -61,17 +62,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_pipeline.tfrecords import (  # noqa: E402
-    FEATURE_FORMAT,
-    ShardTask,
+from caption_pipeline.shards.reader import (  # noqa: E402
+    ReaderOptions,
     _grouped_captions,
-    commit_shard,
-    feature_example,
-    load_shard_set,
     make_caption_dataset,
+    without_autotune_model,
+)
+from caption_pipeline.shards.records import (  # noqa: E402
+    feature_example,
     parse_feature_example,
     serialize_example,
-    without_autotune_model,
+)
+from caption_pipeline.shards.shard_set import (  # noqa: E402
+    FEATURE_FORMAT,
+    ShardTask,
+    commit_shard,
+    load_shard_set,
     write_shard_set,
 )
 
@@ -248,11 +254,14 @@ def run_variants(folder: Path, args) -> dict:
     # Fill the shuffle buffer, then a few more: the timed batches are the steady state.
     warmup = min(math.ceil(args.shuffle_buffer / args.batch) + 2, per_epoch)
 
-    def reader(**overrides) -> tf.data.Dataset:
-        options = dict(batch_size=args.batch, caption_mode="grouped",
-                       captions_per_image=CAPTIONS_PER_IMAGE, shuffle=True, seed=0,
-                       shuffle_buffer=args.shuffle_buffer, repeat=True)
-        return make_caption_dataset(shard_set, SPLIT, **{**options, **overrides})
+    def reader(repeat: bool = True, cycle_length: int = ReaderOptions.cycle_length,
+               **overrides) -> tf.data.Dataset:
+        settings = dict(batch_size=args.batch, caption_mode="grouped",
+                        captions_per_image=CAPTIONS_PER_IMAGE, shuffle=True, seed=0,
+                        shuffle_buffer=args.shuffle_buffer)
+        return make_caption_dataset(
+            shard_set, SPLIT, **{**settings, **overrides},
+            options=ReaderOptions(repeat=repeat, cycle_length=cycle_length))
 
     def parse(record):
         return parse_feature_example(record, shard_set.feature_shape)

@@ -42,8 +42,8 @@ from caption_pipeline.features import load_model_inputs  # noqa: E402
 from caption_pipeline.inference import project_config  # noqa: E402
 from caption_pipeline.pipelines.train.nodes import self_critical_phase  # noqa: E402
 from caption_pipeline.scst import SelfCriticalConfig  # noqa: E402
+from caption_pipeline.shards.shard_set import load_shard_set  # noqa: E402
 from caption_pipeline.text import Vocabulary  # noqa: E402
-from caption_pipeline.tfrecords import load_shard_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALIASES = {"lr": "learning_rate"}

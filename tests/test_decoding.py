@@ -282,12 +282,10 @@ def test_unk_is_never_generated_unless_allowed(method):
 
 def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
     # Imported here: the reader needs TensorFlow, and the JAX test imports this module without it.
-    from caption_pipeline.tfrecords import (
-        ImageCaptions,
-        build_shard_plan,
-        make_caption_dataset,
-        write_shards,
-    )
+    from caption_pipeline.shards.image_writer import write_shards
+    from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
+    from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
+    from caption_pipeline.shards.shard_set import load_shard_set
 
     rng = np.random.default_rng(0)
     images = []
@@ -297,8 +295,8 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
         images.append(ImageCaptions("test", image_id, str(path), [[1, 4, 5, 2]]))
     plan = build_shard_plan(images, num_shards={"test": 1}, seed=0, image_size=32)
     write_shards(plan, tmp_path / "shards", workers=1, progress=False)
-    files = sorted(str(p) for p in (tmp_path / "shards").glob("*.tfrecord*"))
-    dataset = make_caption_dataset(files, batch_size=2, image_size=32)  # batches of 2, 2, 1
+    shards = load_shard_set(tmp_path / "shards")
+    dataset = make_caption_dataset(shards, "test", batch_size=2)  # batches of 2, 2, 1
     vocabulary = tiny_vocabulary()
     settings = DecodeSettings(beam_size=2, alpha=0.5, jit_compile=False, keep_attention=True)
 
@@ -320,7 +318,8 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
         np.testing.assert_array_equal(image.lengths, direct.lengths[b])
         assert image.attention.shape == (2, 6, 64)
 
-    jpegs = make_caption_dataset(files, batch_size=2, decode_images=False)
+    jpegs = make_caption_dataset(shards, "test", batch_size=2,
+                                 options=ReaderOptions(decode_images=False))
     with pytest.raises(DataError, match="'image' holds encoded JPEG"):
         decode_dataset(model, vocabulary, jpegs, settings)
 

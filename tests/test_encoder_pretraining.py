@@ -16,7 +16,7 @@ from caption_pipeline.encoder_pretraining import (
 )
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import ModelConfig
-from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.shards.shard_set import load_shard_set
 
 
 def square(x0: int, y0: int, x1: int, y1: int) -> list[list[float]]:

@@ -407,7 +407,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
 
     from caption_pipeline.datasets import KerasModelDataset
     from caption_pipeline.shapes import SHAPE_WORDS
-    from caption_pipeline.tfrecords import load_shard_set
+    from caption_pipeline.shards.shard_set import load_shard_set
 
     monkeypatch.chdir(smoke_project)  # the catalog's paths are relative to the project
     vocabulary = json.loads(Path("data/03_primary/vocabulary.json").read_text())
@@ -461,7 +461,8 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_image_reader_gives_each_test_image_once(smoke_project):
-    from caption_pipeline.tfrecords import load_shard_set, make_image_dataset
+    from caption_pipeline.shards.reader import make_image_dataset
+    from caption_pipeline.shards.shard_set import load_shard_set
 
     shards = load_shard_set(smoke_project / "data" / "05_model_input" / "shards")
     ids, shapes = [], set()

@@ -39,7 +39,7 @@ def test_exported_captions_equal_the_in_process_model(smoke_project, exported, t
     import caption_pipeline.model  # noqa: F401 (registers the layers)
     from caption_pipeline.decoding import DecodeSettings, decode_dataset
     from caption_pipeline.text import Vocabulary
-    from caption_pipeline.tfrecords import decode_jpeg_image
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     captioner = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
     vocab = Vocabulary.from_dict(json.loads(
@@ -69,7 +69,7 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     from caption_pipeline.export import CheckSettings, check_against_model
     from caption_pipeline.model import Captioner
     from caption_pipeline.text import Vocabulary
-    from caption_pipeline.tfrecords import load_shard_set
+    from caption_pipeline.shards.shard_set import load_shard_set
 
     trained = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
     keras.utils.set_random_seed(7)
@@ -123,7 +123,7 @@ def test_tflite_model_captions_as_the_saved_model(smoke_project, exported, test_
     import tensorflow as tf
 
     from caption_pipeline.export import run_tflite
-    from caption_pipeline.tfrecords import decode_jpeg_image
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     model = (smoke_project / "data/06_models/export/captioner.tflite").read_bytes()
     jpegs = test_jpegs[1][:3]

@@ -30,16 +30,11 @@ from caption_pipeline.features import (
 )
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.pipelines.features import create_pipeline
-from caption_pipeline.tfrecords import (
-    MANIFEST,
-    build_shard_plan,
-    decode_jpeg_image,
-    load_shard_set,
-    make_caption_dataset,
-    parse_example,
-    parse_feature_example,
-    write_shards,
-)
+from caption_pipeline.shards.image_writer import write_shards
+from caption_pipeline.shards.plan import build_shard_plan
+from caption_pipeline.shards.reader import make_caption_dataset
+from caption_pipeline.shards.records import decode_jpeg_image, parse_example, parse_feature_example
+from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set
 from tests.test_tfrecords import make_images, shard_files
 
 SIZE = 64
@@ -166,7 +161,7 @@ def test_same_plan_again_is_a_noop_and_other_weights_recompute(features, tmp_pat
 KILLABLE_ENCODER = """
 import sys, time
 import caption_pipeline.features as features
-from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.shards.shard_set import load_shard_set
 
 encode = features.encode_batch
 def slow_encode(encoder, images):  # slows the real encoder down enough to be killed mid-way
@@ -257,10 +252,6 @@ def test_reader_yields_features_ids_and_captions(features):
         ):
             np.testing.assert_array_equal(values, stored[int(image_id)])
             assert caption[caption > 0].tolist() in train[int(image_id)].captions
-
-    # A plain list of files: say the kind; R and D are then known per record only.
-    x, _ = next(iter(make_caption_dataset(feature_set.files("val"), batch_size=2, kind="features")))
-    assert x["features"].shape == (2, REGIONS, DEPTH) and x["features"].dtype == tf.float16
 
 
 def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):

@@ -30,7 +30,7 @@ from caption_pipeline.fine_tuning import FineTuneConfig, fine_tune_captioner
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.pipelines.train import create_pipeline
 from caption_pipeline.pipelines.train.nodes import caption_datasets, steps_per_epoch
-from caption_pipeline.tfrecords import make_image_dataset
+from caption_pipeline.shards.reader import make_image_dataset
 from caption_pipeline.training import TrainConfig
 from tests.test_features import FROZEN, SIZE, encoder_file, write_image_shards
 from tests.test_training import (  # noqa: F401 (shard_project: a fixture)

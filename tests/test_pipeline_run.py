@@ -78,7 +78,8 @@ def test_trained_model_loads_and_captions_a_test_image(smoke_project):
     import numpy as np
 
     from caption_pipeline.datasets import KerasModelDataset
-    from caption_pipeline.tfrecords import load_shard_set, make_caption_dataset
+    from caption_pipeline.shards.reader import make_caption_dataset
+    from caption_pipeline.shards.shard_set import load_shard_set
 
     model = KerasModelDataset(filepath=str(smoke_project / "data/06_models/captioner.keras")).load()
     shards = load_shard_set(smoke_project / "data/05_model_input/shards")

@@ -13,7 +13,8 @@ from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.model.encoder import regions_model
 from caption_pipeline.pipelines.features import create_pipeline
 from caption_pipeline.projection import Moments
-from caption_pipeline.tfrecords import make_image_dataset, parse_feature_example
+from caption_pipeline.shards.reader import make_image_dataset
+from caption_pipeline.shards.records import parse_feature_example
 from tests.test_features import DEPTH, FEATURES, FROZEN, NUM_SHARDS, REGIONS, SPLIT_SIZES
 from tests.test_features import records, write_image_shards
 

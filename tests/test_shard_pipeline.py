@@ -11,7 +11,9 @@ from PIL import Image
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.shard import create_pipeline
-from caption_pipeline.tfrecords import images_from_table, make_caption_dataset, parse_example
+from caption_pipeline.shards.plan import images_from_table
+from caption_pipeline.shards.reader import make_caption_dataset
+from caption_pipeline.shards.records import parse_example
 
 WORDS = ["a", "red", "circle", "blue", "square"]
 VOCABULARY = {

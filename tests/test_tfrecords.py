@@ -17,16 +17,11 @@ from PIL import Image, ImageDraw
 
 from tests.conftest import kill_9_when
 from caption_pipeline.errors import DataError
-from caption_pipeline.tfrecords import (
-    MANIFEST,
-    ImageCaptions,
-    build_shard_plan,
-    load_shard_set,
-    make_caption_dataset,
-    parse_example,
-    skipped_examples,
-    write_shards,
-)
+from caption_pipeline.shards.image_writer import write_shards
+from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
+from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
+from caption_pipeline.shards.records import parse_example
+from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
 
 SIZE = 64
 NUM_SHARDS = {"train": 3, "val": 2, "test": 1}
@@ -188,14 +183,15 @@ def test_same_plan_again_is_a_noop(written):
 
 KILLABLE_WRITER = """
 import json, sys, time
-import caption_pipeline.tfrecords as tfrecords
-from caption_pipeline.tfrecords import ImageCaptions, build_shard_plan, write_shards
+import caption_pipeline.shards.image_writer as image_writer
+from caption_pipeline.shards.image_writer import write_shards
+from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
 
-load = tfrecords.load_rgb_image
+load = image_writer.load_rgb_image
 def slow_load(path):  # slows the real writer down enough to be killed in the middle
     time.sleep(0.05)
     return load(path)
-tfrecords.load_rgb_image = slow_load
+image_writer.load_rgb_image = slow_load
 images = [ImageCaptions(*i) for i in json.load(open(sys.argv[1]))]
 plan = build_shard_plan(images, num_shards={"train": 40}, seed=3, image_size=32)
 write_shards(plan, sys.argv[2], workers=1, progress=False)
@@ -327,7 +323,8 @@ def test_reader_sample_and_all_modes(written):
 
     # "sample" draws again every epoch: over 12 epochs an image with 3 captions shows several.
     epochs = make_caption_dataset(
-        shard_set, "train", batch_size=16, seed=5, repeat=12, decode_images=False
+        shard_set, "train", batch_size=16, seed=5,
+        options=ReaderOptions(repeat=12, decode_images=False),
     )
     seen: dict[int, set] = {}
     for x, y in epochs:
@@ -341,7 +338,8 @@ def test_reader_pads_with_zero_to_the_batch_max(written):
     images, folder, _ = written
     captions = {i.image_id: i.captions for i in images}
     for x, y in make_caption_dataset(
-        load_shard_set(folder), "train", batch_size=5, caption_mode="all", decode_images=False
+        load_shard_set(folder), "train", batch_size=5, caption_mode="all",
+        options=ReaderOptions(decode_images=False),
     ):
         y = y.numpy()
         lengths = (y > 0).sum(axis=1)
@@ -368,9 +366,9 @@ def test_reader_buckets_by_length(written):
 def test_reader_without_decoding_gives_jpeg_bytes(written):
     _, folder, _ = written
     shard_set = load_shard_set(folder)
-    x, _ = next(
-        iter(make_caption_dataset(shard_set.files("val"), batch_size=2, decode_images=False))
-    )
+    x, _ = next(iter(make_caption_dataset(
+        shard_set, "val", batch_size=2, options=ReaderOptions(decode_images=False)
+    )))
     assert x["image"].dtype == tf.string and x["image"].shape == (2,)
     assert tf.io.decode_jpeg(x["image"][0]).shape == (SIZE, SIZE, 3)
     resized = next(iter(make_caption_dataset(shard_set, "val", batch_size=2, image_size=48)))[0][

@@ -22,7 +22,7 @@ DRIVER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import pandas as pd
-from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
 project, model, train, fine_tune, scst = sys.argv[1], *map(json.loads, sys.argv[2:6])
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
@@ -153,7 +153,7 @@ import pandas as pd
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from caption_pipeline.tfrecords import load_shard_set
+from caption_pipeline.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
 project = sys.argv[1]
 shards = load_shard_set(f"{project}/data/05_model_input/shards")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import keras
 
     from caption_pipeline.model import ModelConfig
-    from caption_pipeline.tfrecords import ShardSet
+    from caption_pipeline.shards.shard_set import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,8 @@ def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: i
     """(images [B, S, S, 3], {group: [B, R, C]}) of every image of the split's shards."""
     import tensorflow as tf
 
-    from caption_pipeline.tfrecords import (
-        decode_jpeg_image,
-        parse_example,
-        without_autotune_model,
-    )
+    from caption_pipeline.shards.reader import without_autotune_model
+    from caption_pipeline.shards.records import decode_jpeg_image, parse_example
 
     files = shards.files(split)
     ids = tf.data.TFRecordDataset(files).map(lambda record: parse_example(record)["image/id"])

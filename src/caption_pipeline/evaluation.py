@@ -42,8 +42,9 @@ import pandas as pd
 
 from caption_pipeline.decoding import DecodedImage, DecodeSettings, decode_dataset
 from caption_pipeline.errors import DataError
+from caption_pipeline.shards.reader import make_image_dataset
+from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary, tokenize
-from caption_pipeline.tfrecords import ShardSet, make_image_dataset
 
 logger = logging.getLogger(__name__)
 

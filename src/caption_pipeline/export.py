@@ -441,7 +441,7 @@ def test_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
     the bytes the in-process model's reader decodes."""
     import tensorflow as tf
 
-    from caption_pipeline.tfrecords import parse_example
+    from caption_pipeline.shards.records import parse_example
 
     ids, images = [], []
     for serialized in tf.data.TFRecordDataset(shards.files("test")).take(count or -1):
@@ -460,7 +460,7 @@ def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shar
     import tensorflow as tf
 
     from caption_pipeline.decoding import decode_dataset
-    from caption_pipeline.tfrecords import decode_jpeg_image
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     ids, images = test_images(shards, check.max_images)
     size = captioner.config.image_size
@@ -493,12 +493,12 @@ def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes
                   ) -> np.ndarray:
     """float32 [S, S, 3]: the pixels training would have seen of this image, by the
     Python path: `images.decode_image` (as ingestion), `images.encode_jpeg` (as the shard
-    writer), `tfrecords.decode_jpeg_image` (as the reader). An upright RGB JPEG already S x S
-    is read as it is, as the graph reads shard images."""
+    writer), `shards.records.decode_jpeg_image` (as the reader). An upright RGB JPEG already
+    S x S is read as it is, as the graph reads shard images."""
     import tensorflow as tf
 
     from caption_pipeline.images import decode_image, encode_jpeg
-    from caption_pipeline.tfrecords import decode_jpeg_image
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     decoded = decode_image(data, name=name)
     as_shard = (decoded.format == "JPEG" and decoded.mode == "RGB"
@@ -593,7 +593,7 @@ def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) 
     word ids, scores within 1e-3."""
     import tensorflow as tf
 
-    from caption_pipeline.tfrecords import decode_jpeg_image
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     if count < 1:
         return {"images": 0}

@@ -3,8 +3,8 @@
 A frozen encoder (NASNet by default, or any encoder with `model.encoder_trainable: false`)
 gives an image the same region features at every epoch, so they are computed once: one
 feature shard per image shard, same file name, same record order, each record the image's
-record with its JPEG replaced by float16 features [R, D] (see `caption_pipeline.tfrecords`).
-Shards are written atomically and resumably by `tfrecords.write_shard_set`, and the
+record with its JPEG replaced by float16 features [R, D] (see `shards.records`).
+Shards are written atomically and resumably by `shards.shard_set.write_shard_set`, and the
 manifest (kind "features") records R, D, the encoder, a fingerprint of its weights and the
 fingerprint of the image shards they came from.
 
@@ -12,8 +12,7 @@ An encoder trained end to end (the compact CNN by default) has nothing to precom
 model inputs are then only a manifest (kind "images") that points at the image shards.
 
 Either way `load_model_inputs` gives the `ShardSet` that `make_caption_dataset` reads.
-Keras and TensorFlow are imported only where features are computed, so that planning and the
-Kedro catalog stay fast to import.
+Keras is imported only where features are computed.
 """
 
 from __future__ import annotations
@@ -29,22 +28,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import tensorflow as tf
 from tqdm.auto import tqdm
 
 from caption_pipeline.atomic import atomic_write_json
 from caption_pipeline.errors import DataError
-from caption_pipeline.tfrecords import (
+from caption_pipeline.shards.records import decode_jpeg_image, feature_example, parse_example
+from caption_pipeline.shards.shard_set import (
     FEATURE_FORMAT,
     MANIFEST,
     ShardSet,
     ShardTask,
     WriteSummary,
     commit_shard,
-    decode_jpeg_image,
-    feature_example,
     is_complete,
     load_shard_set,
-    parse_example,
     read_manifest,
     remove_shards,
     write_shard_set,
@@ -159,7 +157,6 @@ def _fill_feature_shard(
     encoder: keras.Model, source: str, plan: FeaturePlan, bar: tqdm, tmp: Path
 ) -> dict[str, Any]:
     """Encode the images of image shard `source`, in batches, into feature shard `tmp`."""
-    import tensorflow as tf
 
     def decode(record: tf.Tensor) -> tuple[tf.Tensor, ...]:
         parsed = parse_example(record)

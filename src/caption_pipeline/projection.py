@@ -34,7 +34,7 @@ from caption_pipeline.errors import DataError
 if TYPE_CHECKING:
     import keras
 
-    from caption_pipeline.tfrecords import ShardSet
+    from caption_pipeline.shards.shard_set import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def fit_projection(encoder: keras.Model, shards: ShardSet, *, images: int,
     """Fit `encoder`'s "feature_projection" layer (in place) on the features of the first
     `images` train images of `shards`; returns the fraction of their variance it keeps."""
     from caption_pipeline.model.encoder import PROJECTION, regions_model
-    from caption_pipeline.tfrecords import make_image_dataset
+    from caption_pipeline.shards.reader import make_image_dataset
 
     layer = encoder.get_layer(PROJECTION)
     k = int(layer.units)

@@ -157,25 +157,6 @@ class TrainState:
 DatasetFactory = Callable[[str, int, str, bool], Any]
 
 
-def pad_captions(batches, length: int):
-    """Pad the captions of each batch to one static length: [B, length] or [B, C, length].
-
-    The decoder unrolls its time loop, so a fixed length means one compiled step function
-    instead of one per batch-maximum length.
-    """
-    import tensorflow as tf
-
-    def pad(inputs, captions):
-        leading = captions.shape[:-1]  # [B] or [B, C]: tf.pad loses the static sizes
-        captions = captions[..., :length]
-        extra = tf.maximum(length - tf.shape(captions)[-1], 0)
-        paddings = tf.concat([tf.zeros([tf.rank(captions) - 1, 2], tf.int32), [[0, extra]]], 0)
-        captions = tf.pad(captions, paddings)
-        return inputs, tf.ensure_shape(captions, [*leading, length])
-
-    return batches.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def make_strategy(config: TrainConfig):
     """The tf.distribute strategy of `config.strategy`; None for Keras' default."""
     if config.strategy == "default":

@@ -11,7 +11,7 @@ from caption_pipeline.features import (
     model_inputs_exist,
     write_model_inputs,
 )
-from caption_pipeline.tfrecords import ShardSet
+from caption_pipeline.shards.shard_set import ShardSet
 
 
 class ModelInputsDataset(ShardFolderDataset):

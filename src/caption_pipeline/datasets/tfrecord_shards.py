@@ -7,13 +7,9 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from caption_pipeline.tfrecords import (
-    ShardPlan,
-    ShardSet,
-    is_complete,
-    load_shard_set,
-    write_shards,
-)
+from caption_pipeline.shards.image_writer import write_shards
+from caption_pipeline.shards.plan import ShardPlan
+from caption_pipeline.shards.shard_set import ShardSet, is_complete, load_shard_set
 
 
 class ShardFolderDataset(AbstractDataset[Any, ShardSet]):

@@ -23,8 +23,8 @@ from caption_pipeline.evaluation import (
     score_splits,
 )
 from caption_pipeline.images import load_rgb_image
+from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
-from caption_pipeline.tfrecords import ShardSet
 
 Captions = dict[str, list[DecodedImage]]  # split -> captions of its images
 

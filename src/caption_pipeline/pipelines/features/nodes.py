@@ -11,7 +11,7 @@ from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.features import FeaturePlan, build_feature_plan
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.projection import fit_projection
-from caption_pipeline.tfrecords import ShardSet
+from caption_pipeline.shards.shard_set import ShardSet
 
 
 def prepare_encoder(

@@ -6,8 +6,8 @@ from typing import Any
 
 import pandas as pd
 
+from caption_pipeline.shards.plan import ShardPlan, build_shard_plan, images_from_table
 from caption_pipeline.text import Vocabulary
-from caption_pipeline.tfrecords import ShardPlan, build_shard_plan, images_from_table
 
 
 def plan_shards(

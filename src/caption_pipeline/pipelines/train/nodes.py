@@ -12,14 +12,14 @@ from caption_pipeline.features import feature_encoder_weights, image_shards
 from caption_pipeline.fine_tuning import FineTuneConfig, fine_tune_captioner
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.scst import SelfCriticalConfig, reference_tokens, train_self_critical
+from caption_pipeline.shards.reader import make_caption_dataset, pad_captions
+from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
-from caption_pipeline.tfrecords import ShardSet, make_caption_dataset
 from caption_pipeline.training import (
     Checkpoints,
     DatasetFactory,
     TrainConfig,
     is_chief,
-    pad_captions,
     train_captioner,
     training_curves_figure,
 )
