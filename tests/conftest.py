@@ -140,7 +140,7 @@ def exported(smoke_project):
 @pytest.fixture(scope="session")
 def test_jpegs(smoke_project):
     """(image ids, JPEG bytes) of the smoke project's test split, from its shards."""
-    from caption_pipeline.export import test_images
+    from caption_pipeline.export import held_out_images
     from caption_pipeline.shards.shard_set import load_shard_set
 
-    return test_images(load_shard_set(smoke_project / "data/05_model_input/shards"), None)
+    return held_out_images(load_shard_set(smoke_project / "data/05_model_input/shards"), None)

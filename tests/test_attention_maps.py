@@ -29,7 +29,7 @@ from caption_pipeline.category_words import (
     CategoryWords,
 )
 from caption_pipeline.coco_instances import instances_file, load_instances
-from caption_pipeline.decoding import DecodedImage
+from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
 from caption_pipeline.shapes import CATEGORIES as SHAPES_CATEGORIES
 from caption_pipeline.shapes import SHAPE_WORDS, SHAPES, ShapesConfig, ensure_generated
@@ -43,11 +43,11 @@ def one_hot(row: int, col: int, side: int = G) -> np.ndarray:
     return alpha
 
 
-def decoded(image_id: int, caption: str, rows: list[np.ndarray]) -> DecodedImage:
+def decoded(image_id: int, caption: str, rows: list[np.ndarray]) -> CaptionedImage:
     """A beam-search result: the best caption's attention rows, then <end>'s, then a worse beam."""
     steps = np.stack([*rows, np.full(rows[0].shape, 1.0 / rows[0].size, np.float32)])
     attention = np.stack([steps, np.zeros_like(steps)])  # [K=2, L, R]
-    return DecodedImage(image_id, [caption, "other"], [0.0, -1.0], [0.0, -1.0],
+    return CaptionedImage(image_id, [caption, "other"], [0.0, -1.0], [0.0, -1.0],
                         [len(rows) + 1, 2], [True, True], attention)
 
 

@@ -48,7 +48,7 @@ from caption_pipeline.coco_instances import (
     instances_file,
     load_instances,
 )
-from caption_pipeline.decoding import DecodedImage
+from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
 
 SIGMA_CELLS = 0.5  # Gaussian width of the upsampling, in grid cells
@@ -109,7 +109,7 @@ def box_union_fraction(boxes: Iterable[Iterable[float]], height: int, width: int
 # --- captions and their attention -----------------------------------------------------------
 
 
-def word_attention(decoded: DecodedImage) -> list[tuple[str, np.ndarray]]:
+def word_attention(decoded: CaptionedImage) -> list[tuple[str, np.ndarray]]:
     """The best caption's words, each with its decoding step's attention [R]."""
     if decoded.attention is None:
         raise ValueError(f"image {decoded.image_id}: decoded without keep_attention")
@@ -119,7 +119,7 @@ def word_attention(decoded: DecodedImage) -> list[tuple[str, np.ndarray]]:
     return [(word, rows[t]) for t, word in enumerate(words)]
 
 
-def localization_score(decoded: Iterable[DecodedImage], instances: Instances,
+def localization_score(decoded: Iterable[CaptionedImage], instances: Instances,
                        category_words: Mapping[str, Iterable[str]] = CATEGORY_WORDS,
                        ) -> dict[str, Any]:
     """Attention localization of object words, and the uniform-attention baseline (module doc).
@@ -160,7 +160,7 @@ def localization_score(decoded: Iterable[DecodedImage], instances: Instances,
     }
 
 
-def attention_localization(decoded: list[DecodedImage], dataset: Mapping[str, Any],
+def attention_localization(decoded: list[CaptionedImage], dataset: Mapping[str, Any],
                            split: str) -> dict[str, Any]:
     """`localization_score` on `split` when the dataset has a COCO instances file for it,
     else {"score": None, "uniform": None, "reason": ...}."""
@@ -181,7 +181,7 @@ def attention_localization(decoded: list[DecodedImage], dataset: Mapping[str, An
 # --- figures --------------------------------------------------------------------------------
 
 
-def attention_figure(image, decoded: DecodedImage):
+def attention_figure(image, decoded: CaptionedImage):
     """The image, then one panel per generated word: its attention map upsampled over the
     image (bright = attended most), the word as the panel's title. `image`: a PIL RGB image."""
     from matplotlib.figure import Figure

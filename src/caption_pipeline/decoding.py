@@ -71,7 +71,7 @@ class DecodeSettings:
 
 
 @dataclass(frozen=True)
-class DecodedImage:
+class CaptionedImage:
     """One image's captions, best first."""
 
     image_id: int
@@ -149,7 +149,7 @@ def compile_function(fn: Callable, model: keras.Model, jit_compile: bool = True)
 
 
 def decode_dataset(model: keras.Model, vocabulary: Vocabulary, batches: Iterable,
-                   settings: DecodeSettings) -> list[DecodedImage]:
+                   settings: DecodeSettings) -> list[CaptionedImage]:
     """Captions for every image of `batches`: a tf.data dataset (or any iterable) of
     `({"image" | "features", "image_id"}, captions)` or of the inputs dict alone."""
     decoder = make_decoder(model, settings, settings.steps(vocabulary))
@@ -167,10 +167,10 @@ def decode_dataset(model: keras.Model, vocabulary: Vocabulary, batches: Iterable
 
 
 def to_text(captions: Captions, image_ids, vocabulary: Vocabulary,
-            keep_attention: bool = False) -> list[DecodedImage]:
-    """Numpy `Captions` of B images -> B `DecodedImage`s."""
+            keep_attention: bool = False) -> list[CaptionedImage]:
+    """Numpy `Captions` of B images -> B `CaptionedImage`s."""
     return [
-        DecodedImage(
+        CaptionedImage(
             image_id=int(image_id),
             captions=[vocabulary.decode(ids) for ids in captions.ids[b]],
             log_probs=captions.log_probs[b].tolist(),

@@ -40,7 +40,7 @@ from typing import Any, Self
 
 import pandas as pd
 
-from caption_pipeline.decoding import DecodedImage, DecodeSettings, decode_dataset
+from caption_pipeline.decoding import CaptionedImage, DecodeSettings, decode_dataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.shards.reader import make_image_dataset
 from caption_pipeline.shards.shard_set import ShardSet
@@ -49,7 +49,7 @@ from caption_pipeline.text import Vocabulary, tokenize
 logger = logging.getLogger(__name__)
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-SPLITS = ("val", "test")  # captioned and scored; test also gets attention maps
+SCORED_SPLITS = ("val", "test")  # captioned and scored; test also gets attention maps
 # SPICE parses captions with Stanford CoreNLP 3.6.0, which pycocoevalcap downloads on first use.
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 JAVA_INSTALL = (
@@ -211,7 +211,7 @@ def _decoder_checkpoint(path: Path, full, encoder_of):
 
 
 def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,
-                  settings: EvaluateSettings, keep_attention: bool = False) -> list[DecodedImage]:
+                  settings: EvaluateSettings, keep_attention: bool = False) -> list[CaptionedImage]:
     """Every image of `split` through the whole model (any encoder), then the search."""
     batches = make_image_dataset(shards, split, batch_size=settings.batch_size,
                                  image_size=model.config.image_size)
@@ -220,7 +220,7 @@ def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,
     return decode_dataset(model, vocabulary, batches, decoding)
 
 
-def coco_results(decoded: Iterable[DecodedImage]) -> list[dict[str, Any]]:
+def coco_results(decoded: Iterable[CaptionedImage]) -> list[dict[str, Any]]:
     """The official COCO results format: [{"image_id": int, "caption": str}], by image id."""
     return [{"image_id": d.image_id, "caption": d.caption}
             for d in sorted(decoded, key=lambda d: d.image_id)]

@@ -436,7 +436,7 @@ def _error_reason(message: str) -> str:
 # --- the self-check ---------------------------------------------------------------------------
 
 
-def test_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
+def held_out_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
     """Image ids and JPEG bytes of the first `count` (None: all) test images, in file order:
     the bytes the in-process model's reader decodes."""
     import tensorflow as tf
@@ -462,7 +462,7 @@ def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shar
     from caption_pipeline.decoding import decode_dataset
     from caption_pipeline.shards.records import decode_jpeg_image
 
-    ids, images = test_images(shards, check.max_images)
+    ids, images = held_out_images(shards, check.max_images)
     size = captioner.config.image_size
     # The reader's pixels of the same JPEGs, batched as the evaluation batches them.
     batches = tf.data.Dataset.from_tensor_slices({"image": images, "image_id": ids}).map(
@@ -597,7 +597,7 @@ def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) 
 
     if count < 1:
         return {"images": 0}
-    ids, images = test_images(shards, count)
+    ids, images = held_out_images(shards, count)
     size = int(exported.info["image_size"])
     pixels = np.stack([decode_jpeg_image(tf.constant(jpeg), size).numpy() for jpeg in images])
     lite = run_tflite(model, pixels)

@@ -181,7 +181,12 @@ def make_strategy(config: TrainConfig):
 def is_chief(config: TrainConfig) -> bool:
     """Whether this process writes checkpoints, best weights and results: always, but under
     `strategy: multi_worker` only TF_CONFIG's "chief" task, or "worker" 0 when there is none."""
-    if config.strategy != "multi_worker" or not os.environ.get("TF_CONFIG"):
+    return config.strategy != "multi_worker" or is_chief_task()
+
+
+def is_chief_task() -> bool:
+    """TF_CONFIG's task is the cluster's chief (True without a TF_CONFIG)."""
+    if not os.environ.get("TF_CONFIG"):
         return True
     try:
         tf_config = json.loads(os.environ["TF_CONFIG"])

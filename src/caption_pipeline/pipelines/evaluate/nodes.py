@@ -9,10 +9,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from caption_pipeline.attention_maps import attention_figure, attention_localization
-from caption_pipeline.decoding import DecodedImage
+from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
 from caption_pipeline.evaluation import (
-    SPLITS,
+    SCORED_SPLITS,
     CocoScorer,
     EvaluateSettings,
     caption_split,
@@ -26,7 +26,7 @@ from caption_pipeline.images import load_rgb_image
 from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
 
-Captions = dict[str, list[DecodedImage]]  # split -> captions of its images
+Captions = dict[str, list[CaptionedImage]]  # split -> captions of its images
 
 
 def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
@@ -39,12 +39,12 @@ def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
     if settings.model_path:
         captioner = load_captioner(settings.model_path, model, vocab, encoder_of=captioner)
     return {split: caption_split(captioner, vocab, shards, split, settings,
-                                 keep_attention=split == "test") for split in SPLITS}
+                                 keep_attention=split == "test") for split in SCORED_SPLITS}
 
 
 def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
     """The val and test captions in the COCO results format."""
-    return tuple(coco_results(evaluation_captions[split]) for split in SPLITS)
+    return tuple(coco_results(evaluation_captions[split]) for split in SCORED_SPLITS)
 
 
 def score_captions(caption_results_val: list[dict], caption_results_test: list[dict],
