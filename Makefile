@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export KEDRO_DISABLE_TELEMETRY := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test install install-test clean-data
+.PHONY: run test test-fast install install-test clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ run: install
 
 test: install-test /usr/bin/chromium /usr/bin/chromedriver
 	$(BIN)/python -m pytest $(ARGS)
+
+# The inner loop: everything but the `slow` tests (those needing the smoke run or starting
+# `kedro`; tests/conftest.py marks them), so no chromium either.
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete

@@ -144,3 +144,52 @@ def test_jpegs(smoke_project):
     from caption_pipeline.shards.shard_set import load_shard_set
 
     return held_out_images(load_shard_set(smoke_project / "data/05_model_input/shards"), None)
+
+
+# --- markers (issue 13) -------------------------------------------------------------------------
+
+# A test is slow when it needs the smoke run (the fixture, or one built on it: `exported`,
+# `test_jpegs`, `caption_server`, `mlflow_server`...) or starts `kedro` itself through
+# `run_kedro`: in its body, in a fixture it uses, or in a helper of a test module it calls.
+# `make test-fast` (`-m "not slow"`) leaves those out; `make test` runs everything.
+SLOW_FIXTURES = {"smoke_project"}
+SLOW_CALLS = {"run_kedro"}
+
+
+def _names_used(function, seen: set) -> set[str]:
+    """Global names `function` (and the test helpers it calls, transitively) refers to."""
+    import types
+
+    code = getattr(function, "__code__", None)
+    if code is None or code in seen:
+        return set()
+    seen.add(code)
+    names, stack = set(), [code]
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    for name in list(names):
+        helper = function.__globals__.get(name)
+        if (isinstance(helper, types.FunctionType) and helper.__module__ != __name__
+                and str(Path(helper.__code__.co_filename)).startswith(str(PROJECT_ROOT / "tests"))):
+            names |= _names_used(helper, seen)
+    return names
+
+
+def is_slow(item) -> bool:
+    """Whether `item` uses a smoke fixture or runs kedro (see SLOW_FIXTURES and SLOW_CALLS)."""
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info else ()):
+        functions.extend(definition.func for definition in definitions)
+    seen: set = set()
+    return any(SLOW_CALLS & _names_used(f, seen) for f in functions if f is not None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_slow(item) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

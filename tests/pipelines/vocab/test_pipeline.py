@@ -181,3 +181,43 @@ def test_no_train_captions_is_a_clear_error():
 def test_bad_params_are_a_clear_error():
     with pytest.raises(DataError, match=r"params:vocab\.long_captions"):
         run_nodes({**PARAMS, "long_captions": "shorten"})
+
+
+class KeptDataset(MemoryDataset):
+    """A MemoryDataset that the runner does not release once later nodes have read it."""
+
+    def _release(self) -> None:
+        pass
+
+
+def test_conf_base_parameters_on_generated_captions(tiny_captions, params):
+    """conf/base's vocab block on the tiny shapes data's captions, in memory end to end."""
+    from collections import Counter
+
+    from matplotlib.figure import Figure
+
+    table, _, _ = tiny_captions
+    vocab = params("vocab")
+    outputs = ("tokenized_captions", "vocabulary", "vocabulary_stats", "caption_length_histogram")
+    catalog = DataCatalog({
+        "caption_table": MemoryDataset(table),
+        "params:vocab": MemoryDataset(vocab),
+        **{name: KeptDataset(copy_mode="assign") for name in outputs},
+    })
+    SequentialRunner().run(create_pipeline(), catalog)
+    tokenized, vocabulary = catalog.load("tokenized_captions"), catalog.load("vocabulary")
+    stats = catalog.load("vocabulary_stats")
+
+    assert sorted(tokenized["annotation_id"]) == sorted(table["annotation_id"])
+    assert all(0 < len(tokens) <= vocab["max_caption_length"] for tokens in tokenized["tokens"])
+    assert all(token == token.lower() and token.isalpha()
+               for tokens in tokenized["tokens"] for token in tokens)
+    train = Counter(t for tokens in tokenized[tokenized["split"] == "train"]["tokens"] for t in tokens)
+    kept = {word: n for word, n in train.items() if n >= vocab["min_count"]}
+    assert kept and vocabulary["counts"] == kept
+    assert vocabulary["tokens"] == ["<pad>", "<start>", "<end>", "<unk>",
+                                    *sorted(kept, key=lambda w: (-kept[w], w))]
+    assert stats["vocabulary_size"] == len(vocabulary["tokens"]) and stats["words"] == len(kept)
+    assert stats["captions"]["train"]["kept"] == (table["split"] == "train").sum()
+    assert 0 < stats["coverage"]["train"]["coverage"] <= 1
+    assert isinstance(catalog.load("caption_length_histogram"), Figure)

@@ -109,3 +109,37 @@ def test_table_without_tokens_is_a_clear_error(tmp_path):
     table = tokenized_table(tmp_path / "images").drop(columns="tokens")
     with pytest.raises(DataError, match=r"tokenized_captions: missing column\(s\) \['tokens'\]"):
         list(images_from_table(table, lambda tokens: [1, 2]))
+
+
+def test_conf_base_parameters_on_generated_captions(tiny_captions, params, tmp_path):
+    """conf/base's shard block (fewer shards, one writer process) on the tiny shapes data."""
+    _, tokenized, vocabulary = tiny_captions
+    shard = params("shard", num_shards={"train": 2, "val": 1, "test": 1}, workers=1)
+    catalog = DataCatalog.from_config({"shards": {
+        "type": "caption_pipeline.datasets.TFRecordShardsDataset", "path": str(tmp_path / "shards")}})
+    catalog["tokenized_captions"] = MemoryDataset(tokenized)
+    catalog["vocabulary"] = MemoryDataset(vocabulary)
+    catalog["params:shard"] = MemoryDataset(shard)
+
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    shard_set = catalog.load("shards")
+    images = tokenized.groupby("split")["image_id"].nunique().to_dict()
+    assert {s: shard_set.num_images(s) for s in shard_set.splits} == images
+    assert {s: shard_set.num_captions(s) for s in shard_set.splits} == \
+        tokenized.groupby("split").size().to_dict()
+    assert shard_set.image_size == shard["image_size"]
+    assert {s: len(shard_set.files(s)) for s in shard_set.splits} == shard["num_shards"]
+
+    ids = {token: i for i, token in enumerate(vocabulary["tokens"])}
+    expected = {  # every image's captions, in annotation order, as <start> ids <end>
+        image_id: [[1, *(ids.get(t, 3) for t in tokens), 2] for tokens in rows["tokens"]]
+        for image_id, rows in tokenized.sort_values("annotation_id").groupby("image_id")}
+    seen = {}
+    for split in shard_set.splits:
+        for serialized in tf.data.TFRecordDataset(shard_set.files(split)):
+            record = parse_example(serialized)
+            seen[int(record["image/id"])] = record["caption/ids"].to_list()
+            pixels = tf.io.decode_jpeg(record["image/encoded"])
+            assert tuple(pixels.shape) == (shard["image_size"],) * 2 + (3,)
+    assert seen == expected
