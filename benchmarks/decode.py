@@ -62,6 +62,7 @@ from keras import ops  # noqa: E402
 from caption_pipeline.decoding import DecodeSettings, compile_function, search  # noqa: E402
 from caption_pipeline.model import AttentionDecoder  # noqa: E402
 from caption_pipeline.model.beam_search import END_ID, Captions  # noqa: E402
+from caption_pipeline.params import from_conf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import matmul_gflops  # noqa: E402
@@ -128,8 +129,8 @@ def bench(name: str, methods: list[str], batches: list[int], args) -> dict:
               "dims": [decoder.embed_dim, decoder.attention_dim, decoder.lstm_units],
               "params": decoder.count_params(), "mflop_per_beam_step": round(beam_step / 1e6, 2)}
     for method in methods:
-        settings = DecodeSettings(method=method, beam_size=args.beam_size,
-                                  jit_compile=args.jit_compile == "true")
+        settings = from_conf(DecodeSettings, "evaluate.decoding", method=method,
+                        beam_size=args.beam_size, jit_compile=args.jit_compile == "true")
 
         def decode_features(inputs, settings=settings):
             return search(decoder, inputs["features"], settings, args.max_length)

@@ -28,6 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from caption_pipeline import shapes  # noqa: E402
 from caption_pipeline.model import Captioner, ModelConfig, caption_losses  # noqa: E402
+from caption_pipeline.params import from_conf  # noqa: E402
 from caption_pipeline.text import Vocabulary, tokenize  # noqa: E402
 
 MAX_TOKENS = 20
@@ -38,7 +39,7 @@ VISUAL_WORDS = {*shapes.COLOURS, *shapes.SHAPE_WORDS, *shapes.SIZE_WORDS, "one",
 
 def make_split(split: str, count: int, seed: int):
     """uint8 images [N, 128, 128, 3] and every image's captions as token lists."""
-    config = shapes.ShapesConfig(splits={split: count}, seed=seed)
+    config = from_conf(shapes.ShapesConfig, "synthetic", splits={split: count}, seed=seed)
     images, captions = [], []
     for index in tqdm(range(count), desc=f"generate {split}", unit="image"):
         scene, pixels = shapes.generate_image(config, split, index)
@@ -121,7 +122,10 @@ def main() -> None:
     for name in ("blind", "nasnet_mobile", "compact"):
         keras.utils.set_random_seed(args.seed)
         encoder = "compact" if name == "blind" else name
-        model = Captioner(ModelConfig(vocab_size=vocabulary.size, encoder=encoder, image_size=128))
+        # As measured (docs/benchmarks.md): the compact CNN trained end to end, pooled last.
+        model = Captioner(from_conf(ModelConfig, "model", vocab_size=vocabulary.size,
+                                  encoder=encoder, image_size=128, encoder_trainable=None,
+                                  compact_pool_last=True, attention_dim=128))
         entry = {}
         if name == "blind":  # baseline: the decoder alone, given all-zero features
             shape = (model.regions, model.feature_dim)

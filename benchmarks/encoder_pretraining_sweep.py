@@ -39,7 +39,8 @@ from caption_pipeline.encoder_pretraining import (
     region_loss,
     region_targets,
 )
-from caption_pipeline.model import ModelConfig, build_encoder
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import from_conf
 from caption_pipeline.text import Vocabulary
 from caption_pipeline.training import TrainConfig, build_captioner
 
@@ -75,7 +76,8 @@ def by_group(targets: RegionTargets) -> dict[str, np.ndarray]:
 def pretrain(data, targets, log, name, epochs=6, lr=2e-3, momentum=0.9,
              filters=(32, 64, 128, 128), object_weight=10.0, batch_size=32, pool_last=True):
     keras.utils.set_random_seed(42)
-    encoder = build_encoder("compact", 128, None, filters, pool_last)
+    encoder = from_conf(ModelConfig, "model", vocab_size=1, image_size=128, compact_filters=filters,
+                      compact_pool_last=pool_last, feature_projection=None).build_encoder(None)
     for layer in encoder.layers:  # the variant's BatchNormalization momentum
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
@@ -100,8 +102,9 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32
     features = {s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0))
                 for s in SPLITS}
     keras.utils.set_random_seed(42)
-    model_config = ModelConfig(vocab_size=vocab.size, encoder="compact", encoder_trainable=False)
-    train_config = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size})
+    model_config = from_conf(ModelConfig, "model", vocab_size=vocab.size, encoder="compact",
+                           encoder_trainable=False, attention_dim=128)  # as measured
+    train_config = from_conf(TrainConfig, "train", epochs=epochs, batch_size=batch_size)
     steps = int(np.ceil(len(features["train"]) / train_config.batch_size))
     model = build_captioner(model_config, train_config, steps, {"features": features["val"][:2]})
     for epoch in range(epochs):
@@ -113,7 +116,8 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32
             round(history.history["val_xent"][-1], 4))
     objects = load_instances(ROOT / "annotations/instances_val.json")
     for method in ("greedy", "beam"):
-        settings = DecodeSettings(method=method, beam_size=3, keep_attention=True)
+        settings = from_conf(DecodeSettings, "evaluate.decoding", method=method, beam_size=3,
+                        keep_attention=True)
         batches = [{"features": features["val"][i:i + 100], "image_id": data["val"][0][i:i + 100]}
                    for i in range(0, len(features["val"]), 100)]
         decoded = decode_dataset(model, vocab, batches, settings)

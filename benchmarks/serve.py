@@ -174,9 +174,10 @@ def main() -> None:
     if not images:
         sys.exit(f"no .jpg images in {args.images}")
     if args.overload:
+        from caption_pipeline.params import from_conf
         from caption_pipeline.server import ServeSettings
 
-        defaults = ServeSettings()
+        defaults = from_conf(ServeSettings, "serve")
         report = {"machine": machine(), "max_queue": defaults.max_queue}
         plan = ((defaults.max_batch, (1, defaults.max_queue, 64)),)
     else:

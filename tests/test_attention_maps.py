@@ -31,6 +31,7 @@ from caption_pipeline.category_words import (
 from caption_pipeline.coco_instances import instances_file, load_instances
 from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_conf
 from caption_pipeline.shapes import CATEGORIES as SHAPES_CATEGORIES
 from caption_pipeline.shapes import SHAPE_WORDS, SHAPES, ShapesConfig, ensure_generated
 
@@ -166,7 +167,8 @@ def test_localization_on_real_shapes_files(tmp_path):
         "name": "shapes", "format": "coco", "root": str(tmp_path / "shapes"),
         "splits": {"test": {"annotations": "annotations/captions_test.json", "images": "test"}},
     }
-    ensure_generated(dataset, ShapesConfig(splits={"test": 4}, image_size=64))
+    ensure_generated(dataset, from_conf(ShapesConfig, "synthetic",
+                                        splits={"test": 4}, image_size=64))
     instances = json.loads((tmp_path / "shapes/annotations/instances_test.json").read_text())
     names = {c["id"]: c["name"] for c in instances["categories"]}
     side = 8

@@ -28,10 +28,12 @@ from caption_pipeline.model.beam_search import (
     greedy_search,
     length_penalty,
 )
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
-CONFIG = ModelConfig(vocab_size=12, encoder="compact", image_size=32, compact_filters=(8, 8),
-                     embed_dim=8, attention_dim=8, lstm_units=16)
+CONFIG = from_conf(ModelConfig, "model",
+                   vocab_size=12, encoder="compact", image_size=32, compact_filters=(8, 8),
+                   compact_pool_last=True, embed_dim=8, attention_dim=8, lstm_units=16)
 V = CONFIG.vocab_size
 MAX_LENGTH = 8
 
@@ -105,18 +107,19 @@ def features():
 @pytest.fixture(scope="module")
 def beam3(model, features):
     """Compiled beam search, K = 3, GNMT alpha = 0.7, on 4 images."""
-    settings = DecodeSettings(beam_size=3, alpha=0.7)
+    settings = from_conf(DecodeSettings, "evaluate.decoding", beam_size=3, alpha=0.7)
     return make_decoder(model, settings, MAX_LENGTH)({"features": features})
 
 
 @pytest.fixture(scope="module")
 def greedy(model, features):
-    settings = DecodeSettings(method="greedy", alpha=0.7)
+    settings = from_conf(DecodeSettings, "evaluate.decoding", method="greedy", alpha=0.7)
     return make_decoder(model, settings, MAX_LENGTH)({"features": features})
 
 
 def test_beam_size_one_is_greedy(model, features, greedy):
-    beam1 = make_decoder(model, DecodeSettings(beam_size=1, alpha=0.7), MAX_LENGTH)(
+    beam1 = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
+                                          beam_size=1, alpha=0.7), MAX_LENGTH)(
         {"features": features})
     assert greedy.ids.shape == (4, 1, MAX_LENGTH)
     # The case is not trivial: captions of several lengths, ended or cut at max_length.
@@ -213,7 +216,8 @@ def test_searches_hold_each_images_features_once_not_once_per_beam(model, featur
 
 
 def test_an_image_alone_or_repeated_or_among_others_decodes_the_same(model, features, beam3):
-    decode = make_decoder(model, DecodeSettings(beam_size=3, alpha=0.7), MAX_LENGTH)
+    decode = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
+                                           beam_size=3, alpha=0.7), MAX_LENGTH)
     alone = decode({"features": features[2:3]})
     repeated = decode({"features": np.repeat(features[2:3], 5, axis=0)})
     for row in range(5):
@@ -270,14 +274,16 @@ def unk_loving_captioner() -> Captioner:
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_unk_is_never_generated_unless_allowed(method):
     model, features = unk_loving_captioner(), image_features(3)
-    never = make_decoder(model, DecodeSettings(method=method), MAX_LENGTH)({"features": features})
+    never = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
+                                          method=method), MAX_LENGTH)({"features": features})
     assert not (never.ids == UNK_ID).any()
     assert (never.log_probs > -1e3).all()  # real captions of the other words, not dead beams
-    allowed = make_decoder(model, DecodeSettings(method=method, allow_unk=True),
+    allowed = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
+                                            method=method, allow_unk=True),
                            MAX_LENGTH)({"features": features})
     assert (allowed.ids[:, 0, 0] == UNK_ID).all()  # what the model likes best, when allowed
     with pytest.raises(DataError, match="decoding.allow_unk must be true or false"):
-        DecodeSettings(allow_unk="no")
+        from_conf(DecodeSettings, "evaluate.decoding", allow_unk="no")
 
 
 def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
@@ -298,7 +304,8 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
     shards = load_shard_set(tmp_path / "shards")
     dataset = make_caption_dataset(shards, "test", batch_size=2)  # batches of 2, 2, 1
     vocabulary = tiny_vocabulary()
-    settings = DecodeSettings(beam_size=2, alpha=0.5, jit_compile=False, keep_attention=True)
+    settings = from_conf(DecodeSettings, "evaluate.decoding",
+                         beam_size=2, alpha=0.5, jit_compile=False, keep_attention=True)
 
     decoded = decode_dataset(model, vocabulary, dataset, settings)
 
@@ -331,24 +338,29 @@ def test_bad_settings_and_batches_are_named(model, features):
                           ({"alpha": -1.0}, "decoding.alpha"),
                           ({"beams": 3}, "unknown key")]:
         with pytest.raises(DataError, match=field):
-            DecodeSettings.from_params(params)
+            DecodeSettings.from_params({**defaults("evaluate.decoding"), **params})
     vocabulary = tiny_vocabulary()
     with pytest.raises(DataError, match="needs 'image_id'"):
-        decode_dataset(model, vocabulary, [{"features": features}], DecodeSettings())
+        decode_dataset(model, vocabulary, [{"features": features}],
+                       from_conf(DecodeSettings, "evaluate.decoding"))
 
 
 JAX_DECODING = textwrap.dedent("""
     import json, sys
     import keras
     from caption_pipeline.decoding import DecodeSettings, make_decoder
+    from caption_pipeline.params import from_conf
     sys.path.insert(0, sys.argv[1])
     from test_decoding import MAX_LENGTH, image_features, tiny_captioner
 
     model, features = tiny_captioner(), {"features": image_features(4)}
     out = {"backend": keras.backend.backend()}
-    for name, settings in [("greedy", DecodeSettings(method="greedy", alpha=0.7)),
-                           ("beam1", DecodeSettings(beam_size=1, alpha=0.7)),
-                           ("beam3", DecodeSettings(beam_size=3, alpha=0.7))]:
+    for name, settings in [("greedy", from_conf(DecodeSettings, "evaluate.decoding",
+                                                method="greedy", alpha=0.7)),
+                           ("beam1", from_conf(DecodeSettings, "evaluate.decoding",
+                                               beam_size=1, alpha=0.7)),
+                           ("beam3", from_conf(DecodeSettings, "evaluate.decoding",
+                                               beam_size=3, alpha=0.7))]:
         captions = make_decoder(model, settings, MAX_LENGTH)(features)
         out[name] = {"ids": captions.ids.tolist(), "log_probs": captions.log_probs.tolist()}
     out["tensorflow_imported"] = "tensorflow" in sys.modules

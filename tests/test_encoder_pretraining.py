@@ -16,6 +16,7 @@ from caption_pipeline.encoder_pretraining import (
 )
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.shards.shard_set import load_shard_set
 
 
@@ -70,11 +71,14 @@ def test_pretraining_teaches_the_regions_what_covers_them(smoke_project):
     dataset = json.loads((smoke_project / "data/01_raw/raw_dataset.json").read_text())
     instances = {split: instances_file({**dataset, "root": str(smoke_project / dataset["root"])},
                                        split) for split in ("train", "val")}
-    shards = load_shard_set(smoke_project / "data/05_model_input/shards")
-    model = ModelConfig(vocab_size=1, encoder="compact", image_size=128,
-                        encoder_trainable=False, compact_filters=(8, 16, 16))
-    before, _ = initial_encoder(shards, instances, model, PretrainConfig(enabled=False), seed=1)
-    config = PretrainConfig(epochs=6, batch_size=8, learning_rate=3e-3, progress=False, seed=1)
+    shards = load_shard_set(smoke_project / "data/03_primary/shards")
+    model = from_conf(ModelConfig, "model", vocab_size=1, encoder="compact", image_size=128,
+                      encoder_trainable=False, compact_filters=(8, 16, 16),
+                      compact_pool_last=True)
+    off = from_conf(PretrainConfig, "encoder_pretraining", enabled=False)
+    before, _ = initial_encoder(shards, instances, model, off, seed=1)
+    config = from_conf(PretrainConfig, "encoder_pretraining",
+                       epochs=6, batch_size=8, learning_rate=3e-3, progress=False, seed=1)
     encoder, history = initial_encoder(shards, instances, model, config, seed=1)
     assert [row["epoch"] for row in history] == list(range(1, 7))
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
@@ -86,14 +90,17 @@ def test_pretraining_teaches_the_regions_what_covers_them(smoke_project):
 
 
 def test_pretraining_refuses_what_it_cannot_do(smoke_project, tmp_path):
-    shards = load_shard_set(smoke_project / "data/05_model_input/shards")
-    nasnet = ModelConfig(vocab_size=1, encoder="nasnet_mobile", image_size=32)
+    shards = load_shard_set(smoke_project / "data/03_primary/shards")
+    nasnet = from_conf(ModelConfig, "model", vocab_size=1, encoder="nasnet_mobile", image_size=32)
     with pytest.raises(DataError, match="encoder_pretraining.enabled: pretraining is for the "
                                         "compact encoder"):
-        initial_encoder(shards, {}, nasnet, PretrainConfig(), seed=1)
-    compact = ModelConfig(vocab_size=1, encoder="compact", encoder_trainable=False,
-                          compact_filters=(8,))
+        initial_encoder(shards, {}, nasnet, from_conf(PretrainConfig, "encoder_pretraining"),
+                        seed=1)
+    compact = from_conf(ModelConfig, "model",
+                        vocab_size=1, encoder="compact", encoder_trainable=False,
+                        compact_filters=(8,))
     with pytest.raises(DataError, match="no COCO instances file .* train split"):
-        initial_encoder(shards, {"train": None}, compact, PretrainConfig(), seed=1)
+        initial_encoder(shards, {"train": None}, compact,
+                        from_conf(PretrainConfig, "encoder_pretraining"), seed=1)
     with pytest.raises(DataError, match="encoder_pretraining.epochs: must be an integer >= 1"):
-        PretrainConfig.from_dict({"epochs": 0})
+        PretrainConfig.from_dict({**defaults("encoder_pretraining"), "epochs": 0})

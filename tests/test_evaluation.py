@@ -37,6 +37,7 @@ from caption_pipeline.evaluation import (
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.pipelines.evaluate import nodes
 from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
+from caption_pipeline.params import defaults, from_conf
 
 # --- hand-made captions -------------------------------------------------------------------------
 
@@ -265,14 +266,19 @@ def test_references_are_raw_captions_in_annotation_order():
 
 
 def test_settings_name_bad_keys():
-    settings = EvaluateSettings.from_params({"decoding": {"method": "greedy"}, "batch_size": 4})
+    base = defaults("evaluate")
+    settings = EvaluateSettings.from_params(
+        {**base, "decoding": {**base["decoding"], "method": "greedy"}, "batch_size": 4})
     assert settings.decoding.method == "greedy" and settings.model_path is None
-    with pytest.raises(DataError, match=r"unknown key\(s\) \['beam'\]"):
-        EvaluateSettings.from_params({"beam": 3})
+    with pytest.raises(DataError, match=r"parameters evaluate\.beam \(.*\): unknown key; known"):
+        EvaluateSettings.from_params({**base, "beam": 3})
     with pytest.raises(DataError, match="evaluate.batch_size"):
-        EvaluateSettings.from_params({"batch_size": 0})
-    with pytest.raises(DataError, match="decoding: unknown key"):
-        EvaluateSettings.from_params({"decoding": {"beams": 2}})
+        EvaluateSettings.from_params({**base, "batch_size": 0})
+    with pytest.raises(DataError, match=r"evaluate\.decoding\.beams .*unknown key"):
+        EvaluateSettings.from_params({**base, "decoding": {**base["decoding"], "beams": 2}})
+    with pytest.raises(DataError, match=r"evaluate\.decoding: missing; it belongs in "
+                                         r"conf/base/parameters_evaluate\.yml"):
+        EvaluateSettings.from_params({k: v for k, v in base.items() if k != "decoding"})
 
 
 # --- Java ---------------------------------------------------------------------------------------
@@ -312,7 +318,8 @@ def test_java_versions_and_spice_availability():
 
 # --- model files --------------------------------------------------------------------------------
 
-MODEL = {"encoder": "compact", "image_size": 32, "compact_filters": [8, 8], "embed_dim": 8,
+MODEL = {**defaults("model"), "compact_pool_last": True, "encoder_trainable": None,
+         "encoder": "compact", "image_size": 32, "compact_filters": [8, 8], "embed_dim": 8,
          "attention_dim": 8, "lstm_units": 16}
 
 
@@ -323,7 +330,7 @@ def tiny_vocabulary(words: str = "abcdefgh") -> Vocabulary:
 
 def test_model_files_load_as_captioners(tmp_path):
     vocab = tiny_vocabulary()
-    model = Captioner(ModelConfig(vocab_size=vocab.size, **MODEL))
+    model = Captioner(from_conf(ModelConfig, "model", vocab_size=vocab.size, **MODEL))
     model.save(tmp_path / "model.keras")
     model.save_weights(tmp_path / "step.weights.h5")
     for name in ("model.keras", "step.weights.h5"):
@@ -335,7 +342,7 @@ def test_model_files_load_as_captioners(tmp_path):
     # A checkpoint of training on features holds the decoder alone: it gets the catalog
     # captioner's frozen encoder (the one that computed the features).
     frozen = {**MODEL, "encoder_trainable": False}
-    full = Captioner(ModelConfig(vocab_size=vocab.size, **frozen))
+    full = Captioner(from_conf(ModelConfig, "model", vocab_size=vocab.size, **frozen))
     decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
     decoder.save_weights(tmp_path / "decoder.weights.h5")
     joined = load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab, encoder_of=full)

@@ -21,12 +21,14 @@ import pytest
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.text import Vocabulary
+from caption_pipeline.params import from_conf
 from caption_pipeline.training import Checkpoints, TrainConfig, train_captioner
 
 VOCAB, REGIONS, DIM, LENGTH = 12, 3, 4, 7
 TRAIN_CAPTIONS, BATCH = 14, 4
-MODEL = ModelConfig(vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
-                    lstm_units=8, dropout=0.5)
+MODEL = from_conf(ModelConfig, "model",
+                  vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
+                  lstm_units=8, dropout=0.5)
 
 
 def _split(seed: int, lengths: list[int]):
@@ -71,10 +73,11 @@ class Killed(Exception):
 def run(tmp_path, precision: str):
     """One `train_captioner` run: (final weights, history without timings, per-step losses,
     the optimizer's iteration count)."""
-    config = TrainConfig(epochs=3, batch_size=BATCH, caption_mode="all", learning_rate=1e-2,
-                         clipnorm=1.0, early_stopping_patience=2, checkpoint_every_steps=1,
-                         log_every_steps=1, checkpoint_dir=str(tmp_path / "checkpoints"),
-                         precision=precision, jit_compile=False, progress=False)
+    config = from_conf(TrainConfig, "train",
+                       epochs=3, batch_size=BATCH, caption_mode="all", learning_rate=1e-2,
+                       clipnorm=1.0, early_stopping_patience=2, checkpoint_every_steps=1,
+                       log_every_steps=1, checkpoint_dir=str(tmp_path / "checkpoints"),
+                       precision=precision, jit_compile=False, progress=False)
     model, history, steps = train_captioner(
         datasets, MODEL, config, steps_per_epoch=-(-TRAIN_CAPTIONS // BATCH),
         data_fingerprint={"data": "tiny"})

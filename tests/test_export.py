@@ -12,6 +12,7 @@ from conftest import EXPORT_DIR
 from PIL import Image
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_conf
 
 
 def _png(image: Image.Image) -> bytes:
@@ -49,7 +50,8 @@ def test_exported_captions_equal_the_in_process_model(smoke_project, exported, t
         lambda x: {**x, "image": decode_jpeg_image(x["image"], 128)}).batch(8)
     for beam in (1, 2, 3):
         reference = decode_dataset(captioner, vocab, batches,
-                                   DecodeSettings(beam_size=beam, keep_attention=True))
+                                   from_conf(DecodeSettings, "evaluate.decoding",
+                                             beam_size=beam, keep_attention=True))
         out = exported.caption(jpegs, beam)
         for b, ref in enumerate(reference):
             assert list(out["captions"][b]) == ref.captions
@@ -77,11 +79,12 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     vocab = Vocabulary.from_dict(json.loads(
         (smoke_project / "data/03_primary/vocabulary.json").read_text()))
     shards = load_shard_set(smoke_project / "data/05_model_input/shards")
-    settings = CheckSettings(max_images=4, batch_size=4)
-    report = check_against_model(exported, trained, vocab, shards, DecodeSettings(), settings)
+    settings = from_conf(CheckSettings, "export.check", max_images=4, batch_size=4)
+    decoding = from_conf(DecodeSettings, "evaluate.decoding")
+    report = check_against_model(exported, trained, vocab, shards, decoding, settings)
     assert report["images"] == report["equal"] == 4
     with pytest.raises(DataError, match=r"export self-check .* images differ.*image \d+"):
-        check_against_model(exported, other, vocab, shards, DecodeSettings(), settings)
+        check_against_model(exported, other, vocab, shards, decoding, settings)
 
 
 def test_any_size_and_format_is_resized_as_training_resized(exported):
@@ -184,16 +187,17 @@ def tiny_export(tmp_path_factory):
     from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
     keras.utils.set_random_seed(3)
-    captioner = Captioner(ModelConfig(vocab_size=12, encoder="compact", image_size=TINY_SIZE,
-                                      compact_filters=(8, 8), embed_dim=8, attention_dim=8,
-                                      lstm_units=16))
+    captioner = Captioner(from_conf(ModelConfig, "model",
+                                    vocab_size=12, encoder="compact", image_size=TINY_SIZE,
+                                    compact_filters=(8, 8), embed_dim=8, attention_dim=8,
+                                    lstm_units=16))
     rng = np.random.default_rng(0)
     # Large decoder weights: captions and scores move with the image.
     captioner.decoder.set_weights([rng.normal(0.0, 1.0, w.shape).astype("float32")
                                    for w in captioner.decoder.get_weights()])
     vocabulary = Vocabulary((*SPECIAL_TOKENS.values(), *"abcdefgh"), {w: 1 for w in "abcdefgh"},
                             min_count=1, max_caption_length=5)
-    decoding = DecodeSettings(beam_size=2, jit_compile=False)
+    decoding = from_conf(DecodeSettings, "evaluate.decoding", beam_size=2, jit_compile=False)
     path = tmp_path_factory.mktemp("tiny_export") / "saved_model"
     save_export(build_module(captioner, vocabulary, decoding, 2, TINY_QUALITY), path)
     return ExportedCaptioner(path), captioner, vocabulary, decoding

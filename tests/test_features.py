@@ -29,6 +29,7 @@ from caption_pipeline.features import (
     write_model_inputs,
 )
 from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.pipelines.features import create_pipeline
 from caption_pipeline.shards.image_writer import write_shards
 from caption_pipeline.shards.plan import build_shard_plan
@@ -42,6 +43,8 @@ SPLIT_SIZES = {"train": 6, "val": 3, "test": 2}
 NUM_SHARDS = {"train": 2, "val": 1, "test": 1}
 # 64 px through 3 pooling blocks: an 8x8 grid of 16 features
 FROZEN = {
+    **defaults("model"),
+    "compact_pool_last": True,
     "encoder": "compact",
     "image_size": SIZE,
     "encoder_trainable": False,
@@ -60,8 +63,9 @@ def write_image_shards(folder: Path, split_sizes: dict, num_shards: dict, seed: 
 
 def encoder_file(path: Path, model: dict, seed: int) -> str:
     """The `initial_encoder` weights file, as the features pipeline writes it (no pretraining)."""
-    config = ModelConfig.from_dict({**model, "vocab_size": 1})
-    encoder, _ = initial_encoder(None, {}, config, PretrainConfig(enabled=False), seed)
+    config = ModelConfig.for_encoder(model)
+    encoder, _ = initial_encoder(None, {}, config, from_conf(PretrainConfig, "encoder_pretraining",
+                                                             enabled=False), seed)
     EncoderWeightsDataset(filepath=str(path)).save(encoder)
     return str(path)
 
@@ -276,7 +280,8 @@ def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
     catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(tmp_path)})
     catalog["params:model"] = MemoryDataset(FROZEN)
     catalog["params:features"] = MemoryDataset(FEATURES)
-    catalog["params:encoder_pretraining"] = MemoryDataset({"enabled": False})
+    catalog["params:encoder_pretraining"] = MemoryDataset(
+        {**defaults("encoder_pretraining"), "enabled": False})
     assert not catalog.exists("model_inputs")
 
     SequentialRunner().run(create_pipeline(), catalog)
@@ -302,7 +307,8 @@ def test_missing_or_incomplete_inputs_name_the_path(features, tmp_path):
         build_feature_plan(image_set, weights, FROZEN, {"seed": 1})
 
     missing = str(tmp_path / "nasnet.weights.h5")
-    nasnet = {"encoder": "nasnet_mobile", "image_size": SIZE, "encoder_weights": missing}
+    nasnet = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": SIZE,
+              "encoder_weights": missing, "encoder_trainable": None}
     with pytest.raises(DataError, match=f"model.encoder_weights: .*{missing}"):
         encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
     plan = build_feature_plan(image_set, missing, nasnet, FEATURES)
@@ -342,7 +348,8 @@ def test_weights_that_do_not_fit_the_encoder_are_refused(features, tmp_path):
     wrong = tmp_path / "wrong.weights.h5"
     with h5py.File(wrong, "w") as h5:  # one array, where NASNetMobile has hundreds
         h5["layers/dense/vars/0"] = np.zeros((3, 2), np.float32)
-    nasnet = {"encoder": "nasnet_mobile", "image_size": 32, "encoder_weights": str(wrong)}
+    nasnet = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": 32,
+              "encoder_weights": str(wrong), "encoder_trainable": None}
     with pytest.raises(DataError, match=f"{wrong} does not fit"):
         encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
     plan = build_feature_plan(image_set, str(wrong), nasnet, FEATURES)

@@ -28,6 +28,7 @@ from caption_pipeline.features import (
 )
 from caption_pipeline.fine_tuning import FineTuneConfig, fine_tune_captioner
 from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.pipelines.train import create_pipeline
 from caption_pipeline.pipelines.train.nodes import caption_datasets, steps_per_epoch
 from caption_pipeline.shards.reader import make_image_dataset
@@ -58,7 +59,8 @@ def data(tmp_path_factory):
     _, images = write_image_shards(root, {"train": 8, "val": 4, "test": 2},
                                    {"train": 2, "val": 1, "test": 1})
     weights = encoder_file(root / "encoder.weights.h5", FROZEN, seed=3)
-    plan = build_feature_plan(images, weights, FROZEN, {"batch_size": 4, "seed": 3, "projection_images": 8})
+    plan = build_feature_plan(images, weights, FROZEN,
+                              {"batch_size": 4, "seed": 3, "projection_images": 8})
     write_model_inputs(plan, root / "model_inputs", progress=False)
     return SimpleNamespace(images=images, weights=weights,
                            features=load_model_inputs(root / "model_inputs"))
@@ -75,9 +77,10 @@ def xent_model(data, model: dict = MODEL) -> Captioner:
 
 
 def fine_tune(captioner: Captioner, data, folder: Path, **params):
-    train = TrainConfig(**TRAIN, checkpoint_dir=str(folder / "xent"))
-    config = FineTuneConfig(**{"enabled": True, "batch_size": 4, "progress": False,
-                               "checkpoint_dir": str(folder / "fine_tune"), **params})
+    train = from_conf(TrainConfig, "train", **TRAIN, checkpoint_dir=str(folder / "xent"))
+    config = from_conf(FineTuneConfig, "fine_tune",
+                       **{"enabled": True, "batch_size": 4, "progress": False,
+                          "checkpoint_dir": str(folder / "fine_tune"), **params})
     phase = config.train_config(train)
     datasets = caption_datasets(data.images, phase, captioner.config.image_size, CAPTION_LENGTH)
     return fine_tune_captioner(captioner, datasets, train, config,
@@ -134,6 +137,7 @@ def test_an_encoder_learning_rate_of_zero_leaves_the_encoder_as_it_was(data, tmp
 ONE_STEP = textwrap.dedent("""
     import json, keras, numpy as np
     from caption_pipeline.model import Captioner, ModelConfig, TwoRateAdam, variable_indices
+    from caption_pipeline.params import from_conf
     LR = 1e-2
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32")
@@ -142,9 +146,10 @@ ONE_STEP = textwrap.dedent("""
     moves = {}
     for ratio in (0.1, 1.0):
         keras.utils.set_random_seed(0)
-        model = Captioner(ModelConfig(vocab_size=12, image_size=16, compact_filters=(8, 8),
-                                      embed_dim=16, attention_dim=16, lstm_units=24,
-                                      dropout=0.0, encoder_trainable=True))
+        model = Captioner(from_conf(ModelConfig, "model",
+                                    vocab_size=12, image_size=16, compact_filters=(8, 8),
+                                    embed_dim=16, attention_dim=16, lstm_units=24,
+                                    dropout=0.0, encoder_trainable=True))
         encoder = variable_indices(model.trainable_variables, model.encoder.trainable_variables)
         model.compile(optimizer=TwoRateAdam(LR, ratio=ratio, scaled=encoder), jit_compile=True)
         before = [keras.ops.convert_to_numpy(v).copy() for v in model.trainable_variables]
@@ -215,7 +220,8 @@ def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp
 
 
 def test_nasnet_mobile_fine_tunes_end_to_end(data, tmp_path):
-    model = {"encoder": "nasnet_mobile", "image_size": SIZE, "encoder_weights": None,
+    model = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": SIZE,
+             "encoder_weights": None,
              "encoder_trainable": False, "embed_dim": 16, "attention_dim": 16,
              "lstm_units": 32}
     start = xent_model(data, model)
@@ -237,12 +243,14 @@ def test_train_pipeline_fine_tunes_from_features_and_saves_an_image_model(data, 
         "vocabulary": MemoryDataset(VOCABULARY),
         "caption_table": MemoryDataset(pd.DataFrame()),
         "params:model": MemoryDataset(MODEL),
-        "params:train": MemoryDataset({**TRAIN, "max_steps_per_epoch": 2,
+        "params:train": MemoryDataset({**defaults("train"), **TRAIN, "max_steps_per_epoch": 2,
                                        "checkpoint_dir": str(tmp_path / "xent")}),
         "params:fine_tune": MemoryDataset({
-            "enabled": True, "batch_size": 4, "max_steps_per_epoch": 2, "progress": False,
+            **defaults("fine_tune"), "enabled": True, "batch_size": 4, "max_steps_per_epoch": 2,
+            "progress": False,
             "checkpoint_dir": str(tmp_path / "fine_tune")}),
-        "params:self_critical": MemoryDataset({"enabled": False}),
+        "params:self_critical": MemoryDataset({**defaults("self_critical"),
+                                               "enabled": False}),
         **{name: MemoryDataset(copy_mode="assign") for name in outputs},
     })
     SequentialRunner().run(create_pipeline(), catalog)

@@ -22,6 +22,7 @@ from caption_pipeline.devices import (
 )
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import from_conf
 from caption_pipeline.training import TrainConfig, run_fingerprint, with_device_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +58,13 @@ def test_compute_capability_from_either_backend():
 
 def test_an_unknown_precision_names_the_parameter():
     with pytest.raises(DataError, match=r"train\.precision.*'fp16'"):
-        TrainConfig(precision="fp16")
+        from_conf(TrainConfig, "train", precision="fp16")
 
 
 def test_this_machine_trains_in_float32_and_says_so(caplog):
     assert [d.platform for d in training_devices()] == ["cpu"]
     with caplog.at_level(logging.INFO, logger="caption_pipeline.devices"):
-        config = with_device_defaults(TrainConfig(precision="auto"))
+        config = with_device_defaults(from_conf(TrainConfig, "train", precision="auto"))
     assert config.precision == "float32"
     assert "Training on CPU, Keras backend tensorflow" in caplog.text
     assert "precision float32 (train.precision: auto)" in caplog.text
@@ -72,14 +73,14 @@ def test_this_machine_trains_in_float32_and_says_so(caplog):
 def test_auto_resumes_checkpoints_of_an_explicit_float32_run():
     """The fingerprint is of the resolved policy: on a CPU, runs checkpointed before `auto`
     became the default (precision float32) are resumed, not restarted."""
-    model = ModelConfig(vocab_size=20)
-    auto = with_device_defaults(TrainConfig(precision="auto"))
+    model = from_conf(ModelConfig, "model", vocab_size=20)
+    auto = with_device_defaults(from_conf(TrainConfig, "train", precision="auto"))
     assert run_fingerprint(model, auto, {}) == run_fingerprint(
-        model, TrainConfig(precision="float32"), {})
+        model, from_conf(TrainConfig, "train", precision="float32"), {})
 
 
 def test_the_default_configuration_asks_for_auto():
-    assert TrainConfig().precision == "auto"
+    assert from_conf(TrainConfig, "train").precision == "auto"
     text = (ROOT / "conf/base/parameters_train.yml").read_text()
     assert re.search(r"^  precision: auto\b", text, re.M)
 
@@ -99,8 +100,9 @@ def test_a_step_in_mixed_bfloat16_trains_with_float32_weights():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         keras.utils.set_random_seed(0)
-        model = Captioner(ModelConfig(vocab_size=12, compact_filters=(8, 8, 8, 8), image_size=32,
-                                      embed_dim=16, attention_dim=8, lstm_units=16))
+        model = Captioner(from_conf(ModelConfig, "model",
+                                    vocab_size=12, compact_filters=(8, 8, 8, 8), image_size=32,
+                                    embed_dim=16, attention_dim=8, lstm_units=16))
         model.compile(optimizer=keras.optimizers.Adam(1e-2))
         rng = np.random.default_rng(0)
         x = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")}

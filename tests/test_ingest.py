@@ -19,11 +19,12 @@ from PIL import Image
 from caption_pipeline.datasets import AtomicJSONDataset, AtomicParquetDataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.ingestion import TABLE_DTYPES, ingest
+from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.ingest import create_pipeline
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
 
 # One process and a lenient bad-image limit, unless a test is about those.
-PARAMS = {"workers": 1, "max_bad_image_fraction": 0.5}
+PARAMS = {**defaults("ingest"), "workers": 1, "max_bad_image_fraction": 0.5}
 
 
 def jpeg(path: Path, size=(32, 24), color=(120, 80, 40), mode="RGB", **save_args) -> None:
@@ -394,7 +395,7 @@ def test_too_many_bad_images_in_a_split_stop_the_run(tmp_path):
     (tmp_path / "train" / "000000000003.jpg").unlink()
 
     with pytest.raises(DataError) as info:
-        ingest(block, {"workers": 1})  # default limit: 5%
+        ingest(block, {**defaults("ingest"), "workers": 1})  # conf/base's limit: 5%
 
     message = str(info.value)
     assert message.startswith(f"split 'train': 1 of 4 images (25.0%) under {tmp_path}/train")
@@ -417,7 +418,7 @@ def test_a_split_left_without_captions_stops_the_run(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda b, p: p.update(worker=2), r"parameters ingest: unknown key\(s\) \['worker'\]"),
+        (lambda b, p: p.update(worker=2), r"parameters ingest\.worker \(.*\): unknown key; known"),
         (lambda b, p: p.update(karpathy_restval="val2"), r"ingest: karpathy_restval is invalid"),
         (lambda b, p: b["splits"]["val"].update(select=[0.5, 0.5]), r"splits\.val\.select must be"),
         (lambda b, p: b.update(format="yolo"), r"dataset\.format must be one of"),

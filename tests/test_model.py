@@ -15,6 +15,7 @@ from keras import ops
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import AttentionDecoder, Captioner, ModelConfig, caption_losses
+from caption_pipeline.params import defaults, from_conf
 
 B, R, D, V = 3, 6, 10, 15  # batch, regions, feature width, vocab
 
@@ -109,8 +110,9 @@ def test_k_captions_per_image_step_as_k_copies_of_the_image_do():
 
 
 def test_appended_padding_adds_nothing_to_the_loss():
-    model = Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8),
-                                  embed_dim=8, attention_dim=8, lstm_units=12))
+    model = Captioner(from_conf(ModelConfig, "model",
+                                vocab_size=V, image_size=16, compact_filters=(4, 8),
+                                embed_dim=8, attention_dim=8, lstm_units=12))
     x = {"features": np.random.default_rng(0).standard_normal((B, 16, 8)).astype("float16")}
     captions = captions_with_padding()
     longer = np.concatenate([captions, np.zeros((B, 5), "int32")], axis=1)
@@ -154,17 +156,19 @@ def test_doubly_stochastic_term_on_a_known_alpha():
 def test_frozen_encoder_is_not_trained_and_compact_is_by_default():
     small = dict(vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
                  attention_dim=8, lstm_units=12)
-    trained = Captioner(ModelConfig(**small))
-    frozen = Captioner(ModelConfig(**small, encoder_trainable=False))
+    trained = Captioner(from_conf(ModelConfig, "model", **small, encoder_trainable=None))
+    frozen = Captioner(from_conf(ModelConfig, "model", **small, encoder_trainable=False))
     encoder_ids = {id(v) for v in trained.encoder.trainable_variables}
     assert encoder_ids and encoder_ids <= {id(v) for v in trained.trainable_variables}
     assert len(frozen.trainable_variables) == len(trained.trainable_variables) - len(encoder_ids)
-    assert ModelConfig(vocab_size=V, encoder="nasnet_large").trains_encoder is False
+    assert from_conf(ModelConfig, "model", vocab_size=V, encoder="nasnet_large",
+                     encoder_trainable=None).trains_encoder is False
 
 
 def test_weights_and_whole_model_round_trip(tmp_path):
-    config = ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
-                         attention_dim=8, lstm_units=12)
+    config = from_conf(ModelConfig, "model",
+                       vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
+                       attention_dim=8, lstm_units=12)
     model = Captioner(config)
     x = {"image": np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32")}
     captions = captions_with_padding()
@@ -185,8 +189,9 @@ def test_on_features_the_captioner_is_the_decoder_alone_and_joins_its_encoder(tm
     """Trained on precomputed features, a Captioner builds no encoder (NASNetLarge: 85 M
     parameters it would never run); joined with the encoder of those features, it captions
     images exactly as the full model with that encoder does."""
-    config = ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
-                         attention_dim=8, lstm_units=12, encoder_trainable=False)
+    config = from_conf(ModelConfig, "model",
+                       vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
+                       attention_dim=8, lstm_units=12, encoder_trainable=False)
     encoder_model = Captioner(config)  # its encoder computed the features
     features = encoder_model.encoder.predict(
         np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32"), verbose=0)
@@ -208,17 +213,22 @@ def test_on_features_the_captioner_is_the_decoder_alone_and_joins_its_encoder(tm
     np.testing.assert_allclose(ops.convert_to_numpy(logits), ops.convert_to_numpy(expected),
                                atol=1e-5)
     with pytest.raises(DataError, match="cannot train its encoder"):
-        Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8)),
+        Captioner(from_conf(ModelConfig, "model", vocab_size=V, image_size=16,
+                            compact_filters=(4, 8), encoder_trainable=None),
                   feature_shape=(16, 8))
 
 
 def test_config_rejects_unknown_keys_and_encoders():
     with pytest.raises(DataError, match="lstm_size"):
-        ModelConfig.from_dict({"vocab_size": V, "lstm_size": 3})
+        ModelConfig.from_dict({**defaults("model"), "vocab_size": V, "lstm_size": 3})
+    with pytest.raises(DataError, match=r"model\.encoder: missing; it belongs in "
+                                         r"conf/base/parameters_train\.yml"):
+        ModelConfig.from_dict({"vocab_size": V})
     with pytest.raises(DataError, match="resnet"):
-        ModelConfig(vocab_size=V, encoder="resnet")
+        from_conf(ModelConfig, "model", vocab_size=V, encoder="resnet")
     with pytest.raises(DataError, match="image"):
-        model = Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4,)))
+        model = Captioner(from_conf(ModelConfig, "model",
+                                    vocab_size=V, image_size=16, compact_filters=(4,)))
         model({"pixels": np.zeros((1, 16, 16, 3), "float32")})
 
 
@@ -227,8 +237,9 @@ def test_fit_on_reader_batches_under_tensorflow():
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
-    model = Captioner(ModelConfig(vocab_size=V, image_size=16, compact_filters=(4, 8),
-                                  embed_dim=8, attention_dim=8, lstm_units=12))
+    model = Captioner(from_conf(ModelConfig, "model",
+                                vocab_size=V, image_size=16, compact_filters=(4, 8),
+                                embed_dim=8, attention_dim=8, lstm_units=12))
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (6, 16, 16, 3)).astype("float32")
@@ -251,9 +262,11 @@ JAX_TRAINING = textwrap.dedent("""
     sys.meta_path.insert(0, NoTensorFlow())
     import keras, numpy as np
     from caption_pipeline.model import Captioner, ModelConfig
+    from caption_pipeline.params import from_conf
     keras.utils.set_random_seed(0)
-    model = Captioner(ModelConfig(vocab_size=12, image_size=16, compact_filters=(8, 8),
-                                  embed_dim=16, attention_dim=16, lstm_units=24))
+    model = Captioner(from_conf(ModelConfig, "model",
+                                vocab_size=12, image_size=16, compact_filters=(8, 8),
+                                embed_dim=16, attention_dim=16, lstm_units=24))
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (8, 16, 16, 3)).astype("float32")

@@ -27,13 +27,15 @@ import numpy as np
 import pytest
 
 from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.text import Vocabulary
 from tests.conftest import PROJECT_ROOT, free_port
 
 VOCAB, REGIONS, DIM, LENGTH, WORDS = 12, 3, 4, 7, 4
 BATCH = 4  # the global batch: 2 per worker
-MODEL = ModelConfig(vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
-                    lstm_units=8, dropout=0.0)
+MODEL = from_conf(ModelConfig, "model",
+                  vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
+                  lstm_units=8, dropout=0.0)
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 16 captions / 4
 # float32 rounding over 12 Adam steps: each worker's gradient is the mean over its 2
 # captions, halved, and the all-reduce adds the halves, where one device sums 4 captions in
@@ -66,7 +68,8 @@ def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
 
 
 def train_config(checkpoints: Path, strategy: str) -> dict:
-    return {"epochs": EPOCHS, "batch_size": BATCH, "caption_mode": "all", "learning_rate": 1e-2,
+    return {**defaults("train"), "epochs": EPOCHS, "batch_size": BATCH, "caption_mode": "all",
+            "learning_rate": 1e-2,
             "clipnorm": 1.0, "early_stopping_patience": None, "checkpoint_every_steps": 1,
             "log_every_steps": 1, "checkpoint_dir": str(checkpoints), "strategy": strategy,
             "precision": "float32", "jit_compile": False, "progress": False}

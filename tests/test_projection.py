@@ -11,12 +11,21 @@ from caption_pipeline.errors import DataError
 from caption_pipeline.features import build_frozen_encoder, feature_encoder_weights
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.model.encoder import regions_model
+from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.features import create_pipeline
 from caption_pipeline.projection import Moments
 from caption_pipeline.shards.reader import make_image_dataset
 from caption_pipeline.shards.records import parse_feature_example
-from tests.test_features import DEPTH, FEATURES, FROZEN, NUM_SHARDS, REGIONS, SPLIT_SIZES
-from tests.test_features import records, write_image_shards
+from tests.test_features import (
+    DEPTH,
+    FEATURES,
+    FROZEN,
+    NUM_SHARDS,
+    REGIONS,
+    SPLIT_SIZES,
+    records,
+    write_image_shards,
+)
 
 K = 5
 PROJECTED = {**FROZEN, "feature_projection": K}
@@ -66,7 +75,8 @@ def projected(tmp_path_factory):
     catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(root)})
     catalog["params:model"] = MemoryDataset(PROJECTED)
     catalog["params:features"] = MemoryDataset(FEATURES)
-    catalog["params:encoder_pretraining"] = MemoryDataset({"enabled": False})
+    catalog["params:encoder_pretraining"] = MemoryDataset(
+        {**defaults("encoder_pretraining"), "enabled": False})
     SequentialRunner().run(create_pipeline(), catalog)
     return image_set, catalog
 

@@ -14,6 +14,7 @@ from caption_pipeline.model.self_critical import (
     advantages,
     self_critical_loss,
 )
+from caption_pipeline.params import from_conf
 from tests.test_decoding import (
     MAX_LENGTH,
     image_features,
@@ -134,10 +135,11 @@ def run_scst(tmp_path, epochs: int, keep: bool = False):
     from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
 
     datasets, vocabulary, references = scst_inputs()
-    config = SelfCriticalConfig(enabled=True, epochs=epochs, batch_size=3, samples=3,
-                                learning_rate=0.05, checkpoint_dir=str(tmp_path / "ckpt"),
-                                checkpoint_every_steps=1, keep_checkpoints=keep,
-                                progress=False, max_length=MAX_LENGTH)
+    config = from_conf(SelfCriticalConfig, "self_critical",
+                       enabled=True, epochs=epochs, batch_size=3, samples=3, baseline="greedy",
+                       learning_rate=0.05, checkpoint_dir=str(tmp_path / "ckpt"),
+                       checkpoint_every_steps=1, keep_checkpoints=keep,
+                       progress=False, max_length=MAX_LENGTH)
     keras.utils.set_random_seed(0)  # the encoder's initial weights: the same "xent model"
     model = tiny_captioner()
     return train_self_critical(model, datasets, vocabulary, references, config,

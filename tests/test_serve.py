@@ -20,6 +20,7 @@ from conftest import free_port, start_server, stop_server
 from PIL import Image
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_conf
 from caption_pipeline.server import (MicroBatcher, Overloaded, RequestTimeout, ServeSettings,
                                      check_settings, create_app)
 
@@ -195,7 +196,7 @@ def test_readiness_waits_for_the_model():
         release.wait(30)
         return model
 
-    client = create_app(load, ServeSettings()).test_client()
+    client = create_app(load, from_conf(ServeSettings, "serve")).test_client()
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 503
     loading = client.post("/v1/caption", data=_png(), content_type="image/png")
@@ -281,7 +282,8 @@ def test_timeout_is_a_504_json_error():
     model = _FakeModel()
     caption = model.caption
     model.caption = lambda images, beam: (time.sleep(0.3), caption(images, beam))[1]
-    client = create_app(lambda: model, ServeSettings(request_timeout_s=0.1)).test_client()
+    client = create_app(lambda: model, from_conf(ServeSettings, "serve",
+                                                 request_timeout_s=0.1)).test_client()
     for _ in range(200):
         if client.get("/readyz").status_code == 200:
             break
@@ -299,7 +301,7 @@ def test_timeout_is_a_504_json_error():
 ])
 def test_bad_overload_settings_are_named(change, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_settings(ServeSettings(**change))
+        check_settings(from_conf(ServeSettings, "serve", **change))
 
 
 # --- overload and SIGTERM on a real server process (a fake model with a fixed call time) --------
@@ -309,14 +311,16 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from test_serve import _FakeModel
 from caption_pipeline.server import ServeSettings, serve
+from caption_pipeline.params import from_conf
 
 class SlowModel(_FakeModel):
     def caption(self, images, beam_size):
         time.sleep({call_s} + {image_s} * len(images))  # a model call: fixed cost + per image
         return super().caption(images, beam_size)
 
-serve(SlowModel, ServeSettings(port={port}, threads={threads}, max_queue={max_queue},
-                               max_batch=8, batch_wait_ms=5, drain_timeout_s=10))
+serve(SlowModel, from_conf(ServeSettings, "serve",
+                           port={port}, threads={threads}, max_queue={max_queue},
+                           max_batch=8, batch_wait_ms=5, drain_timeout_s=10))
 """
 
 

@@ -21,6 +21,7 @@ from caption_pipeline.datasets import AtomicJSONDataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.synthetic import create_pipeline
 from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
+from caption_pipeline.settings import CONFIG_LOADER_ARGS
 
 SPLITS = ("train", "val", "test")
 TINY = {
@@ -470,8 +471,7 @@ def test_project_parameters_are_valid(project_root, env):
     loader = OmegaConfigLoader(
         str(project_root / "conf"),
         env=None if env == "base" else env,
-        base_env="base",
-        default_run_env="local",
+        **CONFIG_LOADER_ARGS,  # as `kedro run` merges an env over conf/base: key by key
     )
     params = loader["parameters"]
     config = shapes.ShapesConfig.from_params(params["synthetic"])

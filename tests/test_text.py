@@ -9,6 +9,7 @@ import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.text import (
     SPECIAL_TOKENS,
     VocabSettings,
@@ -284,8 +285,8 @@ def test_decode_round_trips_known_words_and_stops_at_end():
 
 def test_truncate_cuts_long_captions_and_drop_removes_them():
     tokens = ["a", "b", "c", "d", "e"]
-    truncate = VocabSettings(max_caption_length=3, long_captions="truncate")
-    drop = VocabSettings(max_caption_length=3, long_captions="drop")
+    truncate = from_conf(VocabSettings, "vocab", max_caption_length=3, long_captions="truncate")
+    drop = from_conf(VocabSettings, "vocab", max_caption_length=3, long_captions="drop")
     assert truncate.limit(tokens) == ["a", "b", "c"]
     assert drop.limit(tokens) is None
     assert truncate.limit(tokens[:3]) == drop.limit(tokens[:3]) == ["a", "b", "c"]
@@ -304,12 +305,12 @@ def test_truncate_cuts_long_captions_and_drop_removes_them():
         ({"min_count": 0}, r"params:vocab\.min_count must be an integer >= 1, got 0"),
         ({"max_caption_length": "20"}, r"params:vocab\.max_caption_length must be an integer"),
         ({"long_captions": "cut"}, r"long_captions must be one of \['truncate', 'drop'\]"),
-        ({"min_cuont": 3}, r"params:vocab: unknown key\(s\) \['min_cuont'\]"),
+        ({"min_cuont": 3}, r"parameters vocab\.min_cuont \(.*\): unknown key"),
     ],
 )
 def test_bad_settings_are_clear_errors(params, message):
     with pytest.raises(DataError, match=message):
-        VocabSettings.from_params(params)
+        VocabSettings.from_params({**defaults("vocab"), **params})
 
 
 def test_length_summary_percentiles_are_lengths_that_many_captions_do_not_exceed():

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from caption_pipeline.params import defaults
 from tests.conftest import copy_project, run_kedro
 
 # Tiny model and training, so that a step takes well under a second on 2 cores.
-TINY_MODEL = {"encoder": "compact", "compact_filters": [8, 16], "embed_dim": 16,
+TINY_MODEL = {**defaults("model"), "encoder": "compact", "compact_filters": [8, 16],
+              "compact_pool_last": True, "encoder_trainable": None, "embed_dim": 16,
               "attention_dim": 16, "lstm_units": 32}
 
 DRIVER = """
@@ -24,7 +26,11 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import pandas as pd
 from caption_pipeline.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
-project, model, train, fine_tune, scst = sys.argv[1], *map(json.loads, sys.argv[2:6])
+from caption_pipeline.params import defaults
+project = sys.argv[1]
+# overrides of conf/base, as Kedro merges an env's
+model, train, fine_tune, scst = ({**defaults(block), **json.loads(arg)} for block, arg in zip(
+    ("model", "train", "fine_tune", "self_critical"), sys.argv[2:6], strict=True))
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
 captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
@@ -155,6 +161,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from caption_pipeline.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
+from caption_pipeline.params import defaults
 project = sys.argv[1]
 shards = load_shard_set(f"{project}/data/05_model_input/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
@@ -162,11 +169,13 @@ captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
 model = {**json.loads(sys.argv[2]), "dropout": 0.0}
 losses = {}
 for strategy in ("default", "mirrored"):
-    train = {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4, "progress": False,
+    train = {**defaults("train"), "epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4,
+             "progress": False,
              "strategy": strategy, "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
              "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
-    history = train_model(shards, vocabulary, captions, model, train, {"enabled": False},
-                          {"enabled": False})[1]
+    history = train_model(shards, vocabulary, captions, model, train,
+                          {**defaults("fine_tune"), "enabled": False},
+                          {**defaults("self_critical"), "enabled": False})[1]
     losses[strategy] = history.iloc[-1][["train_xent", "val_xent"]].tolist()
 print("LOSSES " + json.dumps(losses))
 """

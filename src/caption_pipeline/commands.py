@@ -147,11 +147,13 @@ def _load(model: str | None, env: str | None, beam_size: int | None):
 
 
 def _serve_settings(model: str | None, env: str | None, options: dict[str, Any]):
-    """`serve` parameters of the project (if in one), overridden by the given options."""
+    """`serve` parameters of the project (if in one, else conf/base's), overridden by the
+    given options."""
     from caption_pipeline.inference import project_config
     from caption_pipeline.server import ServeSettings, check_settings
+    from caption_pipeline.params import defaults
 
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = defaults("serve")
     if (Path.cwd() / "conf" / "base").is_dir():
         params = dict(project_config(Path.cwd(), env, "parameters").get("serve") or {})
     params.update({key: value for key, value in options.items() if value is not None})

@@ -10,7 +10,6 @@ module also serves a JAX-only machine.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from caption_pipeline.model.beam_search import (
     check_search_params,
     greedy_search,
 )
+from caption_pipeline.params import from_params
 from caption_pipeline.text import Vocabulary
 
 METHODS = ("greedy", "beam")
@@ -35,16 +35,18 @@ METHODS = ("greedy", "beam")
 class DecodeSettings:
     """How captions are searched; see `caption_pipeline.model.beam_search` for the details."""
 
-    method: str = "beam"  # greedy | beam
-    beam_size: int = 3  # captions kept per image (beam only; greedy keeps 1)
+    method: str  # greedy | beam
+    beam_size: int  # captions kept per image (beam only; greedy keeps 1)
     # Decoding steps, <end> included; None: the vocabulary's max_caption_length + 1.
-    max_length: int | None = None
-    alpha: float = 0.0  # GNMT length normalization, score = log p / ((5 + len) / 6) ** alpha
-    jit_compile: bool = True  # TensorFlow backend: compile with XLA (JAX always does)
-    keep_attention: bool = False  # return each caption's attention maps [K, L, R]
-    # Let captions contain <unk>; off by default: <unk> is no word for a reader, and the
+    max_length: int | None
+    alpha: float  # GNMT length normalization, score = log p / ((5 + len) / 6) ** alpha
+    jit_compile: bool  # TensorFlow backend: compile with XLA (JAX always does)
+    # Let captions contain <unk>; off in conf/base: <unk> is no word for a reader, and the
     # scorers would count it as one (issue 12).
-    allow_unk: bool = False
+    allow_unk: bool
+    # Not a parameter (the attention figures ask for it): return each caption's attention maps
+    # [K, L, R].
+    keep_attention: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -56,14 +58,11 @@ class DecodeSettings:
             raise DataError(f"decoding.allow_unk must be true or false, got {self.allow_unk!r}")
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None) -> DecodeSettings:
-        """From a parameters dict; unknown keys are an error that names them."""
-        params = dict(params or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise DataError(f"decoding: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**params)
+    def from_params(cls, params: Mapping[str, Any] | None,
+                    block: str = "evaluate.decoding") -> DecodeSettings:
+        """From a parameters dict (`params.from_params`): unknown and missing keys are an error
+        that names them."""
+        return from_params(cls, params, block)
 
     def steps(self, vocabulary: Vocabulary) -> int:
         """Decoding steps: `max_length`, or room for the longest training caption and <end>."""

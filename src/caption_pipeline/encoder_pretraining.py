@@ -48,15 +48,15 @@ BACKGROUND = "background"
 class PretrainConfig:
     """`params:encoder_pretraining`."""
 
-    enabled: bool = True
-    epochs: int = 8
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    enabled: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float
     # A region's loss weighs 1 + object_weight x (its object fraction): most regions are
     # background, and without this the encoder learns little but "background".
-    object_weight: float = 10.0
-    seed: int = 42
-    progress: bool = True
+    object_weight: float
+    seed: int
+    progress: bool
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):

@@ -34,10 +34,11 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from caption_pipeline.params import from_params
 import pandas as pd
 
 from caption_pipeline.decoding import CaptionedImage, DecodeSettings, decode_dataset
@@ -67,10 +68,10 @@ TABLE_COLUMNS = ("image_id", "split", "annotation_id", "caption")
 class EvaluateSettings:
     """`params:evaluate`; see conf/base/parameters_evaluate.yml."""
 
-    model_path: str | None = None
-    batch_size: int = 32
-    decoding: DecodeSettings = field(default_factory=DecodeSettings)
-    attention_samples: int = 6
+    model_path: str | None
+    batch_size: int
+    decoding: DecodeSettings
+    attention_samples: int
 
     def __post_init__(self):
         for key, low in (("batch_size", 1), ("attention_samples", 0)):
@@ -84,15 +85,9 @@ class EvaluateSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluateSettings:
-        """From a parameters dict; unknown keys and bad values are a DataError naming them."""
-        params = dict(params or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise DataError(f"parameters evaluate: unknown key(s) {unknown}; "
-                            f"known: {sorted(known)}")
-        decoding = DecodeSettings.from_params(params.pop("decoding", None))
-        return cls(**params, decoding=decoding)
+        """From a parameters dict (`params.from_params`): unknown, missing keys and bad values
+        are a DataError naming them."""
+        return from_params(cls, params, "evaluate")
 
 
 # --- Java -----------------------------------------------------------------------------------

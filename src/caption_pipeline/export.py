@@ -52,7 +52,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +82,18 @@ OUTPUTS = ("caption", "captions", "scores", "log_probs", "lengths", "tokens", "a
 class CheckSettings:
     """The self-check: exported captions against the in-process model's."""
 
-    max_images: int | None = None  # test images compared; null: all
-    batch_size: int = 32
-    tflite_images: int = 4  # images run through the TFLite interpreter too (0: skip)
+    max_images: int | None  # test images compared; null: all
+    batch_size: int
+    tflite_images: int  # images run through the TFLite interpreter too (0: skip)
 
 
 @dataclass(frozen=True)
 class ExportSettings:
     """`params:export`; see conf/base/parameters_export.yml."""
 
-    max_beam_size: int = 5
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger canvases are refused by the graph itself
-    check: CheckSettings = field(default_factory=CheckSettings)
+    max_beam_size: int
+    max_pixels: int  # larger canvases are refused by the graph itself
+    check: CheckSettings
 
     def __post_init__(self):
         if not isinstance(self.max_beam_size, int) or not 1 <= self.max_beam_size <= 16:
@@ -106,9 +106,8 @@ class ExportSettings:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportSettings:
         params = dict(params or {})
-        params.pop("mlflow", None)  # read by caption_pipeline.mlflow_model
-        check = from_params(CheckSettings, params.pop("check", None) or {}, "export.check")
-        return from_params(cls, {**params, "check": check}, "export")
+        params.pop("mlflow", None)  # checked and read by caption_pipeline.mlflow_model
+        return from_params(cls, params, "export")
 
 
 # --- building and saving the graph ------------------------------------------------------------

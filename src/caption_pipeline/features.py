@@ -99,7 +99,7 @@ def build_feature_plan(
     initial encoder's weights file. No I/O."""
     from caption_pipeline.model import ModelConfig
 
-    config = ModelConfig.from_dict({**model, "vocab_size": 1})
+    config = ModelConfig.for_encoder(model)
     if set(features) != set(FEATURE_PARAMS):
         raise DataError(
             f"parameters features: has keys {sorted(features)}; expected exactly "

@@ -50,19 +50,19 @@ class FineTuneConfig:
     """`params:fine_tune`; see conf/base/parameters_train.yml for what each key means. The rest
     of the optimisation (caption mode, decay, clipping, precision, early stopping) is `train`'s."""
 
-    enabled: bool = False
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 2e-4  # the decoder's
-    encoder_learning_rate: float = 2e-5
-    batchnorm: str = "frozen"  # frozen: inference mode, moving statistics fixed | train
-    checkpoint_dir: str = "data/06_models/checkpoints_finetune"
-    checkpoint_every_steps: int = 50
-    keep_checkpoints: bool = False
-    max_steps_per_epoch: int | None = None
-    shuffle_buffer: int = 1024
-    seed: int = 42
-    progress: bool = True
+    enabled: bool
+    epochs: int
+    batch_size: int
+    learning_rate: float  # the decoder's
+    encoder_learning_rate: float
+    batchnorm: str  # frozen: inference mode, moving statistics fixed | train
+    checkpoint_dir: str
+    checkpoint_every_steps: int
+    keep_checkpoints: bool
+    max_steps_per_epoch: int | None
+    shuffle_buffer: int
+    seed: int
+    progress: bool
 
     def __post_init__(self):
         checks = {

@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +32,8 @@ import pandas as pd
 from pycocotools.coco import COCO
 
 from caption_pipeline.errors import DataError
-from caption_pipeline.images import DEFAULT_MAX_PIXELS, ImageCheck, check_images
+from caption_pipeline.images import ImageCheck, check_images
+from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +62,17 @@ _JSON_TYPES = {str: "a string", int: "an integer", list: "an array", dict: "an o
 class IngestParams:
     """The `ingest` parameter block."""
 
-    workers: int | None = None  # image-decoding processes; None = all cores
-    chunk_size: int = 64  # images per task sent to a worker
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_caption_chars: int = 1000
-    max_bad_image_fraction: float = 0.05
-    karpathy_restval: str = "train"  # train | val | test | drop
-    max_examples: int = 5  # examples kept per reason in the report
+    workers: int | None  # image-decoding processes; None = all cores
+    chunk_size: int  # images per task sent to a worker
+    max_pixels: int
+    max_caption_chars: int
+    max_bad_image_fraction: float
+    karpathy_restval: str  # train | val | test | drop
+    max_examples: int  # examples kept per reason in the report
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> IngestParams:
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(params) - known):
-            raise DataError(f"parameters ingest: unknown key(s) {unknown}; known: {sorted(known)}")
-        p = cls(**params)
+        p = from_params(cls, params, "ingest")
         checks = {
             "workers": p.workers is None or _is_int(p.workers, 1),
             "chunk_size": _is_int(p.chunk_size, 1),

@@ -35,11 +35,11 @@ GATE_METRIC = "CIDEr"  # of the val split: what the gate compares (never a test 
 class MlflowSettings:
     """`params:export.mlflow`."""
 
-    log_model: bool = True
-    register: bool = True  # a new version of `registered_model_name` per run
-    registered_model_name: str = "image-captioner"
-    run_name: str = "export"  # of the run started when none is active
-    promote: str = "auto"  # auto: champion if its val score is higher; force; skip
+    log_model: bool
+    register: bool  # a new version of `registered_model_name` per run
+    registered_model_name: str
+    run_name: str  # of the run started when none is active
+    promote: str  # auto: champion if its val score is higher; force; skip
 
     def __post_init__(self):
         if self.promote not in PROMOTIONS:

@@ -54,21 +54,21 @@ BASELINES = ("greedy", "mean")
 class SelfCriticalConfig:
     """`params:self_critical`; see conf/base/parameters_train.yml for what each key means."""
 
-    enabled: bool = False
-    epochs: int = 1
-    batch_size: int = 32
-    samples: int = 5  # K captions sampled per image
-    baseline: str = "greedy"  # greedy (Rennie) | mean (Luo: mean of the other samples)
-    learning_rate: float = 5e-5
-    clipnorm: float | None = 5.0  # global norm of all gradients (`TrainConfig.clipnorm`)
-    max_length: int | None = None  # decoding steps, <end> included; None: longest caption + 1
-    max_steps_per_epoch: int | None = None
-    checkpoint_dir: str = "data/06_models/checkpoints_scst"
-    checkpoint_every_steps: int = 50
-    keep_checkpoints: bool = False
-    shuffle_buffer: int = 2048
-    seed: int = 42
-    progress: bool = True
+    enabled: bool
+    epochs: int
+    batch_size: int
+    samples: int  # K captions sampled per image
+    baseline: str  # greedy (Rennie) | mean (Luo: mean of the other samples)
+    learning_rate: float
+    clipnorm: float | None  # global norm of all gradients (`TrainConfig.clipnorm`)
+    max_length: int | None  # decoding steps, <end> included; None: longest caption + 1
+    max_steps_per_epoch: int | None
+    checkpoint_dir: str
+    checkpoint_every_steps: int
+    keep_checkpoints: bool
+    shuffle_buffer: int
+    seed: int
+    progress: bool
 
     def __post_init__(self):
         checks = {

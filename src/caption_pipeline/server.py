@@ -44,7 +44,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from caption_pipeline.errors import DataError
-from caption_pipeline.images import DEFAULT_MAX_PIXELS, ImageError
+from caption_pipeline.images import ImageError
 from caption_pipeline.inference import caption_record, prepare_image
 from caption_pipeline.params import from_params
 
@@ -58,16 +58,16 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 class ServeSettings:
     """`params:serve`; see conf/base/parameters_serve.yml."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    threads: int = 40
-    max_upload_mb: float = 10
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_batch: int = 8
-    batch_wait_ms: float = 5
-    max_queue: int = 32
-    request_timeout_s: float = 30
-    drain_timeout_s: float = 20
+    host: str
+    port: int
+    threads: int
+    max_upload_mb: float
+    max_pixels: int
+    max_batch: int
+    batch_wait_ms: float
+    max_queue: int
+    request_timeout_s: float
+    drain_timeout_s: float
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> ServeSettings:

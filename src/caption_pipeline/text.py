@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_params
 from caption_pipeline.ptb_tokenizer import ptb_tokens
 
 if TYPE_CHECKING:
@@ -53,17 +54,13 @@ def tokenize_all(captions: Iterable[str], total: int | None = None) -> list[list
 class VocabSettings:
     """The `vocab` parameters, checked."""
 
-    min_count: int = 5  # words seen fewer times in the train split become <unk>
-    max_caption_length: int = 20  # tokens, without <start>/<end>
-    long_captions: str = "truncate"  # what happens to longer captions: truncate | drop
+    min_count: int  # words seen fewer times in the train split become <unk>
+    max_caption_length: int  # tokens, without <start>/<end>
+    long_captions: str  # what happens to longer captions: truncate | drop
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], name: str = "params:vocab") -> VocabSettings:
-        params = params or {}
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DataError(f"{name}: unknown key(s) {unknown}")
-        settings = cls(**params)
+        settings = from_params(cls, params, "vocab")
         for field in ("min_count", "max_caption_length"):
             value = getattr(settings, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -89,34 +89,34 @@ CHECKPOINT_FORMAT = 2
 class TrainConfig:
     """`params:train`; see conf/base/parameters_train.yml for what each key means."""
 
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int
+    batch_size: int
     # sample: one random caption per image per epoch | all: every caption, one by one |
     # grouped: each image once with `captions_per_image` captions (encoder runs once for them)
-    caption_mode: str = "grouped"
-    captions_per_image: int = 5
-    max_steps_per_epoch: int | None = None
-    learning_rate: float = 1e-3
-    lr_decay_rate: float = 1.0  # exponential decay, multiplied in every `lr_decay_epochs`
-    lr_decay_epochs: float = 1.0
+    caption_mode: str
+    captions_per_image: int
+    max_steps_per_epoch: int | None
+    learning_rate: float
+    lr_decay_rate: float  # exponential decay, multiplied in every `lr_decay_epochs`
+    lr_decay_epochs: float
     # The largest global norm of all the gradients together (Keras' `global_clipnorm`): a
     # gradient over it is scaled down as a whole, keeping its direction. Not Keras' own
     # `clipnorm`, which clips every variable's gradient on its own and so changes the
     # direction; the key keeps its name so that parameter files stay valid.
-    clipnorm: float | None = 5.0
-    early_stopping_patience: int | None = 3  # epochs without a better val xent; None = off
-    checkpoint_dir: str = "data/06_models/checkpoints"
-    checkpoint_every_steps: int = 100
-    keep_checkpoints: bool = False  # after a finished run
-    log_every_steps: int = 10  # per-step loss recorded in the history
-    strategy: str = "default"  # default | mirrored | multi_worker (TensorFlow backend)
-    devices: list[str] | None = None  # mirrored: e.g. ["/cpu:0", "/cpu:1"]; None = all GPUs
-    precision: str = AUTO  # auto | float32 | mixed_float16 | mixed_bfloat16 (devices.py)
-    jit_compile: bool | str = "auto"
-    bucket_boundaries: list[int] | None = None
-    shuffle_buffer: int = 2048
-    seed: int = 42
-    progress: bool = True
+    clipnorm: float | None
+    early_stopping_patience: int | None  # epochs without a better val xent; None = off
+    checkpoint_dir: str
+    checkpoint_every_steps: int
+    keep_checkpoints: bool  # after a finished run
+    log_every_steps: int  # per-step loss recorded in the history
+    strategy: str  # default | mirrored | multi_worker (TensorFlow backend)
+    devices: list[str] | None  # mirrored: e.g. ["/cpu:0", "/cpu:1"]; None = all GPUs
+    precision: str  # auto | float32 | mixed_float16 | mixed_bfloat16 (devices.py)
+    jit_compile: bool | str
+    bucket_boundaries: list[int] | None
+    shuffle_buffer: int
+    seed: int
+    progress: bool
 
     def __post_init__(self):
         checks = {

@@ -5,7 +5,12 @@ and `keras.ops`, no `tf.*`."""
 from caption_pipeline.model.attention import SoftAttention
 from caption_pipeline.model.captioner import Captioner, ModelConfig, caption_losses
 from caption_pipeline.model.decoder import AttentionDecoder, DecoderState
-from caption_pipeline.model.encoder import ENCODERS, build_encoder, load_weights_file
+from caption_pipeline.model.encoder import (
+    ENCODERS,
+    EncoderConfig,
+    build_encoder,
+    load_weights_file,
+)
 from caption_pipeline.model.optimizer import TwoRateAdam, variable_indices
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "AttentionDecoder",
     "Captioner",
     "DecoderState",
+    "EncoderConfig",
     "ModelConfig",
     "SoftAttention",
     "TwoRateAdam",

@@ -21,40 +21,40 @@ import keras
 from keras import ops
 
 from caption_pipeline.errors import DataError
-from caption_pipeline.params import from_params
 from caption_pipeline.model.decoder import AttentionDecoder
-from caption_pipeline.model.encoder import BATCHNORM, ENCODERS, build_encoder, freeze_batchnorm
+from caption_pipeline.model.encoder import BATCHNORM, ENCODERS, EncoderConfig, freeze_batchnorm
+from caption_pipeline.params import from_params
 
 PAD_ID = 0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters. The defaults suit the embedded "shapes" data set; a COCO run sets
-    encoder=nasnet_large, image_size=331 and embed_dim = attention_dim = lstm_units = 512, as
-    the paper (and the "coco" config of benchmarks/train_step.py)."""
+    """`params:model` (conf/base/parameters_train.yml says what each key means, and holds the
+    defaults) and the vocabulary's size, which is no parameter: the vocabulary has it. The
+    encoder's keys are flat in conf/; `encoder_config` is them as an `EncoderConfig`."""
 
     vocab_size: int
-    encoder: str = "compact"  # compact | nasnet_mobile | nasnet_large
-    image_size: int = 128  # side of the images the model is given
-    encoder_weights: str | None = None  # "imagenet" (NASNet), a local .h5 file, or None (random)
+    encoder: str  # compact | nasnet_mobile | nasnet_large
+    image_size: int  # side of the images the model is given
+    encoder_weights: str | None  # "imagenet" (NASNet), a local .h5 file, or None (random)
     # None: train the compact CNN end to end, freeze NASNet (its features are then precomputed
     # once per image); conf/base freezes the compact CNN too, after its pretraining.
-    encoder_trainable: bool | None = None
+    encoder_trainable: bool | None
     # A trained encoder's BatchNormalization: train (batch statistics) | frozen (inference mode,
     # moving statistics and scales fixed; what fine-tuning a pretrained encoder uses)
-    encoder_batchnorm: str = "train"
-    compact_filters: tuple[int, ...] = (32, 64, 128, 128)
-    compact_pool_last: bool = True  # false: the compact CNN's grid is twice as fine
+    encoder_batchnorm: str
+    compact_filters: tuple[int, ...]
+    compact_pool_last: bool  # false: the compact CNN's grid is twice as fine
     # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
     # the train images (`caption_pipeline.projection`); None: the encoder's own D.
-    feature_projection: int | None = None
-    embed_dim: int = 128
-    attention_dim: int = 128
-    lstm_units: int = 256
-    dropout: float = 0.5
-    l2: float = 1e-5  # on every Dense kernel of the decoder
-    attention_lambda: float = 1.0  # doubly stochastic attention regularisation
+    feature_projection: int | None
+    embed_dim: int
+    attention_dim: int
+    lstm_units: int
+    dropout: float
+    l2: float  # on every Dense kernel of the decoder
+    attention_lambda: float  # doubly stochastic attention regularisation
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -66,20 +66,30 @@ class ModelConfig:
         object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
 
     @property
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(self.encoder, self.image_size, self.encoder_weights,
+                             self.encoder_trainable, self.encoder_batchnorm,
+                             self.compact_filters, self.compact_pool_last,
+                             self.feature_projection)
+
+    @property
     def trains_encoder(self) -> bool:
-        if self.encoder_trainable is None:
-            return self.encoder == "compact"
-        return self.encoder_trainable
+        return self.encoder_config.trains
 
     def build_encoder(self, weights: str | None) -> keras.Model:
         """This config's encoder architecture, with `weights` (see `build_encoder`)."""
-        return build_encoder(self.encoder, self.image_size, weights, self.compact_filters,
-                             self.compact_pool_last, self.feature_projection)
+        return self.encoder_config.build(weights)
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelConfig:
-        """From a `params:model` dict; unknown keys are an error that names them."""
+        """From a `params:model` dict with `vocab_size` (`params.from_params`)."""
         return from_params(cls, params, "model")
+
+    @classmethod
+    def for_encoder(cls, params: dict) -> ModelConfig:
+        """From a `params:model` dict alone, for what only needs the encoder (features,
+        encoder pretraining): the vocabulary's size is no matter to it."""
+        return cls.from_dict({**params, "vocab_size": 1})
 
 
 def _replicas_in_sync() -> int:

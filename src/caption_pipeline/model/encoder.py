@@ -22,6 +22,7 @@ docs/benchmarks.md, "Feature storage"). The layers before it are `regions_model(
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -38,6 +39,32 @@ NASNETS = {
 ENCODERS = ("compact", *NASNETS)
 BATCHNORM = ("train", "frozen")  # what training does to the BatchNormalization layers
 PROJECTION = "feature_projection"  # the name of the fixed projection layer, when there is one
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder part of `ModelConfig` (its `model.encoder*`, `image_size`, `compact_*` and
+    `feature_projection` keys, which stay flat in conf/: `ModelConfig.encoder_config`)."""
+
+    name: str  # compact | nasnet_mobile | nasnet_large
+    image_size: int
+    weights: str | None  # "imagenet" (NASNet), a local weights file, or None (random)
+    trainable: bool | None  # None: train the compact CNN, freeze NASNet
+    batchnorm: str  # train | frozen
+    compact_filters: tuple[int, ...]
+    compact_pool_last: bool
+    feature_projection: int | None
+
+    @property
+    def trains(self) -> bool:
+        """Whether the encoder is trained (`trainable`, or None: only the compact CNN)."""
+        return self.name == "compact" if self.trainable is None else self.trainable
+
+    def build(self, weights: str | None) -> keras.Model:
+        """This architecture with `weights` (not necessarily `self.weights`: see
+        `build_encoder`)."""
+        return build_encoder(self.name, self.image_size, weights, self.compact_filters,
+                             self.compact_pool_last, self.feature_projection)
 
 
 def build_encoder(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from caption_pipeline.errors import DataError
+from caption_pipeline.params import from_params
 from caption_pipeline.shapes.captions import MAX_CAPTIONS_PER_IMAGE
 
 # Bump when the output for the same parameters changes: it invalidates earlier generations.
@@ -27,20 +28,15 @@ class ShapesConfig:
     """Parameters of one generation (`params:synthetic`)."""
 
     splits: dict[str, int]
-    seed: int = 42
-    image_size: int = 128
-    jpeg_quality: int = 90
-    captions_per_image: int = 5
+    seed: int
+    image_size: int
+    jpeg_quality: int
+    captions_per_image: int
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], key: str = "synthetic") -> ShapesConfig:
         """Validate `params:<key>`; a DataError names the bad field."""
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - allowed)
-        if unknown:
-            raise DataError(
-                f"parameters `{key}`: unknown field(s) {unknown}; allowed: {sorted(allowed)}"
-            )
+        params = asdict(from_params(cls, params, key))  # unknown, missing keys
         if not isinstance(params.get("splits"), Mapping) or not params["splits"]:
             raise DataError(f"parameters `{key}.splits`: expected a mapping split -> image count")
         splits = {}
@@ -59,7 +55,7 @@ class ShapesConfig:
         }
         values = {
             name: _int_field(
-                f"{key}.{name}", params.get(name, cls.__dataclass_fields__[name].default), *limit
+                f"{key}.{name}", params[name], *limit
             )
             for name, limit in limits.items()
         }

@@ -24,7 +24,7 @@ def prepare_encoder(
     """The encoder the captioner starts from (pretrained on the train split's object masks
     when `encoder_pretraining.enabled`, its feature projection fitted on the train images when
     `model.feature_projection`), and the pretraining history per epoch."""
-    config = ModelConfig.from_dict({**model, "vocab_size": 1})
+    config = ModelConfig.for_encoder(model)
     instances = {split: instances_file(raw_dataset, split) for split in ("train", "val")}
     encoder, history = initial_encoder(shards, instances, config,
                                        PretrainConfig.from_dict(encoder_pretraining),
