@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export KEDRO_DISABLE_TELEMETRY := 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test test-fast install install-test clean-data
+.PHONY: run test test-fast lint install install-test clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ install-test: $(VENV)/.installed-test$(STAMP)
 run: install
 	$(BIN)/kedro run $(ARGS)
 
-test: install-test /usr/bin/chromium /usr/bin/chromedriver
+# Lint first (ruff: pyflakes, pycodestyle, isort, bugbear; and the formatter's check), then
+# every test.
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install-test lint /usr/bin/chromium /usr/bin/chromedriver
 	$(BIN)/python -m pytest $(ARGS)
 
 # The inner loop: everything but the `slow` tests (those needing the smoke run or starting

@@ -170,7 +170,8 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
 def score(files: list[str]) -> None:
     import pandas as pd
 
-    from caption_pipeline.evaluation import CocoScorer, score_splits
+    from caption_pipeline.coco_scorer import CocoScorer
+    from caption_pipeline.evaluation import score_splits
 
     table = pd.read_parquet("data/02_intermediate/captions.parquet")
     with CocoScorer() as scorer:

@@ -30,12 +30,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from caption_pipeline.coco_scorer import CocoScorer, require_java  # noqa: E402
 from caption_pipeline.evaluation import (  # noqa: E402
-    CocoScorer,
     EvaluateSettings,
     caption_split,
     coco_results,
-    require_java,
     score_splits,
 )
 from caption_pipeline.features import load_model_inputs  # noqa: E402
@@ -91,12 +90,12 @@ def main() -> None:
 def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
     """Every variant of `args.variants`, one JSON line each, then the one val prefers."""
     params = project_config(ROOT, args.env, "parameters")
-    model_inputs = load_model_inputs(ROOT / "data/04_feature/model_inputs")
+    model_inputs = load_model_inputs(ROOT / "data/05_model_input/model_inputs")
     vocabulary = Vocabulary.from_dict(json.loads(
         (ROOT / "data/03_primary/vocabulary.json").read_text()))
     captions = pd.read_parquet(ROOT / "data/02_intermediate/captions.parquet")
     captions = captions[captions["split"].isin(["train", "val"])]  # never test
-    shards = load_shard_set(ROOT / "data/05_model_input/shards", kind="images")
+    shards = load_shard_set(ROOT / "data/03_primary/shards", kind="images")
     settings = EvaluateSettings.from_params(params["evaluate"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

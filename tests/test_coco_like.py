@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from caption_pipeline import coco_like
+from caption_pipeline import coco_like, coco_like_captions
 from caption_pipeline.coco_instances import load_instances
 from caption_pipeline.errors import DataError
 from caption_pipeline.ingestion import SPLITS, clean_caption, ingest
@@ -214,7 +214,7 @@ def test_image_sizes_follow_cocos_mix():
 
 def test_caption_lengths_match_cocos():
     rng = np.random.default_rng(0)
-    lengths = coco_like.sample_caption_lengths(rng, 20_000)
+    lengths = coco_like_captions.sample_caption_lengths(rng, 20_000)
     assert abs(lengths.mean() - 10.5) < 0.15
     assert (lengths >= 8).mean() > 0.98 and (lengths > 20).any() and lengths.max() <= 30
     captions = coco_like.sample_captions(rng, 3_000)
@@ -225,19 +225,19 @@ def test_caption_lengths_match_cocos():
 
 
 def test_every_word_survives_the_tokenizer():
-    words = coco_like.vocabulary_words()
-    assert len(words) == len(set(words)) == coco_like.VOCABULARY_SIZE
+    words = coco_like_captions.vocabulary_words()
+    assert len(words) == len(set(words)) == coco_like_captions.VOCABULARY_SIZE
     for start in range(0, len(words), 100):
         chunk = list(words[start : start + 100])
         assert tokenize(" ".join(chunk).capitalize() + ".") == chunk
 
 
 def test_the_full_scale_vocabulary_is_the_original_projects():
-    expected = coco_like.expected_vocabulary(coco_like.COCO_TRAIN_CAPTIONS)
+    expected = coco_like_captions.expected_vocabulary(coco_like.COCO_TRAIN_CAPTIONS)
     assert abs(expected - coco_like.TARGET_VOCABULARY) < 0.005 * coco_like.TARGET_VOCABULARY
     # The formula against the sampler itself, at a scale that samples quickly.
-    simulated = coco_like.simulated_vocabulary(100_000, seed=1)
-    assert abs(simulated - coco_like.expected_vocabulary(100_000)) < 0.03 * simulated
+    simulated = coco_like_captions.simulated_vocabulary(100_000, seed=1)
+    assert abs(simulated - coco_like_captions.expected_vocabulary(100_000)) < 0.03 * simulated
 
 
 # --- determinism, resuming, refusing --------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from caption_pipeline import dvc_stages
+from caption_pipeline import dvc_drift, dvc_stages
 from caption_pipeline.commands import cli
 from tests.conftest import PROJECT_ROOT
 
@@ -36,7 +36,7 @@ def stage_pipelines(project) -> dict:
 
 
 def test_dvc_yaml_is_what_the_project_generates(generated):
-    problems = dvc_stages.drift((PROJECT_ROOT / "dvc.yaml").read_text(), generated)
+    problems = dvc_drift.drift((PROJECT_ROOT / "dvc.yaml").read_text(), generated)
     assert not problems, "dvc.yaml is out of date: run `caption-pipeline dvc-yaml`\n" + "\n".join(
         problems)
 
@@ -48,14 +48,14 @@ def test_drift_names_the_stage_and_the_missing_entry(project, generated):
     ingest["params"] = [p for p in ingest["params"] if "conf/coco/parameters.yml" not in p]
     doc["stages"]["train"]["deps"].remove(project.path("shards"))
     doc["stages"]["train"]["deps"].append("data/extra")
-    problems = dvc_stages.drift(yaml.safe_dump(doc, sort_keys=False), generated)
+    problems = dvc_drift.drift(yaml.safe_dump(doc, sort_keys=False), generated)
     assert problems == [
         "stage ingest: params missing conf/coco/parameters.yml:dataset",
         f"stage train: deps missing {project.path('shards')}",
         "stage train: deps extra data/extra",
     ]
-    assert dvc_stages.drift(generated, generated) == []
-    assert dvc_stages.drift(generated.replace("# One DVC stage", "# A DVC stage"), generated)[0] \
+    assert dvc_drift.drift(generated, generated) == []
+    assert dvc_drift.drift(generated.replace("# One DVC stage", "# A DVC stage"), generated)[0] \
         == "the same stages; comments or layout differ:"
 
 

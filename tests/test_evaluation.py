@@ -19,25 +19,27 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
-from caption_pipeline.errors import DataError
-from caption_pipeline.evaluation import (
+from caption_pipeline.coco_scorer import (
     METRICS,
     CocoScorer,
+    java_major_version,
+    require_java,
+    spice_problem,
+)
+from caption_pipeline.errors import DataError
+from caption_pipeline.evaluation import (
     EvaluateSettings,
     captions_from_results,
-    java_major_version,
     leave_one_out_rounds,
     load_captioner,
     most_frequent_caption,
     references_by_image,
-    require_java,
     score_splits,
-    spice_problem,
 )
 from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.pipelines.evaluate import nodes
 from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
-from caption_pipeline.params import defaults, from_conf
 
 # --- hand-made captions -------------------------------------------------------------------------
 
@@ -425,7 +427,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     model.decoder.out_vocab.bias.assign(bias)
     model.save(tmp_path / "shapes.keras")
 
-    shards = load_shard_set("data/05_model_input/shards")
+    shards = load_shard_set("data/03_primary/shards")
     params = {"model_path": str(tmp_path / "shapes.keras"), "batch_size": 10,
               "decoding": {"method": "greedy"}, "attention_samples": 2}
     captions = nodes.generate_captions(None, shards, vocabulary, params, {})
@@ -471,7 +473,7 @@ def test_image_reader_gives_each_test_image_once(smoke_project):
     from caption_pipeline.shards.reader import make_image_dataset
     from caption_pipeline.shards.shard_set import load_shard_set
 
-    shards = load_shard_set(smoke_project / "data" / "05_model_input" / "shards")
+    shards = load_shard_set(smoke_project / "data" / "03_primary" / "shards")
     ids, shapes = [], set()
     for batch in make_image_dataset(shards, "test", batch_size=5, image_size=64):
         ids += batch["image_id"].numpy().tolist()

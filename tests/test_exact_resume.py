@@ -18,11 +18,12 @@ import keras
 import numpy as np
 import pytest
 
+from caption_pipeline.checkpoints import Checkpoints
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import ModelConfig
-from caption_pipeline.text import Vocabulary
 from caption_pipeline.params import from_conf
-from caption_pipeline.training import Checkpoints, TrainConfig, train_captioner
+from caption_pipeline.text import Vocabulary
+from caption_pipeline.training import TrainConfig, train_captioner
 
 VOCAB, REGIONS, DIM, LENGTH = 12, 3, 4, 7
 TRAIN_CAPTIONS, BATCH = 14, 4

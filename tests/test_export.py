@@ -68,7 +68,8 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
 
     import caption_pipeline.model  # noqa: F401
     from caption_pipeline.decoding import DecodeSettings
-    from caption_pipeline.export import CheckSettings, check_against_model
+    from caption_pipeline.export import CheckSettings
+    from caption_pipeline.export_check import check_against_model
     from caption_pipeline.model import Captioner
     from caption_pipeline.text import Vocabulary
     from caption_pipeline.shards.shard_set import load_shard_set
@@ -78,7 +79,7 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     other = Captioner(trained.config)  # same architecture, fresh random weights
     vocab = Vocabulary.from_dict(json.loads(
         (smoke_project / "data/03_primary/vocabulary.json").read_text()))
-    shards = load_shard_set(smoke_project / "data/05_model_input/shards")
+    shards = load_shard_set(smoke_project / "data/03_primary/shards")
     settings = from_conf(CheckSettings, "export.check", max_images=4, batch_size=4)
     decoding = from_conf(DecodeSettings, "evaluate.decoding")
     report = check_against_model(exported, trained, vocab, shards, decoding, settings)
@@ -92,7 +93,8 @@ def test_any_size_and_format_is_resized_as_training_resized(exported):
     give exactly the Python path's pixels (decode_image -> encode_jpeg -> the reader)."""
     import tensorflow as tf
 
-    from caption_pipeline.export import decode_images, python_pixels
+    from caption_pipeline.export import decode_images
+    from caption_pipeline.export_check import python_pixels
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (25, 38, 3), np.uint8)).resize(
@@ -221,7 +223,7 @@ def _all_cases() -> dict[str, bytes]:
     an upright model-size JPEG (read as a shard image is)."""
     import tensorflow as tf
 
-    from caption_pipeline.export import preprocessing_cases
+    from caption_pipeline.export_check import preprocessing_cases
 
     image = _source_image()
     cases = preprocessing_cases(image, TINY_SIZE)
@@ -255,7 +257,7 @@ def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_ex
     CMYK, 16-bit, off-size, box-reduced, GIF, BMP: the graph's pixels are the Python path's
     exactly (0 grey levels apart), and captions and scores equal the in-process model's on
     the Python pixels."""
-    from caption_pipeline.export import python_pixels
+    from caption_pipeline.export_check import python_pixels
 
     exported, captioner, vocabulary, decoding = tiny_export
     cases = _all_cases()
@@ -304,8 +306,8 @@ def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_expo
     """check_preprocessing passes on the real export with 0 grey levels of difference, and
     names the case when the graph and the Python path part (here: a Python path that forgets
     the EXIF orientation)."""
-    from caption_pipeline import export as export_module
-    from caption_pipeline.export import PIXEL_TOLERANCE, check_preprocessing
+    from caption_pipeline import export_check as export_module
+    from caption_pipeline.export_check import PIXEL_TOLERANCE, check_preprocessing
 
     exported, captioner, vocabulary, decoding = tiny_export
     jpeg = _encode(_source_image().resize((TINY_SIZE, TINY_SIZE)), "JPEG")

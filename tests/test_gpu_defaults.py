@@ -122,9 +122,11 @@ def test_gpu_extras_pin_the_project_versions():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     tensorflow = next(d for d in project["dependencies"] if d.startswith("tensorflow"))
     extras = project["optional-dependencies"]
-    assert extras["gpu"] == [tensorflow.replace("tensorflow", "tensorflow[and-cuda]", 1)]
+    # nvidia-ml-py: MLflow's system metrics of the GPU.
+    assert extras["gpu"] == [tensorflow.replace("tensorflow", "tensorflow[and-cuda]", 1),
+                             "nvidia-ml-py>=12"]
     jax_cpu = next(d for d in extras["test"] if d.startswith("jax[cpu]"))
-    assert extras["jax-gpu"] == [jax_cpu.replace("jax[cpu]", "jax[cuda12]", 1)]
+    assert extras["jax-gpu"] == [jax_cpu.replace("jax[cpu]", "jax[cuda12]", 1), "nvidia-ml-py>=12"]
 
 
 @pytest.mark.parametrize("target, extras, install", [

@@ -442,6 +442,7 @@ def test_ingest_pipeline_end_to_end_through_the_catalog(tmp_path):
     catalog = DataCatalog(
         {
             "raw_dataset": MemoryDataset({**block, "generated": False}),
+            "params:dataset": MemoryDataset(block),
             "params:ingest": MemoryDataset({**PARAMS, "workers": 2, "chunk_size": 2}),
             "caption_table": AtomicParquetDataset(filepath=str(table_path)),
             "ingestion_report": AtomicJSONDataset(filepath=str(report_path)),

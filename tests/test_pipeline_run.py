@@ -31,7 +31,7 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     assert vocab["tokens"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert (data / "08_reporting" / "caption_length_histogram.png").stat().st_size > 1000
 
-    manifest = json.loads((data / "05_model_input" / "shards" / "manifest.json").read_text())
+    manifest = json.loads((data / "03_primary" / "shards" / "manifest.json").read_text())
     images_per_split = table.groupby("split")["image_id"].nunique().to_dict()
     assert {s: manifest["splits"][s]["records"] for s in images_per_split} == images_per_split
 
@@ -41,7 +41,7 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     pretraining = pd.read_csv(data / "08_reporting" / "encoder_pretraining_history.csv")
     assert pretraining["epoch"].tolist() == [1]
     assert pretraining["val_colour_accuracy"].between(0, 1).all()
-    inputs = json.loads((data / "04_feature" / "model_inputs" / "manifest.json").read_text())
+    inputs = json.loads((data / "05_model_input" / "model_inputs" / "manifest.json").read_text())
     assert inputs["kind"] == "features"
     weights = data / "06_models" / "initial_encoder.weights.h5"
     assert inputs["params"]["weights"] == weights_fingerprint(weights)
@@ -82,14 +82,14 @@ def test_trained_model_loads_and_captions_a_test_image(smoke_project):
     from caption_pipeline.shards.shard_set import load_shard_set
 
     model = KerasModelDataset(filepath=str(smoke_project / "data/06_models/captioner.keras")).load()
-    shards = load_shard_set(smoke_project / "data/05_model_input/shards")
+    shards = load_shard_set(smoke_project / "data/03_primary/shards")
     inputs, _ = next(iter(make_caption_dataset(shards, "test", batch_size=2)))
     features = keras.ops.convert_to_numpy(model({"image": inputs["image"]}))
     assert features.shape[0] == 2 and np.isfinite(features).all()
 
 
 def test_second_run_of_data_stages_is_stable(smoke_project):
-    manifest = smoke_project / "data" / "05_model_input" / "shards" / "manifest.json"
+    manifest = smoke_project / "data" / "03_primary" / "shards" / "manifest.json"
     before = manifest.read_bytes()
     result = run_kedro(smoke_project, "run", "--env", "smoke", "--pipelines", "shard")
     assert result.returncode == 0, result.stderr[-3000:]

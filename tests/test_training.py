@@ -31,7 +31,7 @@ project = sys.argv[1]
 # overrides of conf/base, as Kedro merges an env's
 model, train, fine_tune, scst = ({**defaults(block), **json.loads(arg)} for block, arg in zip(
     ("model", "train", "fine_tune", "self_critical"), sys.argv[2:6], strict=True))
-shards = load_shard_set(f"{project}/data/05_model_input/shards")
+shards = load_shard_set(f"{project}/data/03_primary/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
 captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
 _, history, _, tuned_history, tuned_steps, scst_history, scst_steps = train_model(
@@ -163,7 +163,7 @@ from caption_pipeline.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_model
 from caption_pipeline.params import defaults
 project = sys.argv[1]
-shards = load_shard_set(f"{project}/data/05_model_input/shards")
+shards = load_shard_set(f"{project}/data/03_primary/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
 captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
 model = {**json.loads(sys.argv[2]), "dropout": 0.0}

@@ -109,7 +109,8 @@ def dvc_yaml(check: bool) -> None:
     """Write the project's dvc.yaml from its Kedro pipelines, catalog and conf/ environments
     (caption_pipeline.dvc_stages), printing what changed."""
     from caption_pipeline.atomic import atomic_path
-    from caption_pipeline.dvc_stages import PROJECT_ROOT, drift, generate
+    from caption_pipeline.dvc_drift import drift
+    from caption_pipeline.dvc_stages import PROJECT_ROOT, generate
 
     path = PROJECT_ROOT / "dvc.yaml"
     text = generate()
@@ -150,8 +151,8 @@ def _serve_settings(model: str | None, env: str | None, options: dict[str, Any])
     """`serve` parameters of the project (if in one, else conf/base's), overridden by the
     given options."""
     from caption_pipeline.inference import project_config
-    from caption_pipeline.server import ServeSettings, check_settings
     from caption_pipeline.params import defaults
+    from caption_pipeline.server import ServeSettings, check_settings
 
     params: dict[str, Any] = defaults("serve")
     if (Path.cwd() / "conf" / "base").is_dir():

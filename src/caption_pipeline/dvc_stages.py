@@ -25,10 +25,6 @@ comments (`NOTES`).
 
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib
-import importlib.util
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,9 +33,9 @@ from typing import Any
 
 import yaml
 
+from caption_pipeline.import_graph import PACKAGE, class_module, imported_closure, module_path
 from caption_pipeline.project import PROJECT_ROOT
 
-PACKAGE = "caption_pipeline"
 
 # Datasets that stand for more inputs than their own file, which a stage reading them reads as
 # if they were its node inputs: `raw_dataset` is the `dataset` parameter block that synthetic
@@ -68,9 +64,6 @@ IGNORED_MODULES = {
     f"{PACKAGE}.hooks",  # (config loader, input checks, MLflow run), not what one computes
 }
 
-# Packages whose modules are separate units (one Kedro dataset, one stage's nodes): a stage
-# depends on the modules it uses, not on the whole folder as for `model/`.
-SPLIT_PACKAGES = {"datasets", "pipelines"}
 
 # Datasets that are DVC metrics (`dvc metrics show`/`diff`): small, so kept in git, not cached.
 METRICS = {"evaluation_metrics": "`dvc metrics show`; small, kept in git"}
@@ -358,66 +351,10 @@ def _code_deps(project: Project, stage: str, datasets: list[str]) -> list[str]:
     own = src / PACKAGE / "pipelines" / stage
     classes = {t for d in datasets for t in _config_types(project.catalog.resolve_pattern(d))
                if t.startswith(PACKAGE + ".")}
-    todo = [own] + [_module_path(src, _class_module(t)) for t in sorted(classes)]
-    skip = {_module_path(src, m) for m in IGNORED_MODULES}
-    seen: list[Path] = []
-    while todo:
-        path = todo.pop()
-        if path is None or path in seen or path in skip:
-            continue
-        seen.append(path)
-        todo += [_module_path(src, m) for m in _imported(src, path)]
-    rest = sorted(_relative(project, p) for p in seen if p != own)
+    start = [own] + [module_path(src, class_module(t)) for t in sorted(classes)]
+    skip = {module_path(src, m) for m in IGNORED_MODULES}
+    rest = sorted(_relative(project, p) for p in imported_closure(src, start, skip) if p != own)
     return [_relative(project, own), *rest]
-
-
-def _class_module(dotted: str) -> str:
-    """The module that defines a catalog `type` (`caption_pipeline.datasets.X` is re-exported
-    by the package; the class knows its own module)."""
-    module, name = dotted.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name).__module__
-
-
-def _module_path(src: Path, module: str) -> Path | None:
-    """The dep for a project module: its file, or its package's folder (`model/`), or, in a
-    `SPLIT_PACKAGES` package, its own file (`datasets/keras_model.py`, the package's
-    `__init__.py` for a name imported from the package itself). None: not a project module."""
-    parts = module.split(".")
-    if parts[0] != PACKAGE or len(parts) == 1:
-        return None
-    depth = 3 if parts[1] in SPLIT_PACKAGES else 2
-    if len(parts) < depth:
-        return src.joinpath(*parts, "__init__.py")
-    base = src.joinpath(*parts[:depth])
-    for candidate in (base.with_suffix(".py"), base):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _imported(src: Path, path: Path) -> Iterator[str]:
-    """The modules that the Python files at `path` (a file or a folder) import; for
-    `from M import N`, both M and M.N (N may be a module or a name in M)."""
-    for file in [path] if path.is_file() else sorted(path.rglob("*.py")):
-        package = ".".join(file.parent.relative_to(src).parts)  # of relative imports
-        for node in _import_nodes(ast.parse(file.read_text(), str(file))):
-            if isinstance(node, ast.Import):
-                yield from (alias.name for alias in node.names)
-                continue
-            module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
-            yield module
-            yield from (f"{module}.{alias.name}" for alias in node.names)
-
-
-def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
-    """Import statements anywhere in the tree (functions too), but under `if TYPE_CHECKING:`,
-    which never runs."""
-    for child in ast.iter_child_nodes(tree):
-        typing_only = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
-        for node in child.orelse if typing_only else [child]:
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                yield node
-            yield from _import_nodes(node)
 
 
 # --- dvc.yaml ---------------------------------------------------------------------------------
@@ -516,55 +453,3 @@ def _scalar(value: str) -> str:
     plain = str(value)
     safe = ": " not in plain and " #" not in plain and not plain.startswith(("[", "{"))
     return plain if safe and yaml.safe_load(plain) == value else json.dumps(plain)
-
-
-# --- drift ------------------------------------------------------------------------------------
-
-
-def drift(committed: str, generated: str) -> list[str]:
-    """What `committed` (dvc.yaml as it is) lacks or has beyond `generated`, one line per
-    stage and dep, param (`file:key`), out or metric; the plots; then, when only comments or
-    layout differ, a unified diff. Empty: the same text."""
-    if committed == generated:
-        return []
-    old, new = yaml.safe_load(committed) or {}, yaml.safe_load(generated)
-    old_stages, new_stages = old.get("stages") or {}, new["stages"]
-    lines = [f"stage {name}: missing" for name in new_stages if name not in old_stages]
-    lines += [f"stage {name}: extra (no such pipeline)" for name in old_stages
-              if name not in new_stages]
-    for name in (n for n in new_stages if n in old_stages):
-        for field in ("cmd", "deps", "params", "outs", "metrics"):
-            have = _entries(old_stages[name].get(field))
-            want = _entries(new_stages[name].get(field))
-            lines += [f"stage {name}: {field} missing {e}" for e in want if e not in have]
-            lines += [f"stage {name}: {field} extra {e}" for e in have if e not in want]
-        extra = set(old_stages[name]) - {"cmd", "deps", "params", "outs", "metrics"}
-        lines += [f"stage {name}: extra field {field}" for field in sorted(extra)]
-    if old.get("plots") != new.get("plots"):
-        lines.append("plots: differ")
-    if not lines:
-        lines = ["the same stages; comments or layout differ:", *difflib.unified_diff(
-            committed.splitlines(), generated.splitlines(), "dvc.yaml", "generated", lineterm="")]
-    return lines
-
-
-def _entries(value: Any) -> list[str]:
-    """A stage field as comparable strings: `path`, `path {flags}`, `file:key` (`file:` for a
-    whole params file)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    entries = []
-    for item in value:
-        if not isinstance(item, dict):
-            entries.append(str(item))
-            continue
-        for key, inner in item.items():
-            if isinstance(inner, list):  # params: file -> keys
-                entries += [f"{key}:{k}" for k in inner]
-            elif isinstance(inner, dict):  # an out with flags
-                entries.append(f"{key} {inner}")
-            else:
-                entries.append(f"{key}:")
-    return entries

@@ -90,12 +90,16 @@ class RegionTargets:
         return out
 
 
-def region_targets(instances_path: str | Path, image_size: int, grid: int) -> RegionTargets:
+def region_targets(instances_path: str | Path, image_size: int, grid: int,
+                   groups: dict[str, list[str]] | None = None) -> RegionTargets:
     """Dense targets from a COCO instances file with polygons (and optional `attributes`).
 
     Objects are painted in file order, a later one over an earlier one, as the shapes
     generator draws them. Each image is rasterised at `image_size` px, then each of the
     grid x grid cells (row by row, as the encoder's regions) gets its class fractions.
+    `groups`: the classes of another split's targets (val is scored by train's heads, so it
+    takes train's columns, whatever values its own objects happen to hold); a value they do
+    not have is painted as background.
     """
     path = Path(instances_path)
     try:
@@ -109,12 +113,13 @@ def region_targets(instances_path: str | Path, image_size: int, grid: int) -> Re
     if image_size % grid:
         raise DataError(f"encoder_pretraining: image_size {image_size} is not a multiple of the "
                         f"encoder's {grid}x{grid} grid")
-    attributes = sorted({key for a in annotations for key in (a.get("attributes") or {})})
-    groups = {"category": [BACKGROUND, *sorted(set(categories.values()))]}
-    for key in attributes:
-        values = sorted({str(a["attributes"][key]) for a in annotations
-                         if key in (a.get("attributes") or {})})
-        groups[key] = [BACKGROUND, *values]
+    if groups is None:
+        attributes = sorted({key for a in annotations for key in (a.get("attributes") or {})})
+        groups = {"category": [BACKGROUND, *sorted(set(categories.values()))]}
+        for key in attributes:
+            values = sorted({str(a["attributes"][key]) for a in annotations
+                             if key in (a.get("attributes") or {})})
+            groups[key] = [BACKGROUND, *values]
     index = {group: {name: k for k, name in enumerate(names)} for group, names in groups.items()}
 
     painted: dict[int, dict[str, Image.Image]] = {
@@ -135,9 +140,11 @@ def region_targets(instances_path: str | Path, image_size: int, grid: int) -> Re
                             f"({type(error).__name__}: {error})") from None
         scale = np.array([image_size / width, image_size / height])
         for group, label in labels.items():
+            if group not in index:
+                continue
             draw = ImageDraw.Draw(painted[image_id][group])
             for polygon in polygons:
-                draw.polygon([tuple(p) for p in polygon * scale], fill=index[group][label])
+                draw.polygon([tuple(p) for p in polygon * scale], fill=index[group].get(label, 0))
 
     cell = image_size // grid
     ids = np.array(sorted(images), np.int64)
@@ -294,7 +301,7 @@ def initial_encoder(shards: ShardSet, instances: Mapping[str, Path | None], mode
             "model.encoder_weights=imagenet, encoder_pretraining.enabled=false)")
     grid = math.isqrt(int(encoder.output_shape[1]))
     train = region_targets(instances["train"], model.image_size, grid)
-    val = (region_targets(instances["val"], model.image_size, grid)
+    val = (region_targets(instances["val"], model.image_size, grid, train.groups)
            if instances.get("val") is not None else None)
     # The layers before a feature projection: it is fitted on what they learn here.
     _, history = pretrain_encoder(regions_model(encoder), shards, train, val, config)

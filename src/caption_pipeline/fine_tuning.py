@@ -36,12 +36,12 @@ import pandas as pd
 from caption_pipeline.model import Captioner, ModelConfig, TwoRateAdam, variable_indices
 from caption_pipeline.model.encoder import BATCHNORM
 from caption_pipeline.params import from_params, require
+from caption_pipeline.checkpoints import weights_digest
 from caption_pipeline.training import (
     DatasetFactory,
     OptimizerFactory,
     TrainConfig,
     train_captioner,
-    weights_digest,
 )
 
 

@@ -29,7 +29,7 @@ a client of the SavedModel (TF Serving, another language) needs no Pillow:
 
 Each step repeats the integer arithmetic of the code it mirrors rather than approximating it
 in float, so the result is bit-exact: measured against the Python path (`decode_image` ->
-`encode_jpeg` -> `shards.records.decode_jpeg_image`, see `export.python_pixels`), 0 grey levels
+`encode_jpeg` -> `shards.records.decode_jpeg_image`, see `export_check.python_pixels`), 0 grey levels
 apart on every case of tests/test_export.py and of the export self-check (all 8 EXIF
 orientations in JPEG and PNG, RGBA, LA, palette + tRNS, grey, CMYK, 16-bit grey / RGB / RGBA,
 GIF, BMP, off-size, box-reduced 7x, model-size PNG and JPEG). Floats are float64 where a sum

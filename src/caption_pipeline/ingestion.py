@@ -14,14 +14,12 @@ report, unless too many of a split's images are bad. Splits are always checked d
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -31,6 +29,12 @@ from typing import Any, NamedTuple
 import pandas as pd
 from pycocotools.coco import COCO
 
+from caption_pipeline.caption_files import (
+    CaptionFile,
+    Tally,
+    describe,
+    read_captions,
+)
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import ImageCheck, check_images
 from caption_pipeline.params import from_params
@@ -39,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("coco", "karpathy")
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
 # What the `synthetic` stage adds to the `dataset` block it records as `raw_dataset`.
 DATASET_RECORD_KEYS = ("generated", "fingerprint", "counts")
 # Columns of the caption table (contract 2), in order, with their dtypes.
@@ -55,7 +58,6 @@ TABLE_DTYPES = {
 # Extension -> the content format Pillow reports for it; another content is a format note.
 _EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 _LETTER_OR_DIGIT = re.compile(r"[^\W_]")
-_JSON_TYPES = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class DatasetSpec:
     def from_dict(cls, dataset: Mapping[str, Any]) -> DatasetSpec:
         where = "raw_dataset (the `dataset` parameters block)"
         if not isinstance(dataset, Mapping):
-            raise DataError(f"{where}: must be an object, got {_describe(dataset)}")
+            raise DataError(f"{where}: must be an object, got {describe(dataset)}")
         for key in ("name", "format", "root"):
             if not isinstance(dataset.get(key), str) or not dataset[key]:
                 raise DataError(f"{where}: dataset.{key} must be a non-empty string")
@@ -128,35 +130,6 @@ class DatasetSpec:
             _split_source(name, splits[name], root, where) for name in SPLITS if name in splits
         )
         return cls(dataset["name"], dataset["format"], dataset["root"], sources)
-
-
-class Tally:
-    """Counts per reason, with the first few examples of each."""
-
-    def __init__(self, max_examples: int) -> None:
-        self.max_examples = max_examples
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[str]] = defaultdict(list)
-
-    def add(self, reason: str, example: str) -> None:
-        self.counts[reason] += 1
-        if len(self.examples[reason]) < self.max_examples:
-            self.examples[reason].append(example)
-
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {
-            reason: {"count": self.counts[reason], "examples": self.examples[reason]}
-            for reason in sorted(self.counts)
-        }
-
-
-@dataclass
-class CaptionFile:
-    """One annotation file, indexed by pycocotools."""
-
-    path: Path
-    coco: COCO
-    karpathy_split: dict[int, str] | None = None  # image id -> Karpathy's split
 
 
 @dataclass
@@ -243,55 +216,6 @@ def ingest(dataset: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[pd.Da
         dict(skipped.counts) or "nothing",
     )
     return table, _report(spec, stats, skipped, notes, len(table))
-
-
-def read_captions(path: Path, fmt: str, skipped: Tally) -> CaptionFile:
-    """Read and index one annotation file of the given format ("coco" or "karpathy")."""
-    if fmt == "karpathy":
-        return read_karpathy_split(path, skipped)
-    return read_coco_captions(path, skipped)
-
-
-def read_coco_captions(path: Path, skipped: Tally) -> CaptionFile:
-    """A COCO captions JSON, structurally checked, then indexed by pycocotools."""
-    data = _load_json_object(path, ("images", "annotations"))
-    for i, image in enumerate(data["images"]):
-        where = f"images[{i}]"
-        _require(image, dict, path, where)
-        _require(_get(image, "id", path, where), int, path, f"{where}.id")
-        _require_name(_get(image, "file_name", path, where), path, f"{where}.file_name")
-    for i, annotation in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        _require(annotation, dict, path, where)
-        for key, kind in (("id", int), ("image_id", int), ("caption", str)):
-            _require(_get(annotation, key, path, where), kind, path, f"{where}.{key}")
-    return CaptionFile(path, _index(path, data["images"], data["annotations"], skipped))
-
-
-def read_karpathy_split(path: Path, skipped: Tally) -> CaptionFile:
-    """Karpathy's split file, turned into COCO captions and indexed by pycocotools."""
-    data = _load_json_object(path, ("images",))
-    images, annotations, karpathy_split = [], [], {}
-    for i, item in enumerate(data["images"]):
-        where = f"images[{i}]"
-        _require(item, dict, path, where)
-        id_key = "cocoid" if "cocoid" in item else "imgid"
-        image_id = _require(_get(item, id_key, path, where), int, path, f"{where}.{id_key}")
-        name = _require_name(_get(item, "filename", path, where), path, f"{where}.filename")
-        folder = _require(item.get("filepath", ""), str, path, f"{where}.filepath")
-        split = _require(_get(item, "split", path, where), str, path, f"{where}.split")
-        if split not in KARPATHY_SPLITS:
-            raise DataError(f"{path}: {where}.split must be in {KARPATHY_SPLITS}, got {split!r}")
-        sentences = _require(_get(item, "sentences", path, where), list, path, f"{where}.sentences")
-        for j, sentence in enumerate(sentences):
-            at = f"{where}.sentences[{j}]"
-            _require(sentence, dict, path, at)
-            sentence_id = _require(_get(sentence, "sentid", path, at), int, path, f"{at}.sentid")
-            raw = _require(_get(sentence, "raw", path, at), str, path, f"{at}.raw")
-            annotations.append({"id": sentence_id, "image_id": image_id, "caption": raw})
-        images.append({"id": image_id, "file_name": f"{folder}/{name}" if folder else name})
-        karpathy_split[image_id] = split
-    return CaptionFile(path, _index(path, images, annotations, skipped), karpathy_split)
 
 
 def split_image_ids(file: CaptionFile, source: SplitSource, restval: str = "train") -> list[int]:
@@ -415,57 +339,6 @@ def _caption_table(
     return pd.DataFrame(rows).astype(TABLE_DTYPES)
 
 
-def _load_json_object(path: Path, keys: Sequence[str]) -> dict:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path}: annotation file not found (check dataset.root and dataset.splits)"
-        ) from None
-    except OSError as exc:
-        raise DataError(f"{path}: annotation file cannot be read: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
-        ) from None
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: top level must be a JSON object with keys {list(keys)}, got {_describe(data)}"
-        )
-    for key in keys:
-        _require(_get(data, key, path, ""), list, path, key)
-    return data
-
-
-def _index(path: Path, images: list[dict], annotations: list[dict], skipped: Tally) -> COCO:
-    """pycocotools' index of checked entries; duplicates and orphans are dropped and counted."""
-    image_ids: set[int] = set()
-    for i, image in enumerate(images):
-        if image["id"] in image_ids:
-            raise DataError(f"{path}: images[{i}].id {image['id']} is a duplicate image id")
-        image_ids.add(image["id"])
-    kept, annotation_ids = [], set()
-    for i, annotation in enumerate(annotations):
-        ids = f"id={annotation['id']}, image_id={annotation['image_id']}"
-        example = f"{path}: annotations[{i}] {ids}"
-        if annotation["id"] in annotation_ids:
-            skipped.add("annotation_duplicate_id", example)
-        elif annotation["image_id"] not in image_ids:
-            skipped.add("annotation_unknown_image", example)
-        else:
-            annotation_ids.add(annotation["id"])
-            kept.append(annotation)
-    coco = COCO()
-    coco.dataset = {"images": images, "annotations": kept}
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
-        coco.createIndex()
-    return coco
-
-
 def _clean_captions(
     coco: COCO,
     image_id: int,
@@ -539,31 +412,6 @@ def _report(
         "skipped": skipped.to_dict(),
         "format_notes": notes.to_dict(),
     }
-
-
-def _get(entry: dict, key: str, path: Path, where: str) -> Any:
-    if key not in entry:
-        raise DataError(f"{path}: {where + '.' if where else ''}{key} is missing")
-    return entry[key]
-
-
-def _require(value: Any, kind: type, path: Path, where: str) -> Any:
-    ok = type(value) is int if kind is int else isinstance(value, kind)  # True is no id
-    if not ok:
-        raise DataError(f"{path}: {where} must be {_JSON_TYPES[kind]}, got {_describe(value)}")
-    return value
-
-
-def _require_name(value: Any, path: Path, where: str) -> str:
-    if not _require(value, str, path, where).strip():
-        raise DataError(f"{path}: {where} must be a non-empty file name")
-    return value
-
-
-def _describe(value: Any) -> str:
-    names = {bool: "a boolean", float: "a number", type(None): "null", **_JSON_TYPES}
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    return f"{names.get(type(value), type(value).__name__)} {shown}"
 
 
 def _id_hash(image_id: int) -> bytes:

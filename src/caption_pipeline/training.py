@@ -22,46 +22,33 @@ killed (tests/test_exact_resume.py, float32 and mixed_float16). What that takes:
   them) and the train metrics' running totals, so that a resumed epoch's train loss is the
   mean over all its batches, summed in the order an unbroken run sums them.
 
-A checkpoint is a folder `step-NNNNNNNN-<unique>/` holding the weights (model and optimizer
-state), `variables.npz` (RNG and metric state) and `state.json` (history, counters,
-early-stopping state). It is written under a temporary name and renamed to a name no other
-folder has (never replacing one: that takes two renames, and a kill between them leaves no
-folder under the name), then `latest.json` is pointed at it atomically, then the older folders
-are deleted. A folder that `latest.json` does not name is never read (and is deleted on
-resume), so a kill at any instruction leaves one complete checkpoint in charge.
-
-Under `strategy: multi_worker` every worker runs this same code on the same `checkpoint_dir`
-(a shared filesystem), and only the chief writes there: `is_chief` (TF_CONFIG's "chief" task,
-or "worker" 0 when the cluster has none; a single process is the chief). The other workers read
-the chief's checkpoint to resume, and otherwise write every checkpoint to a scratch folder of
-their own that is deleted at once: saving reads the metrics' on-read variables, an all-reduce
-that every worker must enter (tests/test_multi_worker.py).
+How a checkpoint is written so that a kill at any instruction leaves one complete checkpoint
+in charge is `checkpoints.py`; training over several devices or machines (only the chief
+writes, `is_chief`) is `distributed.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
-import shutil
-import tempfile
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
 
-from caption_pipeline.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
+from caption_pipeline.checkpoints import (
+    CHECKPOINT_FORMAT,
+    Checkpoints,
+    TrainState,
+    metric_variables,
+)
 from caption_pipeline.devices import (
     AUTO,
     PRECISIONS,
@@ -69,20 +56,19 @@ from caption_pipeline.devices import (
     resolve_precision,
     training_devices,
 )
-from caption_pipeline.errors import DataError
+from caption_pipeline.distributed import (
+    STRATEGIES,
+    barrier,
+    clip_after_all_reduce,
+    is_chief_task,
+    make_strategy,
+    strategy_scope,
+    without_symbolic_build,
+)
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.params import from_params, require
 
 logger = logging.getLogger(__name__)
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
-LATEST = "latest.json"
-BEST_WEIGHTS = "best.weights.h5"
-WEIGHTS = "checkpoint.weights.h5"
-VARIABLES = "variables.npz"
-# In the run fingerprint: checkpoints of an older layout (which counted optimizer iterations
-# and clipped each variable's gradient alone) are started afresh rather than misread.
-CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -136,126 +122,14 @@ class TrainConfig:
         return from_params(cls, params, "train")
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint remembers besides the weights."""
-
-    fingerprint: str
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
-    steps: list[dict[str, Any]] = field(default_factory=list)  # per-step loss samples
-    best_val_xent: float = math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    # Counted here, not read from the optimizer (see the module docstring).
-    step: int = 0  # batches trained, all epochs
-    epoch: int = 0  # the epoch in progress, from 0
-    batch: int = 0  # its batches done (all of them: trained, not yet validated)
-
-
 # A function (split, epoch, caption_mode, shuffle) -> tf.data.Dataset of batches.
 DatasetFactory = Callable[[str, int, str, bool], Any]
-
-
-def make_strategy(config: TrainConfig):
-    """The tf.distribute strategy of `config.strategy`; None for Keras' default."""
-    if config.strategy == "default":
-        return None
-    if keras.backend.backend() != "tensorflow":
-        raise DataError(
-            f"parameters train.strategy: {config.strategy!r} needs KERAS_BACKEND=tensorflow "
-            f"(this run uses {keras.backend.backend()!r}); use 'default'"
-        )
-    import tensorflow as tf
-
-    if config.strategy == "mirrored":
-        strategy = tf.distribute.MirroredStrategy(devices=config.devices)
-    else:
-        # Reads the cluster from the TF_CONFIG environment variable, one process per worker.
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    logger.info("Training with the %s strategy over %d replicas", config.strategy,
-                strategy.num_replicas_in_sync)
-    return strategy
 
 
 def is_chief(config: TrainConfig) -> bool:
     """Whether this process writes checkpoints, best weights and results: always, but under
     `strategy: multi_worker` only TF_CONFIG's "chief" task, or "worker" 0 when there is none."""
     return config.strategy != "multi_worker" or is_chief_task()
-
-
-def is_chief_task() -> bool:
-    """TF_CONFIG's task is the cluster's chief (True without a TF_CONFIG)."""
-    if not os.environ.get("TF_CONFIG"):
-        return True
-    try:
-        tf_config = json.loads(os.environ["TF_CONFIG"])
-        cluster, task = tf_config.get("cluster", {}), tf_config.get("task", {})
-        kind, index = task.get("type"), int(task.get("index", 0))
-    except (ValueError, TypeError, AttributeError) as error:
-        raise DataError(f"TF_CONFIG: not a cluster and task ({error})") from None
-    if "chief" in cluster:
-        return kind == "chief"
-    return kind == "worker" and index == 0
-
-
-def _barrier(strategy) -> None:
-    """Return once every worker of `strategy` is here (an all-reduce); no-op without one."""
-    if strategy is None or strategy.num_replicas_in_sync == 1:
-        return
-    import tensorflow as tf
-
-    strategy.reduce(tf.distribute.ReduceOp.SUM,
-                    strategy.run(lambda: tf.constant(1.0)), axis=None)
-
-
-def _without_symbolic_build(model: keras.Model) -> None:
-    """Under tf.distribute, Keras' `fit` and `evaluate` first all-reduce a whole batch to build
-    the model symbolically (`_maybe_symbolic_build`, Keras 3.15), which fails under
-    MultiWorkerMirroredStrategy (its `reduce` takes one tensor, not a batch's dict: a
-    ValueError). `build_captioner` has built every layer and the optimizer, and the Captioner
-    compiles no loss or metric, so there is nothing left to build: the step is skipped while
-    that holds."""
-    original = model._maybe_symbolic_build
-
-    def maybe_symbolic_build(iterator=None, data_batch=None):
-        built = (all(layer.built for layer in model._flatten_layers())
-                 and all(part is None or part.built
-                         for part in (model._compile_metrics, model._compile_loss)))
-        if not built:
-            original(iterator=iterator, data_batch=data_batch)
-
-    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
-
-
-def _clip_after_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
-    """Clip the global norm of the gradient all the replicas make together, as one device
-    clips its batch's. Keras 3.15 clips each replica's gradient (of its share of the loss)
-    before the all-reduce sums them: another direction and size whenever the clip bites. Here
-    the replicas sum their gradients first, clip the sum, and hand Keras 1/N of it each, which
-    its own all-reduce sums back (exactly: N = 2^k). One more all-reduce per step; only with
-    `global_clipnorm` set. Under mixed precision it is the wrapped optimizer that clips."""
-    import tensorflow as tf
-
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    if optimizer.global_clipnorm is None:
-        return
-    original = optimizer._clip_gradients
-
-    def clip_gradients(grads):
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return original(grads)
-        present = [i for i, grad in enumerate(grads) if grad is not None]
-        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
-        clipped = original(summed)
-        share = 1.0 / context.num_replicas_in_sync
-        grads = list(grads)
-        for i, grad in zip(present, clipped):
-            grads[i] = grad * tf.cast(share, grad.dtype)
-        return grads
-
-    object.__setattr__(optimizer, "_clip_gradients", clip_gradients)
 
 
 def with_device_defaults(config: TrainConfig) -> TrainConfig:
@@ -313,143 +187,14 @@ def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_ep
     return model
 
 
-def weights_digest(model: keras.Model) -> str:
-    """A hash of every weight of `model`: what a later phase's checkpoint must start from."""
-    digest = hashlib.sha256()
-    for weights in model.get_weights():
-        digest.update(np.ascontiguousarray(weights).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def current_learning_rate(model: Captioner) -> float:
     optimizer = model.optimizer
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
-def extra_variables(model: keras.Model) -> list:
-    """What a checkpoint keeps besides `save_weights`: the state of every `SeedGenerator`
-    (dropout masks; Keras keeps them out of the weights) and of every metric (running totals),
-    in `model.variables` order, which is the same for every model of one configuration."""
-    seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
-    return seeds + metric_variables(model)
-
-
-def metric_variables(model: keras.Model) -> list:
-    return [v for metric in model.metrics for v in metric.variables]
-
-
 def metric_results(model: keras.Model) -> dict[str, float]:
     """The model's metrics as `fit` logs them at an epoch's end."""
     return {m.name: float(keras.ops.convert_to_numpy(m.result())) for m in model.metrics}
-
-
-class Checkpoints:
-    """Atomic checkpoint folders under `root`, with `latest.json` naming the one in charge
-    (see the module docstring). `state_type`: the dataclass of `state.json` (`TrainState`;
-    SCST has its own). `chief=False` (a multi-worker run's other workers): `root` is only
-    read; every save goes to a scratch folder, deleted before `save` returns."""
-
-    def __init__(self, root: str | Path, state_type: type = TrainState, *, chief: bool = True):
-        self.root = Path(root)
-        self.state_type = state_type
-        self.chief = chief
-
-    def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        try:
-            folder = self.root / json.loads(pointer.read_text())["checkpoint"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise DataError(f"{pointer}: not a checkpoint pointer ({error})") from None
-        if not (folder / "state.json").exists():
-            raise DataError(f"{pointer} names {folder.name}, which is incomplete or missing")
-        return folder
-
-    def save(self, model: keras.Model, state, step: int) -> Path | None:
-        if not self.chief:
-            # The same reads as the chief's (an all-reduce of the metrics), written nowhere
-            # that lasts.
-            with tempfile.TemporaryDirectory(prefix="worker-checkpoint-") as scratch:
-                self._write(Path(scratch), model, state, step)
-            return None
-        # A unique name: the folder is renamed once into place, never over another one.
-        name = f"step-{step:08d}-{uuid.uuid4().hex[:8]}"
-        with atomic_directory(self.root / name) as tmp:
-            self._write(tmp, model, state, step)
-        self._point_at(name, step)
-        self._remove_unnamed(name)
-        return self.root / name
-
-    @staticmethod
-    def _write(folder: Path, model: keras.Model, state, step: int) -> None:
-        model.save_weights(folder / WEIGHTS)
-        np.savez(folder / VARIABLES, *[keras.ops.convert_to_numpy(v)
-                                       for v in extra_variables(model)])
-        atomic_write_json(folder / "state.json", dataclasses.asdict(state) | {"step": step})
-
-    def _point_at(self, name: str, step: int) -> None:
-        """The instant the new checkpoint takes charge: one atomic rename of `latest.json`."""
-        atomic_write_json(self.root / LATEST, {"checkpoint": name, "step": step})
-
-    def _remove_unnamed(self, name: str | None) -> None:
-        """Delete the checkpoint folders other than `name`: older ones, and those a kill left
-        before `latest.json` named them."""
-        for old in self.root.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old)
-
-    def restore(self, model: keras.Model, fingerprint: str):
-        """Load the latest checkpoint into `model` if it belongs to this run, else None."""
-        if self.chief:
-            remove_stale_temporaries(self.root)
-        folder = self.latest()
-        if self.chief and self.root.exists():
-            self._remove_unnamed(folder and folder.name)
-        if folder is None:
-            return None
-        saved = json.loads((folder / "state.json").read_text())
-        if saved.get("fingerprint") != fingerprint:
-            logger.warning("Checkpoint %s is of another configuration or data; starting afresh",
-                           folder)
-            self.clear()
-            return None
-        model.load_weights(folder / WEIGHTS)
-        variables = extra_variables(model)
-        if not (folder / VARIABLES).exists():
-            raise DataError(f"{folder / VARIABLES} is missing: a checkpoint is incomplete")
-        with np.load(folder / VARIABLES) as arrays:
-            values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        if len(values) != len(variables) or any(
-                value.shape != tuple(v.shape) for value, v in zip(values, variables)):
-            raise DataError(f"{folder / VARIABLES}: {len(values)} RNG and metric variables, "
-                            f"the model has {len(variables)} (another model?)")
-        for variable, value in zip(variables, values):
-            variable.assign(value)
-        known = {f.name for f in dataclasses.fields(self.state_type)}
-        return self.state_type(**{k: v for k, v in saved.items() if k in known})
-
-    def save_best(self, model: keras.Model) -> None:
-        if not self.chief:  # joins the chief's reads, as `save` does
-            with tempfile.TemporaryDirectory(prefix="worker-best-") as scratch:
-                model.save_weights(Path(scratch) / BEST_WEIGHTS)
-            return
-        path = self.root / BEST_WEIGHTS
-        tmp = path.with_name(f".tmp-{BEST_WEIGHTS}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        model.save_weights(tmp)
-        tmp.replace(path)
-
-    def load_best(self, model: keras.Model) -> bool:
-        path = self.root / BEST_WEIGHTS
-        if not path.exists():
-            return False
-        model.load_weights(path)
-        return True
-
-    def clear(self) -> None:
-        if self.chief and self.root.exists():
-            shutil.rmtree(self.root)
 
 
 class OneEpoch(keras.callbacks.Callback):
@@ -489,15 +234,6 @@ class _StepCheckpoint(keras.callbacks.Callback):
             self.checkpoints.save(self.model, self.state, self.state.step)
 
 
-@contextlib.contextmanager
-def _scope(strategy) -> Iterator[None]:
-    if strategy is None:
-        yield
-    else:
-        with strategy.scope():
-            yield
-
-
 def train_captioner(
     datasets: DatasetFactory,
     model_config: ModelConfig,
@@ -516,18 +252,18 @@ def train_captioner(
     `data_fingerprint` must name them, so that a checkpoint is resumed only on the same ones."""
     keras.utils.set_random_seed(config.seed)
     config = with_device_defaults(config)
-    strategy = make_strategy(config)
+    strategy = make_strategy(config.strategy, config.devices)
     fingerprint = run_fingerprint(model_config, config, data_fingerprint)
     # Validation scores every caption; grouped, the encoder runs once per image for them.
     val_mode = "grouped" if config.caption_mode == "grouped" else "all"
     sample_inputs, _ = next(iter(datasets("val", 0, val_mode, False)))
-    with _scope(strategy):
+    with strategy_scope(strategy):
         model = build_captioner(model_config, config, steps_per_epoch, sample_inputs,
                                 optimizer=optimizer, initialise=initialise)
     if strategy is not None:
-        _clip_after_all_reduce(model.optimizer)
+        clip_after_all_reduce(model.optimizer)
     if config.strategy == "multi_worker":
-        _without_symbolic_build(model)
+        without_symbolic_build(model)
     checkpoints = Checkpoints(config.checkpoint_dir, chief=is_chief(config))
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
     if state.step:
@@ -582,7 +318,7 @@ def train_captioner(
     if checkpoints.load_best(model):
         logger.info("Keeping the weights of epoch %d (best val xent %.4f)",
                     state.best_epoch, state.best_val_xent)
-    _barrier(strategy)  # every worker has read the best weights before the chief deletes them
+    barrier(strategy)  # every worker has read the best weights before the chief deletes them
     if not config.keep_checkpoints:
         checkpoints.clear()
     return model, pd.DataFrame(state.history), pd.DataFrame(state.steps)

@@ -26,7 +26,7 @@ class ModelInputsDataset(ShardFolderDataset):
 
         model_inputs:
           type: caption_pipeline.datasets.ModelInputsDataset
-          path: data/04_feature/model_inputs
+          path: data/05_model_input/model_inputs
     """
 
     @staticmethod

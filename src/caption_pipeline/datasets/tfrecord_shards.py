@@ -57,7 +57,7 @@ class TFRecordShardsDataset(ShardFolderDataset):
 
         shards:
           type: caption_pipeline.datasets.TFRecordShardsDataset
-          path: data/05_model_input/shards
+          path: data/03_primary/shards
     """
 
     @staticmethod

@@ -11,15 +11,14 @@ from matplotlib.figure import Figure
 from caption_pipeline.attention_maps import attention_figure, attention_localization
 from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
+from caption_pipeline.coco_scorer import CocoScorer, require_java
 from caption_pipeline.evaluation import (
     SCORED_SPLITS,
-    CocoScorer,
     EvaluateSettings,
     caption_split,
     coco_results,
     load_captioner,
     metrics_report,
-    require_java,
     score_splits,
 )
 from caption_pipeline.images import load_rgb_image

@@ -12,11 +12,9 @@ from caption_pipeline.export import (
     ExportedCaptioner,
     ExportSettings,
     build_module,
-    check_against_model,
-    check_tflite,
     convert_tflite,
-    held_out_images,
 )
+from caption_pipeline.export_check import check_against_model, check_tflite, held_out_images
 from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
 

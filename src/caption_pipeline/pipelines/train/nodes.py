@@ -15,8 +15,8 @@ from caption_pipeline.scst import SelfCriticalConfig, reference_tokens, train_se
 from caption_pipeline.shards.reader import make_caption_dataset, pad_captions
 from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
+from caption_pipeline.checkpoints import Checkpoints
 from caption_pipeline.training import (
-    Checkpoints,
     DatasetFactory,
     TrainConfig,
     is_chief,
