@@ -36,20 +36,28 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     refs = sentences(rng, args.images * 5, args.vocab)
-    corpus = {i: refs[5 * i:5 * i + 5] for i in range(args.images)}
+    corpus = {i: refs[5 * i : 5 * i + 5] for i in range(args.images)}
     started = time.perf_counter()
     scorer = CiderD(corpus)
     setup = time.perf_counter() - started
     images = rng.integers(0, args.images, args.candidates)
     candidates = sentences(rng, args.candidates, args.vocab)
     times = []
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         started = time.perf_counter()
         scorer.score(candidates, [corpus[int(i)] for i in images])
         times.append(time.perf_counter() - started)
-    print(json.dumps({"vocab": args.vocab, "candidates": args.candidates,
-                      "df_setup_s": round(setup, 2), "first_call_ms": round(1e3 * times[0], 1),
-                      "cached_call_ms": round(1e3 * min(times[1:]), 1)}))
+    print(
+        json.dumps(
+            {
+                "vocab": args.vocab,
+                "candidates": args.candidates,
+                "df_setup_s": round(setup, 2),
+                "first_call_ms": round(1e3 * times[0], 1),
+                "cached_call_ms": round(1e3 * min(times[1:]), 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

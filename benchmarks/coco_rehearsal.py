@@ -69,8 +69,9 @@ def write_nasnet_weights(path: Path, seed: int) -> None:
     import keras
 
     keras.utils.set_random_seed(seed)
-    backbone = keras.applications.NASNetLarge(include_top=False, weights=None,
-                                              input_shape=(331, 331, 3))
+    backbone = keras.applications.NASNetLarge(
+        include_top=False, weights=None, input_shape=(331, 331, 3)
+    )
     partial = path.with_name(f"partial-{path.name}")  # a killed run leaves no half file
     backbone.save_weights(partial)
     os.replace(partial, path)
@@ -80,26 +81,59 @@ def rehearse(out: Path, train_images: int, args) -> dict:
     """Every stage of one scale; returns the rows and the sizes."""
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "coco"
-    rows = {"generate": run_stage(
-        [PYTHON, "-m", "caption_pipeline.coco_like", "--out", str(raw), "--scale",
-         str(train_images), "--seed", str(args.seed)], out, out / "generate.log")}
+    rows = {
+        "generate": run_stage(
+            [
+                PYTHON,
+                "-m",
+                "caption_pipeline.coco_like",
+                "--out",
+                str(raw),
+                "--scale",
+                str(train_images),
+                "--seed",
+                str(args.seed),
+            ],
+            out,
+            out / "generate.log",
+        )
+    }
     weights = out.parent / "nasnet_large_random.weights.h5"  # one file for every scale
     if not weights.exists():
         # In a child: this process stays free of TensorFlow, so that it adds nothing to the
         # stages' peak RSS (a forked child's ru_maxrss starts at its parent's size).
-        rows["weights"] = run_stage([PYTHON, __file__, "--write-weights", str(weights),
-                                     "--seed", str(args.seed), "--out", str(out)],
-                                    out, out / "weights.log")
+        rows["weights"] = run_stage(
+            [
+                PYTHON,
+                __file__,
+                "--write-weights",
+                str(weights),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(out),
+            ],
+            out,
+            out / "weights.log",
+        )
     project = copy_project(out / "project")
-    params = ",".join([
-        f"dataset.root={raw}", f"model.encoder_weights={weights}",
-        "train.epochs=1", f"train.max_steps_per_epoch={args.train_steps}",
-        "self_critical.epochs=1", f"self_critical.max_steps_per_epoch={args.scst_steps}",
-    ])
+    params = ",".join(
+        [
+            f"dataset.root={raw}",
+            f"model.encoder_weights={weights}",
+            "train.epochs=1",
+            f"train.max_steps_per_epoch={args.train_steps}",
+            "self_critical.epochs=1",
+            f"self_critical.max_steps_per_epoch={args.scst_steps}",
+        ]
+    )
     for stage in STAGES:
         before = disk_bytes(project / "data")
-        rows[stage] = run_stage([KEDRO, "run", "--env", "coco", f"--pipelines={stage}",
-                                 f"--params={params}"], project, out / f"{stage}.log")
+        rows[stage] = run_stage(
+            [KEDRO, "run", "--env", "coco", f"--pipelines={stage}", f"--params={params}"],
+            project,
+            out / f"{stage}.log",
+        )
         rows[stage]["data_bytes_added"] = disk_bytes(project / "data") - before
     sizes = dataset_sizes(project)
     rows["serve"] = serve_latency(project, raw, out)
@@ -116,19 +150,26 @@ def dataset_sizes(project: Path) -> dict:
     table = pd.read_parquet(project / "data/02_intermediate/captions.parquet")
     per_split = table.groupby("split")["image_id"].nunique().to_dict()
     vocabulary = json.loads(next((project / "data/03_primary").glob("vocabulary.json")).read_text())
-    return {"images": {split: int(count) for split, count in per_split.items()},
-            "train_images": int(per_split["train"]),
-            "captions": len(table), "vocabulary": len(vocabulary["tokens"])}
+    return {
+        "images": {split: int(count) for split, count in per_split.items()},
+        "train_images": int(per_split["train"]),
+        "captions": len(table),
+        "vocabulary": len(vocabulary["tokens"]),
+    }
 
 
 def throughput(stage: str, row: dict, sizes: dict, args) -> dict:
     """What the stage processed per second, in its own unit."""
     images = sum(sizes["images"].values())
-    per = {"generate": ("images", images), "ingest": ("captions", sizes["captions"]),
-           "vocab": ("captions", sizes["captions"]), "shard": ("images", images),
-           "features": ("images", images),
-           "train": ("steps", args.train_steps + args.scst_steps),
-           "evaluate": ("images", images - sizes["train_images"])}  # the two halves of val
+    per = {
+        "generate": ("images", images),
+        "ingest": ("captions", sizes["captions"]),
+        "vocab": ("captions", sizes["captions"]),
+        "shard": ("images", images),
+        "features": ("images", images),
+        "train": ("steps", args.train_steps + args.scst_steps),
+        "evaluate": ("images", images - sizes["train_images"]),
+    }  # the two halves of val
     if stage not in per:
         return {}
     unit, count = per[stage]
@@ -138,44 +179,86 @@ def throughput(stage: str, row: dict, sizes: dict, args) -> dict:
 def serve_latency(project: Path, raw: Path, out: Path) -> dict:
     """benchmarks/serve.py on the export, with photo-size val JPEGs."""
     log = out / "serve.log"
-    row = run_stage([PYTHON, str(HERE / "serve.py"), "--model",
-                     str(project / "data/06_models/export/saved_model"), "--images",
-                     str(raw / "val2017"), "--requests", "16", "--repeats", "3"], project, log)
+    row = run_stage(
+        [
+            PYTHON,
+            str(HERE / "serve.py"),
+            "--model",
+            str(project / "data/06_models/export/saved_model"),
+            "--images",
+            str(raw / "val2017"),
+            "--requests",
+            "16",
+            "--repeats",
+            "3",
+        ],
+        project,
+        log,
+    )
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
     return {**row, "result": json.loads(lines[-1]) if lines else None}
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "load_average": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def growth(results: list[dict]) -> dict:
     """Last scale / first scale, per stage: wall time and peak RSS."""
     first, last = results[0]["stages"], results[-1]["stages"]
-    return {stage: {key: round(last[stage][key] / first[stage][key], 2)
-                    for key in ("seconds", "peak_rss_gb") if first[stage].get(key)}
-            for stage in first if stage in last}
+    return {
+        stage: {
+            key: round(last[stage][key] / first[stage][key], 2)
+            for key in ("seconds", "peak_rss_gb")
+            if first[stage].get(key)
+        }
+        for stage in first
+        if stage in last
+    }
 
 
 def markdown(results: list[dict], scales: list[int]) -> str:
-    lines = ["| stage | " + " | ".join(f"{s}x: s, items/s, peak RSS GB, bytes/train image"
-                                       for s in scales) + " | RSS growth |",
-             "|---|" + "---|" * (len(scales) + 1)]
+    lines = [
+        "| stage | "
+        + " | ".join(f"{s}x: s, items/s, peak RSS GB, bytes/train image" for s in scales)
+        + " | RSS growth |",
+        "|---|" + "---|" * (len(scales) + 1),
+    ]
     grown = growth(results)
     for stage in results[0]["stages"]:
         cells = []
         for result in results:
             row = result["stages"].get(stage, {})
-            rate = next((f"{v} {k.removesuffix('_per_s')}/s" for k, v in row.items()
-                         if k.endswith("_per_s")), "")
-            cells.append(f"{row.get('seconds', '')} s, {rate}, {row.get('peak_rss_gb', '')}, "
-                         f"{row.get('bytes_per_train_image', '')}")
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | "
-                     f"{grown.get(stage, {}).get('peak_rss_gb', '')}x |")
+            rate = next(
+                (
+                    f"{v} {k.removesuffix('_per_s')}/s"
+                    for k, v in row.items()
+                    if k.endswith("_per_s")
+                ),
+                "",
+            )
+            cells.append(
+                f"{row.get('seconds', '')} s, {rate}, {row.get('peak_rss_gb', '')}, "
+                f"{row.get('bytes_per_train_image', '')}"
+            )
+        lines.append(
+            f"| {stage} | " + " | ".join(cells) + f" | "
+            f"{grown.get(stage, {}).get('peak_rss_gb', '')}x |"
+        )
     return "\n".join(lines)
 
 
@@ -194,11 +277,17 @@ def main() -> None:
         write_nasnet_weights(args.write_weights, args.seed)
         return
     started = machine()
-    results = [rehearse(args.out / f"scale{scale}", args.images * scale, args)
-               for scale in args.scales]
-    report = {"benchmark": "coco_rehearsal", "args": {k: str(v) for k, v in vars(args).items()},
-              "scales": args.scales, "results": results, "growth": growth(results),
-              "machine": {**started, "load_average_end": os.getloadavg()}}
+    results = [
+        rehearse(args.out / f"scale{scale}", args.images * scale, args) for scale in args.scales
+    ]
+    report = {
+        "benchmark": "coco_rehearsal",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "scales": args.scales,
+        "results": results,
+        "growth": growth(results),
+        "machine": {**started, "load_average_end": os.getloadavg()},
+    }
     print(json.dumps(report))
     if args.markdown:
         print(markdown(results, args.scales))

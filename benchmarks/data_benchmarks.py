@@ -153,8 +153,13 @@ def bench_read(args: argparse.Namespace, tmp: Path) -> dict:
     }.items():
         caption_mode, decode_images = options
         ds = make_caption_dataset(
-            shard_set, "train", batch_size=args.batch_size, shuffle=True, seed=0,
-            caption_mode=caption_mode, options=ReaderOptions(decode_images=decode_images),
+            shard_set,
+            "train",
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=0,
+            caption_mode=caption_mode,
+            options=ReaderOptions(decode_images=decode_images),
         )
         for _ in ds:  # warm-up epoch: graph tracing, autotuning, page cache
             pass

@@ -86,13 +86,22 @@ def random_decoder(vocab, regions, depth, embed, attention, units) -> AttentionD
 def decode_flops(R, D, A, n, m, V, K, T) -> tuple[float, float]:
     """FLOPs of one beam-step and of one caption (see the module docstring)."""
     per_image = 2 * R * D * A + 2 * 2 * D * n
-    beam_step = (2 * n * A + 2 * R * A + 2 * R * D + 2 * n + 2 * m * 4 * n + 2 * D * 4 * n
-                 + 2 * n * 4 * n + 2 * n * m + 2 * D * m + 2 * m * V)
+    beam_step = (
+        2 * n * A
+        + 2 * R * A
+        + 2 * R * D
+        + 2 * n
+        + 2 * m * 4 * n
+        + 2 * D * 4 * n
+        + 2 * n * 4 * n
+        + 2 * n * m
+        + 2 * D * m
+        + 2 * m * V
+    )
     return beam_step, per_image + (1 + (T - 1) * K) * beam_step
 
 
-def time_calls(decode, features, caption_flops: float, min_seconds: float,
-               rounds: int) -> dict:
+def time_calls(decode, features, caption_flops: float, min_seconds: float, rounds: int) -> dict:
     """Compiles, then times calls in `rounds` rounds of min_seconds / rounds or more, each
     after a matmul timed just before it (see the module docstring)."""
     start = time.perf_counter()
@@ -110,14 +119,18 @@ def time_calls(decode, features, caption_flops: float, min_seconds: float,
         times += round_times
         fractions.append(batch * caption_flops / min(round_times) / 1e9 / matmul_rates[-1])
     best = min(times)  # best of: the machine may be shared
-    return {"compile_s": round(compile_s, 2), "calls": len(times), "best_s": round(best, 5),
-            "median_s": round(float(np.median(times)), 5),
-            "captions_per_s": round(batch / best, 1),
-            "median_captions_per_s": round(batch / float(np.median(times)), 1),
-            "gflops": round(batch * caption_flops / best / 1e9, 1),
-            "matmul_gflops": round(max(matmul_rates), 1),
-            "fraction_of_matmul": round(float(np.median(fractions)), 3),
-            "ended_fraction": round(float(np.mean(captions.finished)), 4)}
+    return {
+        "compile_s": round(compile_s, 2),
+        "calls": len(times),
+        "best_s": round(best, 5),
+        "median_s": round(float(np.median(times)), 5),
+        "captions_per_s": round(batch / best, 1),
+        "median_captions_per_s": round(batch / float(np.median(times)), 1),
+        "gflops": round(batch * caption_flops / best / 1e9, 1),
+        "matmul_gflops": round(max(matmul_rates), 1),
+        "fraction_of_matmul": round(float(np.median(fractions)), 3),
+        "ended_fraction": round(float(np.mean(captions.finished)), 4),
+    }
 
 
 def bench(name: str, methods: list[str], batches: list[int], args) -> dict:
@@ -125,12 +138,22 @@ def bench(name: str, methods: list[str], batches: list[int], args) -> dict:
     vocab, regions, depth, embed, attention, units = CONFIGS[name]
     rng = np.random.default_rng(0)
     beam_step, _ = decode_flops(regions, depth, attention, units, embed, vocab, 1, 1)
-    result = {"vocab": decoder.vocab_size, "regions": regions, "feature_dim": depth,
-              "dims": [decoder.embed_dim, decoder.attention_dim, decoder.lstm_units],
-              "params": decoder.count_params(), "mflop_per_beam_step": round(beam_step / 1e6, 2)}
+    result = {
+        "vocab": decoder.vocab_size,
+        "regions": regions,
+        "feature_dim": depth,
+        "dims": [decoder.embed_dim, decoder.attention_dim, decoder.lstm_units],
+        "params": decoder.count_params(),
+        "mflop_per_beam_step": round(beam_step / 1e6, 2),
+    }
     for method in methods:
-        settings = from_conf(DecodeSettings, "evaluate.decoding", method=method,
-                        beam_size=args.beam_size, jit_compile=args.jit_compile == "true")
+        settings = from_conf(
+            DecodeSettings,
+            "evaluate.decoding",
+            method=method,
+            beam_size=args.beam_size,
+            jit_compile=args.jit_compile == "true",
+        )
 
         def decode_features(inputs, settings=settings):
             return search(decoder, inputs["features"], settings, args.max_length)
@@ -142,20 +165,26 @@ def bench(name: str, methods: list[str], batches: list[int], args) -> dict:
 
         key = "greedy" if method == "greedy" else f"beam{args.beam_size}"
         beams = 1 if method == "greedy" else args.beam_size
-        _, caption_flops = decode_flops(regions, depth, attention, units, embed, vocab, beams,
-                                        args.max_length)
+        _, caption_flops = decode_flops(
+            regions, depth, attention, units, embed, vocab, beams, args.max_length
+        )
         runs = {}
         for batch in batches:
             features = ops.convert_to_tensor(
-                rng.standard_normal((batch, regions, depth)).astype("float32"))
-            runs[batch] = time_calls(decode, features, caption_flops, args.min_seconds,
-                                     args.min_repeats)
-        result[key] = {"gflop_per_caption": round(caption_flops / 1e9, 3),
-                       **{f"batch{b}": r for b, r in runs.items()}}
+                rng.standard_normal((batch, regions, depth)).astype("float32")
+            )
+            runs[batch] = time_calls(
+                decode, features, caption_flops, args.min_seconds, args.min_repeats
+            )
+        result[key] = {
+            "gflop_per_caption": round(caption_flops / 1e9, 3),
+            **{f"batch{b}": r for b, r in runs.items()},
+        }
         if len(batches) > 1:
             small, large = min(batches), max(batches)
             result[key][f"throughput_ratio_{large}_vs_{small}"] = round(
-                runs[large]["captions_per_s"] / runs[small]["captions_per_s"], 2)
+                runs[large]["captions_per_s"] / runs[small]["captions_per_s"], 2
+            )
     return result
 
 
@@ -196,14 +225,23 @@ def main() -> None:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--min-seconds", type=float, default=2.0, help="timed per case")
-    parser.add_argument("--min-repeats", type=int, default=3,
-                        help="rounds per case, each after its own matmul")
-    parser.add_argument("--jit-compile", default="true", choices=["true", "false"],
-                        help="TensorFlow backend only; JAX always compiles")
+    parser.add_argument(
+        "--min-repeats", type=int, default=3, help="rounds per case, each after its own matmul"
+    )
+    parser.add_argument(
+        "--jit-compile",
+        default="true",
+        choices=["true", "false"],
+        help="TensorFlow backend only; JAX always compiles",
+    )
     args = parser.parse_args()
     start_machine = machine()
-    result = {"backend": keras.backend.backend(), "max_length": args.max_length,
-              "beam_size": args.beam_size, "jit_compile": args.jit_compile}
+    result = {
+        "backend": keras.backend.backend(),
+        "max_length": args.max_length,
+        "beam_size": args.beam_size,
+        "jit_compile": args.jit_compile,
+    }
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.configs.split(","):
         result[name] = bench(name, args.methods.split(","), batches, args)

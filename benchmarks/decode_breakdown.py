@@ -83,13 +83,19 @@ def main() -> None:
     features = tensor((B, R, D))
     state = decoder.init_state(features)
     inputs = {
-        "features": features, "projected": state.projected,
-        "h": tensor((B, K, n)), "c": tensor((B, K, n)), "z": tensor((B, K, D)),
-        "alpha": ops.softmax(tensor((B, K, R)), axis=-1), "logits": tensor((N, vocab)),
+        "features": features,
+        "projected": state.projected,
+        "h": tensor((B, K, n)),
+        "c": tensor((B, K, n)),
+        "z": tensor((B, K, D)),
+        "alpha": ops.softmax(tensor((B, K, R)), axis=-1),
+        "logits": tensor((N, vocab)),
         "words": ops.convert_to_tensor(rng.integers(4, vocab, (B, K)).astype("int32")),
         "parents": ops.convert_to_tensor(rng.integers(0, N, N).astype("int32")),
-        "ids": ops.zeros((N, T), "int32"), "attention": ops.zeros((N, T, R)),
-        "log_probs": ops.zeros((N,)), "finished": ops.zeros((N,), "bool"),
+        "ids": ops.zeros((N, T), "int32"),
+        "attention": ops.zeros((N, T, R)),
+        "log_probs": ops.zeros((N,)),
+        "finished": ops.zeros((N,), "bool"),
     }
 
     def attention_scores(x):
@@ -99,8 +105,11 @@ def main() -> None:
 
     def lstm(x):
         embedded = decoder.embedding(x["words"])
-        gates = (decoder.word_gates(embedded) + decoder.context_gates(x["z"])
-                 + decoder.hidden_gates(x["h"]))
+        gates = (
+            decoder.word_gates(embedded)
+            + decoder.context_gates(x["z"])
+            + decoder.hidden_gates(x["h"])
+        )
         i, f, o, g = ops.split(gates, 4, axis=-1)
         c = ops.sigmoid(f) * x["c"] + ops.sigmoid(i) * ops.tanh(g)
         return [ops.sigmoid(o) * ops.tanh(c), c, decoder.gate(x["h"])]
@@ -111,10 +120,14 @@ def main() -> None:
 
     def bookkeeping(x):
         p, h, c = x["parents"], ops.reshape(x["h"], (N, n)), ops.reshape(x["c"], (N, n))
-        ids, attention = search._write(3, ops.take(x["ids"], p, axis=0),
-                                       ops.take(x["attention"], p, axis=0),
-                                       ops.take(ops.reshape(x["words"], (N,)), p, axis=0),
-                                       ops.reshape(x["alpha"], (N, R)), x["finished"])
+        ids, attention = search._write(
+            3,
+            ops.take(x["ids"], p, axis=0),
+            ops.take(x["attention"], p, axis=0),
+            ops.take(ops.reshape(x["words"], (N,)), p, axis=0),
+            ops.reshape(x["alpha"], (N, R)),
+            x["finished"],
+        )
         return [ids, attention, ops.take(h, p, axis=0), ops.take(c, p, axis=0)]
 
     def per_beam_copies(x):
@@ -125,26 +138,41 @@ def main() -> None:
         return [ops.einsum("br,brd->bd", alpha, x["copies"])]
 
     pieces = {  # name: (function, matrix-product FLOPs per call, per step?)
-        "init_state": (lambda x: list(decoder.init_state(x["features"])[1:]),
-                       B * (2 * R * D * A + 2 * 2 * D * n), False),
+        "init_state": (
+            lambda x: list(decoder.init_state(x["features"])[1:]),
+            B * (2 * R * D * A + 2 * 2 * D * n),
+            False,
+        ),
         "per_beam_copies_before": (per_beam_copies, 0, False),
         "attention_scores": (attention_scores, N * (2 * n * A + 2 * R * A), True),
         "context": (lambda x: [ops.matmul(x["alpha"], x["features"])], N * 2 * R * D, True),
         "context_from_copies_before": (copied_context, N * 2 * R * D, True),
         "lstm": (lstm, N * (2 * n + 2 * m * 4 * n + 2 * D * 4 * n + 2 * n * 4 * n), True),
-        "deep_output": (lambda x: [decoder._output(decoder.embedding(x["words"]), x["h"],
-                                                   x["z"], False)],
-                        N * (2 * n * m + 2 * D * m + 2 * m * vocab), True),
+        "deep_output": (
+            lambda x: [decoder._output(decoder.embedding(x["words"]), x["h"], x["z"], False)],
+            N * (2 * n * m + 2 * D * m + 2 * m * vocab),
+            True,
+        ),
         "log_softmax_top_k": (top_k, 0, True),
         "beam_gathers_writes": (bookkeeping, 0, True),
     }
     yardstick = matmul_gflops()
-    result = {"backend": keras.backend.backend(), "config": args.config, "batch": B,
-              "beam_size": K, "max_length": T, "matmul_gflops": round(yardstick, 1)}
+    result = {
+        "backend": keras.backend.backend(),
+        "config": args.config,
+        "batch": B,
+        "beam_size": K,
+        "max_length": T,
+        "matmul_gflops": round(yardstick, 1),
+    }
 
     def whole(steps):
-        return best_seconds(lambda x: search.beam_search(decoder, x["features"], K, steps),
-                            {"features": features}, decoder, max(3, args.repeats // 3))
+        return best_seconds(
+            lambda x: search.beam_search(decoder, x["features"], K, steps),
+            {"features": features},
+            decoder,
+            max(3, args.repeats // 3),
+        )
 
     full, one = whole(T), whole(1)
     step_in_loop = (full - one) / (T - 1)
@@ -154,7 +182,8 @@ def main() -> None:
     result["step_in_loop_ms"] = round(step_in_loop * 1e3, 2)
     result["once_per_call_ms"] = round((one - step_in_loop) * 1e3, 2)
     result["step_in_loop_fraction_of_matmul"] = round(
-        N * beam_step / step_in_loop / 1e9 / yardstick, 3)
+        N * beam_step / step_in_loop / 1e9 / yardstick, 3
+    )
     inputs["copies"] = ops.repeat(features, K, axis=0)
     timed, sum_of_step_pieces = {}, 0.0
     for name, (fn, flops, per_step) in pieces.items():

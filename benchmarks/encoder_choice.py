@@ -32,9 +32,24 @@ from caption_pipeline.params import from_conf  # noqa: E402
 from caption_pipeline.text import Vocabulary, tokenize  # noqa: E402
 
 MAX_TOKENS = 20
-VISUAL_WORDS = {*shapes.COLOURS, *shapes.SHAPE_WORDS, *shapes.SIZE_WORDS, "one", "two", "three",
-                "left", "right", "above", "below", "over", "under", "top", "bottom", "middle",
-                "centre"}
+VISUAL_WORDS = {
+    *shapes.COLOURS,
+    *shapes.SHAPE_WORDS,
+    *shapes.SIZE_WORDS,
+    "one",
+    "two",
+    "three",
+    "left",
+    "right",
+    "above",
+    "below",
+    "over",
+    "under",
+    "top",
+    "bottom",
+    "middle",
+    "centre",
+}
 
 
 def make_split(split: str, count: int, seed: int):
@@ -69,8 +84,9 @@ def forward_ms_per_image(encoder: keras.Model, images: np.ndarray, repeats: int 
     return 1000 * best / len(batch)
 
 
-def train_and_score(model: Captioner, x_train, y_train, x_val, y_val, steps, batch, seed,
-                    visual_ids: np.ndarray):
+def train_and_score(
+    model: Captioner, x_train, y_train, x_val, y_val, steps, batch, seed, visual_ids: np.ndarray
+):
     """Train on random (image, caption) pairs; score every val caption, teacher-forced."""
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     rng = np.random.default_rng(seed)
@@ -83,9 +99,9 @@ def train_and_score(model: Captioner, x_train, y_train, x_val, y_val, steps, bat
     train_s = time.perf_counter() - start
     correct = total = xent_sum = visual_correct = visual_total = 0.0
     for first in range(0, len(y_val), batch):
-        features = model({key: x_val[key][first:first + batch]}, training=False)
+        features = model({key: x_val[key][first : first + batch]}, training=False)
         for k in range(y_val.shape[1]):
-            captions = y_val[first:first + batch, k]
+            captions = y_val[first : first + batch, k]
             logits, alpha = model.teacher_forced(features, captions)
             targets = captions[:, 1:]
             mask = targets != 0
@@ -97,9 +113,12 @@ def train_and_score(model: Captioner, x_train, y_train, x_val, y_val, steps, bat
             visual_total += float(visual.sum())
             xent, _ = caption_losses(logits, alpha, targets)
             xent_sum += float(xent) * float(mask.sum())
-    return {"train_s": round(train_s, 1), "val_xent": round(xent_sum / total, 4),
-            "val_token_accuracy": round(correct / total, 4),
-            "val_visual_word_accuracy": round(visual_correct / visual_total, 4)}
+    return {
+        "train_s": round(train_s, 1),
+        "val_xent": round(xent_sum / total, 4),
+        "val_token_accuracy": round(correct / total, 4),
+        "val_visual_word_accuracy": round(visual_correct / visual_total, 4),
+    }
 
 
 def main() -> None:
@@ -116,36 +135,62 @@ def main() -> None:
     vocabulary = Vocabulary.build([t for c in train_captions for t in c], 1, MAX_TOKENS)
     y_train, y_val = encode(vocabulary, train_captions), encode(vocabulary, val_captions)
     visual_ids = np.array([vocabulary.token_id(w) for w in VISUAL_WORDS if w in vocabulary.counts])
-    result = {"backend": keras.backend.backend(), "vocab": vocabulary.size,
-              "train_images": args.train, "val_images": args.val, "steps": args.steps,
-              "batch": args.batch}
+    result = {
+        "backend": keras.backend.backend(),
+        "vocab": vocabulary.size,
+        "train_images": args.train,
+        "val_images": args.val,
+        "steps": args.steps,
+        "batch": args.batch,
+    }
     for name in ("blind", "nasnet_mobile", "compact"):
         keras.utils.set_random_seed(args.seed)
         encoder = "compact" if name == "blind" else name
         # As measured (docs/benchmarks.md): the compact CNN trained end to end, pooled last.
-        model = Captioner(from_conf(ModelConfig, "model", vocab_size=vocabulary.size,
-                                  encoder=encoder, image_size=128, encoder_trainable=None,
-                                  compact_pool_last=True, attention_dim=128))
+        model = Captioner(
+            from_conf(
+                ModelConfig,
+                "model",
+                vocab_size=vocabulary.size,
+                encoder=encoder,
+                image_size=128,
+                encoder_trainable=None,
+                compact_pool_last=True,
+                attention_dim=128,
+            )
+        )
         entry = {}
         if name == "blind":  # baseline: the decoder alone, given all-zero features
             shape = (model.regions, model.feature_dim)
-            x_train, x_val = ({"features": np.zeros((n, *shape), "float16")}
-                              for n in (args.train, args.val))
+            x_train, x_val = (
+                {"features": np.zeros((n, *shape), "float16")} for n in (args.train, args.val)
+            )
         else:
             forward_ms = forward_ms_per_image(model.encoder, val_images)
-            entry = {"regions": model.regions, "feature_dim": model.feature_dim,
-                     "encoder_params": model.encoder.count_params(),
-                     "forward_ms_per_image": round(forward_ms, 2)}
+            entry = {
+                "regions": model.regions,
+                "feature_dim": model.feature_dim,
+                "encoder_params": model.encoder.count_params(),
+                "forward_ms_per_image": round(forward_ms, 2),
+            }
             if model.config.trains_encoder:
                 x_train, x_val = {"image": train_images}, {"image": val_images}
             else:  # frozen: features once per image, float16, as the features pipeline stores them
                 start = time.perf_counter()
-                x_train, x_val = ({"features": model.encoder.predict(images.astype("float32"),
-                                                                    batch_size=64, verbose=0)
-                                   .astype("float16")} for images in (train_images, val_images))
+                x_train, x_val = (
+                    {
+                        "features": model.encoder.predict(
+                            images.astype("float32"), batch_size=64, verbose=0
+                        ).astype("float16")
+                    }
+                    for images in (train_images, val_images)
+                )
                 entry["feature_extraction_s"] = round(time.perf_counter() - start, 1)
-        entry.update(train_and_score(model, x_train, y_train, x_val, y_val, args.steps,
-                                     args.batch, args.seed, visual_ids))
+        entry.update(
+            train_and_score(
+                model, x_train, y_train, x_val, y_val, args.steps, args.batch, args.seed, visual_ids
+            )
+        )
         result[name] = entry
     print(json.dumps(result))
 

@@ -73,53 +73,95 @@ def by_group(targets: RegionTargets) -> dict[str, np.ndarray]:
     return {group: targets.values[:, :, s] for group, s in targets.slices().items()}
 
 
-def pretrain(data, targets, log, name, epochs=6, lr=2e-3, momentum=0.9,
-             filters=(32, 64, 128, 128), object_weight=10.0, batch_size=32, pool_last=True):
+def pretrain(
+    data,
+    targets,
+    log,
+    name,
+    epochs=6,
+    lr=2e-3,
+    momentum=0.9,
+    filters=(32, 64, 128, 128),
+    object_weight=10.0,
+    batch_size=32,
+    pool_last=True,
+):
     keras.utils.set_random_seed(42)
-    encoder = from_conf(ModelConfig, "model", vocab_size=1, image_size=128, compact_filters=filters,
-                      compact_pool_last=pool_last, feature_projection=None).build_encoder(None)
+    encoder = from_conf(
+        ModelConfig,
+        "model",
+        vocab_size=1,
+        image_size=128,
+        compact_filters=filters,
+        compact_pool_last=pool_last,
+        feature_projection=None,
+    ).build_encoder(None)
     for layer in encoder.layers:  # the variant's BatchNormalization momentum
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
     model = pretraining_model(encoder, targets["train"])
     steps = int(np.ceil(len(data["train"][0]) / batch_size)) * epochs
-    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
-                  loss={group: region_loss(object_weight) for group in targets["train"].groups})
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
+        loss={group: region_loss(object_weight) for group in targets["train"].groups},
+    )
     started = time.perf_counter()
     val = by_group(targets["val"])
-    val_batches = [(data["val"][1][i:i + 100], {g: v[i:i + 100] for g, v in val.items()})
-                   for i in range(0, len(data["val"][1]), 100)]
+    val_batches = [
+        (data["val"][1][i : i + 100], {g: v[i : i + 100] for g, v in val.items()})
+        for i in range(0, len(data["val"][1]), 100)
+    ]
     for epoch in range(epochs):
-        model.fit(data["train"][1], by_group(targets["train"]), batch_size=batch_size, epochs=1,
-                  verbose=0)
+        model.fit(
+            data["train"][1], by_group(targets["train"]), batch_size=batch_size, epochs=1, verbose=0
+        )
         accuracy = object_region_accuracy(model, val_batches, targets["val"])
-        log(name, "epoch", epoch + 1, {k: round(v, 3) for k, v in accuracy.items()},
-            f"{time.perf_counter() - started:.0f}s")
+        log(
+            name,
+            "epoch",
+            epoch + 1,
+            {k: round(v, 3) for k, v in accuracy.items()},
+            f"{time.perf_counter() - started:.0f}s",
+        )
     return encoder
 
 
 def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32):
-    features = {s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0))
-                for s in SPLITS}
+    features = {
+        s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0)) for s in SPLITS
+    }
     keras.utils.set_random_seed(42)
-    model_config = from_conf(ModelConfig, "model", vocab_size=vocab.size, encoder="compact",
-                           encoder_trainable=False, attention_dim=128)  # as measured
+    model_config = from_conf(
+        ModelConfig,
+        "model",
+        vocab_size=vocab.size,
+        encoder="compact",
+        encoder_trainable=False,
+        attention_dim=128,
+    )  # as measured
     train_config = from_conf(TrainConfig, "train", epochs=epochs, batch_size=batch_size)
     steps = int(np.ceil(len(features["train"]) / train_config.batch_size))
     model = build_captioner(model_config, train_config, steps, {"features": features["val"][:2]})
     for epoch in range(epochs):
-        history = model.fit({"features": features["train"]}, data["train"][2],
-                            batch_size=train_config.batch_size, epochs=epoch + 1,
-                            initial_epoch=epoch, verbose=0,
-                            validation_data=({"features": features["val"]}, data["val"][2]))
-        log(name, "decoder epoch", epoch + 1, "val_xent",
-            round(history.history["val_xent"][-1], 4))
+        history = model.fit(
+            {"features": features["train"]},
+            data["train"][2],
+            batch_size=train_config.batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            verbose=0,
+            validation_data=({"features": features["val"]}, data["val"][2]),
+        )
+        log(name, "decoder epoch", epoch + 1, "val_xent", round(history.history["val_xent"][-1], 4))
     objects = load_instances(ROOT / "annotations/instances_val.json")
     for method in ("greedy", "beam"):
-        settings = from_conf(DecodeSettings, "evaluate.decoding", method=method, beam_size=3,
-                        keep_attention=True)
-        batches = [{"features": features["val"][i:i + 100], "image_id": data["val"][0][i:i + 100]}
-                   for i in range(0, len(features["val"]), 100)]
+        settings = from_conf(
+            DecodeSettings, "evaluate.decoding", method=method, beam_size=3, keep_attention=True
+        )
+        batches = [
+            {"features": features["val"][i : i + 100], "image_id": data["val"][0][i : i + 100]}
+            for i in range(0, len(features["val"]), 100)
+        ]
         decoded = decode_dataset(model, vocab, batches, settings)
         log(name, method, "localization", localization_score(decoded, objects))
         results = [{"image_id": d.image_id, "caption": d.caption} for d in decoded]
@@ -133,12 +175,22 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
     vocab = Vocabulary.from_dict(json.loads(Path("data/03_primary/vocabulary.json").read_text()))
     tokens = pd.read_parquet("data/03_primary/tokenized_captions.parquet")
     data = {split: load_split(split, vocab, tokens) for split in SPLITS}
-    targets = {side: {s: region_targets(ROOT / f"annotations/instances_{s}.json", 128, side)
-                      for s in ("train", "val")} for side in (8, 16)}
+    targets = {
+        side: {
+            s: region_targets(ROOT / f"annotations/instances_{s}.json", 128, side)
+            for s in ("train", "val")
+        }
+        for side in (8, 16)
+    }
     if smoke:
         data = {s: tuple(a[:64] for a in arrays) for s, arrays in data.items()}
-        targets = {side: {s: RegionTargets(t.image_ids[:64], t.values[:64], t.groups)
-                          for s, t in by_split.items()} for side, by_split in targets.items()}
+        targets = {
+            side: {
+                s: RegionTargets(t.image_ids[:64], t.values[:64], t.groups)
+                for s, t in by_split.items()
+            }
+            for side, by_split in targets.items()
+        }
     for split in ("train", "val"):
         assert (targets[8][split].image_ids == data[split][0]).all()
     log_file = open(out / "sweep.txt", "w")
@@ -150,10 +202,12 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
     epochs = 1 if smoke else None
     if grid:  # the default settings on an 8x8 and a 16x16 grid; batch 128 (GPU) for the decoder
         for side, pool_last in ((16, False), (8, True)):
-            encoder = pretrain(data, targets[side], log, f"G{side}", epochs=epochs or 8,
-                               pool_last=pool_last)
-            decode_val(data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out,
-                        batch_size=128)
+            encoder = pretrain(
+                data, targets[side], log, f"G{side}", epochs=epochs or 8, pool_last=pool_last
+            )
+            decode_val(
+                data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out, batch_size=128
+            )
         return
     targets = targets[8]
     pretrain(data, targets, log, "P1_momentum_0.99", epochs=epochs or 6, momentum=0.99)

@@ -110,8 +110,15 @@ def measure(args, batch: int) -> dict:
     _, captions = synthetic_batch(model, batch * per_image, length - 1, "features")
     captions = captions.reshape(batch, per_image, length)  # grouped: [B, C, T+1]
     flops_image = encoder_flops(model.encoder) + per_image * decoder_flops(
-        model.regions, model.feature_dim, c.attention_dim, c.lstm_units, c.embed_dim,
-        c.vocab_size, length - 1, features_need_grad=True)
+        model.regions,
+        model.feature_dim,
+        c.attention_dim,
+        c.lstm_units,
+        c.embed_dim,
+        c.vocab_size,
+        length - 1,
+        features_need_grad=True,
+    )
     start = time.perf_counter()
     model.train_on_batch(images, captions)  # traces and compiles
     compile_s = time.perf_counter() - start
@@ -127,17 +134,29 @@ def measure(args, batch: int) -> dict:
     best = min(step_times)
     encoder_params = sum(int(np.prod(v.shape)) for v in model.encoder.trainable_variables)
     return {
-        "batch": batch, "captions": batch * per_image, "encoder": c.encoder,
-        "image_size": c.image_size, "regions": model.regions, "feature_dim": model.feature_dim,
-        "steps": length - 1, "vocab": c.vocab_size, "batchnorm": c.encoder_batchnorm,
-        "jit_compile": train.jit_compile, "precision": train.precision,
-        "optimizer": type(model.optimizer).__name__, "encoder_lr_ratio": model.optimizer.ratio,
-        "scaled_variables": len(model.optimizer.scaled), "params": model.count_params(),
+        "batch": batch,
+        "captions": batch * per_image,
+        "encoder": c.encoder,
+        "image_size": c.image_size,
+        "regions": model.regions,
+        "feature_dim": model.feature_dim,
+        "steps": length - 1,
+        "vocab": c.vocab_size,
+        "batchnorm": c.encoder_batchnorm,
+        "jit_compile": train.jit_compile,
+        "precision": train.precision,
+        "optimizer": type(model.optimizer).__name__,
+        "encoder_lr_ratio": model.optimizer.ratio,
+        "scaled_variables": len(model.optimizer.scaled),
+        "params": model.count_params(),
         "trainable_params": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
         "encoder_trainable_params": encoder_params,
-        "build_s": round(build_s, 1), "compile_s": round(compile_s, 1),
-        "step_s": round(best, 3), "median_step_s": round(float(np.median(step_times)), 3),
-        "s_per_image": round(best / batch, 3), "images_per_s": round(batch / best, 3),
+        "build_s": round(build_s, 1),
+        "compile_s": round(compile_s, 1),
+        "step_s": round(best, 3),
+        "median_step_s": round(float(np.median(step_times)), 3),
+        "s_per_image": round(best / batch, 3),
+        "images_per_s": round(batch / best, 3),
         "gflop_per_image": round(flops_image / 1e9, 2),
         "gflops": round(batch * flops_image / best / 1e9, 1),
         "matmul_gflops": round(max(rates), 1),
@@ -150,10 +169,24 @@ def measure(args, batch: int) -> dict:
 
 
 def child_command(args, batch: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--batch", str(batch),
-               "--env", args.env, "--vocab", str(args.vocab), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--matmul-size", str(args.matmul_size),
-               "--jit-compile", args.jit_compile]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--batch",
+        str(batch),
+        "--env",
+        args.env,
+        "--vocab",
+        str(args.vocab),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--matmul-size",
+        str(args.matmul_size),
+        "--jit-compile",
+        args.jit_compile,
+    ]
     if args.encoder:
         command += ["--encoder", args.encoder]
     if args.image_size:
@@ -182,13 +215,16 @@ def sweep(args) -> dict:
                 stopped = f"batch {batch}: predicted {predicted / GIB:.1f} GiB > 90% available"
                 break
         started = time.perf_counter()
-        done = subprocess.run(child_command(args, batch), capture_output=True, text=True,
-                              cwd=ROOT)
+        done = subprocess.run(child_command(args, batch), capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             stopped = f"batch {batch}: exit {done.returncode}: {done.stderr.strip()[-500:]}"
             break
-        runs.append({**json.loads(done.stdout.strip().splitlines()[-1]),
-                     "process_wall_s": round(time.perf_counter() - started, 1)})
+        runs.append(
+            {
+                **json.loads(done.stdout.strip().splitlines()[-1]),
+                "process_wall_s": round(time.perf_counter() - started, 1),
+            }
+        )
         if runs[-1]["step_s"] > args.max_step_s:
             stopped = f"batch {batch}: step {runs[-1]['step_s']} s > --max-step-s"
             break
@@ -208,23 +244,37 @@ def memory_fit(runs: list[dict], machines: str) -> dict | None:
         name, _, gib = entry.partition("=")
         memory = total_bytes() if name == "cpu" else float(gib) * GIB
         fixed = intercept if name == "cpu" else fixed_gpu
-        fits[name] = {"memory_gib": round(memory / GIB, 1), "fixed_gib": round(fixed / GIB, 2),
-                      "max_batch": int((memory - fixed) // slope) if slope > 0 else None}
+        fits[name] = {
+            "memory_gib": round(memory / GIB, 1),
+            "fixed_gib": round(fixed / GIB, 2),
+            "max_batch": int((memory - fixed) // slope) if slope > 0 else None,
+        }
     residual = peaks - (intercept + slope * batches)
-    return {"mib_per_image": round(slope / 2**20), "intercept_mib": round(intercept / 2**20),
-            "max_residual_mib": round(float(np.abs(residual).max()) / 2**20),
-            "estimated_max_batch": fits}
+    return {
+        "mib_per_image": round(slope / 2**20),
+        "intercept_mib": round(intercept / 2**20),
+        "max_residual_mib": round(float(np.abs(residual).max()) / 2**20),
+        "estimated_max_batch": fits,
+    }
 
 
 def machine() -> dict:
     import tensorflow as tf
 
     with open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                    if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(total_bytes() / GIB, 1),
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "backend": keras.backend.backend()}
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+            platform.processor(),
+        )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(total_bytes() / GIB, 1),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
 
 
 def main() -> None:
@@ -237,25 +287,40 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=10204, help="COCO's vocabulary size")
     parser.add_argument("--warmup", type=int, default=1, help="steps after the compiling one")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps")
-    parser.add_argument("--jit-compile", default="config", choices=["config", "true", "false"],
-                        help="config: train.jit_compile of the env")
+    parser.add_argument(
+        "--jit-compile",
+        default="config",
+        choices=["config", "true", "false"],
+        help="config: train.jit_compile of the env",
+    )
     parser.add_argument("--matmul-size", type=int, default=4096)
-    parser.add_argument("--max-step-s", type=float, default=60.0,
-                        help="no larger size after a step this long")
-    parser.add_argument("--memory", default=MEMORY,
-                        help="name=GiB,...: the batch each would hold (cpu: this machine)")
+    parser.add_argument(
+        "--max-step-s", type=float, default=60.0, help="no larger size after a step this long"
+    )
+    parser.add_argument(
+        "--memory",
+        default=MEMORY,
+        help="name=GiB,...: the batch each would hold (cpu: this machine)",
+    )
     args = parser.parse_args()
     if args.batch is not None:
         print(json.dumps(measure(args, args.batch)))
         return
     start, load = time.time(), os.getloadavg()
     result = sweep(args)
-    print(json.dumps({
-        **result, "command": " ".join(sys.argv), "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(start)),
-        "wall_s": round(time.time() - start, 1),
-        "load_average_at_start": [round(x, 2) for x in load],
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}))
+    print(
+        json.dumps(
+            {
+                **result,
+                "command": " ".join(sys.argv),
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(start)),
+                "wall_s": round(time.time() - start, 1),
+                "load_average_at_start": [round(x, 2) for x in load],
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,19 @@ FEATURE_BYTES = REGIONS * FEATURE_DIM * 2  # float16
 CAPTIONS_PER_IMAGE = 5
 GPU_CAPTIONS_PER_S = 972  # COCO train step, one H200 (JAX), batch 64 (docs/benchmarks.md)
 SPLIT = "train"
-VARIANTS = ("raw", "raw_interleave", "parse", "read_parse", "default", "unseeded",
-            "cycle_length_1", "no_shuffle", "cached", "raw_cold", "default_cold")
+VARIANTS = (
+    "raw",
+    "raw_interleave",
+    "parse",
+    "read_parse",
+    "default",
+    "unseeded",
+    "cycle_length_1",
+    "no_shuffle",
+    "cached",
+    "raw_cold",
+    "default_cold",
+)
 MB = 1e6
 
 
@@ -102,42 +113,65 @@ def write_feature_shards(folder: Path, images: int, shards: int, seed: int = 0) 
     with the project's record format, atomic shard commit and manifest."""
     rng = np.random.default_rng(seed)
     parts = np.array_split(np.arange(images), min(shards, images))
-    tasks = [ShardTask(f"{SPLIT}-{i:05d}-of-{len(parts):05d}.tfrecord", SPLIT, len(part),
-                       f"bench-{seed}-{i}-{len(part)}") for i, part in enumerate(parts)]
+    tasks = [
+        ShardTask(
+            f"{SPLIT}-{i:05d}-of-{len(parts):05d}.tfrecord",
+            SPLIT,
+            len(part),
+            f"bench-{seed}-{i}-{len(part)}",
+        )
+        for i, part in enumerate(parts)
+    ]
 
     def fill(part: np.ndarray, tmp: Path) -> dict:
         captions = 0
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for image_id in part.tolist():
-                ids = [[1, *rng.integers(4, 10204, int(rng.integers(8, 15))).tolist(), 2]
-                       for _ in range(CAPTIONS_PER_IMAGE)]
+                ids = [
+                    [1, *rng.integers(4, 10204, int(rng.integers(8, 15))).tolist(), 2]
+                    for _ in range(CAPTIONS_PER_IMAGE)
+                ]
                 record = serialize_example(image_id, f"{image_id:012d}.jpg", b"", (640, 480), ids)
                 features = rng.standard_normal((REGIONS, FEATURE_DIM), dtype=np.float32)
                 writer.write(feature_example(record, features.astype(np.float16)))
                 captions += len(ids)
-        return {"records": len(part), "captions": captions, "skipped": 0,
-                "skipped_examples": [], "feature_shape": [REGIONS, FEATURE_DIM]}
+        return {
+            "records": len(part),
+            "captions": captions,
+            "skipped": 0,
+            "skipped_examples": [],
+            "feature_shape": [REGIONS, FEATURE_DIM],
+        }
 
     def write_missing(missing, bar):
-        for task, part in zip(tasks, parts):
+        for task, part in zip(tasks, parts, strict=False):
             if task in missing:
                 yield commit_shard(folder, task, lambda tmp, part=part: fill(part, tmp))
 
     start = time.perf_counter()
     summary = write_shard_set(
-        folder, tasks, write_missing,
-        header={"format": FEATURE_FORMAT, "kind": "features",
-                "params": {"benchmark": "reader_throughput", "seed": seed,
-                           "dtype": "float16"}},
+        folder,
+        tasks,
+        write_missing,
+        header={
+            "format": FEATURE_FORMAT,
+            "kind": "features",
+            "params": {"benchmark": "reader_throughput", "seed": seed, "dtype": "float16"},
+        },
         finish=lambda body: {"regions": REGIONS, "feature_dim": FEATURE_DIM},
         progress=False,
     )
     seconds = time.perf_counter() - start
     totals = summary.manifest["totals"]
-    return {"images": totals["records"], "captions": totals["captions"],
-            "shards": totals["shards"], "bytes": totals["bytes"],
-            "bytes_per_record": round(totals["bytes"] / totals["records"]),
-            "feature_bytes_per_image": FEATURE_BYTES, "write_s": round(seconds, 1)}
+    return {
+        "images": totals["records"],
+        "captions": totals["captions"],
+        "shards": totals["shards"],
+        "bytes": totals["bytes"],
+        "bytes_per_record": round(totals["bytes"] / totals["records"]),
+        "feature_bytes_per_image": FEATURE_BYTES,
+        "write_s": round(seconds, 1),
+    }
 
 
 def page_cached_mb() -> float:
@@ -181,12 +215,15 @@ def _cpu_s() -> float:
 
 
 def rates(images: int, timer: Timer, *, file_bytes: float | None = None) -> dict:
-    out = {"images": images, "seconds": round(timer.seconds, 3),
-           "images_per_s": round(images / timer.seconds, 1),
-           "captions_per_s": round(CAPTIONS_PER_IMAGE * images / timer.seconds, 1),
-           "feature_mb_per_s": round(images * FEATURE_BYTES / timer.seconds / MB, 1),
-           "cpu_ms_per_image": round(1000 * timer.cpu_seconds / images, 2),
-           "load_average_1m": timer.load}
+    out = {
+        "images": images,
+        "seconds": round(timer.seconds, 3),
+        "images_per_s": round(images / timer.seconds, 1),
+        "captions_per_s": round(CAPTIONS_PER_IMAGE * images / timer.seconds, 1),
+        "feature_mb_per_s": round(images * FEATURE_BYTES / timer.seconds / MB, 1),
+        "cpu_ms_per_image": round(1000 * timer.cpu_seconds / images, 2),
+        "load_average_1m": timer.load,
+    }
     if file_bytes is not None:
         out["file_mb_per_s"] = round(file_bytes / timer.seconds / MB, 1)
     return out
@@ -234,11 +271,17 @@ def cached_dataset(shard_set, args) -> tf.data.Dataset:
     autotune = tf.data.AUTOTUNE
     parse = lambda record: parse_feature_example(record, shard_set.feature_shape)  # noqa: E731
     ds = tf.data.Dataset.from_tensor_slices(shard_set.files(SPLIT)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(8, len(shard_set.files(SPLIT))),
-        num_parallel_calls=autotune, deterministic=True)
+        tf.data.TFRecordDataset,
+        cycle_length=min(8, len(shard_set.files(SPLIT))),
+        num_parallel_calls=autotune,
+        deterministic=True,
+    )
     ds = ds.map(parse, num_parallel_calls=autotune, deterministic=True).cache().repeat()
-    ds = ds.map(lambda r: _grouped_captions(r, "features", CAPTIONS_PER_IMAGE),
-                num_parallel_calls=autotune, deterministic=True)
+    ds = ds.map(
+        lambda r: _grouped_captions(r, "features", CAPTIONS_PER_IMAGE),
+        num_parallel_calls=autotune,
+        deterministic=True,
+    )
     ds = ds.shuffle(args.shuffle_buffer, seed=0, reshuffle_each_iteration=True)
     ds = ds.map(lambda x, c: (x, tf.cast(c, tf.int32)), num_parallel_calls=autotune)
     return without_autotune_model(ds.padded_batch(args.batch).prefetch(autotune))
@@ -254,22 +297,34 @@ def run_variants(folder: Path, args) -> dict:
     # Fill the shuffle buffer, then a few more: the timed batches are the steady state.
     warmup = min(math.ceil(args.shuffle_buffer / args.batch) + 2, per_epoch)
 
-    def reader(repeat: bool = True, cycle_length: int = ReaderOptions.cycle_length,
-               **overrides) -> tf.data.Dataset:
-        settings = dict(batch_size=args.batch, caption_mode="grouped",
-                        captions_per_image=CAPTIONS_PER_IMAGE, shuffle=True, seed=0,
-                        shuffle_buffer=args.shuffle_buffer)
+    def reader(
+        repeat: bool = True, cycle_length: int = ReaderOptions.cycle_length, **overrides
+    ) -> tf.data.Dataset:
+        settings = dict(
+            batch_size=args.batch,
+            caption_mode="grouped",
+            captions_per_image=CAPTIONS_PER_IMAGE,
+            shuffle=True,
+            seed=0,
+            shuffle_buffer=args.shuffle_buffer,
+        )
         return make_caption_dataset(
-            shard_set, SPLIT, **{**settings, **overrides},
-            options=ReaderOptions(repeat=repeat, cycle_length=cycle_length))
+            shard_set,
+            SPLIT,
+            **{**settings, **overrides},
+            options=ReaderOptions(repeat=repeat, cycle_length=cycle_length),
+        )
 
     def parse(record):
         return parse_feature_example(record, shard_set.feature_shape)
 
     def interleaved() -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices(files).interleave(
-            tf.data.TFRecordDataset, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
+            tf.data.TFRecordDataset,
+            cycle_length=cycle,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     results = {}
     for name in args.variants:
@@ -281,19 +336,25 @@ def run_variants(folder: Path, args) -> dict:
             records = without_autotune_model(tf.data.TFRecordDataset(files).cache())
             count_records(records)  # fills the in-memory cache of serialized records
             results[name] = timed_pass(
-                records.map(parse, num_parallel_calls=tf.data.AUTOTUNE), images)
+                records.map(parse, num_parallel_calls=tf.data.AUTOTUNE), images
+            )
             del records
         elif name == "read_parse":
             results[name] = timed_pass(
-                interleaved().map(parse, num_parallel_calls=tf.data.AUTOTUNE), images)
+                interleaved().map(parse, num_parallel_calls=tf.data.AUTOTUNE), images
+            )
         elif name in ("default", "unseeded", "cycle_length_1", "no_shuffle"):
-            overrides = {"unseeded": {"seed": None}, "cycle_length_1": {"cycle_length": 1},
-                         "no_shuffle": {"shuffle": False}}.get(name, {})
+            overrides = {
+                "unseeded": {"seed": None},
+                "cycle_length_1": {"cycle_length": 1},
+                "no_shuffle": {"shuffle": False},
+            }.get(name, {})
             results[name] = timed_batches(reader(**overrides), warmup, args.batches)
         elif name == "cached":
             # Warm-up: one whole epoch (fills the cache) plus the shuffle buffer's worth.
-            results[name] = timed_batches(cached_dataset(shard_set, args),
-                                          per_epoch + warmup, args.batches)
+            results[name] = timed_batches(
+                cached_dataset(shard_set, args), per_epoch + warmup, args.batches
+            )
         elif name in ("raw_cold", "default_cold"):
             before = page_cached_mb()
             evict(files)
@@ -309,13 +370,22 @@ def run_variants(folder: Path, args) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(),
-            "tensorflow": importlib.metadata.version("tensorflow")}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "tensorflow": importlib.metadata.version("tensorflow"),
+    }
 
 
 def main() -> None:
@@ -334,24 +404,32 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
 
-    record = {"benchmark": "reader_throughput", "command": " ".join(sys.argv),
-              "machine": machine(), "matmul_size": args.matmul_size,
-              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    record = {
+        "benchmark": "reader_throughput",
+        "command": " ".join(sys.argv),
+        "machine": machine(),
+        "matmul_size": args.matmul_size,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     start = time.perf_counter()
     record["matmul_gflops_at_start"] = round(matmul_gflops(args.matmul_size), 1)
     with tempfile.TemporaryDirectory(prefix="bench-reader-", dir=args.tmpdir) as tmp:
         record["shards"] = write_feature_shards(Path(tmp), args.images, args.shards)
-        record["page_cache"] = ("shards just written: every variant but *_cold reads them from "
-                                "the page cache (memory), *_cold after evicting them (the disk)")
+        record["page_cache"] = (
+            "shards just written: every variant but *_cold reads them from "
+            "the page cache (memory), *_cold after evicting them (the disk)"
+        )
         record["batch_size"], record["shuffle_buffer"] = args.batch, args.shuffle_buffer
         record["variants"] = run_variants(Path(tmp), args)
     record["matmul_gflops_at_end"] = round(matmul_gflops(args.matmul_size), 1)
 
     images_needed = GPU_CAPTIONS_PER_S / CAPTIONS_PER_IMAGE
-    need = {"gpu_captions_per_s": GPU_CAPTIONS_PER_S,
-            "needed_images_per_s_for_972_captions_s": round(images_needed, 1),
-            "needed_mb_s_for_972_captions_s": round(images_needed * FEATURE_BYTES / MB, 1),
-            "needed_mb_s_for_5x_step": round(5 * images_needed * FEATURE_BYTES / MB, 1)}
+    need = {
+        "gpu_captions_per_s": GPU_CAPTIONS_PER_S,
+        "needed_images_per_s_for_972_captions_s": round(images_needed, 1),
+        "needed_mb_s_for_972_captions_s": round(images_needed * FEATURE_BYTES / MB, 1),
+        "needed_mb_s_for_5x_step": round(5 * images_needed * FEATURE_BYTES / MB, 1),
+    }
     for name in ("default", "default_cold"):
         if name in record["variants"]:
             result = record["variants"][name]
@@ -359,7 +437,8 @@ def main() -> None:
             need[f"{name}_reader_over_gpu_need"] = round(ratio, 2)
             need[f"{name}_bounds_epoch"] = "gpu_step" if ratio >= 1 else "reader"
             need[f"{name}_cores_for_972_captions_s"] = round(
-                images_needed * result["cpu_ms_per_image"] / 1000, 2)
+                images_needed * result["cpu_ms_per_image"] / 1000, 2
+            )
     record["gpu_need"] = need
     record["total_seconds"] = round(time.perf_counter() - start, 1)
     record["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

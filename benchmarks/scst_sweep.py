@@ -7,7 +7,8 @@ SCST phase (`pipelines/train/nodes.self_critical_phase`) on the train split of t
 model inputs, with the parameters of parameters_train.yml overridden by the variant. After
 every epoch it prints the greedy val CIDEr-D that the phase itself uses to pick its epoch,
 and the seconds per epoch; for the weights the phase keeps, and for the cross-entropy model,
-the val CIDEr of the `evaluate` pipeline (its decoding, beam 3, and pycocoevalcap; Java). Every figure is of the train or val split: a figure used to choose
+the val CIDEr of the `evaluate` pipeline (its decoding, beam 3, and pycocoevalcap; Java).
+Every figure is of the train or val split: a figure used to choose
 is no longer a test figure, so this script never reads test (tests/test_evaluation_protocol.py).
 
     python benchmarks/scst_sweep.py --model data/06_models/captioner.keras --out OUT \
@@ -63,7 +64,7 @@ def _value(text: str):
 
 
 def parse_variant(text: str) -> dict:
-    """"lr=2e-4,baseline=mean" -> {"learning_rate": 2e-4, "baseline": "mean"}."""
+    """ "lr=2e-4,baseline=mean" -> {"learning_rate": 2e-4, "baseline": "mean"}."""
     pairs = (item.split("=", 1) for item in text.split(",") if item)
     return {ALIASES.get(key.strip(), key.strip()): _value(value.strip()) for key, value in pairs}
 
@@ -91,48 +92,69 @@ def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
     """Every variant of `args.variants`, one JSON line each, then the one val prefers."""
     params = project_config(ROOT, args.env, "parameters")
     model_inputs = load_model_inputs(ROOT / "data/05_model_input/model_inputs")
-    vocabulary = Vocabulary.from_dict(json.loads(
-        (ROOT / "data/03_primary/vocabulary.json").read_text()))
+    vocabulary = Vocabulary.from_dict(
+        json.loads((ROOT / "data/03_primary/vocabulary.json").read_text())
+    )
     captions = pd.read_parquet(ROOT / "data/02_intermediate/captions.parquet")
     captions = captions[captions["split"].isin(["train", "val"])]  # never test
     shards = load_shard_set(ROOT / "data/03_primary/shards", kind="images")
     settings = EvaluateSettings.from_params(params["evaluate"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = {"model_inputs": model_inputs.manifest.get("fingerprint"),
-                   "vocabulary": vocabulary.size}
+    fingerprint = {
+        "model_inputs": model_inputs.manifest.get("fingerprint"),
+        "vocabulary": vocabulary.size,
+    }
 
     keras.utils.clear_session()
-    cross_entropy = val_cider(keras.models.load_model(args.model), vocabulary, shards, captions,
-                              settings, scorer)
+    cross_entropy = val_cider(
+        keras.models.load_model(args.model), vocabulary, shards, captions, settings, scorer
+    )
     print(json.dumps({"cross_entropy_val_beam_cider": cross_entropy}), flush=True)
     results = []
     for index, text in enumerate(args.variants.split(";")):
         variant = parse_variant(text)
-        config = SelfCriticalConfig.from_dict({
-            **params["self_critical"], **variant, "enabled": True, "epochs": args.epochs,
-            "checkpoint_dir": str(out / f"variant-{index}"), "keep_checkpoints": True,
-            "progress": False})
+        config = SelfCriticalConfig.from_dict(
+            {
+                **params["self_critical"],
+                **variant,
+                "enabled": True,
+                "epochs": args.epochs,
+                "checkpoint_dir": str(out / f"variant-{index}"),
+                "keep_checkpoints": True,
+                "progress": False,
+            }
+        )
         keras.utils.clear_session()
         captioner = keras.models.load_model(args.model)
         started = time.perf_counter()
-        kept, history, _ = self_critical_phase(captioner, model_inputs, vocabulary, captions,
-                                               config, fingerprint)
-        result = {"variant": text, "val_cider": history["val_cider"].round(4).tolist(),
-                  "val_beam_cider_kept": val_cider(kept, vocabulary, shards, captions, settings,
-                                                   scorer),
-                  "seconds_per_epoch": history["seconds"].dropna().round(1).tolist(),
-                  "total_s": round(time.perf_counter() - started, 1)}
+        kept, history, _ = self_critical_phase(
+            captioner, model_inputs, vocabulary, captions, config, fingerprint
+        )
+        result = {
+            "variant": text,
+            "val_cider": history["val_cider"].round(4).tolist(),
+            "val_beam_cider_kept": val_cider(kept, vocabulary, shards, captions, settings, scorer),
+            "seconds_per_epoch": history["seconds"].dropna().round(1).tolist(),
+            "total_s": round(time.perf_counter() - started, 1),
+        }
         print(json.dumps(result), flush=True)
         results.append(result)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     best = max(results, key=lambda r: max(r["val_cider"]))
     epoch = best["val_cider"].index(max(best["val_cider"]))
-    print(json.dumps({"chosen_on_val": best["variant"], "epoch": epoch,
-                      "val_cider": max(best["val_cider"]),
-                      "cross_entropy_val_cider": best["val_cider"][0],
-                      "val_beam_cider": best["val_beam_cider_kept"],
-                      "cross_entropy_val_beam_cider": cross_entropy}))
+    print(
+        json.dumps(
+            {
+                "chosen_on_val": best["variant"],
+                "epoch": epoch,
+                "val_cider": max(best["val_cider"]),
+                "cross_entropy_val_cider": best["val_cider"][0],
+                "val_beam_cider": best["val_beam_cider_kept"],
+                "cross_entropy_val_beam_cider": cross_entropy,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

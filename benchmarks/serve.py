@@ -50,10 +50,21 @@ from PIL import Image  # noqa: E402
 def machine() -> dict:
     import tensorflow as tf
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "load_average": os.getloadavg()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -81,18 +92,20 @@ def model_latency(model_path: Path, image: bytes, repeats: int) -> dict:
     signatures = model._loaded.signatures
     size = int(model.info["image_size"])
     photo = io.BytesIO()
-    Image.open(io.BytesIO(image)).convert("RGB").resize((640, 480)).save(photo, "JPEG",
-                                                                          quality=90)
+    Image.open(io.BytesIO(image)).convert("RGB").resize((640, 480)).save(photo, "JPEG", quality=90)
     results = {}
     for name, data in (("model_size_jpeg", image), ("photo_640x480_jpeg", photo.getvalue())):
         images = tf.constant([data])
         pixels = decode_images(images, size)
-        full = best_ms(lambda: signatures[DEFAULT_SIGNATURE](images=images), repeats)
-        searched = best_ms(lambda: signatures[PIXELS_SIGNATURE](pixels=pixels), repeats)
-        encoder = best_ms(lambda: signatures[ENCODER_SIGNATURE](pixels=pixels), repeats)
-        results[name] = {"full_ms": full, "encoder_ms": encoder,
-                         "decoder_ms": round(searched - encoder, 2),
-                         "preprocessing_ms": round(full - searched, 2)}
+        full = best_ms(lambda i=images: signatures[DEFAULT_SIGNATURE](images=i), repeats)
+        searched = best_ms(lambda p=pixels: signatures[PIXELS_SIGNATURE](pixels=p), repeats)
+        encoder = best_ms(lambda p=pixels: signatures[ENCODER_SIGNATURE](pixels=p), repeats)
+        results[name] = {
+            "full_ms": full,
+            "encoder_ms": encoder,
+            "decoder_ms": round(searched - encoder, 2),
+            "preprocessing_ms": round(full - searched, 2),
+        }
     results["beam_size"] = model.default_beam_size
     return results
 
@@ -106,8 +119,9 @@ def load(url: str, images: list[bytes], requests_count: int, clients: int) -> di
         if not hasattr(local, "session"):
             local.session = requests.Session()
         start = time.perf_counter()
-        answer = local.session.post(url, files={"image": ("i.jpg", images[i % len(images)],
-                                                          "image/jpeg")}, timeout=300)
+        answer = local.session.post(
+            url, files={"image": ("i.jpg", images[i % len(images)], "image/jpeg")}, timeout=300
+        )
         return 1000 * (time.perf_counter() - start), answer.status_code
 
     with ThreadPoolExecutor(clients) as pool:
@@ -117,31 +131,54 @@ def load(url: str, images: list[bytes], requests_count: int, clients: int) -> di
         wall = time.perf_counter() - start
     ok = [ms for ms, status in results if status == 200]
     shed = [ms for ms, status in results if status == 503]
-    report = {"clients": clients, "requests": requests_count, "ok": len(ok),
-              **_percentiles("", ok), "requests_per_s": round(len(ok) / wall, 1),
-              "shed": len(shed), "shed_fraction": round(len(shed) / requests_count, 3),
-              "other": requests_count - len(ok) - len(shed)}
+    report = {
+        "clients": clients,
+        "requests": requests_count,
+        "ok": len(ok),
+        **_percentiles("", ok),
+        "requests_per_s": round(len(ok) / wall, 1),
+        "shed": len(shed),
+        "shed_fraction": round(len(shed) / requests_count, 3),
+        "other": requests_count - len(ok) - len(shed),
+    }
     return {**report, **_percentiles("shed_", shed)} if shed else report
 
 
 def _percentiles(prefix: str, latencies: list[float]) -> dict:
     if not latencies:
         return {}
-    return {f"{prefix}p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            f"{prefix}p99_ms": round(float(np.percentile(latencies, 99)), 1)}
+    return {
+        f"{prefix}p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        f"{prefix}p99_ms": round(float(np.percentile(latencies, 99)), 1),
+    }
 
 
-def server_runs(model_path: Path, images: list[bytes], requests_count: int, port: int,
-                plan: tuple[tuple[int, tuple[int, ...]], ...] = ((8, (1, 8)), (1, (8,)))
-                ) -> list[dict]:
+def server_runs(
+    model_path: Path,
+    images: list[bytes],
+    requests_count: int,
+    port: int,
+    plan: tuple[tuple[int, tuple[int, ...]], ...] = ((8, (1, 8)), (1, (8,))),
+) -> list[dict]:
     """For each (max_batch, client counts) of `plan`: a server, then `load` at each count."""
     command = str(Path(sys.executable).with_name("caption-pipeline"))
     runs = []
     for max_batch, concurrency in plan:
         process = subprocess.Popen(
-            [command, "serve", "--model", str(model_path), "--port", str(port),
-             "--max-batch", str(max_batch)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                command,
+                "serve",
+                "--model",
+                str(model_path),
+                "--port",
+                str(port),
+                "--max-batch",
+                str(max_batch),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(600):
@@ -152,8 +189,12 @@ def server_runs(model_path: Path, images: list[bytes], requests_count: int, port
                     pass
                 time.sleep(0.2)
             for clients in concurrency:
-                runs.append({"max_batch": max_batch,
-                             **load(f"{base}/v1/caption", images, requests_count, clients)})
+                runs.append(
+                    {
+                        "max_batch": max_batch,
+                        **load(f"{base}/v1/caption", images, requests_count, clients),
+                    }
+                )
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
@@ -167,8 +208,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--overload", action="store_true",
-                        help="throughput at capacity and the fraction shed at 64 clients")
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="throughput at capacity and the fraction shed at 64 clients",
+    )
     args = parser.parse_args()
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:32]]
     if not images:
@@ -181,8 +225,7 @@ def main() -> None:
         report = {"machine": machine(), "max_queue": defaults.max_queue}
         plan = ((defaults.max_batch, (1, defaults.max_queue, 64)),)
     else:
-        report = {"machine": machine(),
-                  "model": model_latency(args.model, images[0], args.repeats)}
+        report = {"machine": machine(), "model": model_latency(args.model, images[0], args.repeats)}
         plan = ((8, (1, 8)), (1, (8,)))
     report["server"] = server_runs(args.model, images, args.requests, args.port, plan)
     report["machine"]["load_average_end"] = os.getloadavg()

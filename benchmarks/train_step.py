@@ -53,14 +53,44 @@ TF_XLA = {"shapes": False, "coco": True, "coco_projected": True}
 CONFIGS = {
     # name: (ModelConfig kwargs, steps T, input)
     # (the compact CNN trained end to end, pooled last, as measured in docs/benchmarks.md)
-    "shapes": (dict(vocab_size=80, encoder="compact", image_size=128, encoder_trainable=None,
-                    compact_pool_last=True, attention_dim=128), 16, "image"),
-    "coco": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331, embed_dim=512,
-                  attention_dim=512, lstm_units=512), 24, "features"),
+    "shapes": (
+        dict(
+            vocab_size=80,
+            encoder="compact",
+            image_size=128,
+            encoder_trainable=None,
+            compact_pool_last=True,
+            attention_dim=128,
+        ),
+        16,
+        "image",
+    ),
+    "coco": (
+        dict(
+            vocab_size=10204,
+            encoder="nasnet_large",
+            image_size=331,
+            embed_dim=512,
+            attention_dim=512,
+            lstm_units=512,
+        ),
+        24,
+        "features",
+    ),
     # The same, on features projected to 512 per region (model.feature_projection).
-    "coco_projected": (dict(vocab_size=10204, encoder="nasnet_large", image_size=331,
-                            embed_dim=512, attention_dim=512, lstm_units=512,
-                            feature_projection=512), 24, "features"),
+    "coco_projected": (
+        dict(
+            vocab_size=10204,
+            encoder="nasnet_large",
+            image_size=331,
+            embed_dim=512,
+            attention_dim=512,
+            lstm_units=512,
+            feature_projection=512,
+        ),
+        24,
+        "features",
+    ),
 }
 # Precomputed features [R, D]: training builds the decoder alone (`Captioner(feature_shape=)`),
 # as the train pipeline does; NASNetLarge at 331 px gives 11 x 11 regions of 4032.
@@ -71,8 +101,17 @@ def decoder_flops(R, D, A, n, m, V, T, features_need_grad: bool) -> float:
     """Training FLOPs of the decoder per caption (see the module docstring)."""
     on_features = 3 if features_need_grad else 2  # forward + dW (+ dx)
     per_image = (2 * R * D * A + 2 * 2 * D * n) * on_features
-    per_step = (2 * n * A + 2 * R * A + 2 * n + 2 * m * 4 * n + 2 * D * 4 * n + 2 * n * 4 * n
-                + 2 * n * m + 2 * D * m + 2 * m * V) * 3 + 2 * R * D * on_features
+    per_step = (
+        2 * n * A
+        + 2 * R * A
+        + 2 * n
+        + 2 * m * 4 * n
+        + 2 * D * 4 * n
+        + 2 * n * 4 * n
+        + 2 * n * m
+        + 2 * D * m
+        + 2 * m * V
+    ) * 3 + 2 * R * D * on_features
     return per_image + T * per_step
 
 
@@ -123,8 +162,11 @@ def synthetic_batch(model: Captioner, batch: int, steps: int, source: str, seed:
     if source == "image":
         x = {"image": rng.uniform(0, 255, (batch, c.image_size, c.image_size, 3)).astype("float32")}
     else:  # precomputed features, stored as float16 by the features pipeline
-        x = {"features": rng.standard_normal((batch, model.regions, model.feature_dim))
-             .astype("float16")}
+        x = {
+            "features": rng.standard_normal((batch, model.regions, model.feature_dim)).astype(
+                "float16"
+            )
+        }
     captions = rng.integers(4, c.vocab_size, (batch, steps + 1)).astype("int32")
     captions[:, 0] = 1  # <start>
     captions[:, -1] = 2  # <end>; no padding: every step counts
@@ -139,8 +181,9 @@ def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "fl
     """
     kwargs, steps, source = CONFIGS[name]
     keras.mixed_precision.set_global_policy(precision)
-    model = Captioner(from_conf(ModelConfig, "model", **kwargs),
-                      feature_shape=FEATURE_SHAPES.get(name))
+    model = Captioner(
+        from_conf(ModelConfig, "model", **kwargs), feature_shape=FEATURE_SHAPES.get(name)
+    )
     # Under mixed_float16, compile wraps Adam in a LossScaleOptimizer, as training does.
     model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile)
     x, y = synthetic_batch(model, batch, steps, source)
@@ -150,8 +193,16 @@ def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "fl
     model.train_on_batch(x, y)
     c = model.config
     end_to_end = source == "image" and c.trains_encoder
-    flops = batch * decoder_flops(model.regions, model.feature_dim, c.attention_dim,
-                                  c.lstm_units, c.embed_dim, c.vocab_size, steps, end_to_end)
+    flops = batch * decoder_flops(
+        model.regions,
+        model.feature_dim,
+        c.attention_dim,
+        c.lstm_units,
+        c.embed_dim,
+        c.vocab_size,
+        steps,
+        end_to_end,
+    )
     if end_to_end:
         flops += batch * encoder_flops(model.encoder)
     step_times, matmul_rates = [], []
@@ -160,19 +211,27 @@ def bench(name: str, batch: int, repeats: int, jit_compile, precision: str = "fl
         start = time.perf_counter()
         model.train_on_batch(x, y)  # returns the loss as a Python float: synchronised
         step_times.append(time.perf_counter() - start)
-    fractions = [flops / t / 1e9 / rate for t, rate in zip(step_times, matmul_rates)]
+    fractions = [flops / t / 1e9 / rate for t, rate in zip(step_times, matmul_rates, strict=False)]
     best = min(step_times)
-    return {"precision": precision, "batch": batch, "steps": steps, "input": source,
-            "regions": model.regions,
-            "feature_dim": model.feature_dim, "vocab": c.vocab_size,
-            "dims": [c.embed_dim, c.attention_dim, c.lstm_units],
-            "params": model.count_params(), "compile_s": round(compile_s, 1),
-            "step_s": round(best, 4), "median_step_s": round(float(np.median(step_times)), 4),
-            "captions_per_s": round(batch / best, 1),
-            "gflop_per_caption": round(flops / batch / 1e9, 3),
-            "gflops": round(flops / best / 1e9, 1),
-            "matmul_gflops": round(max(matmul_rates), 1),
-            "fraction_of_matmul": round(float(np.median(fractions)), 3)}
+    return {
+        "precision": precision,
+        "batch": batch,
+        "steps": steps,
+        "input": source,
+        "regions": model.regions,
+        "feature_dim": model.feature_dim,
+        "vocab": c.vocab_size,
+        "dims": [c.embed_dim, c.attention_dim, c.lstm_units],
+        "params": model.count_params(),
+        "compile_s": round(compile_s, 1),
+        "step_s": round(best, 4),
+        "median_step_s": round(float(np.median(step_times)), 4),
+        "captions_per_s": round(batch / best, 1),
+        "gflop_per_caption": round(flops / batch / 1e9, 3),
+        "gflops": round(flops / best / 1e9, 1),
+        "matmul_gflops": round(max(matmul_rates), 1),
+        "fraction_of_matmul": round(float(np.median(fractions)), 3),
+    }
 
 
 def main() -> None:
@@ -180,10 +239,17 @@ def main() -> None:
     parser.add_argument("--configs", default="shapes,coco")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--jit-compile", default="best", choices=["best", "true", "false", "auto"],
-                        help="best: TF_XLA's choice under TensorFlow, compiled under JAX")
-    parser.add_argument("--precision", default="float32",
-                        help="comma-separated: float32, mixed_bfloat16, mixed_float16")
+    parser.add_argument(
+        "--jit-compile",
+        default="best",
+        choices=["best", "true", "false", "auto"],
+        help="best: TF_XLA's choice under TensorFlow, compiled under JAX",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        help="comma-separated: float32, mixed_bfloat16, mixed_float16",
+    )
     args = parser.parse_args()
     result = {"backend": keras.backend.backend()}
     for name in args.configs.split(","):
@@ -191,8 +257,10 @@ def main() -> None:
         if jit is None:  # best
             jit = TF_XLA[name] if keras.backend.backend() == "tensorflow" else True
         precisions = args.precision.split(",")
-        runs = {p: {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit, p)}
-                for p in precisions}
+        runs = {
+            p: {"jit_compile": jit, **bench(name, args.batch, args.repeats, jit, p)}
+            for p in precisions
+        }
         # One precision: the config's result as before; several: one result per precision.
         result[name] = runs[precisions[0]] if len(precisions) == 1 else runs
     result["tensorflow_imported"] = "tensorflow" in sys.modules

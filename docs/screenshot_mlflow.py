@@ -53,9 +53,19 @@ MODEL, ALIAS = "image-captioner", "champion"
 CHARTS = r"^(xent|fine_tune)\.(loss|val_xent)$|^scst\.(reward|val_cider)$"
 TRAINING_PREFIXES = ("xent.", "fine_tune.", "scst.")
 WIDTH = 1400  # CSS pixels, and pixels of the PNGs (device scale factor 1)
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", f"--window-size={WIDTH},1000", "--force-device-scale-factor=1")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    f"--window-size={WIDTH},1000",
+    "--force-device-scale-factor=1",
+)
 # The UI's state in localStorage, set before the app starts: the model-training sidebar (not
 # GenAI's), and the MLflow Assistant panel closed (it opens itself on a first visit).
 LOCAL_STORAGE = {
@@ -83,17 +93,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(database: Path, port: int, log: Path, timeout: float = 120
-                 ) -> subprocess.Popen:
+def start_server(database: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
     """`mlflow server` on the sqlite database, in its own process group; returns once /health
     answers."""
-    command = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{database.resolve()}",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{database.resolve()}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -150,8 +171,10 @@ def api(base: str, endpoint: str, **query: str) -> dict[str, Any] | None:
 def find_version_and_run(base: str, run_id: str | None) -> tuple[dict, dict]:
     """(the model version that holds ALIAS, the run to show: run_id or that version's run)."""
     if api(base, "registered-models/get", name=MODEL) is None:
-        fail(f"no registered model {MODEL!r} in the database: run `kedro run` (the export "
-             "stage registers it)")
+        fail(
+            f"no registered model {MODEL!r} in the database: run `kedro run` (the export "
+            "stage registers it)"
+        )
     found = api(base, "registered-models/alias", name=MODEL, alias=ALIAS)
     if found is None:
         fail(f"{MODEL!r} has no version with the alias {ALIAS!r}")
@@ -172,14 +195,18 @@ def chart_metrics(run: dict, charts: str) -> list[str]:
     names = sorted(metric["key"] for metric in run["data"].get("metrics", []))
     training = [name for name in names if name.startswith(TRAINING_PREFIXES)]
     if not training:
-        fail(f"run {run['info']['run_id']} has no training metrics "
-             f"({', '.join(p + '*' for p in TRAINING_PREFIXES)}); it has: "
-             f"{', '.join(names) or 'none'}")
+        fail(
+            f"run {run['info']['run_id']} has no training metrics "
+            f"({', '.join(p + '*' for p in TRAINING_PREFIXES)}); it has: "
+            f"{', '.join(names) or 'none'}"
+        )
     pattern = re.compile(charts, re.IGNORECASE)  # as the UI's search reads it
     shown = [name for name in names if pattern.search(name)]
     if not any(name.startswith(TRAINING_PREFIXES) for name in shown):
-        fail(f"--charts {charts!r} matches no training metric of the run; it has: "
-             f"{', '.join(training)}")
+        fail(
+            f"--charts {charts!r} matches no training metric of the run; it has: "
+            f"{', '.join(training)}"
+        )
     return shown
 
 
@@ -196,22 +223,32 @@ def browser(profile: Path) -> webdriver.Chrome:
     if chromium:
         options.binary_location = chromium
     try:
-        driver = webdriver.Chrome(service=Service(chromedriver) if chromedriver else None,
-                                  options=options)
+        driver = webdriver.Chrome(
+            service=Service(chromedriver) if chromedriver else None, options=options
+        )
     except WebDriverException as error:
-        fail(f"cannot start headless Chromium ({error.msg}): apt-get install chromium "
-             "chromium-driver")
-    setup = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});"
-                    for k, v in LOCAL_STORAGE.items())
-    style = (f"document.addEventListener('DOMContentLoaded', () => {{"
-             f"const s = document.createElement('style'); s.textContent = {json.dumps(HIDE_CSS)};"
-             f"document.head.appendChild(s); }});")
+        fail(
+            f"cannot start headless Chromium ({error.msg}): apt-get install chromium "
+            "chromium-driver"
+        )
+    setup = "".join(
+        f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in LOCAL_STORAGE.items()
+    )
+    style = (
+        f"document.addEventListener('DOMContentLoaded', () => {{"
+        f"const s = document.createElement('style'); s.textContent = {json.dumps(HIDE_CSS)};"
+        f"document.head.appendChild(s); }});"
+    )
     driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": setup + style})
     return driver
 
 
-def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], Any],
-             what: str | Callable[[], str], timeout: float = 60) -> Any:
+def wait_for(
+    driver: webdriver.Chrome,
+    condition: Callable[[webdriver.Chrome], Any],
+    what: str | Callable[[], str],
+    timeout: float = 60,
+) -> Any:
     """Poll `condition` until it returns something truthy; fail naming `what` (or what it
     returns then) after timeout."""
     deadline = time.monotonic() + timeout
@@ -223,12 +260,19 @@ def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], A
         if result:
             return result
         time.sleep(0.25)
-    fail(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what} "
-         f"on {driver.current_url}")
+    fail(
+        f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what} "
+        f"on {driver.current_url}"
+    )
 
 
-def settle(driver: webdriver.Chrome, script: str, what: str,
-           ready: Callable[[Any], bool] = bool, quiet: float = 2) -> None:
+def settle(
+    driver: webdriver.Chrome,
+    script: str,
+    what: str,
+    ready: Callable[[Any], bool] = bool,
+    quiet: float = 2,
+) -> None:
     """Wait until `script`'s value is `ready` and has not changed for `quiet` seconds (charts
     drawn, layout done): the React app re-renders as its requests come back."""
     last, since = None, time.monotonic()
@@ -260,7 +304,8 @@ def charts_drawn(count: int) -> Callable[[Any], bool]:
 def chart_titles(driver: webdriver.Chrome) -> list[str]:
     """The metric names of the chart cards (their h4 titles)."""
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll('h4[title]')).map(h => h.title)")
+        "return Array.from(document.querySelectorAll('h4[title]')).map(h => h.title)"
+    )
 
 
 def set_viewport(driver: webdriver.Chrome, height: int) -> None:
@@ -272,9 +317,13 @@ def set_viewport(driver: webdriver.Chrome, height: int) -> None:
 
 def bottom_of(driver: webdriver.Chrome, css: str) -> int:
     """The lowest bottom edge (CSS px) of the elements matching css."""
-    return int(driver.execute_script(
-        "return Math.max(0, ...Array.from(document.querySelectorAll(arguments[0]))"
-        ".map(e => e.getBoundingClientRect().bottom))", css))
+    return int(
+        driver.execute_script(
+            "return Math.max(0, ...Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(e => e.getBoundingClientRect().bottom))",
+            css,
+        )
+    )
 
 
 def save_png(driver: webdriver.Chrome, out: Path, height: int) -> None:
@@ -282,26 +331,36 @@ def save_png(driver: webdriver.Chrome, out: Path, height: int) -> None:
     palette of 256 colours when the full colour one is larger)."""
     image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
     if image.width != WIDTH:  # a device scale factor other than 1
-        image = image.resize((WIDTH, round(image.height * WIDTH / image.width)),
-                             Image.Resampling.LANCZOS)
+        image = image.resize(
+            (WIDTH, round(image.height * WIDTH / image.width)), Image.Resampling.LANCZOS
+        )
     image = image.crop((0, 0, WIDTH, min(image.height, height)))
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, optimize=True)
     if out.stat().st_size > MAX_BYTES:
         image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            out, optimize=True)
+            out, optimize=True
+        )
     print(f"wrote {out} ({image.width}x{image.height}, {out.stat().st_size // 1000} KB)")
 
 
-def shoot_run(driver: webdriver.Chrome, base: str, run: dict, charts: str, shown: list[str],
-              out: Path) -> str:
+def shoot_run(
+    driver: webdriver.Chrome, base: str, run: dict, charts: str, shown: list[str], out: Path
+) -> str:
     info = run["info"]
     url = f"{base}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}/model-metrics"
     set_viewport(driver, 1050)  # two rows of three charts
     driver.get(url)
     name = info.get("run_name") or info["run_id"]
-    wait_for(driver, lambda d: name in d.find_element(By.TAG_NAME, "h2").text
-             if d.find_elements(By.TAG_NAME, "h2") else None, f"the run name {name!r}")
+    wait_for(
+        driver,
+        lambda d: (
+            name in d.find_element(By.TAG_NAME, "h2").text
+            if d.find_elements(By.TAG_NAME, "h2")
+            else None
+        ),
+        f"the run name {name!r}",
+    )
     wait_for(driver, lambda d: chart_titles(d), "the metric charts")
 
     def type_filter(d):  # the UI's chart search; again if React replaced the box meanwhile
@@ -314,9 +373,13 @@ def shoot_run(driver: webdriver.Chrome, base: str, run: dict, charts: str, shown
 
     wait_for(driver, type_filter, "the chart search box")
     driver.find_element(By.CSS_SELECTOR, SEARCH_BOX).send_keys(Keys.TAB)  # no cursor in it
-    wait_for(driver, lambda d: set(shown) <= set(chart_titles(d)),
-             lambda: f"the charts {', '.join(shown)} (shown: "
-                     f"{', '.join(chart_titles(driver)) or 'none'})")
+    wait_for(
+        driver,
+        lambda d: set(shown) <= set(chart_titles(d)),
+        lambda: (
+            f"the charts {', '.join(shown)} (shown: {', '.join(chart_titles(driver)) or 'none'})"
+        ),
+    )
     count = len(chart_titles(driver))  # the UI's search also keeps image charts, if any
     settle(driver, CHART_STATE, f"the {count} charts to be drawn", charts_drawn(count))
     height = bottom_of(driver, ".js-plotly-plot") + 60  # the legend under the last row
@@ -328,24 +391,40 @@ def shoot_run(driver: webdriver.Chrome, base: str, run: dict, charts: str, shown
     return url
 
 
-def shoot_version(driver: webdriver.Chrome, base: str, version: dict, run: dict,
-                  out: Path) -> str:
+def shoot_version(driver: webdriver.Chrome, base: str, version: dict, run: dict, out: Path) -> str:
     number = version["version"]
     url = f"{base}/#/models/{urllib.parse.quote(MODEL)}/versions/{number}"
     set_viewport(driver, 900)
     driver.get(url)
-    wait_for(driver, lambda d: f"Version {number}" in d.find_element(By.TAG_NAME, "h2").text
-             if d.find_elements(By.TAG_NAME, "h2") else None, f"the heading 'Version {number}'")
+    wait_for(
+        driver,
+        lambda d: (
+            f"Version {number}" in d.find_element(By.TAG_NAME, "h2").text
+            if d.find_elements(By.TAG_NAME, "h2")
+            else None
+        ),
+        f"the heading 'Version {number}'",
+    )
     aliases = sorted(version.get("aliases") or [ALIAS])
     for alias in aliases:
-        wait_for(driver, lambda d, a=alias: d.find_elements(
-            By.CSS_SELECTOR, f"[role=status][title={json.dumps(a)}]"), f"the alias tag {alias!r}")
+        wait_for(
+            driver,
+            lambda d, a=alias: d.find_elements(
+                By.CSS_SELECTOR, f"[role=status][title={json.dumps(a)}]"
+            ),
+            f"the alias tag {alias!r}",
+        )
     name = run["info"].get("run_name")
     if name and run["info"]["run_id"] == version.get("run_id"):
-        wait_for(driver, lambda d: d.execute_script(
-            "return Array.from(document.links).some("
-            "a => a.innerText.replace(/\\s+/g, ' ').includes(arguments[0]))", name),
-            f"the source run link {name!r}")
+        wait_for(
+            driver,
+            lambda d: d.execute_script(
+                "return Array.from(document.links).some("
+                "a => a.innerText.replace(/\\s+/g, ' ').includes(arguments[0]))",
+                name,
+            ),
+            f"the source run link {name!r}",
+        )
     settle(driver, "return document.body.innerText.length", "the page to render")
     # Down to the end of the tags table (above the model's schema).
     tags = driver.find_elements(By.XPATH, "//*[normalize-space(text())='Schema']")
@@ -356,12 +435,19 @@ def shoot_version(driver: webdriver.Chrome, base: str, version: dict, run: dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("project", type=Path, nargs="?", default=ROOT,
-                        help="a project folder whose mlflow.db holds a finished `kedro run`")
-    parser.add_argument("--run-id", default=None,
-                        help=f"the run to chart (default: the one of {MODEL}@{ALIAS})")
-    parser.add_argument("--charts", default=CHARTS,
-                        help="regular expression over metric names: the charts to show")
+    parser.add_argument(
+        "project",
+        type=Path,
+        nargs="?",
+        default=ROOT,
+        help="a project folder whose mlflow.db holds a finished `kedro run`",
+    )
+    parser.add_argument(
+        "--run-id", default=None, help=f"the run to chart (default: the one of {MODEL}@{ALIAS})"
+    )
+    parser.add_argument(
+        "--charts", default=CHARTS, help="regular expression over metric names: the charts to show"
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     database = args.project / "mlflow.db"
@@ -377,10 +463,12 @@ def main() -> None:
             version, run = find_version_and_run(base, args.run_id)
             shown = chart_metrics(run, args.charts)
             driver = browser(scratch / "profile")
-            urls = [shoot_run(driver, base, run, args.charts, shown,
-                              args.output_dir / "mlflow_run.png"),
-                    shoot_version(driver, base, version, run,
-                                  args.output_dir / "mlflow_model.png")]
+            urls = [
+                shoot_run(
+                    driver, base, run, args.charts, shown, args.output_dir / "mlflow_run.png"
+                ),
+                shoot_version(driver, base, version, run, args.output_dir / "mlflow_model.png"),
+            ]
         finally:
             if driver is not None:
                 driver.quit()

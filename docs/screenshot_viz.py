@@ -19,17 +19,33 @@ from pathlib import Path
 from selenium import webdriver
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--window-size=1500,620", "--force-device-scale-factor=2")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1500,620",
+    "--force-device-scale-factor=2",
+)
 # Kedro-Viz keeps its UI state in localStorage["KedroViz"]; set before the app starts.
 SETTINGS = {
     "pipeline": {"active": "__default__"},
     "nodeType": {"disabled": {"parameters": True, "task": False, "data": False}},
     "layer": {"visible": True},
     "textLabels": True,
-    "visible": {"code": False, "graph": True, "miniMap": False, "sidebar": False,
-                "slicing": True, "traceback": False},
+    "visible": {
+        "code": False,
+        "graph": True,
+        "miniMap": False,
+        "sidebar": False,
+        "slicing": True,
+        "traceback": False,
+    },
     "theme": "light",
     "showFeatureHints": False,
     "expandAllPipelines": False,
@@ -48,8 +64,10 @@ def main(build: Path = ROOT / "build", out: Path = ROOT / "docs" / "kedro_viz.pn
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options)
     try:
-        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
-            "source": f"localStorage.setItem('KedroViz', {json.dumps(json.dumps(SETTINGS))});"})
+        driver.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {"source": f"localStorage.setItem('KedroViz', {json.dumps(json.dumps(SETTINGS))});"},
+        )
         driver.get(f"http://127.0.0.1:{server.server_port}/")
         time.sleep(8)  # layout and transitions
         driver.save_screenshot(str(out))

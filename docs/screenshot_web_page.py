@@ -31,17 +31,20 @@ def main() -> None:
     args = parser.parse_args()
     image = args.image or sorted((args.project / "data/01_raw/shapes/test").glob("*.jpg"))[0]
     port = free_port()
-    server = start_server([str(Path(sys.executable).with_name("caption-pipeline")), "serve",
-                           "--port", str(port)], args.project,
-                          f"http://127.0.0.1:{port}/readyz")
+    server = start_server(
+        [str(Path(sys.executable).with_name("caption-pipeline")), "serve", "--port", str(port)],
+        args.project,
+        f"http://127.0.0.1:{port}/readyz",
+    )
     try:
         with tempfile.TemporaryDirectory() as profile:
             driver = browser(Path(profile))
             try:
                 caption_in_page(driver, f"http://127.0.0.1:{port}/", image.resolve())
                 words = driver.find_elements(By.CSS_SELECTOR, ".word")
-                ActionChains(driver).move_to_element(words[min(args.word, len(words) - 1)]
-                                                     ).perform()
+                ActionChains(driver).move_to_element(
+                    words[min(args.word, len(words) - 1)]
+                ).perform()
                 driver.save_screenshot(str(args.output))
             finally:
                 driver.quit()

@@ -48,8 +48,15 @@ def decoded(image_id: int, caption: str, rows: list[np.ndarray]) -> CaptionedIma
     """A beam-search result: the best caption's attention rows, then <end>'s, then a worse beam."""
     steps = np.stack([*rows, np.full(rows[0].shape, 1.0 / rows[0].size, np.float32)])
     attention = np.stack([steps, np.zeros_like(steps)])  # [K=2, L, R]
-    return CaptionedImage(image_id, [caption, "other"], [0.0, -1.0], [0.0, -1.0],
-                        [len(rows) + 1, 2], [True, True], attention)
+    return CaptionedImage(
+        image_id,
+        [caption, "other"],
+        [0.0, -1.0],
+        [0.0, -1.0],
+        [len(rows) + 1, 2],
+        [True, True],
+        attention,
+    )
 
 
 @pytest.mark.parametrize(("height", "width"), [(40, 40), (30, 60)])
@@ -83,8 +90,11 @@ def test_union_of_boxes_counts_overlaps_once():
 
 SCENE = {
     "images": [{"id": 7, "width": 40, "height": 40, "file_name": "7.jpg"}],
-    "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
-                   {"id": 3, "name": "star"}],
+    "categories": [
+        {"id": 1, "name": "circle"},
+        {"id": 2, "name": "square"},
+        {"id": 3, "name": "star"},
+    ],
     "annotations": [
         {"id": 1, "image_id": 7, "category_id": 1, "bbox": [20, 10, 10, 10]},  # in cell (1, 2)
         {"id": 2, "image_id": 7, "category_id": 2, "bbox": [0, 30, 40, 10]},  # bottom row
@@ -117,8 +127,9 @@ def test_score_averages_over_shape_words_only(scene_file):
     rows = [one_hot(0, 0)] * 9
     rows[2] = one_hot(1, 2)  # "circle": on the circle
     rows[5] = one_hot(0, 0)  # "squares": top left, not on the bottom strip
-    result = localization_score([decoded(7, caption, rows), decoded(8, "circle", rows[:1])],
-                                load_instances(scene_file))
+    result = localization_score(
+        [decoded(7, caption, rows), decoded(8, "circle", rows[:1])], load_instances(scene_file)
+    )
     # circle hit, squares miss, star names a shape the image does not have: a miss.
     assert result["object_words"] == 3 and result["hits"] == 1
     assert result["score"] == pytest.approx(1 / 3)
@@ -128,8 +139,9 @@ def test_score_averages_over_shape_words_only(scene_file):
 
 
 def test_no_shape_word_gives_no_score(scene_file):
-    result = localization_score([decoded(7, "a red thing", [one_hot(0, 0)] * 3)],
-                                load_instances(scene_file))
+    result = localization_score(
+        [decoded(7, "a red thing", [one_hot(0, 0)] * 3)], load_instances(scene_file)
+    )
     assert result["score"] is None and result["uniform"] is None
 
 
@@ -164,11 +176,14 @@ def test_bad_instances_file_names_file_and_field(tmp_path):
 def test_localization_on_real_shapes_files(tmp_path):
     """Attention aimed at each object's box centre (from the generator's instances file) hits."""
     dataset = {
-        "name": "shapes", "format": "coco", "root": str(tmp_path / "shapes"),
+        "name": "shapes",
+        "format": "coco",
+        "root": str(tmp_path / "shapes"),
         "splits": {"test": {"annotations": "annotations/captions_test.json", "images": "test"}},
     }
-    ensure_generated(dataset, from_conf(ShapesConfig, "synthetic",
-                                        splits={"test": 4}, image_size=64))
+    ensure_generated(
+        dataset, from_conf(ShapesConfig, "synthetic", splits={"test": 4}, image_size=64)
+    )
     instances = json.loads((tmp_path / "shapes/annotations/instances_test.json").read_text())
     names = {c["id"]: c["name"] for c in instances["categories"]}
     side = 8
@@ -195,10 +210,16 @@ def test_localization_on_real_shapes_files(tmp_path):
 def coco_dataset(root) -> dict:
     """conf/coco's dataset block: val and test are halves of val2017."""
     captions = "annotations/captions_val2017.json"
-    return {"name": "coco2017", "format": "coco", "root": str(root), "splits": {
-        "train": {"annotations": "annotations/captions_train2017.json", "images": "train2017"},
-        "val": {"annotations": captions, "images": "val2017", "select": [0.0, 0.5]},
-        "test": {"annotations": captions, "images": "val2017", "select": [0.5, 1.0]}}}
+    return {
+        "name": "coco2017",
+        "format": "coco",
+        "root": str(root),
+        "splits": {
+            "train": {"annotations": "annotations/captions_train2017.json", "images": "train2017"},
+            "val": {"annotations": captions, "images": "val2017", "select": [0.0, 0.5]},
+            "test": {"annotations": captions, "images": "val2017", "select": [0.5, 1.0]},
+        },
+    }
 
 
 def test_localization_on_a_coco_2017_instances_file(tmp_path):
@@ -207,16 +228,31 @@ def test_localization_on_a_coco_2017_instances_file(tmp_path):
     # 640 x 480 on a 4 x 4 grid: cell (row, col) covers x [160 col, 160 col + 160),
     # y [120 row, 120 row + 120).
     instances = {
-        "info": {}, "licenses": [],
-        "images": [{"id": 139, "width": 640, "height": 480, "file_name": "000000000139.jpg"},
-                   {"id": 285, "width": 640, "height": 480, "file_name": "000000000285.jpg"}],
-        "categories": [*coco_like.CATEGORIES, {"id": 91, "name": "unicorn",
-                                               "supercategory": "animal"}],
+        "info": {},
+        "licenses": [],
+        "images": [
+            {"id": 139, "width": 640, "height": 480, "file_name": "000000000139.jpg"},
+            {"id": 285, "width": 640, "height": 480, "file_name": "000000000285.jpg"},
+        ],
+        "categories": [
+            *coco_like.CATEGORIES,
+            {"id": 91, "name": "unicorn", "supercategory": "animal"},
+        ],
         "annotations": [
-            {"id": 1, "image_id": 139, "category_id": 1, "bbox": [160, 120, 160, 120],
-             "iscrowd": 0},  # person: cell (1, 1)
-            {"id": 2, "image_id": 139, "category_id": 18, "iscrowd": 0,  # dog: cell (2, 2)
-             "segmentation": [[320, 240, 480, 240, 480, 360, 320, 360]]},
+            {
+                "id": 1,
+                "image_id": 139,
+                "category_id": 1,
+                "bbox": [160, 120, 160, 120],
+                "iscrowd": 0,
+            },  # person: cell (1, 1)
+            {
+                "id": 2,
+                "image_id": 139,
+                "category_id": 18,
+                "iscrowd": 0,  # dog: cell (2, 2)
+                "segmentation": [[320, 240, 480, 240, 480, 360, 320, 360]],
+            },
             {"id": 3, "image_id": 139, "category_id": 91, "bbox": [0, 0, 50, 50]},
             {"id": 4, "image_id": 285, "category_id": 91, "bbox": [0, 0, 50, 50]},
         ],
@@ -241,16 +277,19 @@ def test_localization_on_a_coco_2017_instances_file(tmp_path):
     assert result["categories_without_words"] == {"unicorn": 1}  # image 285 is not scored
     assert result["instances"].endswith("instances_val2017.json")
 
-    nothing = attention_localization([decoded(139, "a unicorn", [one_hot(0, 0)])], dataset,
-                                     "test")
+    nothing = attention_localization([decoded(139, "a unicorn", [one_hot(0, 0)])], dataset, "test")
     assert nothing["score"] is None and "names an object category" in nothing["reason"]
     missing = attention_localization([], coco_dataset(tmp_path / "elsewhere"), "test")
     assert missing["score"] is None and "instances_val2017.json" in missing["reason"]
 
 
 def test_instances_file_falls_back_to_the_split_name(tmp_path):
-    dataset = {"name": "mine", "format": "coco", "root": str(tmp_path),
-               "splits": {"test": {"annotations": "ann/refs.json", "images": "test"}}}
+    dataset = {
+        "name": "mine",
+        "format": "coco",
+        "root": str(tmp_path),
+        "splits": {"test": {"annotations": "ann/refs.json", "images": "test"}},
+    }
     (tmp_path / "ann").mkdir()
     assert instances_file(dataset, "test") is None
     (tmp_path / "ann" / "instances_test.json").write_text("{}")
@@ -271,13 +310,16 @@ def test_every_coco_category_has_words_and_no_word_names_two():
         CategoryWords({"dog": ["dog"], "puppy": ["puppy", "dog"]})
 
 
-@pytest.mark.parametrize(("caption", "expected"), [
-    ("a teddy bear next to a bear", [(2, "teddy bear"), (6, "bear")]),
-    ("two hot dogs and a dog", [(2, "hot dog"), (5, "dog")]),
-    ("A Man at a stop sign", [(1, "person"), (5, "stop sign")]),
-    ("a sign and a stop", []),
-    ("a tennis player with a tennis racket", [(2, "person"), (6, "tennis racket")]),
-])
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("a teddy bear next to a bear", [(2, "teddy bear"), (6, "bear")]),
+        ("two hot dogs and a dog", [(2, "hot dog"), (5, "dog")]),
+        ("A Man at a stop sign", [(1, "person"), (5, "stop sign")]),
+        ("a sign and a stop", []),
+        ("a tennis player with a tennis racket", [(2, "person"), (6, "tennis racket")]),
+    ],
+)
 def test_mentions_take_the_longest_phrase_at_its_last_word(caption, expected):
     assert CategoryWords(COCO_CATEGORY_WORDS).mentions(caption.split()) == expected
 

@@ -9,7 +9,9 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from caption_pipeline.cider import CiderD
 
-WORDS = "a an the red blue green small large circle square star triangle left of right above".split()
+WORDS = (
+    "a an the red blue green small large circle square star triangle left of right above".split()
+)
 
 
 def corpus(images: int, seed: int) -> tuple[dict[int, list[list[str]]], dict[int, list[str]]]:
@@ -62,7 +64,7 @@ def test_equals_pycocoevalcap_with_document_frequencies_of_another_corpus():
     pad = len(train) - len(scorer.crefs)
     scorer.crefs = list(scorer.crefs) + [scorer.crefs[0]] * pad
     scorer.ctest = list(scorer.ctest) + [scorer.ctest[0]] * pad
-    expected = scorer.compute_cider()[:len(scored_refs)]
+    expected = scorer.compute_cider()[: len(scored_refs)]
     ids = sorted(scored_refs)
     ours = CiderD(train).score([candidates[i] for i in ids], [scored_refs[i] for i in ids])
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)

@@ -19,12 +19,14 @@ COMMAND = str(Path(sys.executable).with_name("caption-pipeline"))
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-def test_caption_files_and_a_folder_reports_bad_files_and_goes_on(smoke_project, exported,
-                                                                  tmp_path):
+def test_caption_files_and_a_folder_reports_bad_files_and_goes_on(
+    smoke_project, exported, tmp_path
+):
     """A folder with good images, a non-image, a truncated JPEG and a nested folder; a
     missing file on the command line: every image is captioned, each bad one reported."""
     folder = tmp_path / "photos"
@@ -35,32 +37,52 @@ def test_caption_files_and_a_folder_reports_bad_files_and_goes_on(smoke_project,
     (folder / "c.png").write_bytes(b"this is not a png")
     (folder / "d.jpg").write_bytes(sources[2].read_bytes()[:1200])
     (folder / "notes.txt").write_text("ignored: not an image suffix")
-    result = _run("caption", str(sources[2]), str(folder), str(tmp_path / "missing.jpg"),
-                  "--beam-size", "2", cwd=smoke_project)
+    result = _run(
+        "caption",
+        str(sources[2]),
+        str(folder),
+        str(tmp_path / "missing.jpg"),
+        "--beam-size",
+        "2",
+        cwd=smoke_project,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "3 of 6 images could not be captioned" in result.stderr
     assert "Traceback" not in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     by_name = {Path(line["path"]).name: line for line in lines}
-    assert sorted(by_name) == sorted(["a.jpg", "b.JPG", "c.png", "d.jpg", "missing.jpg",
-                                      sources[2].name])
+    assert sorted(by_name) == sorted(
+        ["a.jpg", "b.JPG", "c.png", "d.jpg", "missing.jpg", sources[2].name]
+    )
     assert by_name["c.png"]["error"]["code"] == "not_an_image"
     assert by_name["d.jpg"]["error"]["code"] == "truncated"
     assert by_name["missing.jpg"]["error"]["code"] == "missing"
-    for name, source in (("a.jpg", sources[0]), ("b.JPG", sources[1]),
-                         (sources[2].name, sources[2])):
+    for name, source in (
+        ("a.jpg", sources[0]),
+        ("b.JPG", sources[1]),
+        (sources[2].name, sources[2]),
+    ):
         out = exported.caption([source.read_bytes()], 2)
         assert by_name[name]["caption"] == out["caption"][0]
-        np.testing.assert_allclose([b["score"] for b in by_name[name]["beams"]],
-                                   out["scores"][0], atol=1e-3)
+        np.testing.assert_allclose(
+            [b["score"] for b in by_name[name]["beams"]], out["scores"][0], atol=1e-3
+        )
     assert "caption: 100%" in result.stderr  # the folder's progress bar
 
 
 def test_caption_output_file_with_attention(smoke_project, tmp_path):
     image = sorted((smoke_project / "data/01_raw/shapes/test").glob("*.jpg"))[0]
     output = tmp_path / "captions.jsonl"
-    result = _run("caption", str(image), "--attention", "--output", str(output),
-                  "--model", str(smoke_project / EXPORT_DIR), cwd=tmp_path)
+    result = _run(
+        "caption",
+        str(image),
+        "--attention",
+        "--output",
+        str(output),
+        "--model",
+        str(smoke_project / EXPORT_DIR),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == ""
     (record,) = [json.loads(line) for line in output.read_text().splitlines()]

@@ -132,8 +132,11 @@ def test_the_json_files_have_coco_2017s_schema(generated):
     instances = load(root / "annotations/instances_val2017.json")
     assert set(instances) == {"info", "licenses", "images", "annotations", "categories"}
     categories = instances["categories"]
-    assert len(categories) == 80 == len({c["id"] for c in categories}) == len(
-        {c["name"] for c in categories}
+    assert (
+        len(categories)
+        == 80
+        == len({c["id"] for c in categories})
+        == len({c["name"] for c in categories})
     )
     assert all(set(c) == {"id", "name", "supercategory"} for c in categories)
     sizes = {image["id"]: (image["width"], image["height"]) for image in instances["images"]}

@@ -31,9 +31,18 @@ from caption_pipeline.model.beam_search import (
 from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
-CONFIG = from_conf(ModelConfig, "model",
-                   vocab_size=12, encoder="compact", image_size=32, compact_filters=(8, 8),
-                   compact_pool_last=True, embed_dim=8, attention_dim=8, lstm_units=16)
+CONFIG = from_conf(
+    ModelConfig,
+    "model",
+    vocab_size=12,
+    encoder="compact",
+    image_size=32,
+    compact_filters=(8, 8),
+    compact_pool_last=True,
+    embed_dim=8,
+    attention_dim=8,
+    lstm_units=16,
+)
 V = CONFIG.vocab_size
 MAX_LENGTH = 8
 
@@ -43,8 +52,9 @@ def tiny_captioner(end_bias: float = 0.0, seed: int = 0) -> Captioner:
     `end_bias` is the output bias of <end>: with 0, some captions end early and some do not."""
     model = Captioner(CONFIG)
     rng = np.random.default_rng(seed)
-    model.decoder.set_weights([rng.normal(0.0, 1.0, w.shape).astype("float32")
-                               for w in model.decoder.get_weights()])
+    model.decoder.set_weights(
+        [rng.normal(0.0, 1.0, w.shape).astype("float32") for w in model.decoder.get_weights()]
+    )
     bias = np.array(ops.convert_to_numpy(model.decoder.out_vocab.bias))
     bias[END_ID] = end_bias
     model.decoder.out_vocab.bias.assign(bias)
@@ -60,8 +70,12 @@ def image_features(batch: int, seed: int = 1) -> np.ndarray:
 
 def tiny_vocabulary() -> Vocabulary:
     """12 ids, as the tiny model's output: the special tokens and the words a .. h."""
-    return Vocabulary((*SPECIAL_TOKENS.values(), *"abcdefgh"), {w: 1 for w in "abcdefgh"},
-                      min_count=1, max_caption_length=5)
+    return Vocabulary(
+        (*SPECIAL_TOKENS.values(), *"abcdefgh"),
+        {w: 1 for w in "abcdefgh"},
+        min_count=1,
+        max_caption_length=5,
+    )
 
 
 def numpy_captions(captions):
@@ -118,9 +132,9 @@ def greedy(model, features):
 
 
 def test_beam_size_one_is_greedy(model, features, greedy):
-    beam1 = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
-                                          beam_size=1, alpha=0.7), MAX_LENGTH)(
-        {"features": features})
+    beam1 = make_decoder(
+        model, from_conf(DecodeSettings, "evaluate.decoding", beam_size=1, alpha=0.7), MAX_LENGTH
+    )({"features": features})
     assert greedy.ids.shape == (4, 1, MAX_LENGTH)
     # The case is not trivial: captions of several lengths, ended or cut at max_length.
     assert len(set(greedy.lengths.ravel())) > 1 and not greedy.finished.all()
@@ -131,13 +145,13 @@ def test_beam_size_one_is_greedy(model, features, greedy):
     np.testing.assert_allclose(beam1.attention, greedy.attention, atol=1e-6)
 
 
-def test_beams_are_sorted_scored_padded_and_match_teacher_forcing(model, features, beam3,
-                                                                  greedy):
+def test_beams_are_sorted_scored_padded_and_match_teacher_forcing(model, features, beam3, greedy):
     b, k, length = beam3.ids.shape
     assert (b, k, length) == (4, 3, MAX_LENGTH) and beam3.attention.shape == (4, 3, length, 64)
     assert (np.diff(beam3.scores, axis=1) <= 0).all()
     np.testing.assert_allclose(
-        beam3.scores, beam3.log_probs / ((5 + beam3.lengths) / 6) ** 0.7, rtol=1e-5)
+        beam3.scores, beam3.log_probs / ((5 + beam3.lengths) / 6) ** 0.7, rtol=1e-5
+    )
     assert (beam3.scores[:, 0] >= greedy.scores[:, 0] - 1e-5).all()
     ids, lengths = beam3.ids.reshape(b * k, length), beam3.lengths.ravel()
     position = np.arange(length)[None, :]
@@ -175,8 +189,11 @@ def test_all_beams_ending_early_stop_the_loop():
 def test_no_beam_reaching_end_stops_at_max_length(search):
     model, features = tiny_captioner(end_bias=-1e4), image_features(2)
     counter = StepCounter(model)
-    run = (lambda: greedy_search(counter, features, 5)) if search == "greedy" else (
-        lambda: beam_search(counter, features, 3, 5))
+    run = (
+        (lambda: greedy_search(counter, features, 5))
+        if search == "greedy"
+        else (lambda: beam_search(counter, features, 3, 5))
+    )
     captions = numpy_captions(run())
     assert counter.steps == 5 and captions.ids.shape[-1] == 5
     assert (captions.lengths == 5).all() and not captions.finished.any()
@@ -192,8 +209,9 @@ class StateSpy(StepCounter):
         self.shapes = set()
 
     def step(self, words, state):
-        self.shapes.add(tuple(tuple(x.shape) for x in (words, state.features, state.projected,
-                                                        state.h)))
+        self.shapes.add(
+            tuple(tuple(x.shape) for x in (words, state.features, state.projected, state.h))
+        )
         return super().step(words, state)
 
 
@@ -204,9 +222,10 @@ def test_searches_hold_each_images_features_once_not_once_per_beam(model, featur
 
     b, r, d = features.shape
     units, attention = CONFIG.lstm_units, CONFIG.attention_dim
-    for k, run in [(3, lambda spy: beam_search(spy, features, 3, 2)),
-                   (4, lambda spy: sample_captions(spy, features,
-                                                   np.full((b, 4, 2), 0.5, "float32")))]:
+    for k, run in [
+        (3, lambda spy: beam_search(spy, features, 3, 2)),
+        (4, lambda spy: sample_captions(spy, features, np.full((b, 4, 2), 0.5, "float32"))),
+    ]:
         spy = StateSpy(model)
         run(spy)
         assert spy.shapes == {((b, k), (b, r, d), (b, r, attention), (b, k, units))}
@@ -216,8 +235,9 @@ def test_searches_hold_each_images_features_once_not_once_per_beam(model, featur
 
 
 def test_an_image_alone_or_repeated_or_among_others_decodes_the_same(model, features, beam3):
-    decode = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
-                                           beam_size=3, alpha=0.7), MAX_LENGTH)
+    decode = make_decoder(
+        model, from_conf(DecodeSettings, "evaluate.decoding", beam_size=3, alpha=0.7), MAX_LENGTH
+    )
     alone = decode({"features": features[2:3]})
     repeated = decode({"features": np.repeat(features[2:3], 5, axis=0)})
     for row in range(5):
@@ -248,11 +268,11 @@ def all_captions(max_length: int, allow_unk: bool) -> tuple[np.ndarray, np.ndarr
 def test_a_beam_as_wide_as_every_caption_finds_the_exhaustive_ranking(alpha, allow_unk):
     model, features = tiny_captioner(end_bias=1.5), image_features(2, seed=3)
     ids, lengths = all_captions(3, allow_unk)  # 1 + 8 + 64 + 512 = 585 (820 with <unk>)
-    beams = numpy_captions(beam_search(model, features, len(ids), 3, alpha,
-                                       allow_unk=allow_unk))
+    beams = numpy_captions(beam_search(model, features, len(ids), 3, alpha, allow_unk=allow_unk))
     for image in range(2):
-        log_probs, _ = teacher_forced(model, np.repeat(features[image:image + 1], len(ids), 0),
-                                      ids, lengths)
+        log_probs, _ = teacher_forced(
+            model, np.repeat(features[image : image + 1], len(ids), 0), ids, lengths
+        )
         scores = log_probs / ((5 + lengths) / 6) ** alpha
         order = np.argsort(-scores, kind="stable")
         np.testing.assert_allclose(beams.scores[image], scores[order], rtol=1e-4, atol=1e-5)
@@ -274,13 +294,16 @@ def unk_loving_captioner() -> Captioner:
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_unk_is_never_generated_unless_allowed(method):
     model, features = unk_loving_captioner(), image_features(3)
-    never = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
-                                          method=method), MAX_LENGTH)({"features": features})
+    never = make_decoder(
+        model, from_conf(DecodeSettings, "evaluate.decoding", method=method), MAX_LENGTH
+    )({"features": features})
     assert not (never.ids == UNK_ID).any()
     assert (never.log_probs > -1e3).all()  # real captions of the other words, not dead beams
-    allowed = make_decoder(model, from_conf(DecodeSettings, "evaluate.decoding",
-                                            method=method, allow_unk=True),
-                           MAX_LENGTH)({"features": features})
+    allowed = make_decoder(
+        model,
+        from_conf(DecodeSettings, "evaluate.decoding", method=method, allow_unk=True),
+        MAX_LENGTH,
+    )({"features": features})
     assert (allowed.ids[:, 0, 0] == UNK_ID).all()  # what the model likes best, when allowed
     with pytest.raises(DataError, match="decoding.allow_unk must be true or false"):
         from_conf(DecodeSettings, "evaluate.decoding", allow_unk="no")
@@ -304,8 +327,14 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
     shards = load_shard_set(tmp_path / "shards")
     dataset = make_caption_dataset(shards, "test", batch_size=2)  # batches of 2, 2, 1
     vocabulary = tiny_vocabulary()
-    settings = from_conf(DecodeSettings, "evaluate.decoding",
-                         beam_size=2, alpha=0.5, jit_compile=False, keep_attention=True)
+    settings = from_conf(
+        DecodeSettings,
+        "evaluate.decoding",
+        beam_size=2,
+        alpha=0.5,
+        jit_compile=False,
+        keep_attention=True,
+    )
 
     decoded = decode_dataset(model, vocabulary, dataset, settings)
 
@@ -315,7 +344,8 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
     assert [d.image_id for d in decoded] == image_ids.tolist()
     # Same as one batch of all five images through the encoder and the search.
     direct = make_decoder(model, settings, settings.steps(vocabulary))(
-        {"image": np.concatenate([x["image"] for x in inputs])})
+        {"image": np.concatenate([x["image"] for x in inputs])}
+    )
     assert direct.ids.shape == (5, 2, 6)  # max_caption_length 5 words + <end>
     for b, image in enumerate(decoded):
         assert image.captions == [vocabulary.decode(ids) for ids in direct.ids[b]]
@@ -325,24 +355,31 @@ def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
         np.testing.assert_array_equal(image.lengths, direct.lengths[b])
         assert image.attention.shape == (2, 6, 64)
 
-    jpegs = make_caption_dataset(shards, "test", batch_size=2,
-                                 options=ReaderOptions(decode_images=False))
+    jpegs = make_caption_dataset(
+        shards, "test", batch_size=2, options=ReaderOptions(decode_images=False)
+    )
     with pytest.raises(DataError, match="'image' holds encoded JPEG"):
         decode_dataset(model, vocabulary, jpegs, settings)
 
 
 def test_bad_settings_and_batches_are_named(model, features):
-    for params, field in [({"method": "sample"}, "decoding.method"),
-                          ({"beam_size": 0}, "decoding.beam_size"),
-                          ({"max_length": 0}, "decoding.max_length"),
-                          ({"alpha": -1.0}, "decoding.alpha"),
-                          ({"beams": 3}, "unknown key")]:
+    for params, field in [
+        ({"method": "sample"}, "decoding.method"),
+        ({"beam_size": 0}, "decoding.beam_size"),
+        ({"max_length": 0}, "decoding.max_length"),
+        ({"alpha": -1.0}, "decoding.alpha"),
+        ({"beams": 3}, "unknown key"),
+    ]:
         with pytest.raises(DataError, match=field):
             DecodeSettings.from_params({**defaults("evaluate.decoding"), **params})
     vocabulary = tiny_vocabulary()
     with pytest.raises(DataError, match="needs 'image_id'"):
-        decode_dataset(model, vocabulary, [{"features": features}],
-                       from_conf(DecodeSettings, "evaluate.decoding"))
+        decode_dataset(
+            model,
+            vocabulary,
+            [{"features": features}],
+            from_conf(DecodeSettings, "evaluate.decoding"),
+        )
 
 
 JAX_DECODING = textwrap.dedent("""
@@ -370,14 +407,20 @@ JAX_DECODING = textwrap.dedent("""
 
 def test_jax_backend_decodes_the_same_without_tensorflow(greedy, beam3):
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", JAX_DECODING, str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", JAX_DECODING, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == "jax" and not result["tensorflow_imported"]
     assert result["beam1"]["ids"] == result["greedy"]["ids"]
-    np.testing.assert_allclose(result["beam1"]["log_probs"], result["greedy"]["log_probs"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        result["beam1"]["log_probs"], result["greedy"]["log_probs"], rtol=1e-6
+    )
     # Same weights, same captions as compiled TensorFlow (the fixtures above).
     np.testing.assert_array_equal(result["greedy"]["ids"], greedy.ids)
     np.testing.assert_array_equal(result["beam3"]["ids"], beam3.ids)
@@ -385,6 +428,7 @@ def test_jax_backend_decodes_the_same_without_tensorflow(greedy, beam3):
 
 
 def test_length_penalty_is_gnmt():
-    np.testing.assert_allclose(ops.convert_to_numpy(length_penalty(np.array([1, 7]), 1.0)),
-                               [1.0, 2.0])
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(length_penalty(np.array([1, 7]), 1.0)), [1.0, 2.0]
+    )
     np.testing.assert_allclose(ops.convert_to_numpy(length_penalty(np.array([3]), 0.0)), [1.0])

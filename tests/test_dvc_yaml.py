@@ -38,7 +38,8 @@ def stage_pipelines(project) -> dict:
 def test_dvc_yaml_is_what_the_project_generates(generated):
     problems = dvc_drift.drift((PROJECT_ROOT / "dvc.yaml").read_text(), generated)
     assert not problems, "dvc.yaml is out of date: run `caption-pipeline dvc-yaml`\n" + "\n".join(
-        problems)
+        problems
+    )
 
 
 def test_drift_names_the_stage_and_the_missing_entry(project, generated):
@@ -55,13 +56,23 @@ def test_drift_names_the_stage_and_the_missing_entry(project, generated):
         "stage train: deps extra data/extra",
     ]
     assert dvc_drift.drift(generated, generated) == []
-    assert dvc_drift.drift(generated.replace("# One DVC stage", "# A DVC stage"), generated)[0] \
+    assert (
+        dvc_drift.drift(generated.replace("# One DVC stage", "# A DVC stage"), generated)[0]
         == "the same stages; comments or layout differ:"
+    )
 
 
 def test_a_stage_per_pipeline_in_data_flow_order(project, stages):
-    assert list(stages) == ["synthetic", "ingest", "vocab", "shard", "features", "train",
-                            "evaluate", "export"]
+    assert list(stages) == [
+        "synthetic",
+        "ingest",
+        "vocab",
+        "shard",
+        "features",
+        "train",
+        "evaluate",
+        "export",
+    ]
     assert set(stages) == set(stage_pipelines(project))
     for name, stage in stages.items():
         assert stage["cmd"] == f"kedro run --pipelines={name}"
@@ -71,7 +82,8 @@ def test_inputs_another_stage_writes_are_deps(project, stages):
     pipelines = stage_pipelines(project)
     for name, pipeline in pipelines.items():
         written_elsewhere = set().union(
-            *(p.all_outputs() for other, p in pipelines.items() if other != name))
+            *(p.all_outputs() for other, p in pipelines.items() if other != name)
+        )
         for dataset in pipeline.inputs() & written_elsewhere:
             path = project.path(dataset)
             assert path, f"{name} reads {dataset}, which has no path: it cannot run alone"
@@ -93,29 +105,40 @@ def test_every_environment_override_of_a_read_parameter_is_a_param(project, stag
     assert {"smoke", "coco"} <= set(envs)
     overridden = 0
     for env in envs:
-        loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=env,
-                                              **settings.CONFIG_LOADER_ARGS)
+        loader = settings.CONFIG_LOADER_CLASS(
+            conf_source=str(conf), env=env, **settings.CONFIG_LOADER_ARGS
+        )
         params = loader["parameters"]
         for name, pipeline in stage_pipelines(project).items():
-            listed = [(file, key) for entry in stages[name].get("params", [])
-                      for file, keys in entry.items() for key in keys
-                      if file.startswith(f"conf/{env}/")]
-            for key in (i.removeprefix("params:") for i in pipeline.inputs()
-                        if i.startswith("params:")):
+            listed = [
+                (file, key)
+                for entry in stages[name].get("params", [])
+                for file, keys in entry.items()
+                for key in keys
+                if file.startswith(f"conf/{env}/")
+            ]
+            for key in (
+                i.removeprefix("params:") for i in pipeline.inputs() if i.startswith("params:")
+            ):
                 value = params
                 for part in key.split("."):
                     value = value[part]
                 if value == project.param(key):
                     continue
                 overridden += 1
-                assert any(k == key or k.startswith(key + ".") or key.startswith(k + ".")
-                           or file.endswith("globals.yml") for file, k in listed), (
-                    f"stage {name}: conf/{env} overrides params:{key}, no conf/{env} file listed")
+                assert any(
+                    k == key
+                    or k.startswith(key + ".")
+                    or key.startswith(k + ".")
+                    or file.endswith("globals.yml")
+                    for file, k in listed
+                ), f"stage {name}: conf/{env} overrides params:{key}, no conf/{env} file listed"
     assert overridden >= 10  # smoke and coco override model, train, shard, ... (and globals)
 
 
 def test_evaluate_and_ingest_track_the_overrides_that_features_does(stages):
     """The issue's two omissions."""
+
     def params(stage):
         return {(f, k) for e in stages[stage]["params"] for f, keys in e.items() for k in keys}
 
@@ -128,12 +151,12 @@ def test_evaluate_and_ingest_track_the_overrides_that_features_does(stages):
 def test_outputs_are_outs_metrics_and_plots(project, stages):
     for name, pipeline in stage_pipelines(project).items():
         declared = stages[name].get("outs", []) + [
-            next(iter(m)) for m in stages[name].get("metrics", [])]
+            next(iter(m)) for m in stages[name].get("metrics", [])
+        ]
         for dataset in pipeline.all_outputs():
             if path := project.path(dataset):
                 assert path in declared, f"stage {name}: outs miss {dataset} ({path})"
-    assert stages["evaluate"]["metrics"] == [
-        {project.path("evaluation_metrics"): {"cache": False}}]
+    assert stages["evaluate"]["metrics"] == [{project.path("evaluation_metrics"): {"cache": False}}]
     outs = {out for stage in stages.values() for out in stage.get("outs", [])}
     for plot in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["plots"]:
         paths = [plot] if isinstance(plot, str) else list(next(iter(plot.values()))["y"])
@@ -146,8 +169,9 @@ def test_code_deps_exist(stages):
         assert code[0] == f"src/caption_pipeline/pipelines/{name}"
         for dep in code:
             assert (PROJECT_ROOT / dep).exists(), f"stage {name}: {dep} does not exist"
-            assert not any(dep == str(Path("src", *m.split("."))) + ".py"
-                           for m in dvc_stages.IGNORED_MODULES), dep
+            assert not any(
+                dep == str(Path("src", *m.split("."))) + ".py" for m in dvc_stages.IGNORED_MODULES
+            ), dep
 
 
 def test_every_note_applies(project, stages):
@@ -155,8 +179,11 @@ def test_every_note_applies(project, stages):
     for (name, key), note in dvc_stages.NOTES.items():
         path = dvc_stages._note_path(project, key)
         stage = stages[name]
-        declared = stage["deps"] + stage.get("outs", []) + [
-            next(iter(m)) for m in stage.get("metrics", [])]
+        declared = (
+            stage["deps"]
+            + stage.get("outs", [])
+            + [next(iter(m)) for m in stage.get("metrics", [])]
+        )
         assert path in declared, f"NOTES: stage {name} has no {key} ({path}) for {note!r}"
 
 

@@ -20,8 +20,9 @@ def two_images(size: int) -> np.ndarray:
 def nasnet_large_weights(tmp_path_factory):
     """A NASNetLarge with random weights: its weights file and its output on two images."""
     keras.utils.set_random_seed(1)
-    source = keras.applications.NASNetLarge(include_top=False, weights=None,
-                                            input_shape=(331, 331, 3))
+    source = keras.applications.NASNetLarge(
+        include_top=False, weights=None, input_shape=(331, 331, 3)
+    )
     path = tmp_path_factory.mktemp("weights") / "nasnet_large.weights.h5"
     source.save_weights(path)
     scaled = keras.applications.nasnet.preprocess_input(two_images(331))
@@ -52,8 +53,9 @@ def test_weights_of_the_other_nasnet_are_a_clear_error(nasnet_large_weights, tmp
         build_encoder("nasnet_mobile", 224, weights=str(large_path))
     # Mobile into Large.
     mobile_path = tmp_path / "nasnet_mobile.weights.h5"
-    keras.applications.NASNetMobile(include_top=False, weights=None,
-                                    input_shape=(224, 224, 3)).save_weights(mobile_path)
+    keras.applications.NASNetMobile(
+        include_top=False, weights=None, input_shape=(224, 224, 3)
+    ).save_weights(mobile_path)
     with pytest.raises(DataError, match=f"{mobile_path}.*does not fit"):
         build_encoder("nasnet_large", 331, weights=str(mobile_path))
 
@@ -77,16 +79,20 @@ def test_files_that_are_not_weights_are_a_clear_error(tmp_path):
     model.save_weights(saved)
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     load_weights_file(other, str(saved))
-    np.testing.assert_array_equal(ops.convert_to_numpy(other.weights[0]),
-                                  ops.convert_to_numpy(model.weights[0]))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(other.weights[0]), ops.convert_to_numpy(model.weights[0])
+    )
 
 
 def test_nasnet_preprocessing_is_keras_preprocess_input():
     encoder_scale = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)  # as in nasnet_backbone
     images = two_images(8)
-    np.testing.assert_allclose(ops.convert_to_numpy(encoder_scale(images)),
-                               keras.applications.nasnet.preprocess_input(images.copy()),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(encoder_scale(images)),
+        keras.applications.nasnet.preprocess_input(images.copy()),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_compact_encoder_grid_and_position_channels():
@@ -108,8 +114,9 @@ def test_compact_encoder_loads_a_weights_file(tmp_path):
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     trained.save_weights(tmp_path / "encoder.weights.h5")
     loaded = build_encoder("compact", 64, str(tmp_path / "encoder.weights.h5"), (8, 8))
-    np.testing.assert_allclose(loaded.predict_on_batch(images),
-                               trained.predict_on_batch(images), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict_on_batch(images), trained.predict_on_batch(images), rtol=1e-6
+    )
     with pytest.raises(DataError, match="does not fit"):
         build_encoder("compact", 64, str(tmp_path / "encoder.weights.h5"), (8, 16))
 

@@ -59,16 +59,23 @@ REFERENCES = {  # split -> image -> raw references, first one first (lowest anno
 }
 GENERATED = {
     "val": {11: "a red ball on the grass", 12: "two cats on a sofa", 13: ""},
-    "test": {21: "a red circle", 22: "two blue squares above a star", 23: "a star",
-             24: "a yellow hexagon"},
+    "test": {
+        21: "a red circle",
+        22: "two blue squares above a star",
+        23: "a star",
+        24: "a yellow hexagon",
+    },
 }
 
 
 def caption_table(train=TRAIN, references=REFERENCES) -> pd.DataFrame:
     rows = [("train", 1000 + k, 100 * (1000 + k), c) for k, c in enumerate(train)]
-    rows += [(split, image_id, 100 * image_id + k, caption)
-             for split, images in references.items()
-             for image_id, refs in images.items() for k, caption in enumerate(refs)]
+    rows += [
+        (split, image_id, 100 * image_id + k, caption)
+        for split, images in references.items()
+        for image_id, refs in images.items()
+        for k, caption in enumerate(refs)
+    ]
     table = pd.DataFrame(rows, columns=["split", "image_id", "annotation_id", "caption"])
     table["file_path"] = "unused.jpg"
     return table.sample(frac=1.0, random_state=0)  # row order must not matter
@@ -81,12 +88,21 @@ def results(captions: dict[int, str]) -> list[dict]:
 def write_coco_files(tmp_path, name, references: dict[int, list[str]], captions: dict[int, str]):
     """A COCO captions annotation file and a results file, as the COCO evaluation server takes."""
     annotations = tmp_path / f"{name}_annotations.json"
-    annotations.write_text(json.dumps({
-        "info": {}, "licenses": [], "type": "captions",
-        "images": [{"id": i} for i in references],
-        "annotations": [{"id": 100 * i + k, "image_id": i, "caption": c}
-                        for i, refs in references.items() for k, c in enumerate(refs)],
-    }))
+    annotations.write_text(
+        json.dumps(
+            {
+                "info": {},
+                "licenses": [],
+                "type": "captions",
+                "images": [{"id": i} for i in references],
+                "annotations": [
+                    {"id": 100 * i + k, "image_id": i, "caption": c}
+                    for i, refs in references.items()
+                    for k, c in enumerate(refs)
+                ],
+            }
+        )
+    )
     result_file = tmp_path / f"{name}_results.json"
     result_file.write_text(json.dumps(results(captions)))
     return annotations, result_file
@@ -115,8 +131,12 @@ def pycocoevalcap_direct(annotations, result_file, meteor):
     gts = tokenizer.tokenize({i: coco.imgToAnns[i] for i in ids})
     res = tokenizer.tokenize({i: coco_results.imgToAnns[i] for i in ids})
     overall, per_image = {}, {i: {} for i in ids}
-    for scorer, names in [(Bleu(4), METRICS[:4]), (meteor, ["METEOR"]), (Rouge(), ["ROUGE_L"]),
-                          (Cider(), ["CIDEr"])]:
+    for scorer, names in [
+        (Bleu(4), METRICS[:4]),
+        (meteor, ["METEOR"]),
+        (Rouge(), ["ROUGE_L"]),
+        (Cider(), ["CIDEr"]),
+    ]:
         score, scores = scorer.compute_score(gts, res)
         if len(names) == 1:
             score, scores = [score], [scores]
@@ -129,8 +149,9 @@ def pycocoevalcap_direct(annotations, result_file, meteor):
 
 @pytest.fixture(scope="module")
 def scored(scorer):
-    return score_splits({split: results(GENERATED[split]) for split in ("val", "test")},
-                        caption_table(), scorer)
+    return score_splits(
+        {split: results(GENERATED[split]) for split in ("val", "test")}, caption_table(), scorer
+    )
 
 
 # --- scores equal pycocoevalcap's ---------------------------------------------------------------
@@ -139,8 +160,9 @@ def scored(scorer):
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_scores_equal_pycocoevalcap_on_the_same_files(scored, split, tmp_path, direct_meteor):
     sections, table = scored
-    annotations, result_file = write_coco_files(tmp_path, split, REFERENCES[split],
-                                                GENERATED[split])
+    annotations, result_file = write_coco_files(
+        tmp_path, split, REFERENCES[split], GENERATED[split]
+    )
     overall, per_image = pycocoevalcap_direct(annotations, result_file, direct_meteor)
     assert sections[split] == pytest.approx(overall, rel=1e-12, abs=1e-15)
     rows = table[table["split"] == split].set_index("image_id")
@@ -151,8 +173,7 @@ def test_scores_equal_pycocoevalcap_on_the_same_files(scored, split, tmp_path, d
     assert rows["CIDEr"].mean() == pytest.approx(sections[split]["CIDEr"])
 
 
-def test_blind_baseline_is_the_most_frequent_train_caption_scored(scored, tmp_path,
-                                                                   direct_meteor):
+def test_blind_baseline_is_the_most_frequent_train_caption_scored(scored, tmp_path, direct_meteor):
     sections, _ = scored
     blind = sections["details"]["blind_baseline"]
     # "A red circle." and "a red circle" are one caption after PTB normalization: count 2, tied
@@ -181,17 +202,20 @@ def test_most_frequent_caption_ties_and_empty_captions():
 
 
 def test_human_agreement_and_model_leave_one_out_on_the_same_reduced_references(
-        scored, tmp_path, direct_meteor):
+    scored, tmp_path, direct_meteor
+):
     sections, _ = scored
     several = {i: refs for i, refs in REFERENCES["test"].items() if len(refs) >= 2}
     humans, models = [], []
     for k in range(2):  # images 21..23 have 3, 2 and 3 references: two rounds
-        others = {i: refs[:k] + refs[k + 1:] for i, refs in several.items()}
-        human = write_coco_files(tmp_path, f"human{k}", others,
-                                 {i: r[k] for i, r in several.items()})
+        others = {i: refs[:k] + refs[k + 1 :] for i, refs in several.items()}
+        human = write_coco_files(
+            tmp_path, f"human{k}", others, {i: r[k] for i, r in several.items()}
+        )
         humans.append(pycocoevalcap_direct(*human, direct_meteor)[0])
-        model = write_coco_files(tmp_path, f"model{k}", others,
-                                 {i: GENERATED["test"][i] for i in several})
+        model = write_coco_files(
+            tmp_path, f"model{k}", others, {i: GENERATED["test"][i] for i in several}
+        )
         models.append(pycocoevalcap_direct(*model, direct_meteor)[0])
     mean = {name: (humans[0][name] + humans[1][name]) / 2 for name in METRICS}
     assert sections["human"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
@@ -202,40 +226,52 @@ def test_human_agreement_and_model_leave_one_out_on_the_same_reduced_references(
     details = sections["details"]["human"]
     assert (details["images"], details["rounds"]) == (3, 2)  # image 24 has a single reference
     assert [r["human"] for r in details["cider_per_round"]] == pytest.approx(
-        [h["CIDEr"] for h in humans])
+        [h["CIDEr"] for h in humans]
+    )
     assert sections["headline"]["cider_vs_human"] == pytest.approx(
-        sections["test_vs_human_refs"]["CIDEr"] / sections["human"]["CIDEr"])
+        sections["test_vs_human_refs"]["CIDEr"] / sections["human"]["CIDEr"]
+    )
     assert sections["headline"]["cider_vs_blind"] == pytest.approx(
-        sections["test"]["CIDEr"] / sections["blind_baseline"]["CIDEr"])
+        sections["test"]["CIDEr"] / sections["blind_baseline"]["CIDEr"]
+    )
 
 
 def test_every_figure_names_its_split(scored):
     sections, _ = scored
     assert sections["details"]["splits"] == {
-        "val": "val", "test": "test", "blind_baseline": "test", "human": "test",
-        "test_vs_human_refs": "test", "headline": "test"}
+        "val": "val",
+        "test": "test",
+        "blind_baseline": "test",
+        "human": "test",
+        "test_vs_human_refs": "test",
+        "headline": "test",
+    }
 
 
 def test_leave_one_out_rounds_stop_at_the_fewest_references():
     rounds = leave_one_out_rounds({1: ["a", "b", "c"], 2: ["d", "e"], 3: ["f"]})
-    assert rounds == [({1: "a", 2: "d"}, {1: ["b", "c"], 2: ["e"]}),
-                      ({1: "b", 2: "e"}, {1: ["a", "c"], 2: ["d"]})]
+    assert rounds == [
+        ({1: "a", 2: "d"}, {1: ["b", "c"], 2: ["e"]}),
+        ({1: "b", 2: "e"}, {1: ["a", "c"], 2: ["d"]}),
+    ]
     assert leave_one_out_rounds({1: ["a"]}) == []
 
 
 def test_human_agreement_follows_the_references(scored, scorer):
     before, _ = scored
     swapped = {**REFERENCES, "test": {i: refs[::-1] for i, refs in REFERENCES["test"].items()}}
-    after, _ = score_splits({"test": results(GENERATED["test"])}, caption_table(references=swapped),
-                            scorer)
+    after, _ = score_splits(
+        {"test": results(GENERATED["test"])}, caption_table(references=swapped), scorer
+    )
     assert after["human"] != before["human"]
     assert after["test"] == pytest.approx(before["test"])  # all references: the same set
 
 
 def test_no_image_with_two_references_leaves_human_empty_with_a_reason(scorer):
     single = {"test": {i: refs[:1] for i, refs in REFERENCES["test"].items()}}
-    sections, _ = score_splits({"test": results(GENERATED["test"])},
-                               caption_table(references=single), scorer)
+    sections, _ = score_splits(
+        {"test": results(GENERATED["test"])}, caption_table(references=single), scorer
+    )
     assert sections["human"] is None and sections["test_vs_human_refs"] is None
     assert sections["headline"] is None
     assert "two or more reference" in sections["details"]["human"]["reason"]
@@ -270,7 +306,8 @@ def test_references_are_raw_captions_in_annotation_order():
 def test_settings_name_bad_keys():
     base = defaults("evaluate")
     settings = EvaluateSettings.from_params(
-        {**base, "decoding": {**base["decoding"], "method": "greedy"}, "batch_size": 4})
+        {**base, "decoding": {**base["decoding"], "method": "greedy"}, "batch_size": 4}
+    )
     assert settings.decoding.method == "greedy" and settings.model_path is None
     with pytest.raises(DataError, match=r"parameters evaluate\.beam \(.*\): unknown key; known"):
         EvaluateSettings.from_params({**base, "beam": 3})
@@ -278,8 +315,11 @@ def test_settings_name_bad_keys():
         EvaluateSettings.from_params({**base, "batch_size": 0})
     with pytest.raises(DataError, match=r"evaluate\.decoding\.beams .*unknown key"):
         EvaluateSettings.from_params({**base, "decoding": {**base["decoding"], "beams": 2}})
-    with pytest.raises(DataError, match=r"evaluate\.decoding: missing; it belongs in "
-                                         r"conf/base/parameters_evaluate\.yml"):
+    with pytest.raises(
+        DataError,
+        match=r"evaluate\.decoding: missing; it belongs in "
+        r"conf/base/parameters_evaluate\.yml",
+    ):
         EvaluateSettings.from_params({k: v for k, v in base.items() if k != "decoding"})
 
 
@@ -320,14 +360,26 @@ def test_java_versions_and_spice_availability():
 
 # --- model files --------------------------------------------------------------------------------
 
-MODEL = {**defaults("model"), "compact_pool_last": True, "encoder_trainable": None,
-         "encoder": "compact", "image_size": 32, "compact_filters": [8, 8], "embed_dim": 8,
-         "attention_dim": 8, "lstm_units": 16}
+MODEL = {
+    **defaults("model"),
+    "compact_pool_last": True,
+    "encoder_trainable": None,
+    "encoder": "compact",
+    "image_size": 32,
+    "compact_filters": [8, 8],
+    "embed_dim": 8,
+    "attention_dim": 8,
+    "lstm_units": 16,
+}
 
 
 def tiny_vocabulary(words: str = "abcdefgh") -> Vocabulary:
-    return Vocabulary((*SPECIAL_TOKENS.values(), *words), dict.fromkeys(words, 1),
-                      min_count=1, max_caption_length=5)
+    return Vocabulary(
+        (*SPECIAL_TOKENS.values(), *words),
+        dict.fromkeys(words, 1),
+        min_count=1,
+        max_caption_length=5,
+    )
 
 
 def test_model_files_load_as_captioners(tmp_path):
@@ -348,8 +400,9 @@ def test_model_files_load_as_captioners(tmp_path):
     decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
     decoder.save_weights(tmp_path / "decoder.weights.h5")
     joined = load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab, encoder_of=full)
-    for a, b in zip(joined.get_weights(), full.encoder.get_weights() + decoder.get_weights(),
-                    strict=True):
+    for a, b in zip(
+        joined.get_weights(), full.encoder.get_weights() + decoder.get_weights(), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(DataError, match="holds a decoder trained on precomputed features"):
         load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab)
@@ -378,8 +431,12 @@ def test_evaluate_outputs_of_the_smoke_run(smoke_project):
     for section in ("val", "test", "test_vs_human_refs", "human", "blind_baseline"):
         assert list(metrics[section]) == list(METRICS)
         assert all(0.0 <= value <= 10.0 for value in metrics[section].values())
-    assert metrics["decoding"] == {"method": "beam", "beam_size": 3, "alpha": 0.0,
-                                   "max_length": vocab["max_caption_length"] + 1}
+    assert metrics["decoding"] == {
+        "method": "beam",
+        "beam_size": 3,
+        "alpha": 0.0,
+        "max_length": vocab["max_caption_length"] + 1,
+    }
     # Shapes data: localization is a number, or null with a reason (no shape word written).
     localization = metrics["details"]["attention_localization"]
     assert localization["instances"].endswith("instances_test.json")
@@ -393,8 +450,12 @@ def test_evaluate_outputs_of_the_smoke_run(smoke_project):
     assert list(scores.columns) == ["image_id", "split", "caption", *METRICS]
     for split in ("val", "test"):
         entries = json.loads((data / "07_model_output" / f"captions_{split}.json").read_text())
-        assert all(set(e) == {"image_id", "caption"} and isinstance(e["image_id"], int)
-                   and isinstance(e["caption"], str) for e in entries)
+        assert all(
+            set(e) == {"image_id", "caption"}
+            and isinstance(e["image_id"], int)
+            and isinstance(e["caption"], str)
+            for e in entries
+        )
         ids = sorted(table.loc[table["split"] == split, "image_id"].unique())
         assert [e["image_id"] for e in entries] == ids
         rows = scores[scores["split"] == split]
@@ -428,11 +489,16 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     model.save(tmp_path / "shapes.keras")
 
     shards = load_shard_set("data/03_primary/shards")
-    params = {"model_path": str(tmp_path / "shapes.keras"), "batch_size": 10,
-              "decoding": {"method": "greedy"}, "attention_samples": 2}
+    params = {
+        "model_path": str(tmp_path / "shapes.keras"),
+        "batch_size": 10,
+        "decoding": {"method": "greedy"},
+        "attention_samples": 2,
+    }
     captions = nodes.generate_captions(None, shards, vocabulary, params, {})
-    assert [len(captions[s]) for s in ("val", "test")] == [shards.num_images(s)
-                                                           for s in ("val", "test")]
+    assert [len(captions[s]) for s in ("val", "test")] == [
+        shards.num_images(s) for s in ("val", "test")
+    ]
     test = sorted(captions["test"], key=lambda d: d.image_id)
     assert all(d.attention is not None for d in test)
     assert all(d.caption and set(d.caption.split()) & set(SHAPE_WORDS) for d in test)
@@ -453,8 +519,10 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
                 covered = np.zeros((height, width), bool)
                 for a in instances["annotations"]:
                     x, y, w, h = a["bbox"]
-                    if a["image_id"] == image.image_id and names[a["category_id"]] == \
-                            SHAPE_WORDS[word]:
+                    if (
+                        a["image_id"] == image.image_id
+                        and names[a["category_id"]] == SHAPE_WORDS[word]
+                    ):
                         covered |= (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
                 fractions.append(covered.mean())
     assert result["object_words"] == len(fractions)
@@ -478,8 +546,12 @@ def test_image_reader_gives_each_test_image_once(smoke_project):
     for batch in make_image_dataset(shards, "test", batch_size=5, image_size=64):
         ids += batch["image_id"].numpy().tolist()
         shapes.add(tuple(batch["image"].shape[1:]))
-        assert 0.0 <= float(batch["image"].numpy().min()) <= float(batch["image"].numpy().max()) \
+        assert (
+            0.0
+            <= float(batch["image"].numpy().min())
+            <= float(batch["image"].numpy().max())
             <= 255.0
+        )
     table = pd.read_parquet(smoke_project / "data" / "02_intermediate" / "captions.parquet")
     assert sorted(ids) == sorted(table.loc[table["split"] == "test", "image_id"].unique())
     assert shapes == {(64, 64, 3)}

@@ -21,9 +21,13 @@ TEST_SPLIT = re.compile(r"^test$|(instances|captions)_test(2017)?\.json|/test/?$
 def split_test_strings(path: Path) -> list[str]:
     """String constants of `path` that name the test split (docstrings included)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    return [node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            and TEST_SPLIT.search(node.value)]
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and TEST_SPLIT.search(node.value)
+    ]
 
 
 def test_no_benchmark_or_sweep_reads_the_test_split():
@@ -35,8 +39,10 @@ def test_no_benchmark_or_sweep_reads_the_test_split():
 
 def test_the_checker_finds_a_test_split_selection(tmp_path):
     script = tmp_path / "sweep.py"
-    script.write_text('scores = score_splits({"test": results}, table, scorer)\n'
-                      'objects = load("annotations/instances_test.json")\n')
+    script.write_text(
+        'scores = score_splits({"test": results}, table, scorer)\n'
+        'objects = load("annotations/instances_test.json")\n'
+    )
     assert sorted(split_test_strings(script)) == ["annotations/instances_test.json", "test"]
 
 

@@ -27,9 +27,16 @@ from caption_pipeline.training import TrainConfig, train_captioner
 
 VOCAB, REGIONS, DIM, LENGTH = 12, 3, 4, 7
 TRAIN_CAPTIONS, BATCH = 14, 4
-MODEL = from_conf(ModelConfig, "model",
-                  vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
-                  lstm_units=8, dropout=0.5)
+MODEL = from_conf(
+    ModelConfig,
+    "model",
+    vocab_size=VOCAB,
+    encoder_trainable=False,
+    embed_dim=8,
+    attention_dim=8,
+    lstm_units=8,
+    dropout=0.5,
+)
 
 
 def _split(seed: int, lengths: list[int]):
@@ -37,9 +44,12 @@ def _split(seed: int, lengths: list[int]):
     rng = np.random.default_rng(seed)
     n = len(lengths)
     captions = np.zeros((n, LENGTH), np.int32)
-    for row, words in zip(captions, rng.permutation(lengths)):
-        row[0], row[1:words + 1], row[words + 1] = (
-            Vocabulary.start_id, rng.integers(4, VOCAB, words), Vocabulary.end_id)
+    for row, words in zip(captions, rng.permutation(lengths), strict=False):
+        row[0], row[1 : words + 1], row[words + 1] = (
+            Vocabulary.start_id,
+            rng.integers(4, VOCAB, words),
+            Vocabulary.end_id,
+        )
     features = rng.normal(size=(n, REGIONS, DIM)).astype(np.float16)
     return {"features": features, "image_id": np.arange(n)}, captions
 
@@ -60,7 +70,9 @@ def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
     ds = ds.shuffle(TRAIN_CAPTIONS, seed=42 + epoch)
     return ds.bucket_by_sequence_length(
         lambda _, caption: tf.reduce_sum(tf.cast(caption > 0, tf.int32)),
-        bucket_boundaries=[5], bucket_batch_sizes=[BATCH, BATCH])
+        bucket_boundaries=[5],
+        bucket_batch_sizes=[BATCH, BATCH],
+    )
 
 
 def real_steps(epoch: int) -> int:
@@ -74,16 +86,35 @@ class Killed(Exception):
 def run(tmp_path, precision: str):
     """One `train_captioner` run: (final weights, history without timings, per-step losses,
     the optimizer's iteration count)."""
-    config = from_conf(TrainConfig, "train",
-                       epochs=3, batch_size=BATCH, caption_mode="all", learning_rate=1e-2,
-                       clipnorm=1.0, early_stopping_patience=2, checkpoint_every_steps=1,
-                       log_every_steps=1, checkpoint_dir=str(tmp_path / "checkpoints"),
-                       precision=precision, jit_compile=False, progress=False)
+    config = from_conf(
+        TrainConfig,
+        "train",
+        epochs=3,
+        batch_size=BATCH,
+        caption_mode="all",
+        learning_rate=1e-2,
+        clipnorm=1.0,
+        early_stopping_patience=2,
+        checkpoint_every_steps=1,
+        log_every_steps=1,
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        precision=precision,
+        jit_compile=False,
+        progress=False,
+    )
     model, history, steps = train_captioner(
-        datasets, MODEL, config, steps_per_epoch=-(-TRAIN_CAPTIONS // BATCH),
-        data_fingerprint={"data": "tiny"})
-    return (model.get_weights(), history.drop(columns="seconds").to_dict("records"),
-            steps.to_dict("records"), int(keras.ops.convert_to_numpy(model.optimizer.iterations)))
+        datasets,
+        MODEL,
+        config,
+        steps_per_epoch=-(-TRAIN_CAPTIONS // BATCH),
+        data_fingerprint={"data": "tiny"},
+    )
+    return (
+        model.get_weights(),
+        history.drop(columns="seconds").to_dict("records"),
+        steps.to_dict("records"),
+        int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -93,10 +124,10 @@ def float32_policy():
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
-def test_killed_and_resumed_run_ends_bit_exact_as_an_unbroken_one(tmp_path, monkeypatch,
-                                                                   precision):
+def test_killed_and_resumed_run_ends_bit_exact_as_an_unbroken_one(tmp_path, monkeypatch, precision):
     expected_weights, expected_history, expected_steps, iterations = run(
-        tmp_path / "unbroken", precision)
+        tmp_path / "unbroken", precision
+    )
     # Every batch is trained, bucketing's extra partial batches included: the steps are the
     # dataset's real batches, not ceil(N / B) per epoch.
     ends = np.cumsum([real_steps(epoch) for epoch in range(3)]).tolist()

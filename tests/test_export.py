@@ -39,27 +39,35 @@ def test_exported_captions_equal_the_in_process_model(smoke_project, exported, t
 
     import caption_pipeline.model  # noqa: F401 (registers the layers)
     from caption_pipeline.decoding import DecodeSettings, decode_dataset
-    from caption_pipeline.text import Vocabulary
     from caption_pipeline.shards.records import decode_jpeg_image
+    from caption_pipeline.text import Vocabulary
 
     captioner = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
-    vocab = Vocabulary.from_dict(json.loads(
-        (smoke_project / "data/03_primary/vocabulary.json").read_text()))
+    vocab = Vocabulary.from_dict(
+        json.loads((smoke_project / "data/03_primary/vocabulary.json").read_text())
+    )
     ids, jpegs = test_jpegs[0][:8], test_jpegs[1][:8]
-    batches = tf.data.Dataset.from_tensor_slices({"image": jpegs, "image_id": ids}).map(
-        lambda x: {**x, "image": decode_jpeg_image(x["image"], 128)}).batch(8)
+    batches = (
+        tf.data.Dataset.from_tensor_slices({"image": jpegs, "image_id": ids})
+        .map(lambda x: {**x, "image": decode_jpeg_image(x["image"], 128)})
+        .batch(8)
+    )
     for beam in (1, 2, 3):
-        reference = decode_dataset(captioner, vocab, batches,
-                                   from_conf(DecodeSettings, "evaluate.decoding",
-                                             beam_size=beam, keep_attention=True))
+        reference = decode_dataset(
+            captioner,
+            vocab,
+            batches,
+            from_conf(DecodeSettings, "evaluate.decoding", beam_size=beam, keep_attention=True),
+        )
         out = exported.caption(jpegs, beam)
         for b, ref in enumerate(reference):
             assert list(out["captions"][b]) == ref.captions
             assert out["caption"][b] == ref.caption
             np.testing.assert_allclose(out["scores"][b], ref.scores, atol=1e-4)
             # attention [K, L, R] -> [K, L, H, W]
-            np.testing.assert_allclose(out["attention"][b].reshape(ref.attention.shape),
-                                       ref.attention, atol=1e-5)
+            np.testing.assert_allclose(
+                out["attention"][b].reshape(ref.attention.shape), ref.attention, atol=1e-5
+            )
 
 
 def test_self_check_fails_for_another_model(smoke_project, exported):
@@ -71,14 +79,15 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     from caption_pipeline.export import CheckSettings
     from caption_pipeline.export_check import check_against_model
     from caption_pipeline.model import Captioner
-    from caption_pipeline.text import Vocabulary
     from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.text import Vocabulary
 
     trained = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
     keras.utils.set_random_seed(7)
     other = Captioner(trained.config)  # same architecture, fresh random weights
-    vocab = Vocabulary.from_dict(json.loads(
-        (smoke_project / "data/03_primary/vocabulary.json").read_text()))
+    vocab = Vocabulary.from_dict(
+        json.loads((smoke_project / "data/03_primary/vocabulary.json").read_text())
+    )
     shards = load_shard_set(smoke_project / "data/03_primary/shards")
     settings = from_conf(CheckSettings, "export.check", max_images=4, batch_size=4)
     decoding = from_conf(DecodeSettings, "evaluate.decoding")
@@ -98,7 +107,8 @@ def test_any_size_and_format_is_resized_as_training_resized(exported):
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (25, 38, 3), np.uint8)).resize(
-        (300, 200), Image.Resampling.BICUBIC)
+        (300, 200), Image.Resampling.BICUBIC
+    )
     pixels = decode_images(tf.constant([_png(image)]), 128, 90)[0].numpy()
     np.testing.assert_array_equal(pixels, python_pixels(_png(image), 128, 90))
     jpeg = io.BytesIO()
@@ -162,7 +172,8 @@ def test_export_folder_is_replaced_atomically(tmp_path, monkeypatch):
 
     class Module:
         serving_default = caption_beam = caption_pixels = encode_pixels = preprocess_images = type(
-            "F", (), {"get_concrete_function": staticmethod(lambda: None)})
+            "F", (), {"get_concrete_function": staticmethod(lambda: None)}
+        )
 
     monkeypatch.setattr(tf.saved_model, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
@@ -189,16 +200,30 @@ def tiny_export(tmp_path_factory):
     from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
     keras.utils.set_random_seed(3)
-    captioner = Captioner(from_conf(ModelConfig, "model",
-                                    vocab_size=12, encoder="compact", image_size=TINY_SIZE,
-                                    compact_filters=(8, 8), embed_dim=8, attention_dim=8,
-                                    lstm_units=16))
+    captioner = Captioner(
+        from_conf(
+            ModelConfig,
+            "model",
+            vocab_size=12,
+            encoder="compact",
+            image_size=TINY_SIZE,
+            compact_filters=(8, 8),
+            embed_dim=8,
+            attention_dim=8,
+            lstm_units=16,
+        )
+    )
     rng = np.random.default_rng(0)
     # Large decoder weights: captions and scores move with the image.
-    captioner.decoder.set_weights([rng.normal(0.0, 1.0, w.shape).astype("float32")
-                                   for w in captioner.decoder.get_weights()])
-    vocabulary = Vocabulary((*SPECIAL_TOKENS.values(), *"abcdefgh"), {w: 1 for w in "abcdefgh"},
-                            min_count=1, max_caption_length=5)
+    captioner.decoder.set_weights(
+        [rng.normal(0.0, 1.0, w.shape).astype("float32") for w in captioner.decoder.get_weights()]
+    )
+    vocabulary = Vocabulary(
+        (*SPECIAL_TOKENS.values(), *"abcdefgh"),
+        {w: 1 for w in "abcdefgh"},
+        min_count=1,
+        max_caption_length=5,
+    )
     decoding = from_conf(DecodeSettings, "evaluate.decoding", beam_size=2, jit_compile=False)
     path = tmp_path_factory.mktemp("tiny_export") / "saved_model"
     save_export(build_module(captioner, vocabulary, decoding, 2, TINY_QUALITY), path)
@@ -209,7 +234,8 @@ def _source_image() -> Image.Image:
     """A smooth colour image with detail, so that resampling and JPEG differences show."""
     rng = np.random.default_rng(1)
     return Image.fromarray(rng.integers(0, 255, (12, 9, 3), np.uint8)).resize(
-        (90, 120), Image.Resampling.BICUBIC)
+        (90, 120), Image.Resampling.BICUBIC
+    )
 
 
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -230,8 +256,7 @@ def _all_cases() -> dict[str, bytes]:
     for orientation in range(2, 9):
         tags = Image.Exif()
         tags[0x0112] = orientation
-        cases[f"exif_{orientation}_jpeg"] = _encode(image, "JPEG", quality=92,
-                                                    exif=tags.tobytes())
+        cases[f"exif_{orientation}_jpeg"] = _encode(image, "JPEG", quality=92, exif=tags.tobytes())
     cases["gif"] = _encode(image.convert("P"), "GIF")
     cases["bmp"] = _encode(image, "BMP")
     cases["model_size_jpeg"] = _encode(image.resize((TINY_SIZE, TINY_SIZE)), "JPEG")
@@ -248,7 +273,8 @@ def _in_process(captioner, vocabulary, decoding, pixels: np.ndarray):
     from caption_pipeline.decoding import decode_dataset
 
     batches = tf.data.Dataset.from_tensor_slices(
-        {"image": pixels, "image_id": np.arange(len(pixels))}).batch(len(pixels))
+        {"image": pixels, "image_id": np.arange(len(pixels))}
+    ).batch(len(pixels))
     return decode_dataset(captioner, vocabulary, batches, decoding)
 
 
@@ -265,8 +291,11 @@ def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_ex
     expected = np.stack([python_pixels(d, TINY_SIZE, TINY_QUALITY, n) for n, d in cases.items()])
     pixels = exported.preprocess(data)
     assert pixels.shape == (len(names), TINY_SIZE, TINY_SIZE, 3)
-    differ = {n: float(np.abs(pixels[i] - expected[i]).max()) for i, n in enumerate(names)
-              if not np.array_equal(pixels[i], expected[i])}
+    differ = {
+        n: float(np.abs(pixels[i] - expected[i]).max())
+        for i, n in enumerate(names)
+        if not np.array_equal(pixels[i], expected[i])
+    }
     assert differ == {}
     # The steps are really taken: rotation, compositing and the round trip change pixels.
     plain = {n: expected[i] for i, n in enumerate(names)}
@@ -286,9 +315,11 @@ def test_exif_orientation_and_alpha_are_read_from_the_bytes(tiny_export):
     exported, *_ = tiny_export
     image = _source_image()
     upright = _encode(image, "PNG")
-    for orientation, transpose in ((6, Image.Transpose.ROTATE_90),
-                                   (8, Image.Transpose.ROTATE_270),
-                                   (3, Image.Transpose.ROTATE_180)):
+    for orientation, transpose in (
+        (6, Image.Transpose.ROTATE_90),
+        (8, Image.Transpose.ROTATE_270),
+        (3, Image.Transpose.ROTATE_180),
+    ):
         tags = Image.Exif()
         tags[0x0112] = orientation
         stored = _encode(image.transpose(transpose), "PNG", exif=tags.tobytes())
@@ -297,12 +328,12 @@ def test_exif_orientation_and_alpha_are_read_from_the_bytes(tiny_export):
     framed.paste(image, (10, 10))
     on_white = Image.new("RGB", framed.size, "white")
     on_white.paste(image, (10, 10))
-    np.testing.assert_array_equal(*exported.preprocess([_encode(framed, "PNG"),
-                                                        _encode(on_white, "PNG")]))
+    np.testing.assert_array_equal(
+        *exported.preprocess([_encode(framed, "PNG"), _encode(on_white, "PNG")])
+    )
 
 
-def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_export,
-                                                                        monkeypatch):
+def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_export, monkeypatch):
     """check_preprocessing passes on the real export with 0 grey levels of difference, and
     names the case when the graph and the Python path part (here: a Python path that forgets
     the EXIF orientation)."""
@@ -312,9 +343,18 @@ def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_expo
     exported, captioner, vocabulary, decoding = tiny_export
     jpeg = _encode(_source_image().resize((TINY_SIZE, TINY_SIZE)), "JPEG")
     report = check_preprocessing(exported, captioner, vocabulary, decoding, jpeg)
-    assert {"off_size_jpeg", "large_jpeg", "exif_rotated_jpeg", "exif_rotated_png",
-            "grey_jpeg", "grey_png", "cmyk_jpeg", "alpha_png", "palette_transparency_png",
-            "grey_16_bit_png"} <= set(report["cases"])
+    assert {
+        "off_size_jpeg",
+        "large_jpeg",
+        "exif_rotated_jpeg",
+        "exif_rotated_png",
+        "grey_jpeg",
+        "grey_png",
+        "cmyk_jpeg",
+        "alpha_png",
+        "palette_transparency_png",
+        "grey_16_bit_png",
+    } <= set(report["cases"])
     assert report["images"] == report["equal"] == len(report["cases"])
     assert PIXEL_TOLERANCE == 0
     assert all(d["max"] == 0 for d in report["cases"].values())
@@ -357,7 +397,7 @@ def test_unsupported_images_are_refused_with_a_clear_error(tiny_export):
 
 def _claiming(data: bytes, offset: int, fields: bytes) -> bytes:
     """`data` with its header's width and height bytes at `offset` replaced by `fields`."""
-    return data[:offset] + fields + data[offset + len(fields):]
+    return data[:offset] + fields + data[offset + len(fields) :]
 
 
 def test_a_canvas_over_max_pixels_is_refused_from_the_header(tiny_export):
@@ -371,19 +411,28 @@ def test_a_canvas_over_max_pixels_is_refused_from_the_header(tiny_export):
     jpeg = _encode(image, "JPEG")
     sof = jpeg.index(b"\xff\xc0") + 5  # baseline frame header: precision, then H, W
     bombs = {
-        "png": (_claiming(_encode(image, "PNG"), 16, struct.pack(">II", 20000, 10000)),
-                "20000 x 10000"),
+        "png": (
+            _claiming(_encode(image, "PNG"), 16, struct.pack(">II", 20000, 10000)),
+            "20000 x 10000",
+        ),
         "jpeg": (_claiming(jpeg, sof, struct.pack(">HH", 9000, 8000)), "8000 x 9000"),
-        "gif": (_claiming(_encode(image, "GIF"), 6, struct.pack("<HH", 60000, 1000)),
-                "60000 x 1000"),
+        "gif": (
+            _claiming(_encode(image, "GIF"), 6, struct.pack("<HH", 60000, 1000)),
+            "60000 x 1000",
+        ),
         # A negative height is a top-down bitmap: its size is the absolute value.
-        "bmp": (_claiming(_encode(image, "BMP"), 18, struct.pack("<ii", 10000, -6000)),
-                "10000 x 6000"),
+        "bmp": (
+            _claiming(_encode(image, "BMP"), 18, struct.pack("<ii", 10000, -6000)),
+            "10000 x 6000",
+        ),
     }
     good = _encode(image, "PNG")
-    for kind, (data, size) in bombs.items():
-        with pytest.raises(DataError, match=rf"image 1 is {size} pixels, more than "
-                                            rf"max_pixels 50000000"):
+    for _kind, (data, size) in bombs.items():
+        with pytest.raises(
+            DataError,
+            match=rf"image 1 is {size} pixels, more than "
+            rf"max_pixels 50000000",
+        ):
             exported.caption([good, data])
     assert exported.info["max_pixels"] == 50_000_000
     assert exported.preprocess([good]).shape == (1, TINY_SIZE, TINY_SIZE, 3)

@@ -40,10 +40,14 @@ def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
     # The same model scores the same val CIDEr: the new version is the candidate, and the
     # champion stays the first (issue 14: promoted only when better on val).
     assert not second["promotion"]["promoted"], second["promotion"]
-    assert int(client.get_model_version_by_alias("image-captioner", "candidate").version) == (
-        second["version"])
-    assert int(client.get_model_version_by_alias("image-captioner", "champion").version) == (
-        first["version"])
+    assert (
+        int(client.get_model_version_by_alias("image-captioner", "candidate").version)
+        == (second["version"])
+    )
+    assert (
+        int(client.get_model_version_by_alias("image-captioner", "champion").version)
+        == (first["version"])
+    )
     assert model.tags["promotion"] == "kept" and "<=" in model.tags["promotion_reason"]
 
 
@@ -54,16 +58,35 @@ def test_mlflow_models_serve_answers_a_request(smoke_project, exported, test_jpe
     port = free_port()
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     process = start_server(
-        [mlflow, "models", "serve", "-m", registration["registered_model_uri"],
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        smoke_project, f"http://127.0.0.1:{port}/ping",
-        env={"MLFLOW_TRACKING_URI": registration["tracking_uri"]})
+        [
+            mlflow,
+            "models",
+            "serve",
+            "-m",
+            registration["registered_model_uri"],
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        smoke_project,
+        f"http://127.0.0.1:{port}/ping",
+        env={"MLFLOW_TRACKING_URI": registration["tracking_uri"]},
+    )
     try:
         jpeg = test_jpegs[1][0]
-        body = {"dataframe_split": {"columns": ["image"],
-                                    "data": [[base64.b64encode(jpeg).decode()],
-                                             [base64.b64encode(b"not an image").decode()]]},
-                "params": {"beam_size": 2}}
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [
+                    [base64.b64encode(jpeg).decode()],
+                    [base64.b64encode(b"not an image").decode()],
+                ],
+            },
+            "params": {"beam_size": 2},
+        }
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
         assert answer.status_code == 200, answer.text
         good, bad = answer.json()["predictions"]
@@ -86,9 +109,20 @@ def test_caption_command_takes_a_models_uri(smoke_project, exported, test_jpegs,
     image.write_bytes(test_jpegs[1][1])
     env = {**os.environ, "MLFLOW_TRACKING_URI": registration["tracking_uri"]}
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("caption-pipeline")), "caption", str(image),
-         "--model", "models:/image-captioner@champion"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            str(Path(sys.executable).with_name("caption-pipeline")),
+            "caption",
+            str(image),
+            "--model",
+            "models:/image-captioner@champion",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["caption"] == exported.caption([image.read_bytes()])[
-        "caption"][0]
+    assert (
+        json.loads(result.stdout)["caption"] == exported.caption([image.read_bytes()])["caption"][0]
+    )

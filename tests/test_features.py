@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,7 +15,6 @@ import tensorflow as tf
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from tests.conftest import kill_9_when
 from caption_pipeline.datasets import EncoderWeightsDataset
 from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.errors import DataError
@@ -36,6 +33,7 @@ from caption_pipeline.shards.plan import build_shard_plan
 from caption_pipeline.shards.reader import make_caption_dataset
 from caption_pipeline.shards.records import decode_jpeg_image, parse_example, parse_feature_example
 from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set
+from tests.conftest import kill_9_when
 from tests.test_tfrecords import make_images, shard_files
 
 SIZE = 64
@@ -64,8 +62,9 @@ def write_image_shards(folder: Path, split_sizes: dict, num_shards: dict, seed: 
 def encoder_file(path: Path, model: dict, seed: int) -> str:
     """The `initial_encoder` weights file, as the features pipeline writes it (no pretraining)."""
     config = ModelConfig.for_encoder(model)
-    encoder, _ = initial_encoder(None, {}, config, from_conf(PretrainConfig, "encoder_pretraining",
-                                                             enabled=False), seed)
+    encoder, _ = initial_encoder(
+        None, {}, config, from_conf(PretrainConfig, "encoder_pretraining", enabled=False), seed
+    )
     EncoderWeightsDataset(filepath=str(path)).save(encoder)
     return str(path)
 
@@ -98,7 +97,7 @@ def test_feature_shards_hold_the_encoders_output_per_image(features):
         source = records(image_set.files(split), parse_example)
         stored = records(feature_set.files(split), parse_feature_example)
         assert len(stored) == len(source) == SPLIT_SIZES[split]  # one record per image
-        for image, feature in zip(source, stored):  # same order
+        for image, feature in zip(source, stored, strict=False):  # same order
             for key in (
                 "image/id",
                 "image/filename",
@@ -154,8 +153,11 @@ def test_same_plan_again_is_a_noop_and_other_weights_recompute(features, tmp_pat
 
     reseeded = encoder_file(tmp_path / "reseeded.weights.h5", FROZEN, seed=4)
     assert weights_fingerprint(reseeded) != weights_fingerprint(plan.weights)
-    other = write_model_inputs(build_feature_plan(image_set, reseeded, FROZEN, FEATURES),
-                               tmp_path / "other", progress=False)
+    other = write_model_inputs(
+        build_feature_plan(image_set, reseeded, FROZEN, FEATURES),
+        tmp_path / "other",
+        progress=False,
+    )
     assert len(other.written) == sum(NUM_SHARDS.values()) and not other.reused
     assert other.manifest["params"]["weights"] == weights_fingerprint(reseeded)
     first = shard_files(tmp_path / "other")
@@ -187,8 +189,12 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
         [sys.executable, str(script), str(image_set.root), str(folder), weights],
         start_new_session=True,
     )
-    kill_9_when(child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
-                timeout=120, what="the encoding process")
+    kill_9_when(
+        child,
+        lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
+        timeout=120,
+        what="the encoding process",
+    )
     assert not (folder / MANIFEST).exists()
 
     plan = build_feature_plan(image_set, weights, FROZEN, FEATURES)
@@ -243,7 +249,7 @@ def test_reader_yields_features_ids_and_captions(features):
     pairs = sorted(
         (int(i), tuple(c[c > 0].tolist()))
         for x, y in everything
-        for i, c in zip(x["image_id"], y.numpy())
+        for i, c in zip(x["image_id"], y.numpy(), strict=False)
     )
     assert pairs == sorted((i.image_id, tuple(c)) for i in train.values() for c in i.captions)
 
@@ -252,7 +258,7 @@ def test_reader_yields_features_ids_and_captions(features):
     assert sorted(ids) == sorted(train)  # one caption per image per epoch
     for x, y in sample:
         for image_id, values, caption in zip(
-            x["image_id"].numpy(), x["features"].numpy(), y.numpy()
+            x["image_id"].numpy(), x["features"].numpy(), y.numpy(), strict=False
         ):
             np.testing.assert_array_equal(values, stored[int(image_id)])
             assert caption[caption > 0].tolist() in train[int(image_id)].captions
@@ -281,7 +287,8 @@ def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
     catalog["params:model"] = MemoryDataset(FROZEN)
     catalog["params:features"] = MemoryDataset(FEATURES)
     catalog["params:encoder_pretraining"] = MemoryDataset(
-        {**defaults("encoder_pretraining"), "enabled": False})
+        {**defaults("encoder_pretraining"), "enabled": False}
+    )
     assert not catalog.exists("model_inputs")
 
     SequentialRunner().run(create_pipeline(), catalog)
@@ -292,7 +299,8 @@ def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
     assert {s: loaded.num_images(s) for s in loaded.splits} == SPLIT_SIZES
     # The features are those of the encoder the pipeline saved as `initial_encoder`.
     assert loaded.manifest["params"]["weights"] == weights_fingerprint(
-        catalog.load("initial_encoder"))
+        catalog.load("initial_encoder")
+    )
     assert catalog.load("encoder_pretraining_history").empty  # pretraining disabled
 
 
@@ -307,8 +315,13 @@ def test_missing_or_incomplete_inputs_name_the_path(features, tmp_path):
         build_feature_plan(image_set, weights, FROZEN, {"seed": 1})
 
     missing = str(tmp_path / "nasnet.weights.h5")
-    nasnet = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": SIZE,
-              "encoder_weights": missing, "encoder_trainable": None}
+    nasnet = {
+        **defaults("model"),
+        "encoder": "nasnet_mobile",
+        "image_size": SIZE,
+        "encoder_weights": missing,
+        "encoder_trainable": None,
+    }
     with pytest.raises(DataError, match=f"model.encoder_weights: .*{missing}"):
         encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
     plan = build_feature_plan(image_set, missing, nasnet, FEATURES)
@@ -333,8 +346,9 @@ def test_features_of_rewritten_image_shards_are_refused(tmp_path):
     images, image_set = write_image_shards(tmp_path, {"train": 3, "val": 1}, {"train": 1, "val": 1})
     folder = tmp_path / "model_inputs"
     weights = encoder_file(tmp_path / "encoder.weights.h5", FROZEN, seed=3)
-    write_model_inputs(build_feature_plan(image_set, weights, FROZEN, FEATURES), folder,
-                       progress=False)
+    write_model_inputs(
+        build_feature_plan(image_set, weights, FROZEN, FEATURES), folder, progress=False
+    )
     reshuffled = build_shard_plan(
         images, num_shards={"train": 2, "val": 1}, seed=9, image_size=SIZE
     )
@@ -348,8 +362,13 @@ def test_weights_that_do_not_fit_the_encoder_are_refused(features, tmp_path):
     wrong = tmp_path / "wrong.weights.h5"
     with h5py.File(wrong, "w") as h5:  # one array, where NASNetMobile has hundreds
         h5["layers/dense/vars/0"] = np.zeros((3, 2), np.float32)
-    nasnet = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": 32,
-              "encoder_weights": str(wrong), "encoder_trainable": None}
+    nasnet = {
+        **defaults("model"),
+        "encoder": "nasnet_mobile",
+        "image_size": 32,
+        "encoder_weights": str(wrong),
+        "encoder_trainable": None,
+    }
     with pytest.raises(DataError, match=f"{wrong} does not fit"):
         encoder_file(tmp_path / "initial.weights.h5", nasnet, seed=1)
     plan = build_feature_plan(image_set, str(wrong), nasnet, FEATURES)

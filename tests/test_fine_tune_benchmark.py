@@ -23,10 +23,31 @@ def module():
 
 def test_fine_tune_benchmark_measures_a_batch_in_a_subprocess(module, monkeypatch, capsys):
     # --max-step-s 0: the sweep stops after its first size (one subprocess, to stay quick)
-    monkeypatch.setattr(sys, "argv", [
-        str(SCRIPT), "--encoder", "compact", "--image-size", "32", "--vocab", "40",
-        "--batches", "2,4", "--warmup", "0", "--repeats", "1", "--matmul-size", "128",
-        "--jit-compile", "false", "--max-step-s", "0"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(SCRIPT),
+            "--encoder",
+            "compact",
+            "--image-size",
+            "32",
+            "--vocab",
+            "40",
+            "--batches",
+            "2,4",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--matmul-size",
+            "128",
+            "--jit-compile",
+            "false",
+            "--max-step-s",
+            "0",
+        ],
+    )
     module.main()
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -45,11 +66,16 @@ def test_fine_tune_benchmark_measures_a_batch_in_a_subprocess(module, monkeypatc
 
 
 def test_memory_fit_gives_the_slope_and_each_machines_batch(module):
-    runs = [{"batch": b, "peak_rss_mib": 4000 + 750 * b, "trainable_params": 2**30 // 16}
-            for b in (1, 4, 8)]
+    runs = [
+        {"batch": b, "peak_rss_mib": 4000 + 750 * b, "trainable_params": 2**30 // 16}
+        for b in (1, 4, 8)
+    ]
     fit = module.memory_fit(runs, "h200=140,small=2")
     assert fit["mib_per_image"] == 750 and fit["intercept_mib"] == 4000
     # GPU: memory less 4 x params x 4 bytes (1 GiB here), over the slope
     assert fit["estimated_max_batch"]["h200"] == {
-        "memory_gib": 140.0, "fixed_gib": 1.0, "max_batch": int(139 * 1024 // 750)}
+        "memory_gib": 140.0,
+        "fixed_gib": 1.0,
+        "max_batch": int(139 * 1024 // 750),
+    }
     assert fit["estimated_max_batch"]["small"]["max_batch"] == 1

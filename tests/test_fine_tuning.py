@@ -44,26 +44,38 @@ from tests.test_training import (  # noqa: F401 (shard_project: a fixture)
 
 # make_images' captions: <start> w4 .. w8 <end>, at most 5 words
 WORDS = [f"w{i}" for i in range(4, 10)]
-VOCABULARY = {"tokens": ["<pad>", "<start>", "<end>", "<unk>", *WORDS],
-              "counts": dict.fromkeys(WORDS, 1), "min_count": 1, "max_caption_length": 6}
+VOCABULARY = {
+    "tokens": ["<pad>", "<start>", "<end>", "<unk>", *WORDS],
+    "counts": dict.fromkeys(WORDS, 1),
+    "min_count": 1,
+    "max_caption_length": 6,
+}
 CAPTION_LENGTH = 6 + 2
 MODEL = {**FROZEN, "embed_dim": 16, "attention_dim": 16, "lstm_units": 32}
-TRAIN = {"epochs": 1, "batch_size": 4, "progress": False, "jit_compile": False,
-         "early_stopping_patience": None}
+TRAIN = {
+    "epochs": 1,
+    "batch_size": 4,
+    "progress": False,
+    "jit_compile": False,
+    "early_stopping_patience": None,
+}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Image shards (8 train, 4 val images of 64 px) and the frozen compact encoder's features."""
     root = tmp_path_factory.mktemp("fine_tuning")
-    _, images = write_image_shards(root, {"train": 8, "val": 4, "test": 2},
-                                   {"train": 2, "val": 1, "test": 1})
+    _, images = write_image_shards(
+        root, {"train": 8, "val": 4, "test": 2}, {"train": 2, "val": 1, "test": 1}
+    )
     weights = encoder_file(root / "encoder.weights.h5", FROZEN, seed=3)
-    plan = build_feature_plan(images, weights, FROZEN,
-                              {"batch_size": 4, "seed": 3, "projection_images": 8})
+    plan = build_feature_plan(
+        images, weights, FROZEN, {"batch_size": 4, "seed": 3, "projection_images": 8}
+    )
     write_model_inputs(plan, root / "model_inputs", progress=False)
-    return SimpleNamespace(images=images, weights=weights,
-                           features=load_model_inputs(root / "model_inputs"))
+    return SimpleNamespace(
+        images=images, weights=weights, features=load_model_inputs(root / "model_inputs")
+    )
 
 
 def xent_model(data, model: dict = MODEL) -> Captioner:
@@ -78,14 +90,27 @@ def xent_model(data, model: dict = MODEL) -> Captioner:
 
 def fine_tune(captioner: Captioner, data, folder: Path, **params):
     train = from_conf(TrainConfig, "train", **TRAIN, checkpoint_dir=str(folder / "xent"))
-    config = from_conf(FineTuneConfig, "fine_tune",
-                       **{"enabled": True, "batch_size": 4, "progress": False,
-                          "checkpoint_dir": str(folder / "fine_tune"), **params})
+    config = from_conf(
+        FineTuneConfig,
+        "fine_tune",
+        **{
+            "enabled": True,
+            "batch_size": 4,
+            "progress": False,
+            "checkpoint_dir": str(folder / "fine_tune"),
+            **params,
+        },
+    )
     phase = config.train_config(train)
     datasets = caption_datasets(data.images, phase, captioner.config.image_size, CAPTION_LENGTH)
-    return fine_tune_captioner(captioner, datasets, train, config,
-                               steps_per_epoch=steps_per_epoch(data.images, phase),
-                               data_fingerprint={"test": "fine_tuning"})
+    return fine_tune_captioner(
+        captioner,
+        datasets,
+        train,
+        config,
+        steps_per_epoch=steps_per_epoch(data.images, phase),
+        data_fingerprint={"test": "fine_tuning"},
+    )
 
 
 def encoder_values(model: Captioner) -> dict[str, np.ndarray]:
@@ -103,8 +128,9 @@ def is_batchnorm(path: str) -> bool:
 def test_fine_tuning_trains_the_encoder_but_not_its_batchnorm(data, tmp_path):
     start = xent_model(data)
     before = encoder_values(start)
-    tuned, history, _ = fine_tune(start, data, tmp_path, learning_rate=1e-2,
-                                  encoder_learning_rate=1e-2, max_steps_per_epoch=2)
+    tuned, history, _ = fine_tune(
+        start, data, tmp_path, learning_rate=1e-2, encoder_learning_rate=1e-2, max_steps_per_epoch=2
+    )
     after = encoder_values(tuned)
     assert tuned.config.trains_encoder and tuned.config.encoder_batchnorm == "frozen"
     assert history["step"].tolist() == [2] and np.isfinite(history["val_xent"]).all()
@@ -117,21 +143,22 @@ def test_fine_tuning_trains_the_encoder_but_not_its_batchnorm(data, tmp_path):
     assert not (tmp_path / "fine_tune").exists()  # a finished phase cleans up
 
     # batchnorm: train normalises by batch statistics and moves the moving ones
-    trained, _, _ = fine_tune(xent_model(data), data, tmp_path / "train", batchnorm="train",
-                              max_steps_per_epoch=2)
+    trained, _, _ = fine_tune(
+        xent_model(data), data, tmp_path / "train", batchnorm="train", max_steps_per_epoch=2
+    )
     moved = encoder_values(trained)
-    assert all(not np.allclose(moved[p], before[p]) for p in statistics
-               if "moving" in p)
+    assert all(not np.allclose(moved[p], before[p]) for p in statistics if "moving" in p)
 
 
 def test_an_encoder_learning_rate_of_zero_leaves_the_encoder_as_it_was(data, tmp_path):
     start = xent_model(data)
     encoder, decoder = encoder_values(start), decoder_values(start)
-    tuned, _, _ = fine_tune(start, data, tmp_path, encoder_learning_rate=0.0,
-                            max_steps_per_epoch=1)
+    tuned, _, _ = fine_tune(start, data, tmp_path, encoder_learning_rate=0.0, max_steps_per_epoch=1)
     for path, value in encoder_values(tuned).items():
         np.testing.assert_array_equal(value, encoder[path], err_msg=path)
-    assert any(not np.array_equal(a, b) for a, b in zip(decoder_values(tuned), decoder))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(decoder_values(tuned), decoder, strict=False)
+    )
 
 
 ONE_STEP = textwrap.dedent("""
@@ -165,10 +192,15 @@ ONE_STEP = textwrap.dedent("""
 
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_the_encoder_moves_ratio_times_the_decoders_first_adam_step(backend):
-    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu",
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-c", ONE_STEP], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_STEP], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == backend
@@ -176,23 +208,36 @@ def test_the_encoder_moves_ratio_times_the_decoders_first_adam_step(backend):
     # The decoder's rate is the same whatever the encoder's; Adam's first step moves a weight
     # by ~lr (its gradient's sign), so the encoder moves by ~r * lr: r times its moves at r = 1.
     assert moves["0.1"]["decoder"] == moves["1.0"]["decoder"]
-    assert moves["1.0"]["encoder"] == pytest.approx([lr] * len(moves["1.0"]["encoder"]),
-                                                    rel=0.02)
+    assert moves["1.0"]["encoder"] == pytest.approx([lr] * len(moves["1.0"]["encoder"]), rel=0.02)
     assert moves["0.1"]["encoder"] == pytest.approx(
-        [0.1 * move for move in moves["1.0"]["encoder"]], rel=1e-3)
+        [0.1 * move for move in moves["1.0"]["encoder"]], rel=1e-3
+    )
 
 
-def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp_path):
+def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp_path):  # noqa: F811
     model = {**TINY_MODEL, "dropout": 0.0}  # dropout with resume: tests/test_exact_resume.py
 
     def configs(root: Path) -> tuple[dict, dict]:
-        train = {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 4,
-                 "checkpoint_dir": str(root / "xent"), "progress": False,
-                 "early_stopping_patience": None, "jit_compile": False}
-        tuning = {"enabled": True, "epochs": 2, "batch_size": 8, "max_steps_per_epoch": 5,
-                  "checkpoint_every_steps": 2, "progress": False,
-                  "checkpoint_dir": str(root / "fine_tune")}
+        train = {
+            "epochs": 1,
+            "batch_size": 8,
+            "max_steps_per_epoch": 4,
+            "checkpoint_dir": str(root / "xent"),
+            "progress": False,
+            "early_stopping_patience": None,
+            "jit_compile": False,
+        }
+        tuning = {
+            "enabled": True,
+            "epochs": 2,
+            "batch_size": 8,
+            "max_steps_per_epoch": 5,
+            "checkpoint_every_steps": 2,
+            "progress": False,
+            "checkpoint_dir": str(root / "fine_tune"),
+        }
         return train, tuning
+
     xent_steps = 4
 
     train, tuning = configs(tmp_path / "unbroken")
@@ -201,8 +246,11 @@ def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp
     assert unbroken.returncode == 0, expected[-3000:]
 
     train, tuning = configs(tmp_path / "killed")
-    killed_at = kill_when(driver(shard_project, train, fine_tune=tuning, model=model),
-                          tmp_path / "killed" / "fine_tune" / "latest.json", 6)
+    killed_at = kill_when(
+        driver(shard_project, train, fine_tune=tuning, model=model),
+        tmp_path / "killed" / "fine_tune" / "latest.json",
+        6,
+    )
     assert 5 < killed_at < 10
     second = driver(shard_project, train, fine_tune=tuning, model=model)
     output, _ = second.communicate(timeout=600)
@@ -214,16 +262,23 @@ def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp
     resumed, reference = (history_of(text, "FINE_TUNE_HISTORY") for text in (output, expected))
     assert [row["step"] for row in resumed] == [5, 10]
     assert [row["val_xent"] for row in resumed] == pytest.approx(
-        [row["val_xent"] for row in reference], rel=1e-5)
+        [row["val_xent"] for row in reference], rel=1e-5
+    )
     assert not (tmp_path / "killed" / "xent").exists()  # both phases clean up at the end
     assert not (tmp_path / "killed" / "fine_tune").exists()
 
 
 def test_nasnet_mobile_fine_tunes_end_to_end(data, tmp_path):
-    model = {**defaults("model"), "encoder": "nasnet_mobile", "image_size": SIZE,
-             "encoder_weights": None,
-             "encoder_trainable": False, "embed_dim": 16, "attention_dim": 16,
-             "lstm_units": 32}
+    model = {
+        **defaults("model"),
+        "encoder": "nasnet_mobile",
+        "image_size": SIZE,
+        "encoder_weights": None,
+        "encoder_trainable": False,
+        "embed_dim": 16,
+        "attention_dim": 16,
+        "lstm_units": 32,
+    }
     start = xent_model(data, model)
     before = encoder_values(start)
     tuned, history, _ = fine_tune(start, data, tmp_path, batch_size=2, max_steps_per_epoch=2)
@@ -238,21 +293,34 @@ def test_nasnet_mobile_fine_tunes_end_to_end(data, tmp_path):
 def test_train_pipeline_fine_tunes_from_features_and_saves_an_image_model(data, tmp_path):
     # The runner releases what a later node has read: the histories reach us as metric series.
     outputs = ("captioner", "training_metrics", "fine_tune_metrics", "self_critical_metrics")
-    catalog = DataCatalog({
-        "model_inputs": MemoryDataset(data.features),
-        "vocabulary": MemoryDataset(VOCABULARY),
-        "caption_table": MemoryDataset(pd.DataFrame()),
-        "params:model": MemoryDataset(MODEL),
-        "params:train": MemoryDataset({**defaults("train"), **TRAIN, "max_steps_per_epoch": 2,
-                                       "checkpoint_dir": str(tmp_path / "xent")}),
-        "params:fine_tune": MemoryDataset({
-            **defaults("fine_tune"), "enabled": True, "batch_size": 4, "max_steps_per_epoch": 2,
-            "progress": False,
-            "checkpoint_dir": str(tmp_path / "fine_tune")}),
-        "params:self_critical": MemoryDataset({**defaults("self_critical"),
-                                               "enabled": False}),
-        **{name: MemoryDataset(copy_mode="assign") for name in outputs},
-    })
+    catalog = DataCatalog(
+        {
+            "model_inputs": MemoryDataset(data.features),
+            "vocabulary": MemoryDataset(VOCABULARY),
+            "caption_table": MemoryDataset(pd.DataFrame()),
+            "params:model": MemoryDataset(MODEL),
+            "params:train": MemoryDataset(
+                {
+                    **defaults("train"),
+                    **TRAIN,
+                    "max_steps_per_epoch": 2,
+                    "checkpoint_dir": str(tmp_path / "xent"),
+                }
+            ),
+            "params:fine_tune": MemoryDataset(
+                {
+                    **defaults("fine_tune"),
+                    "enabled": True,
+                    "batch_size": 4,
+                    "max_steps_per_epoch": 2,
+                    "progress": False,
+                    "checkpoint_dir": str(tmp_path / "fine_tune"),
+                }
+            ),
+            "params:self_critical": MemoryDataset({**defaults("self_critical"), "enabled": False}),
+            **{name: MemoryDataset(copy_mode="assign") for name in outputs},
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
     captioner = catalog.load("captioner")
     assert [point["step"] for point in catalog.load("training_metrics")["val_xent"]] == [1]
@@ -275,8 +343,8 @@ def test_train_pipeline_fine_tunes_from_features_and_saves_an_image_model(data, 
     batch = next(iter(make_image_dataset(data.images, "val", batch_size=4)))
     images = {"image": batch["image"]}
     encoded = keras.ops.convert_to_numpy(loaded(images))
-    np.testing.assert_allclose(encoded, keras.ops.convert_to_numpy(captioner(images)),
-                               rtol=1e-5, atol=1e-5)
-    frozen = build_frozen_encoder(captioner.config, data.weights).predict_on_batch(
-        images["image"])
+    np.testing.assert_allclose(
+        encoded, keras.ops.convert_to_numpy(captioner(images)), rtol=1e-5, atol=1e-5
+    )
+    frozen = build_frozen_encoder(captioner.config, data.weights).predict_on_batch(images["image"])
     assert not np.allclose(encoded, frozen, atol=1e-3)

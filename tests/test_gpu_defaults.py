@@ -1,5 +1,6 @@
 """GPU set-up: the precision `train.precision: auto` picks per device, the device log line
-README tells users to look for, and the `gpu` / `jax-gpu` extras that `make run EXTRAS=` installs."""
+README tells users to look for, and the `gpu` / `jax-gpu` extras that `make run EXTRAS=`
+installs."""
 
 from __future__ import annotations
 
@@ -32,14 +33,17 @@ A100 = Device("gpu", "/physical_device:GPU:1", "NVIDIA A100-SXM4-80GB", (8, 0))
 V100 = Device("gpu", "/physical_device:GPU:0", "Tesla V100-SXM2-16GB", (7, 0))
 
 
-@pytest.mark.parametrize("devices, expected", [
-    ([CPU], "float32"),
-    ([H200], "mixed_bfloat16"),
-    ([H200, A100], "mixed_bfloat16"),
-    ([V100], "float32"),  # float16 only: loss scaling, which breaks step counting on resume
-    ([H200, V100], "float32"),  # one policy for all replicas: the weakest decides
-    ([Device("gpu", "gpu:0")], "float32"),  # capability unknown: no guess
-])
+@pytest.mark.parametrize(
+    "devices, expected",
+    [
+        ([CPU], "float32"),
+        ([H200], "mixed_bfloat16"),
+        ([H200, A100], "mixed_bfloat16"),
+        ([V100], "float32"),  # float16 only: loss scaling, which breaks step counting on resume
+        ([H200, V100], "float32"),  # one policy for all replicas: the weakest decides
+        ([Device("gpu", "gpu:0")], "float32"),  # capability unknown: no guess
+    ],
+)
 def test_auto_precision_per_device(devices, expected):
     assert resolve_precision("auto", devices) == expected
 
@@ -76,7 +80,8 @@ def test_auto_resumes_checkpoints_of_an_explicit_float32_run():
     model = from_conf(ModelConfig, "model", vocab_size=20)
     auto = with_device_defaults(from_conf(TrainConfig, "train", precision="auto"))
     assert run_fingerprint(model, auto, {}) == run_fingerprint(
-        model, from_conf(TrainConfig, "train", precision="float32"), {})
+        model, from_conf(TrainConfig, "train", precision="float32"), {}
+    )
 
 
 def test_the_default_configuration_asks_for_auto():
@@ -100,14 +105,24 @@ def test_a_step_in_mixed_bfloat16_trains_with_float32_weights():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         keras.utils.set_random_seed(0)
-        model = Captioner(from_conf(ModelConfig, "model",
-                                    vocab_size=12, compact_filters=(8, 8, 8, 8), image_size=32,
-                                    embed_dim=16, attention_dim=8, lstm_units=16))
+        model = Captioner(
+            from_conf(
+                ModelConfig,
+                "model",
+                vocab_size=12,
+                compact_filters=(8, 8, 8, 8),
+                image_size=32,
+                embed_dim=16,
+                attention_dim=8,
+                lstm_units=16,
+            )
+        )
         model.compile(optimizer=keras.optimizers.Adam(1e-2))
         rng = np.random.default_rng(0)
         x = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")}
-        y = np.concatenate([np.ones((4, 1)), rng.integers(3, 12, (4, 6)), 2 * np.ones((4, 1))],
-                           axis=1).astype("int32")
+        y = np.concatenate(
+            [np.ones((4, 1)), rng.integers(3, 12, (4, 6)), 2 * np.ones((4, 1))], axis=1
+        ).astype("int32")
         losses = [model.train_on_batch(x, y) for _ in range(8)]
         assert model.compute_dtype == "bfloat16"
         assert {v.dtype for v in model.trainable_variables} == {"float32"}
@@ -123,21 +138,29 @@ def test_gpu_extras_pin_the_project_versions():
     tensorflow = next(d for d in project["dependencies"] if d.startswith("tensorflow"))
     extras = project["optional-dependencies"]
     # nvidia-ml-py: MLflow's system metrics of the GPU.
-    assert extras["gpu"] == [tensorflow.replace("tensorflow", "tensorflow[and-cuda]", 1),
-                             "nvidia-ml-py>=12"]
+    assert extras["gpu"] == [
+        tensorflow.replace("tensorflow", "tensorflow[and-cuda]", 1),
+        "nvidia-ml-py>=12",
+    ]
     jax_cpu = next(d for d in extras["test"] if d.startswith("jax[cpu]"))
     assert extras["jax-gpu"] == [jax_cpu.replace("jax[cpu]", "jax[cuda12]", 1), "nvidia-ml-py>=12"]
 
 
-@pytest.mark.parametrize("target, extras, install", [
-    ("run", "gpu", '-e ".[gpu]"'),
-    ("run", "jax-gpu", '-e ".[jax-gpu]"'),
-    ("test", "gpu", '-e ".[test,gpu]"'),
-    ("run", "", '-e "."'),
-])
+@pytest.mark.parametrize(
+    "target, extras, install",
+    [
+        ("run", "gpu", '-e ".[gpu]"'),
+        ("run", "jax-gpu", '-e ".[jax-gpu]"'),
+        ("test", "gpu", '-e ".[test,gpu]"'),
+        ("run", "", '-e "."'),
+    ],
+)
 def test_make_installs_the_extras_asked_for(tmp_path, target, extras, install):
     """`make -n` prints the commands a fresh clone's `make run EXTRAS=...` would run."""
     plan = subprocess.run(
         ["make", "-n", "-C", str(ROOT), target, f"EXTRAS={extras}", f"VENV={tmp_path}/venv"],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{tmp_path}/venv/bin/python -m pip install -q {install}" in plan

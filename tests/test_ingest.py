@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -483,7 +482,9 @@ def test_command_line_params_override_nested_dataset_keys(tmp_path, project_root
 def loader_base_batch_size(conf: Path) -> int:
     import yaml
 
-    return yaml.safe_load((conf / "base" / "parameters_train.yml").read_text())["train"]["batch_size"]
+    return yaml.safe_load((conf / "base" / "parameters_train.yml").read_text())["train"][
+        "batch_size"
+    ]
 
 
 def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
@@ -500,8 +501,12 @@ def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
     alone = run_kedro(project, "run", "--pipelines=ingest", own)
     assert alone.returncode != 0
     assert "Traceback" not in alone.stderr + alone.stdout
-    assert ("Error: raw_dataset (" in alone.stderr and "data/01_raw/raw_dataset.json) does not "
-            "exist yet: run `kedro run --pipelines=synthetic` first" in alone.stderr), alone.stderr
+    assert (
+        "Error: raw_dataset (" in alone.stderr
+        and "data/01_raw/raw_dataset.json) does not "
+        "exist yet: run `kedro run --pipelines=synthetic` first"
+        in alone.stderr
+    ), alone.stderr
     advised = run_kedro(project, "run", "--pipelines=synthetic,ingest", own)
     assert advised.returncode == 0, advised.stderr[-3000:]
     table = pd.read_parquet(project / "data/02_intermediate/captions.parquet")
@@ -510,6 +515,10 @@ def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
     # line, rather than silently reading mydata again.
     stale = run_kedro(project, "run", "--pipelines=ingest")
     assert stale.returncode != 0 and "Traceback" not in stale.stderr + stale.stdout
-    assert ("raw_dataset records dataset 'mydata'" in stale.stderr and "the parameters now say "
-            "'shapes' at 'data/01_raw/shapes' (dataset.name, dataset.root changed): run `kedro "
-            "run --pipelines=synthetic` first" in stale.stderr), stale.stderr[-3000:]
+    assert (
+        "raw_dataset records dataset 'mydata'" in stale.stderr
+        and "the parameters now say "
+        "'shapes' at 'data/01_raw/shapes' (dataset.name, dataset.root changed): run `kedro "
+        "run --pipelines=synthetic` first"
+        in stale.stderr
+    ), stale.stderr[-3000:]

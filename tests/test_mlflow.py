@@ -14,11 +14,21 @@ import pandas as pd
 import pytest
 
 from caption_pipeline.tracking import (
-    caption_digest, caption_inputs, changed_params, dvc_data_hash, evaluation_metric_values,
-    run_name, training_metric_series,
+    caption_digest,
+    caption_inputs,
+    changed_params,
+    dvc_data_hash,
+    evaluation_metric_values,
+    run_name,
+    training_metric_series,
 )
 from tests.conftest import (
-    PROJECT_ROOT, copy_project, free_port, run_kedro, start_server, stop_server,
+    PROJECT_ROOT,
+    copy_project,
+    free_port,
+    run_kedro,
+    start_server,
+    stop_server,
 )
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -66,7 +76,10 @@ def test_data_hash_comes_from_a_dvc_file_or_dvc_lock(tmp_path):
         "    - path: data/01_raw/shapes\n      md5: abc.dir\n"
     )
     assert dvc_data_hash(tmp_path, "data/01_raw/shapes/") == ("abc.dir", "dvc.lock:synthetic")
-    assert dvc_data_hash(tmp_path, tmp_path / "data/01_raw/shapes") == ("abc.dir", "dvc.lock:synthetic")
+    assert dvc_data_hash(tmp_path, tmp_path / "data/01_raw/shapes") == (
+        "abc.dir",
+        "dvc.lock:synthetic",
+    )
     (tmp_path / "data/01_raw").mkdir(parents=True)
     (tmp_path / "data/01_raw/coco.dvc").write_text("outs:\n- md5: def.dir\n  path: coco\n")
     assert dvc_data_hash(tmp_path, "data/01_raw/coco") == ("def.dir", "coco.dvc")
@@ -90,36 +103,52 @@ def test_every_environment_tracks_to_the_project_sqlite_database(tmp_path):
         "        print('URI', env, server.mlflow_tracking_uri)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, str(project)], cwd=project / "notebooks",
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script, str(project)],
+        cwd=project / "notebooks",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     uris = dict(
         line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("URI ")
     )
-    assert uris == {env: f"sqlite:///{project}/mlflow.db" for env in ("base", "smoke", "coco", "local", "None")}
+    assert uris == {
+        env: f"sqlite:///{project}/mlflow.db" for env in ("base", "smoke", "coco", "local", "None")
+    }
     assert not (project / "notebooks" / "mlflow.db").exists() and not (project / "mlruns").exists()
 
 
 def test_run_names_tell_runs_apart():
     assert run_name(["__default__"], None, {}) == "all stages · local"
     assert run_name(["train"], "smoke", {"train": {"epochs": 3, "batch_size": 8}}) == (
-        "train · smoke · train.batch_size=8 · train.epochs=3")
+        "train · smoke · train.batch_size=8 · train.epochs=3"
+    )
     assert run_name(["train", "evaluate"], "local", {}, "lucid-pony") == (
-        "exp lucid-pony · train+evaluate · local")
-    assert changed_params({"train": {"epochs": 3, "seed": 1}, "new": [1]},
-                          {"train": {"epochs": 10, "seed": 1}}) == {"train.epochs": 3, "new": [1]}
+        "exp lucid-pony · train+evaluate · local"
+    )
+    assert changed_params(
+        {"train": {"epochs": 3, "seed": 1}, "new": [1]}, {"train": {"epochs": 10, "seed": 1}}
+    ) == {"train.epochs": 3, "new": [1]}
 
 
 def test_each_split_of_the_caption_table_is_a_dataset_input_with_a_stable_digest():
-    table = pd.DataFrame({"image_id": [1, 1, 2, 3], "annotation_id": [10, 11, 20, 30],
-                          "caption": ["a", "b", "c", "d"], "split": ["train", "train", "val", "test"]})
+    table = pd.DataFrame(
+        {
+            "image_id": [1, 1, 2, 3],
+            "annotation_id": [10, 11, 20, 30],
+            "caption": ["a", "b", "c", "d"],
+            "split": ["train", "train", "val", "test"],
+        }
+    )
     assert caption_digest(table) == caption_digest(table.iloc[::-1])
     assert caption_digest(table) != caption_digest(table.assign(caption=["a", "b", "c", "e"]))
     inputs = caption_inputs(table, "data/01_raw/shapes", "abc123")
     assert [(d.name, context, tags["images"]) for d, context, tags in inputs] == [
-        ("captions-test", "test", "1"), ("captions-train", "training", "1"),
-        ("captions-val", "validation", "1")]
+        ("captions-test", "test", "1"),
+        ("captions-train", "training", "1"),
+        ("captions-val", "validation", "1"),
+    ]
     dataset, _, tags = inputs[1]
     assert dataset.digest == caption_digest(table[table.split == "train"])
     assert dataset.source.uri == "data/01_raw/shapes" and tags["dvc_data_hash"] == "abc123"
@@ -157,7 +186,9 @@ def test_the_champion_gate_promotes_on_val_only_when_better(tmp_path):
     assert register(1.0, "force")["promoted"] and champion() == "4"
     assert not register(9.0, "skip")["promoted"] and champion() == "4"
     other = register(9.0, digest="val-2")
-    assert not other["promoted"] and other["reason"].startswith("not comparable") and champion() == "4"
+    assert (
+        not other["promoted"] and other["reason"].startswith("not comparable") and champion() == "4"
+    )
 
 
 # --- a failed run -------------------------------------------------------------------------------
@@ -171,16 +202,25 @@ def test_failed_run_is_recorded_as_failed_with_its_error(tmp_path):
     project = copy_project(tmp_path / "project")
     for value in (99, 98):
         result = run_kedro(
-            project, "run", "--env", "smoke", "--pipelines", "synthetic",
-            "--params", f"synthetic.captions_per_image={value}",
+            project,
+            "run",
+            "--env",
+            "smoke",
+            "--pipelines",
+            "synthetic",
+            "--params",
+            f"synthetic.captions_per_image={value}",
         )
         assert result.returncode != 0
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        order_by=["attributes.start_time ASC"],
+    )
     assert [r.info.run_name for r in runs] == [
         "synthetic · smoke · synthetic.captions_per_image=99",
-        "synthetic · smoke · synthetic.captions_per_image=98"]
+        "synthetic · smoke · synthetic.captions_per_image=98",
+    ]
     run = runs[0]
     assert run.info.status == "FAILED"
     assert "captions_per_image" in run.data.tags["error"]
@@ -205,7 +245,8 @@ class MlflowRest:
 
     def post(self, endpoint: str, body: dict) -> dict:
         request = urllib.request.Request(
-            f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+            f"{self.url}/api/2.0/mlflow/{endpoint}",
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -217,9 +258,20 @@ def mlflow_server(smoke_project):
     """`mlflow server` on the smoke project's database, on 127.0.0.1."""
     port = free_port()
     server = start_server(
-        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{smoke_project / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        smoke_project, f"http://127.0.0.1:{port}/health",
+        [
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{smoke_project / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        smoke_project,
+        f"http://127.0.0.1:{port}/health",
     )
     yield MlflowRest(f"http://127.0.0.1:{port}")
     stop_server(server)
@@ -244,21 +296,35 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
 
     # Every parameter block, flattened.
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    for key in ("dataset.root", "synthetic.splits.train", "ingest.max_bad_image_fraction",
-                "vocab.min_count", "shard.num_shards.train", "features.batch_size",
-                "model.lstm_units", "train.learning_rate", "evaluate.decoding.beam_size"):
+    for key in (
+        "dataset.root",
+        "synthetic.splits.train",
+        "ingest.max_bad_image_fraction",
+        "vocab.min_count",
+        "shard.num_shards.train",
+        "features.batch_size",
+        "model.lstm_units",
+        "train.learning_rate",
+        "evaluate.decoding.beam_size",
+    ):
         assert key in params, key
     assert params["train.epochs"] == "2" and params["model.lstm_units"] == "64"
 
     # Evaluation metrics with the blind and human reference points; training curves as series.
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    for key in ("test.CIDEr", "val.Bleu_4", "blind_baseline.CIDEr",
-                "human.CIDEr", "test_vs_human_refs.CIDEr"):
+    for key in (
+        "test.CIDEr",
+        "val.Bleu_4",
+        "blind_baseline.CIDEr",
+        "human.CIDEr",
+        "test_vs_human_refs.CIDEr",
+    ):
         assert key in metrics, key
     history = pd.read_csv(smoke_project / "data/08_reporting/training_history.csv")
     val_xent = api.get("metrics/get-history", run_id=run_id, metric_key="xent.val_xent")["metrics"]
     assert [(m["step"], round(m["value"], 5)) for m in val_xent] == [
-        (epoch, round(value, 5)) for epoch, value in zip(history["epoch"], history["val_xent"])
+        (epoch, round(value, 5))
+        for epoch, value in zip(history["epoch"], history["val_xent"], strict=False)
     ]
     steps = pd.read_csv(smoke_project / "data/08_reporting/training_steps.csv")
     loss = api.get("metrics/get-history", run_id=run_id, metric_key="xent.loss")["metrics"]
@@ -266,19 +332,26 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
 
     # Artifacts: vocabulary, attention PNGs, training curves, results JSON, metrics.json.
     def listing(path: str = "") -> set[str]:
-        return {f["path"] for f in api.get("artifacts/list", run_id=run_id, path=path).get("files", [])}
+        return {
+            f["path"] for f in api.get("artifacts/list", run_id=run_id, path=path).get("files", [])
+        }
 
     assert {"data", "training", "evaluation"} <= listing()
     assert {"data/vocabulary.json", "data/caption_length_histogram.png"} <= listing("data")
     assert {"training/training_curves.png", "training/training_history.csv"} <= listing("training")
-    assert {"evaluation/metrics.json", "evaluation/captions_val.json",
-            "evaluation/captions_test.json", "evaluation/attention"} <= listing("evaluation")
+    assert {
+        "evaluation/metrics.json",
+        "evaluation/captions_val.json",
+        "evaluation/captions_test.json",
+        "evaluation/attention",
+    } <= listing("evaluation")
     pngs = sorted(p.name for p in (smoke_project / "data/08_reporting/attention").glob("*.png"))
     assert sorted(Path(p).name for p in listing("evaluation/attention")) == pngs and pngs
 
     # System metrics, sampled while it ran (MLflow's own: system/cpu_utilization_percentage).
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
-        metrics), sorted(metrics)
+        metrics
+    ), sorted(metrics)
     assert {"xent.val_xent", "fine_tune.val_xent", "scst.val_cider"} <= set(metrics)
 
     # Tags: the code and data versions (the copy is no git repository and DVC tracks nothing).

@@ -33,9 +33,9 @@ def random_features(seed: int = 0) -> np.ndarray:
 
 def captions_with_padding() -> np.ndarray:
     """<start> w w w <end> <pad>..., real lengths 5, 4 and 6 tokens."""
-    return np.array([[1, 5, 6, 7, 2, 0, 0],
-                     [1, 8, 9, 2, 0, 0, 0],
-                     [1, 4, 4, 5, 6, 2, 0]], dtype="int32")
+    return np.array(
+        [[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 5, 6, 2, 0]], dtype="int32"
+    )
 
 
 def test_attention_changes_over_time_and_with_the_hidden_state():
@@ -79,10 +79,18 @@ def test_step_api_reproduces_the_teacher_forced_pass():
     state = decoder.init_state(features)
     for t in range(captions.shape[1] - 1):
         step_logits, step_alpha, state = decoder.step(captions[:, t], state)
-        np.testing.assert_allclose(ops.convert_to_numpy(step_logits),
-                                   ops.convert_to_numpy(logits[:, t]), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(ops.convert_to_numpy(step_alpha),
-                                   ops.convert_to_numpy(alpha[:, t]), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(step_logits),
+            ops.convert_to_numpy(logits[:, t]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(step_alpha),
+            ops.convert_to_numpy(alpha[:, t]),
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
 
 def test_k_captions_per_image_step_as_k_copies_of_the_image_do():
@@ -98,21 +106,37 @@ def test_k_captions_per_image_step_as_k_copies_of_the_image_do():
     assert tuple(logits.shape) == (B, k, V) and tuple(alpha.shape) == (B, k, R)
     assert new.features is state.features and new.projected is state.projected
 
-    copies = type(state)(*(np.repeat(ops.convert_to_numpy(x), k, axis=0)
-                           for x in (state.features, state.projected)),
-                         h.reshape(B * k, 12), c.reshape(B * k, 12))
+    copies = type(state)(
+        *(np.repeat(ops.convert_to_numpy(x), k, axis=0) for x in (state.features, state.projected)),
+        h.reshape(B * k, 12),
+        c.reshape(B * k, 12),
+    )
     flat_logits, flat_alpha, flat = decoder.step(words.reshape(-1), copies)
-    for grouped, rows in [(logits, flat_logits), (alpha, flat_alpha), (new.h, flat.h),
-                          (new.c, flat.c)]:
+    for grouped, rows in [
+        (logits, flat_logits),
+        (alpha, flat_alpha),
+        (new.h, flat.h),
+        (new.c, flat.c),
+    ]:
         grouped = ops.convert_to_numpy(grouped)
-        np.testing.assert_allclose(grouped.reshape(B * k, -1), ops.convert_to_numpy(rows),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            grouped.reshape(B * k, -1), ops.convert_to_numpy(rows), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_appended_padding_adds_nothing_to_the_loss():
-    model = Captioner(from_conf(ModelConfig, "model",
-                                vocab_size=V, image_size=16, compact_filters=(4, 8),
-                                embed_dim=8, attention_dim=8, lstm_units=12))
+    model = Captioner(
+        from_conf(
+            ModelConfig,
+            "model",
+            vocab_size=V,
+            image_size=16,
+            compact_filters=(4, 8),
+            embed_dim=8,
+            attention_dim=8,
+            lstm_units=12,
+        )
+    )
     x = {"features": np.random.default_rng(0).standard_normal((B, 16, 8)).astype("float16")}
     captions = captions_with_padding()
     longer = np.concatenate([captions, np.zeros((B, 5), "int32")], axis=1)
@@ -138,8 +162,13 @@ def test_cross_entropy_is_the_mean_over_real_tokens():
 
 
 def test_doubly_stochastic_term_on_a_known_alpha():
-    alpha = np.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]],     # third step is padding
-                      [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]], dtype="float32")
+    alpha = np.array(
+        [
+            [[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]],  # third step is padding
+            [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]],
+        ],
+        dtype="float32",
+    )
     targets = np.array([[7, 2, 0], [7, 7, 2]], dtype="int32")
     logits = np.zeros((2, 3, 9), "float32")
     _, attention = caption_losses(logits, alpha, targets)
@@ -154,21 +183,38 @@ def test_doubly_stochastic_term_on_a_known_alpha():
 
 
 def test_frozen_encoder_is_not_trained_and_compact_is_by_default():
-    small = dict(vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
-                 attention_dim=8, lstm_units=12)
+    small = dict(
+        vocab_size=V,
+        image_size=16,
+        compact_filters=(4, 8),
+        embed_dim=8,
+        attention_dim=8,
+        lstm_units=12,
+    )
     trained = Captioner(from_conf(ModelConfig, "model", **small, encoder_trainable=None))
     frozen = Captioner(from_conf(ModelConfig, "model", **small, encoder_trainable=False))
     encoder_ids = {id(v) for v in trained.encoder.trainable_variables}
     assert encoder_ids and encoder_ids <= {id(v) for v in trained.trainable_variables}
     assert len(frozen.trainable_variables) == len(trained.trainable_variables) - len(encoder_ids)
-    assert from_conf(ModelConfig, "model", vocab_size=V, encoder="nasnet_large",
-                     encoder_trainable=None).trains_encoder is False
+    assert (
+        from_conf(
+            ModelConfig, "model", vocab_size=V, encoder="nasnet_large", encoder_trainable=None
+        ).trains_encoder
+        is False
+    )
 
 
 def test_weights_and_whole_model_round_trip(tmp_path):
-    config = from_conf(ModelConfig, "model",
-                       vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
-                       attention_dim=8, lstm_units=12)
+    config = from_conf(
+        ModelConfig,
+        "model",
+        vocab_size=V,
+        image_size=16,
+        compact_filters=(4, 8),
+        embed_dim=8,
+        attention_dim=8,
+        lstm_units=12,
+    )
     model = Captioner(config)
     x = {"image": np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32")}
     captions = captions_with_padding()
@@ -189,12 +235,21 @@ def test_on_features_the_captioner_is_the_decoder_alone_and_joins_its_encoder(tm
     """Trained on precomputed features, a Captioner builds no encoder (NASNetLarge: 85 M
     parameters it would never run); joined with the encoder of those features, it captions
     images exactly as the full model with that encoder does."""
-    config = from_conf(ModelConfig, "model",
-                       vocab_size=V, image_size=16, compact_filters=(4, 8), embed_dim=8,
-                       attention_dim=8, lstm_units=12, encoder_trainable=False)
+    config = from_conf(
+        ModelConfig,
+        "model",
+        vocab_size=V,
+        image_size=16,
+        compact_filters=(4, 8),
+        embed_dim=8,
+        attention_dim=8,
+        lstm_units=12,
+        encoder_trainable=False,
+    )
     encoder_model = Captioner(config)  # its encoder computed the features
     features = encoder_model.encoder.predict(
-        np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32"), verbose=0)
+        np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32"), verbose=0
+    )
     decoder_only = Captioner(config, feature_shape=features.shape[1:])
     assert decoder_only.encoder is None
     assert decoder_only.count_params() == decoder_only.decoder.count_params()
@@ -210,25 +265,38 @@ def test_on_features_the_captioner_is_the_decoder_alone_and_joins_its_encoder(tm
     joined = loaded.with_encoder(encoder_model.encoder.get_weights())
     images = np.random.default_rng(0).uniform(0, 255, (B, 16, 16, 3)).astype("float32")
     logits, _ = joined.teacher_forced(joined({"image": images}), captions)
-    np.testing.assert_allclose(ops.convert_to_numpy(logits), ops.convert_to_numpy(expected),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(logits), ops.convert_to_numpy(expected), atol=1e-5
+    )
     with pytest.raises(DataError, match="cannot train its encoder"):
-        Captioner(from_conf(ModelConfig, "model", vocab_size=V, image_size=16,
-                            compact_filters=(4, 8), encoder_trainable=None),
-                  feature_shape=(16, 8))
+        Captioner(
+            from_conf(
+                ModelConfig,
+                "model",
+                vocab_size=V,
+                image_size=16,
+                compact_filters=(4, 8),
+                encoder_trainable=None,
+            ),
+            feature_shape=(16, 8),
+        )
 
 
 def test_config_rejects_unknown_keys_and_encoders():
     with pytest.raises(DataError, match="lstm_size"):
         ModelConfig.from_dict({**defaults("model"), "vocab_size": V, "lstm_size": 3})
-    with pytest.raises(DataError, match=r"model\.encoder: missing; it belongs in "
-                                         r"conf/base/parameters_train\.yml"):
+    with pytest.raises(
+        DataError,
+        match=r"model\.encoder: missing; it belongs in "
+        r"conf/base/parameters_train\.yml",
+    ):
         ModelConfig.from_dict({"vocab_size": V})
     with pytest.raises(DataError, match="resnet"):
         from_conf(ModelConfig, "model", vocab_size=V, encoder="resnet")
     with pytest.raises(DataError, match="image"):
-        model = Captioner(from_conf(ModelConfig, "model",
-                                    vocab_size=V, image_size=16, compact_filters=(4,)))
+        model = Captioner(
+            from_conf(ModelConfig, "model", vocab_size=V, image_size=16, compact_filters=(4,))
+        )
         model({"pixels": np.zeros((1, 16, 16, 3), "float32")})
 
 
@@ -237,15 +305,25 @@ def test_fit_on_reader_batches_under_tensorflow():
     import tensorflow as tf
 
     keras.utils.set_random_seed(0)
-    model = Captioner(from_conf(ModelConfig, "model",
-                                vocab_size=V, image_size=16, compact_filters=(4, 8),
-                                embed_dim=8, attention_dim=8, lstm_units=12))
+    model = Captioner(
+        from_conf(
+            ModelConfig,
+            "model",
+            vocab_size=V,
+            image_size=16,
+            compact_filters=(4, 8),
+            embed_dim=8,
+            attention_dim=8,
+            lstm_units=12,
+        )
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (6, 16, 16, 3)).astype("float32")
     captions = np.concatenate([captions_with_padding()] * 2)
     data = tf.data.Dataset.from_tensor_slices(
-        ({"image": images, "image_id": np.arange(6, dtype="int64")}, captions)).batch(3)
+        ({"image": images, "image_id": np.arange(6, dtype="int64")}, captions)
+    ).batch(3)
     history = model.fit(data, epochs=2, shuffle=False, verbose=0).history
     assert set(history) == {"loss", "xent", "attention_reg"}
     assert all(np.isfinite(history["loss"]))
@@ -281,8 +359,9 @@ JAX_TRAINING = textwrap.dedent("""
 def test_a_few_training_steps_under_jax_lower_the_loss():
     """Also: the model code needs no TensorFlow under JAX (the GPU machine has none)."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", JAX_TRAINING], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", JAX_TRAINING], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["backend"] == "jax"

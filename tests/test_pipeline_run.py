@@ -48,9 +48,12 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
     captioner = KerasModelDataset(filepath=str(data / "06_models" / "captioner.keras")).load()
     assert captioner.config.trains_encoder and captioner.config.encoder_batchnorm == "frozen"
     initial = build_frozen_encoder(captioner.config, weights)
-    changed = {variable.path: not np.array_equal(tuned, first) for variable, tuned, first in
-               zip(initial.weights, captioner.encoder.get_weights(), initial.get_weights(),
-                   strict=True)}
+    changed = {
+        variable.path: not np.array_equal(tuned, first)
+        for variable, tuned, first in zip(
+            initial.weights, captioner.encoder.get_weights(), initial.get_weights(), strict=True
+        )
+    }
     assert any(changed[path] for path in changed if path.endswith("kernel"))
     assert not any(changed[path] for path in changed if "/moving_" in path)
     tuned = pd.read_csv(data / "08_reporting" / "fine_tune_history.csv")
@@ -59,7 +62,9 @@ def test_default_smoke_run_produces_every_stage_output(smoke_project):
 
     history = pd.read_csv(data / "08_reporting" / "training_history.csv")
     assert history["epoch"].tolist() == [1, 2]
-    assert history[["train_xent", "val_xent", "val_perplexity", "learning_rate"]].notna().all().all()
+    assert (
+        history[["train_xent", "val_xent", "val_perplexity", "learning_rate"]].notna().all().all()
+    )
     assert (data / "08_reporting" / "training_curves.png").stat().st_size > 5000
     assert (data / "06_models" / "captioner.keras").stat().st_size > 10_000
     assert not (data / "06_models" / "checkpoints").exists()

@@ -14,9 +14,27 @@ def test_reader_benchmark_prints_every_variant_and_the_gpu_need(monkeypatch, cap
     spec = importlib.util.spec_from_file_location("reader_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # in this process: no second TensorFlow import
-    monkeypatch.setattr(sys, "argv", [
-        str(SCRIPT), "--images", "12", "--shards", "2", "--batch", "4", "--batches", "2",
-        "--shuffle-buffer", "8", "--matmul-size", "128", "--tmpdir", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(SCRIPT),
+            "--images",
+            "12",
+            "--shards",
+            "2",
+            "--batch",
+            "4",
+            "--batches",
+            "2",
+            "--shuffle-buffer",
+            "8",
+            "--matmul-size",
+            "128",
+            "--tmpdir",
+            str(tmp_path),
+        ],
+    )
     module.main()
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

@@ -35,7 +35,10 @@ def draw(model, features, u):
 
 def test_sampling_is_deterministic_under_its_uniforms_and_varies_with_them():
     model, features = tiny_captioner(), image_features(4)
-    first, again = draw(model, features, uniforms(4, 5, 0)), draw(model, features, uniforms(4, 5, 0))
+    first, again = (
+        draw(model, features, uniforms(4, 5, 0)),
+        draw(model, features, uniforms(4, 5, 0)),
+    )
     other = draw(model, features, uniforms(4, 5, 1))
     np.testing.assert_array_equal(first.ids, again.ids)
     assert first.ids.shape == (4, 5, MAX_LENGTH)
@@ -63,7 +66,8 @@ def test_sampled_log_probs_are_the_models_and_finished_samples_are_padded():
 def test_compiled_sampling_matches_eager():
     model, features, u = tiny_captioner(), image_features(2), uniforms(2, 3, 3)
     compiled = compile_function(
-        lambda inputs: sample_captions(model, model(inputs), inputs["uniforms"]), model)
+        lambda inputs: sample_captions(model, model(inputs), inputs["uniforms"]), model
+    )
     out = compiled({"features": features, "uniforms": u})
     np.testing.assert_array_equal(ops.convert_to_numpy(out.ids), draw(model, features, u).ids)
 
@@ -89,9 +93,10 @@ def test_the_loss_gradient_raises_the_probability_of_a_rewarded_caption():
         trainer = SelfCriticalTrainer(model)
         trainer.compile(optimizer=keras.optimizers.SGD(0.05))
         for _ in range(5):
-            trainer.train_on_batch({"features": features},
-                                   {"captions": caption[:, None, :],
-                                    "advantage": np.full((2, 1), sign, "float32")})
+            trainer.train_on_batch(
+                {"features": features},
+                {"captions": caption[:, None, :], "advantage": np.full((2, 1), sign, "float32")},
+            )
         after, _ = teacher_forced(model, features, caption[:, 1:], lengths)
         assert np.all(np.sign(after - before) == sign), (sign, before, after)
 
@@ -102,8 +107,10 @@ def test_self_critical_loss_masks_padding():
     changed = logits.copy()
     changed[0, 2:] += 10.0  # the padded steps of caption 0 must not matter
     advantage = np.array([1.0, 0.0], "float32")
-    assert np.isclose(float(self_critical_loss(logits, targets, advantage)),
-                      float(self_critical_loss(changed, targets, advantage)))
+    assert np.isclose(
+        float(self_critical_loss(logits, targets, advantage)),
+        float(self_critical_loss(changed, targets, advantage)),
+    )
 
 
 # --- the SCST phase end to end ----------------------------------------------------------------
@@ -118,12 +125,15 @@ def scst_inputs(images: int = 6):
     ids = np.arange(100, 100 + images)
     rng = np.random.default_rng(0)
     words = list("abcdefgh")
-    references = {split: {int(i): [[str(w) for w in rng.choice(words, 3)] for _ in range(5)]
-                          for i in ids} for split in ("train", "val")}
+    references = {
+        split: {int(i): [[str(w) for w in rng.choice(words, 3)] for _ in range(5)] for i in ids}
+        for split in ("train", "val")
+    }
 
     def datasets(split, epoch, shuffle):
         ds = tf.data.Dataset.from_tensor_slices(
-            ({"features": features, "image_id": ids}, np.zeros((images, 3), "int32")))
+            ({"features": features, "image_id": ids}, np.zeros((images, 3), "int32"))
+        )
         if shuffle:
             ds = ds.shuffle(images, seed=epoch)
         return ds.batch(3)
@@ -135,15 +145,32 @@ def run_scst(tmp_path, epochs: int, keep: bool = False):
     from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
 
     datasets, vocabulary, references = scst_inputs()
-    config = from_conf(SelfCriticalConfig, "self_critical",
-                       enabled=True, epochs=epochs, batch_size=3, samples=3, baseline="greedy",
-                       learning_rate=0.05, checkpoint_dir=str(tmp_path / "ckpt"),
-                       checkpoint_every_steps=1, keep_checkpoints=keep,
-                       progress=False, max_length=MAX_LENGTH)
+    config = from_conf(
+        SelfCriticalConfig,
+        "self_critical",
+        enabled=True,
+        epochs=epochs,
+        batch_size=3,
+        samples=3,
+        baseline="greedy",
+        learning_rate=0.05,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every_steps=1,
+        keep_checkpoints=keep,
+        progress=False,
+        max_length=MAX_LENGTH,
+    )
     keras.utils.set_random_seed(0)  # the encoder's initial weights: the same "xent model"
     model = tiny_captioner()
-    return train_self_critical(model, datasets, vocabulary, references, config,
-                               steps_per_epoch=2, data_fingerprint={"data": 1})
+    return train_self_critical(
+        model,
+        datasets,
+        vocabulary,
+        references,
+        config,
+        steps_per_epoch=2,
+        data_fingerprint={"data": 1},
+    )
 
 
 def test_scst_logs_reward_baseline_entropy_and_resumes_to_the_same_run(tmp_path, caplog):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,8 +20,14 @@ from PIL import Image
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_conf
-from caption_pipeline.server import (MicroBatcher, Overloaded, RequestTimeout, ServeSettings,
-                                     check_settings, create_app)
+from caption_pipeline.server import (
+    MicroBatcher,
+    Overloaded,
+    RequestTimeout,
+    ServeSettings,
+    check_settings,
+    create_app,
+)
 
 
 def _png(size=(64, 48), colour="red") -> bytes:
@@ -42,14 +47,21 @@ def test_health_and_readiness(caption_server):
     assert ready["status"] == "ready" and ready["max_beam_size"] == 5
 
 
-def test_multipart_and_raw_uploads_answer_the_models_caption(caption_server, exported,
-                                                             test_jpegs):
+def test_multipart_and_raw_uploads_answer_the_models_caption(caption_server, exported, test_jpegs):
     jpeg = test_jpegs[1][0]
     caption, scores = _expected(exported, jpeg, 2)
-    multipart = requests.post(f"{caption_server}/v1/caption", params={"beam_size": 2},
-                              files={"image": ("a.jpg", jpeg, "image/jpeg")}, timeout=60)
-    raw = requests.post(f"{caption_server}/v1/caption?beam_size=2&attention=true", data=jpeg,
-                        headers={"Content-Type": "image/jpeg"}, timeout=60)
+    multipart = requests.post(
+        f"{caption_server}/v1/caption",
+        params={"beam_size": 2},
+        files={"image": ("a.jpg", jpeg, "image/jpeg")},
+        timeout=60,
+    )
+    raw = requests.post(
+        f"{caption_server}/v1/caption?beam_size=2&attention=true",
+        data=jpeg,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
     for answer in (multipart, raw):
         assert answer.status_code == 200, answer.text
         body = answer.json()
@@ -73,34 +85,64 @@ def _bomb() -> bytes:
 
 BAD_REQUESTS = {
     # name: (request kwargs, expected status, expected error code)
-    "not_an_image": (dict(data=b"hello, not an image", headers={"Content-Type": "image/jpeg"}),
-                     400, "not_an_image"),
+    "not_an_image": (
+        dict(data=b"hello, not an image", headers={"Content-Type": "image/jpeg"}),
+        400,
+        "not_an_image",
+    ),
     "truncated": ("truncated", 400, "truncated"),
     "empty_body": (dict(data=b"", headers={"Content-Type": "image/png"}), 400, "empty"),
     "empty_file": (dict(files={"image": ("e.png", b"", "image/png")}), 400, "empty"),
-    "wrong_content_type": (dict(data=b"{}", headers={"Content-Type": "application/json"}),
-                           415, "unsupported_content_type"),
-    "no_content_type": (dict(data=b"abc", headers={"Content-Type": ""}), 415,
-                        "unsupported_content_type"),
-    "multipart_without_image": (dict(files={"photo": ("a.png", _png(), "image/png")}), 400,
-                                "missing_image"),
-    "over_size_limit": (dict(data=b"\xff\xd8\xff" + bytes(11 * 1024 * 1024),
-                             headers={"Content-Type": "image/jpeg"}), 413, "upload_too_large"),
+    "wrong_content_type": (
+        dict(data=b"{}", headers={"Content-Type": "application/json"}),
+        415,
+        "unsupported_content_type",
+    ),
+    "no_content_type": (
+        dict(data=b"abc", headers={"Content-Type": ""}),
+        415,
+        "unsupported_content_type",
+    ),
+    "multipart_without_image": (
+        dict(files={"photo": ("a.png", _png(), "image/png")}),
+        400,
+        "missing_image",
+    ),
+    "over_size_limit": (
+        dict(
+            data=b"\xff\xd8\xff" + bytes(11 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}
+        ),
+        413,
+        "upload_too_large",
+    ),
     "decompression_bomb": ("bomb", 413, "too_large"),
-    "beam_size_too_large": (dict(params={"beam_size": 6}, files={"image": ("a.png", _png())}),
-                            400, "bad_beam_size"),
-    "beam_size_zero": (dict(params={"beam_size": 0}, files={"image": ("a.png", _png())}), 400,
-                       "bad_beam_size"),
-    "beam_size_not_a_number": (dict(data={"beam_size": "three"},
-                                    files={"image": ("a.png", _png())}), 400, "bad_beam_size"),
-    "bad_attention_flag": (dict(params={"attention": "maybe"},
-                                files={"image": ("a.png", _png())}), 400, "bad_attention"),
+    "beam_size_too_large": (
+        dict(params={"beam_size": 6}, files={"image": ("a.png", _png())}),
+        400,
+        "bad_beam_size",
+    ),
+    "beam_size_zero": (
+        dict(params={"beam_size": 0}, files={"image": ("a.png", _png())}),
+        400,
+        "bad_beam_size",
+    ),
+    "beam_size_not_a_number": (
+        dict(data={"beam_size": "three"}, files={"image": ("a.png", _png())}),
+        400,
+        "bad_beam_size",
+    ),
+    "bad_attention_flag": (
+        dict(params={"attention": "maybe"}, files={"image": ("a.png", _png())}),
+        400,
+        "bad_attention",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(caption_server,
-                                                                      test_jpegs, case):
+def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(
+    caption_server, test_jpegs, case
+):
     kwargs, status, code = BAD_REQUESTS[case]
     if kwargs == "truncated":
         kwargs = dict(data=test_jpegs[1][0][:1500], headers={"Content-Type": "image/jpeg"})
@@ -110,8 +152,9 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(caption_se
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["code"] == code and error["message"]
-    good = requests.post(f"{caption_server}/v1/caption", files={"image": ("ok.png", _png())},
-                         timeout=60)
+    good = requests.post(
+        f"{caption_server}/v1/caption", files={"image": ("ok.png", _png())}, timeout=60
+    )
     assert good.status_code == 200, good.text
 
 
@@ -149,9 +192,12 @@ def test_load_400_requests_from_8_clients_all_correct(caption_server, exported, 
         image, beam = case
         if not hasattr(session, "http"):
             session.http = requests.Session()
-        answer = session.http.post(f"{caption_server}/v1/caption", params={"beam_size": beam},
-                                   files={"image": ("t.jpg", jpegs[image], "image/jpeg")},
-                                   timeout=120)
+        answer = session.http.post(
+            f"{caption_server}/v1/caption",
+            params={"beam_size": beam},
+            files={"image": ("t.jpg", jpegs[image], "image/jpeg")},
+            timeout=120,
+        )
         return case, answer.status_code, answer.json()
 
     with ThreadPoolExecutor(8) as pool:
@@ -180,12 +226,15 @@ class _FakeModel:
     def caption(self, images, beam_size):
         self.batches.append((len(images), beam_size))
         b = len(images)
-        return {"caption": np.array([f"len {len(x)}" for x in images], object),
-                "captions": np.array([[f"len {len(x)}"] * beam_size for x in images], object),
-                "scores": np.array([[float(len(x))] * beam_size for x in images]),
-                "log_probs": np.zeros((b, beam_size)), "lengths": np.ones((b, beam_size), int),
-                "tokens": np.full((b, beam_size, 1), "<end>", object),
-                "attention": np.ones((b, beam_size, 1, 1, 1))}
+        return {
+            "caption": np.array([f"len {len(x)}" for x in images], object),
+            "captions": np.array([[f"len {len(x)}"] * beam_size for x in images], object),
+            "scores": np.array([[float(len(x))] * beam_size for x in images]),
+            "log_probs": np.zeros((b, beam_size)),
+            "lengths": np.ones((b, beam_size), int),
+            "tokens": np.full((b, beam_size, 1), "<end>", object),
+            "attention": np.ones((b, beam_size, 1, 1, 1)),
+        }
 
 
 def test_readiness_waits_for_the_model():
@@ -282,8 +331,9 @@ def test_timeout_is_a_504_json_error():
     model = _FakeModel()
     caption = model.caption
     model.caption = lambda images, beam: (time.sleep(0.3), caption(images, beam))[1]
-    client = create_app(lambda: model, from_conf(ServeSettings, "serve",
-                                                 request_timeout_s=0.1)).test_client()
+    client = create_app(
+        lambda: model, from_conf(ServeSettings, "serve", request_timeout_s=0.1)
+    ).test_client()
     for _ in range(200):
         if client.get("/readyz").status_code == 200:
             break
@@ -293,12 +343,15 @@ def test_timeout_is_a_504_json_error():
     assert "request_timeout_s" in answer.json["error"]["message"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(threads=8, max_queue=32), "serve.threads (8) must be greater than serve.max_queue"),
-    (dict(max_queue=0), "serve.max_queue must be an integer >= 1"),
-    (dict(request_timeout_s=0), "serve.request_timeout_s must be a number > 0"),
-    (dict(drain_timeout_s=-1), "serve.drain_timeout_s must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(threads=8, max_queue=32), "serve.threads (8) must be greater than serve.max_queue"),
+        (dict(max_queue=0), "serve.max_queue must be an integer >= 1"),
+        (dict(request_timeout_s=0), "serve.request_timeout_s must be a number > 0"),
+        (dict(drain_timeout_s=-1), "serve.drain_timeout_s must be a number > 0"),
+    ],
+)
 def test_bad_overload_settings_are_named(change, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_settings(from_conf(ServeSettings, "serve", **change))
@@ -328,17 +381,23 @@ def _slow_server(call_s: float, image_s: float, threads: int, max_queue: int):
     """A `server.serve` process on 127.0.0.1 whose model call takes call_s + image_s * batch
     seconds (sleeping, so timing does not depend on the shared CPUs): (url, process)."""
     port = free_port()
-    script = SLOW_SERVER.format(tests=str(Path(__file__).parent), call_s=call_s,
-                                image_s=image_s, port=port, threads=threads,
-                                max_queue=max_queue)
+    script = SLOW_SERVER.format(
+        tests=str(Path(__file__).parent),
+        call_s=call_s,
+        image_s=image_s,
+        port=port,
+        threads=threads,
+        max_queue=max_queue,
+    )
     url = f"http://127.0.0.1:{port}"
     return url, start_server([sys.executable, "-c", script], Path.cwd(), f"{url}/readyz")
 
 
 def _timed_post(http, url: str) -> tuple[int, float, requests.Response]:
     started = time.perf_counter()
-    answer = http.post(f"{url}/v1/caption", data=_png(), headers={"Content-Type": "image/png"},
-                       timeout=60)
+    answer = http.post(
+        f"{url}/v1/caption", data=_png(), headers={"Content-Type": "image/png"}, timeout=60
+    )
     return answer.status_code, time.perf_counter() - started, answer
 
 

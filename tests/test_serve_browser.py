@@ -14,9 +14,18 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1100,900")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1100,900",
+)
 
 # Alpha of the overlay's pixels: > 0 once a word's attention map is drawn.
 OVERLAY_ALPHA = """
@@ -45,8 +54,9 @@ def caption_in_page(driver: webdriver.Chrome, url: str, image: Path, timeout: fl
     return wait
 
 
-def test_web_page_captions_an_upload_and_shows_attention(caption_server, smoke_project,
-                                                         exported, tmp_path):
+def test_web_page_captions_an_upload_and_shows_attention(
+    caption_server, smoke_project, exported, tmp_path
+):
     assert os.access(CHROMIUM, os.X_OK), "apt-get install chromium chromium-driver (make test)"
     image = sorted((smoke_project / "data/01_raw/shapes/test").glob("*.jpg"))[0]
     expected = exported.caption([image.read_bytes()])
@@ -59,7 +69,8 @@ def test_web_page_captions_an_upload_and_shows_attention(caption_server, smoke_p
         assert len(beams) == expected["captions"].shape[1]
         words = driver.find_elements(By.CSS_SELECTOR, ".word")
         assert [w.text for w in words] == [
-            t for t in expected["tokens"][0, 0] if t]  # the best beam's words and <end>
+            t for t in expected["tokens"][0, 0] if t
+        ]  # the best beam's words and <end>
         assert driver.execute_script(OVERLAY_ALPHA) > 0
         # Hover the last word, then step back with the arrow key: the overlay follows.
         ActionChains(driver).move_to_element(words[-1]).perform()

@@ -32,7 +32,7 @@ CORPUS = [
     "An elephant walking through tall grass; a baby follows.",
     "A plate with broccoli: carrots, rice and chicken!",
     "Is this a cat or a dog?",
-    "A street sign that says \"STOP\" at an intersection.",
+    'A street sign that says "STOP" at an intersection.',
     # contractions and possessives
     "A dog's bone lying next to the cat's bowl.",
     "The kids' toys are scattered on the floor.",
@@ -122,8 +122,8 @@ CORPUS = [
     "A cafe\u0301 sign in decomposed form.",
     "A street sign for Stra\u00dfe in Germany.",
     "A menu in \u65e5\u672c\u8a9e and English.",
-    "A dog \U0001F436 sitting next to a cat \U0001F431.",
-    "A birthday cake \U0001F382 with candles.",
+    "A dog \U0001f436 sitting next to a cat \U0001f431.",
+    "A birthday cake \U0001f382 with candles.",
     "A sign in \u03a3\u039f\u03a6\u0399\u0391 letters.",
     "\u00dcber-cool skateboarder doing a trick.",
     "A r\u00e9sum\u00e9 on a desk near a pen.",
@@ -152,7 +152,7 @@ def coco_caption_tokens() -> list[str]:
 def test_tokenizer_agrees_with_coco_caption_on_every_corpus_caption(coco_caption_tokens):
     assert len(CORPUS) >= 100
     mismatches = []
-    for caption, reference in zip(CORPUS, coco_caption_tokens):
+    for caption, reference in zip(CORPUS, coco_caption_tokens, strict=False):
         # The two deliberate differences (see the next tests): brackets are dropped here, and
         # text is NFC-normalized first.
         expected = unicodedata.normalize("NFC", reference).split(" ")
@@ -187,7 +187,7 @@ def test_decomposed_accents_are_composed_unlike_coco_caption(coco_caption_tokens
         ("It costs $5.50, ok?", ["it", "costs", "$", "5.50", "ok"]),
         ("Dr. Who in the U.S. at 5 p.m.", ["dr.", "who", "in", "the", "u.s.", "at", "5", "p.m."]),
         ("a dog\non the\tgrass", ["a", "dog", "on", "the", "grass"]),
-        ("\U0001F600 \U0001F436", []),
+        ("\U0001f600 \U0001f436", []),
         ("", []),
         (" ... -- ; ' \" ", []),
     ],
@@ -197,7 +197,7 @@ def test_tokenize_examples(caption, tokens):
 
 
 def test_tokenize_handles_any_unicode_without_crashing():
-    text = "".join(chr(c) for c in range(0x20, 0x3000, 7)) + "\U0001F600\U0010FFFF\ud800"
+    text = "".join(chr(c) for c in range(0x20, 0x3000, 7)) + "\U0001f600\U0010ffff\ud800"
     tokens = tokenize(text)
     assert tokens and all(t and " " not in t and t == t.lower() for t in tokens)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +13,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from tests.conftest import kill_9_when
 from caption_pipeline.errors import DataError
 from caption_pipeline.shards.image_writer import write_shards
 from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
 from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
 from caption_pipeline.shards.records import parse_example
 from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
+from tests.conftest import kill_9_when
 
 SIZE = 64
 NUM_SHARDS = {"train": 3, "val": 2, "test": 1}
@@ -207,8 +205,9 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
         [sys.executable, str(tmp_path / "writer.py"), str(tmp_path / "images.json"), str(folder)],
         start_new_session=True,
     )
-    kill_9_when(child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3,
-                timeout=60, what="writer")
+    kill_9_when(
+        child, lambda: len(list(folder.glob("train-*.tfrecord"))) >= 3, timeout=60, what="writer"
+    )
     assert not (folder / MANIFEST).exists()
 
     plan = build_shard_plan(images, num_shards={"train": 40}, seed=3, image_size=32)
@@ -312,7 +311,7 @@ def test_reader_sample_and_all_modes(written):
     pairs = sorted(
         (int(i), tuple(c[c > 0].tolist()))
         for x, y in everything
-        for i, c in zip(x["image_id"], y.numpy())
+        for i, c in zip(x["image_id"], y.numpy(), strict=False)
     )
     assert pairs == sorted((i.image_id, tuple(c)) for i in train.values() for c in i.captions)
 
@@ -323,12 +322,15 @@ def test_reader_sample_and_all_modes(written):
 
     # "sample" draws again every epoch: over 12 epochs an image with 3 captions shows several.
     epochs = make_caption_dataset(
-        shard_set, "train", batch_size=16, seed=5,
+        shard_set,
+        "train",
+        batch_size=16,
+        seed=5,
         options=ReaderOptions(repeat=12, decode_images=False),
     )
     seen: dict[int, set] = {}
     for x, y in epochs:
-        for i, c in zip(x["image_id"].numpy(), y.numpy()):
+        for i, c in zip(x["image_id"].numpy(), y.numpy(), strict=False):
             seen.setdefault(int(i), set()).add(tuple(c[c > 0]))
     assert all(seen[i] <= {tuple(c) for c in train[i].captions} for i in seen)
     assert any(len(seen[i]) > 1 for i in seen if len(train[i].captions) == 3)
@@ -338,13 +340,16 @@ def test_reader_pads_with_zero_to_the_batch_max(written):
     images, folder, _ = written
     captions = {i.image_id: i.captions for i in images}
     for x, y in make_caption_dataset(
-        load_shard_set(folder), "train", batch_size=5, caption_mode="all",
+        load_shard_set(folder),
+        "train",
+        batch_size=5,
+        caption_mode="all",
         options=ReaderOptions(decode_images=False),
     ):
         y = y.numpy()
         lengths = (y > 0).sum(axis=1)
         assert y.shape[1] == lengths.max()
-        for image_id, row, length in zip(x["image_id"].numpy(), y, lengths):
+        for image_id, row, length in zip(x["image_id"].numpy(), y, lengths, strict=False):
             assert row[:length].tolist() in captions[int(image_id)]
             assert not row[length:].any()
 
@@ -366,9 +371,13 @@ def test_reader_buckets_by_length(written):
 def test_reader_without_decoding_gives_jpeg_bytes(written):
     _, folder, _ = written
     shard_set = load_shard_set(folder)
-    x, _ = next(iter(make_caption_dataset(
-        shard_set, "val", batch_size=2, options=ReaderOptions(decode_images=False)
-    )))
+    x, _ = next(
+        iter(
+            make_caption_dataset(
+                shard_set, "val", batch_size=2, options=ReaderOptions(decode_images=False)
+            )
+        )
+    )
     assert x["image"].dtype == tf.string and x["image"].shape == (2,)
     assert tf.io.decode_jpeg(x["image"][0]).shape == (SIZE, SIZE, 3)
     resized = next(iter(make_caption_dataset(shard_set, "val", batch_size=2, image_size=48)))[0][

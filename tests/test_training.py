@@ -16,9 +16,16 @@ from caption_pipeline.params import defaults
 from tests.conftest import copy_project, run_kedro
 
 # Tiny model and training, so that a step takes well under a second on 2 cores.
-TINY_MODEL = {**defaults("model"), "encoder": "compact", "compact_filters": [8, 16],
-              "compact_pool_last": True, "encoder_trainable": None, "embed_dim": 16,
-              "attention_dim": 16, "lstm_units": 32}
+TINY_MODEL = {
+    **defaults("model"),
+    "encoder": "compact",
+    "compact_filters": [8, 16],
+    "compact_pool_last": True,
+    "encoder_trainable": None,
+    "embed_dim": 16,
+    "attention_dim": 16,
+    "lstm_units": 32,
+}
 
 DRIVER = """
 import json, logging, sys
@@ -50,20 +57,39 @@ SCST_OFF = FINE_TUNE_OFF = {"enabled": False}
 def shard_project(tmp_path_factory) -> Path:
     """A project copy with the smoke data stages run: shards and vocabulary on disk."""
     project = copy_project(tmp_path_factory.mktemp("train") / "project")
-    result = run_kedro(project, "run", "--env", "smoke", "--pipelines",
-                       "synthetic,ingest,vocab,shard")
+    result = run_kedro(
+        project, "run", "--env", "smoke", "--pipelines", "synthetic,ingest,vocab,shard"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return project
 
 
-def driver(project: Path, train: dict, scst: dict = SCST_OFF, *,
-           fine_tune: dict = FINE_TUNE_OFF, model: dict = TINY_MODEL,
-           **popen) -> subprocess.Popen:
+def driver(
+    project: Path,
+    train: dict,
+    scst: dict = SCST_OFF,
+    *,
+    fine_tune: dict = FINE_TUNE_OFF,
+    model: dict = TINY_MODEL,
+    **popen,
+) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(project), json.dumps(model), json.dumps(train),
-         json.dumps(fine_tune), json.dumps(scst)],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            str(project),
+            json.dumps(model),
+            json.dumps(train),
+            json.dumps(fine_tune),
+            json.dumps(scst),
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         **popen,
     )
 
@@ -81,8 +107,9 @@ def kill_when(process: subprocess.Popen, latest: Path, step: int) -> int:
         if latest.exists() and json.loads(latest.read_text())["step"] >= step:
             break
         time.sleep(0.2)
-    assert process.poll() is None, "training ended before it could be killed:\n" + \
-        process.stdout.read()
+    assert process.poll() is None, (
+        "training ended before it could be killed:\n" + process.stdout.read()
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     return json.loads(latest.read_text())["step"]
@@ -90,14 +117,21 @@ def kill_when(process: subprocess.Popen, latest: Path, step: int) -> int:
 
 def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    train = {"epochs": 3, "batch_size": 8, "checkpoint_every_steps": 2, "log_every_steps": 1,
-             "checkpoint_dir": str(checkpoints), "progress": False,
-             "early_stopping_patience": None}
+    train = {
+        "epochs": 3,
+        "batch_size": 8,
+        "checkpoint_every_steps": 2,
+        "log_every_steps": 1,
+        "checkpoint_dir": str(checkpoints),
+        "progress": False,
+        "early_stopping_patience": None,
+    }
     steps_per_epoch = 15  # ceil(120 train images / 8)
 
     # Killed mid-way through the second epoch.
-    killed_at = kill_when(driver(shard_project, train), checkpoints / "latest.json",
-                          steps_per_epoch + 2)
+    killed_at = kill_when(
+        driver(shard_project, train), checkpoints / "latest.json", steps_per_epoch + 2
+    )
     assert steps_per_epoch < killed_at < 3 * steps_per_epoch
 
     second = driver(shard_project, train)
@@ -111,15 +145,28 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     assert not checkpoints.exists()  # a finished run cleans up after itself
 
 
-def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_project,
-                                                                          tmp_path):
+def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_project, tmp_path):
     def configs(root: Path) -> tuple[dict, dict]:
-        train = {"epochs": 1, "batch_size": 8, "checkpoint_dir": str(root / "xent"),
-                 "progress": False, "early_stopping_patience": None, "jit_compile": False}
-        scst = {"enabled": True, "epochs": 2, "batch_size": 8, "samples": 2,
-                "baseline": "mean", "checkpoint_every_steps": 2, "progress": False,
-                "checkpoint_dir": str(root / "scst")}
+        train = {
+            "epochs": 1,
+            "batch_size": 8,
+            "checkpoint_dir": str(root / "xent"),
+            "progress": False,
+            "early_stopping_patience": None,
+            "jit_compile": False,
+        }
+        scst = {
+            "enabled": True,
+            "epochs": 2,
+            "batch_size": 8,
+            "samples": 2,
+            "baseline": "mean",
+            "checkpoint_every_steps": 2,
+            "progress": False,
+            "checkpoint_dir": str(root / "scst"),
+        }
         return train, scst
+
     steps_per_epoch = 15  # ceil(120 train images / 8)
 
     unbroken = driver(shard_project, *configs(tmp_path / "unbroken"))
@@ -127,8 +174,11 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
     assert unbroken.returncode == 0, expected[-3000:]
 
     train, scst = configs(tmp_path / "killed")
-    killed_at = kill_when(driver(shard_project, train, scst),
-                          tmp_path / "killed" / "scst" / "latest.json", steps_per_epoch + 2)
+    killed_at = kill_when(
+        driver(shard_project, train, scst),
+        tmp_path / "killed" / "scst" / "latest.json",
+        steps_per_epoch + 2,
+    )
     assert steps_per_epoch < killed_at < 2 * steps_per_epoch
     second = driver(shard_project, train, scst)
     output, _ = second.communicate(timeout=600)
@@ -136,8 +186,10 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
     # The finished cross-entropy phase is restored, not retrained; SCST picks up where it was.
     assert f"Resuming from checkpoint at step {steps_per_epoch}" in output
     assert f"SCST: resuming at step {killed_at}" in output
+
     def timeless(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
     assert timeless(history_of(output)) == timeless(history_of(expected))
     resumed = history_of(output, "SCST_HISTORY")
     assert [row["step"] for row in resumed] == [0, 15, 30]
@@ -146,7 +198,8 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
     # run nobody killed.
     reference = history_of(expected, "SCST_HISTORY")
     assert [row["val_cider"] for row in resumed] == pytest.approx(
-        [row["val_cider"] for row in reference], rel=1e-5)
+        [row["val_cider"] for row in reference], rel=1e-5
+    )
     assert not (tmp_path / "killed" / "xent").exists()  # both phases clean up at the end
     assert not (tmp_path / "killed" / "scst").exists()
 
@@ -171,7 +224,8 @@ losses = {}
 for strategy in ("default", "mirrored"):
     train = {**defaults("train"), "epochs": 1, "batch_size": 16, "max_steps_per_epoch": 4,
              "progress": False,
-             "strategy": strategy, "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
+             "strategy": strategy,
+             "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
              "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
     history = train_model(shards, vocabulary, captions, model, train,
                           {**defaults("fine_tune"), "enabled": False},
@@ -182,7 +236,11 @@ print("LOSSES " + json.dumps(losses))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", script, str(shard_project), json.dumps(TINY_MODEL)],
-        cwd=shard_project, env=env, capture_output=True, text=True, timeout=600,
+        cwd=shard_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("LOSSES "))

@@ -25,8 +25,11 @@ STAGES = [
 
 def _stages() -> list[tuple[str, str]]:
     """The stages whose pipeline exists (export arrives with its own issue)."""
-    return [(name, ns) for name, ns in STAGES
-            if (PROJECT_ROOT / "src/caption_pipeline/pipelines" / name).is_dir()]
+    return [
+        (name, ns)
+        for name, ns in STAGES
+        if (PROJECT_ROOT / "src/caption_pipeline/pipelines" / name).is_dir()
+    ]
 
 
 def test_each_stage_pipeline_is_namespaced_and_tagged_without_renaming_datasets():
@@ -63,9 +66,11 @@ def test_kedro_viz_build_shows_every_node_and_layer(tmp_path):
 
     # Layers: those of the catalog, on the datasets that declare them.
     catalog = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
-    layers = {name: entry["metadata"]["kedro-viz"]["layer"]
-              for name, entry in catalog.items()
-              if isinstance(entry, dict) and "kedro-viz" in (entry.get("metadata") or {})}
+    layers = {
+        name: entry["metadata"]["kedro-viz"]["layer"]
+        for name, entry in catalog.items()
+        if isinstance(entry, dict) and "kedro-viz" in (entry.get("metadata") or {})
+    }
     # kedro-viz drops every layer when the layers of connected datasets form a cycle.
     assert set(graph["layers"]) == set(layers.values()), (
         "layers missing from the graph; kedro-viz says: "
@@ -77,11 +82,18 @@ def test_kedro_viz_build_shows_every_node_and_layer(tmp_path):
 
     # The stages chain: each one's outputs feed the next one.
     namespace_of = {n["id"]: n["modular_pipelines"][0] for n in tasks.values()}
-    producers = {e["target"]: namespace_of[e["source"]] for e in graph["edges"] if e["source"] in namespace_of}
-    links = {(producers[e["source"]], namespace_of[e["target"]])
-             for e in graph["edges"] if e["source"] in producers and e["target"] in namespace_of}
+    producers = {
+        e["target"]: namespace_of[e["source"]]
+        for e in graph["edges"]
+        if e["source"] in namespace_of
+    }
+    links = {
+        (producers[e["source"]], namespace_of[e["target"]])
+        for e in graph["edges"]
+        if e["source"] in producers and e["target"] in namespace_of
+    }
     chain = [ns for _, ns in _stages()]
-    for upstream, downstream in zip(chain, chain[1:]):
+    for upstream, downstream in zip(chain, chain[1:], strict=False):
         if upstream == "evaluation":
             continue  # export follows training, beside evaluation
         assert (upstream, downstream) in links, (upstream, downstream)

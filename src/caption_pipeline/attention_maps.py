@@ -119,17 +119,20 @@ def word_attention(decoded: CaptionedImage) -> list[tuple[str, np.ndarray]]:
     return [(word, rows[t]) for t, word in enumerate(words)]
 
 
-def localization_score(decoded: Iterable[CaptionedImage], instances: Instances,
-                       category_words: Mapping[str, Iterable[str]] = CATEGORY_WORDS,
-                       ) -> dict[str, Any]:
+def localization_score(
+    decoded: Iterable[CaptionedImage],
+    instances: Instances,
+    category_words: Mapping[str, Iterable[str]] = CATEGORY_WORDS,
+) -> dict[str, Any]:
     """Attention localization of object words, and the uniform-attention baseline (module doc).
 
     `category_words`: category name -> the words that name it, for the categories of
     `instances` it holds. Images missing from `instances` are left out. Score and baseline are
     None without object words.
     """
-    words_of = CategoryWords({name: category_words[name] for name in instances.categories
-                              if name in category_words})
+    words_of = CategoryWords(
+        {name: category_words[name] for name in instances.categories if name in category_words}
+    )
     without_words = {name: 0 for name in instances.categories if name not in words_of.categories}
     hits, uniform, words, absent, images = 0, 0.0, 0, 0, 0
     for image in decoded:
@@ -160,21 +163,26 @@ def localization_score(decoded: Iterable[CaptionedImage], instances: Instances,
     }
 
 
-def attention_localization(decoded: list[CaptionedImage], dataset: Mapping[str, Any],
-                           split: str) -> dict[str, Any]:
+def attention_localization(
+    decoded: list[CaptionedImage], dataset: Mapping[str, Any], split: str
+) -> dict[str, Any]:
     """`localization_score` on `split` when the dataset has a COCO instances file for it,
     else {"score": None, "uniform": None, "reason": ...}."""
     path = instances_file(dataset, split)
     if path is None:
         looked = [str(p) for p in instances_candidates(dataset, split)]
-        return {"score": None, "uniform": None,
-                "reason": f"dataset {dataset.get('name')!r} has no COCO instances file with "
-                          f"object boxes for split {split!r} next to its captions file"
-                          + (f" (looked for {', '.join(looked)})" if looked else "")}
+        return {
+            "score": None,
+            "uniform": None,
+            "reason": f"dataset {dataset.get('name')!r} has no COCO instances file with "
+            f"object boxes for split {split!r} next to its captions file"
+            + (f" (looked for {', '.join(looked)})" if looked else ""),
+        }
     result = localization_score(decoded, load_instances(path))
     if result["score"] is None:
-        result["reason"] = (f"no generated {split} caption names an object category of the "
-                            f"instances file")
+        result["reason"] = (
+            f"no generated {split} caption names an object category of the instances file"
+        )
     return {**result, "split": split, "instances": str(path)}
 
 
@@ -204,6 +212,7 @@ def attention_figure(image, decoded: CaptionedImage):
         ax.set_title(word, fontsize=11)
     for ax in axes:
         ax.set_axis_off()
-    figure.suptitle(f"image {decoded.image_id}: {decoded.caption or '(empty caption)'}",
-                    fontsize=10, wrap=True)
+    figure.suptitle(
+        f"image {decoded.image_id}: {decoded.caption or '(empty caption)'}", fontsize=10, wrap=True
+    )
     return figure

@@ -83,17 +83,23 @@ def read_karpathy_split(path: Path, skipped: Tally) -> CaptionFile:
         where = f"images[{i}]"
         require_type(item, dict, path, where)
         id_key = "cocoid" if "cocoid" in item else "imgid"
-        image_id = require_type(get_field(item, id_key, path, where), int, path, f"{where}.{id_key}")
+        image_id = require_type(
+            get_field(item, id_key, path, where), int, path, f"{where}.{id_key}"
+        )
         name = require_name(get_field(item, "filename", path, where), path, f"{where}.filename")
         folder = require_type(item.get("filepath", ""), str, path, f"{where}.filepath")
         split = require_type(get_field(item, "split", path, where), str, path, f"{where}.split")
         if split not in KARPATHY_SPLITS:
             raise DataError(f"{path}: {where}.split must be in {KARPATHY_SPLITS}, got {split!r}")
-        sentences = require_type(get_field(item, "sentences", path, where), list, path, f"{where}.sentences")
+        sentences = require_type(
+            get_field(item, "sentences", path, where), list, path, f"{where}.sentences"
+        )
         for j, sentence in enumerate(sentences):
             at = f"{where}.sentences[{j}]"
             require_type(sentence, dict, path, at)
-            sentence_id = require_type(get_field(sentence, "sentid", path, at), int, path, f"{at}.sentid")
+            sentence_id = require_type(
+                get_field(sentence, "sentid", path, at), int, path, f"{at}.sentid"
+            )
             raw = require_type(get_field(sentence, "raw", path, at), str, path, f"{at}.raw")
             annotations.append({"id": sentence_id, "image_id": image_id, "caption": raw})
         images.append({"id": image_id, "file_name": f"{folder}/{name}" if folder else name})

@@ -140,8 +140,9 @@ COCO_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
 }
 # The shapes data: its categories are the shapes, named by the words its captions use for them.
 SHAPES_CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
-    category["name"]: tuple(word for word, shape in SHAPE_WORDS.items()
-                            if shape == category["name"])
+    category["name"]: tuple(
+        word for word, shape in SHAPE_WORDS.items() if shape == category["name"]
+    )
     for category in SHAPES_CATEGORIES
 }
 # By category name: no name is in both tables.
@@ -175,7 +176,7 @@ class CategoryWords:
         found, start = [], 0
         while start < len(tokens):
             for length in range(min(self.longest, len(tokens) - start), 0, -1):
-                category = self.phrases.get(tuple(tokens[start:start + length]))
+                category = self.phrases.get(tuple(tokens[start : start + length]))
                 if category is not None:
                     found.append((start + length - 1, category))
                     start += length

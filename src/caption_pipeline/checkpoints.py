@@ -128,8 +128,9 @@ class Checkpoints:
     @staticmethod
     def _write(folder: Path, model: keras.Model, state, step: int) -> None:
         model.save_weights(folder / WEIGHTS)
-        np.savez(folder / VARIABLES, *[keras.ops.convert_to_numpy(v)
-                                       for v in extra_variables(model)])
+        np.savez(
+            folder / VARIABLES, *[keras.ops.convert_to_numpy(v) for v in extra_variables(model)]
+        )
         atomic_write_json(folder / "state.json", dataclasses.asdict(state) | {"step": step})
 
     def _point_at(self, name: str, step: int) -> None:
@@ -154,8 +155,9 @@ class Checkpoints:
             return None
         saved = json.loads((folder / "state.json").read_text())
         if saved.get("fingerprint") != fingerprint:
-            logger.warning("Checkpoint %s is of another configuration or data; starting afresh",
-                           folder)
+            logger.warning(
+                "Checkpoint %s is of another configuration or data; starting afresh", folder
+            )
             self.clear()
             return None
         model.load_weights(folder / WEIGHTS)
@@ -165,10 +167,13 @@ class Checkpoints:
         with np.load(folder / VARIABLES) as arrays:
             values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
         if len(values) != len(variables) or any(
-                value.shape != tuple(v.shape) for value, v in zip(values, variables)):
-            raise DataError(f"{folder / VARIABLES}: {len(values)} RNG and metric variables, "
-                            f"the model has {len(variables)} (another model?)")
-        for variable, value in zip(variables, values):
+            value.shape != tuple(v.shape) for value, v in zip(values, variables, strict=False)
+        ):
+            raise DataError(
+                f"{folder / VARIABLES}: {len(values)} RNG and metric variables, "
+                f"the model has {len(variables)} (another model?)"
+            )
+        for variable, value in zip(variables, values, strict=False):
             variable.assign(value)
         known = {f.name for f in dataclasses.fields(self.state_type)}
         return self.state_type(**{k: v for k, v in saved.items() if k in known})

@@ -36,7 +36,7 @@ def ngram_counts(tokens: Tokens, n: int = 4) -> Counter:
     counts: Counter = Counter()
     for k in range(1, n + 1):
         for i in range(len(tokens) - k + 1):
-            counts[tuple(tokens[i:i + k])] += 1
+            counts[tuple(tokens[i : i + k])] += 1
     return counts
 
 
@@ -62,19 +62,21 @@ class _Vector:
 class CiderD:
     """CIDEr-D with the document frequencies of `references` (image key -> token lists)."""
 
-    def __init__(self, references: Mapping[Hashable, Sequence[Tokens]], n: int = 4,
-                 sigma: float = 6.0):
+    def __init__(
+        self, references: Mapping[Hashable, Sequence[Tokens]], n: int = 4, sigma: float = 6.0
+    ):
         if not references:
-            raise ValueError("CiderD needs a non-empty reference corpus for its document "
-                             "frequencies")
+            raise ValueError(
+                "CiderD needs a non-empty reference corpus for its document frequencies"
+            )
         self.n, self.sigma = n, sigma
         self.document_frequency: Counter = Counter()
         for refs in references.values():
-            self.document_frequency.update(
-                {gram for ref in refs for gram in ngram_counts(ref, n)})
+            self.document_frequency.update({gram for ref in refs for gram in ngram_counts(ref, n)})
         self.ref_len = math.log(float(len(references)))
-        self._log_df = {gram: math.log(max(1.0, df))
-                        for gram, df in self.document_frequency.items()}
+        self._log_df = {
+            gram: math.log(max(1.0, df)) for gram, df in self.document_frequency.items()
+        }
         self._cache: dict[tuple[tuple[str, ...], ...], list[_Vector]] = {}
 
     def _idf(self, gram: tuple) -> float:
@@ -92,7 +94,7 @@ class CiderD:
 
     def _similarity(self, hyp: _Vector, ref: _Vector) -> float:
         delta = float(hyp.length - ref.length)
-        penalty = math.exp(-(delta * delta) / (2 * self.sigma ** 2))
+        penalty = math.exp(-(delta * delta) / (2 * self.sigma**2))
         total = 0.0
         for order in range(self.n):
             ref_grams = ref.grams[order]
@@ -106,12 +108,12 @@ class CiderD:
             total += val * penalty
         return total
 
-    def score(self, candidates: Sequence[Tokens],
-              references: Sequence[Sequence[Tokens]]) -> np.ndarray:
+    def score(
+        self, candidates: Sequence[Tokens], references: Sequence[Sequence[Tokens]]
+    ) -> np.ndarray:
         """CIDEr-D of each candidate against its own references: [N] float64."""
         if len(candidates) != len(references):
-            raise ValueError(f"{len(candidates)} candidates but {len(references)} reference "
-                             f"lists")
+            raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
         scores = np.zeros(len(candidates))
         for i, (candidate, refs) in enumerate(zip(candidates, references, strict=True)):
             if not refs:

@@ -89,11 +89,15 @@ def load_instances(path: str | Path) -> Instances:
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{where}: missing or bad field {error}") from None
         if image_id not in boxes or category not in names:
-            raise DataError(f"{where}: image_id {image_id} or category_id {category} is "
-                            f"not listed in 'images' / 'categories'")
+            raise DataError(
+                f"{where}: image_id {image_id} or category_id {category} is "
+                f"not listed in 'images' / 'categories'"
+            )
         boxes[image_id].setdefault(names[category], []).append(_box(annotation, where))
-    return Instances(tuple(dict.fromkeys(names.values())),
-                     {i: ImageObjects(*images[i], boxes[i]) for i in images})
+    return Instances(
+        tuple(dict.fromkeys(names.values())),
+        {i: ImageObjects(*images[i], boxes[i]) for i in images},
+    )
 
 
 def _box(annotation: Mapping[str, Any], where: str) -> Box:
@@ -105,8 +109,9 @@ def _box(annotation: Mapping[str, Any], where: str) -> Box:
             xs, ys = _polygon_points(annotation["segmentation"])
             box = (min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys))
     except (KeyError, TypeError, ValueError):
-        raise DataError(f"{where}: needs field 'bbox' [x, y, width, height] or a polygon "
-                        f"'segmentation'") from None
+        raise DataError(
+            f"{where}: needs field 'bbox' [x, y, width, height] or a polygon 'segmentation'"
+        ) from None
     if len(box) != 4 or box[2] < 0 or box[3] < 0:
         raise DataError(f"{where}: field 'bbox' must be [x, y, width, height]")
     return box  # type: ignore[return-value]

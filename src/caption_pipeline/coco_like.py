@@ -134,21 +134,24 @@ _CATEGORY_TABLE = {
     "vehicle": "2 bicycle|3 car|4 motorcycle|5 airplane|6 bus|7 train|8 truck|9 boat",
     "outdoor": "10 traffic light|11 fire hydrant|13 stop sign|14 parking meter|15 bench",
     "animal": "16 bird|17 cat|18 dog|19 horse|20 sheep|21 cow|22 elephant|23 bear|24 zebra|"
-              "25 giraffe",
+    "25 giraffe",
     "accessory": "27 backpack|28 umbrella|31 handbag|32 tie|33 suitcase",
     "sports": "34 frisbee|35 skis|36 snowboard|37 sports ball|38 kite|39 baseball bat|"
-              "40 baseball glove|41 skateboard|42 surfboard|43 tennis racket",
+    "40 baseball glove|41 skateboard|42 surfboard|43 tennis racket",
     "kitchen": "44 bottle|46 wine glass|47 cup|48 fork|49 knife|50 spoon|51 bowl",
     "food": "52 banana|53 apple|54 sandwich|55 orange|56 broccoli|57 carrot|58 hot dog|59 pizza|"
-            "60 donut|61 cake",
+    "60 donut|61 cake",
     "furniture": "62 chair|63 couch|64 potted plant|65 bed|67 dining table|70 toilet",
     "electronic": "72 tv|73 laptop|74 mouse|75 remote|76 keyboard|77 cell phone",
     "appliance": "78 microwave|79 oven|80 toaster|81 sink|82 refrigerator",
     "indoor": "84 book|85 clock|86 vase|87 scissors|88 teddy bear|89 hair drier|90 toothbrush",
 }
 CATEGORIES = tuple(
-    {"supercategory": supercategory, "id": int(entry.split(" ", 1)[0]),
-     "name": entry.split(" ", 1)[1]}
+    {
+        "supercategory": supercategory,
+        "id": int(entry.split(" ", 1)[0]),
+        "name": entry.split(" ", 1)[1],
+    }
     for supercategory, entries in _CATEGORY_TABLE.items()
     for entry in entries.split("|")
 )
@@ -158,15 +161,20 @@ PERSON_P = 0.3  # of objects; the other categories share the rest equally
 
 INFO = {
     "description": "COCO-shaped rehearsal data (caption_pipeline.coco_like): synthetic images "
-                   "and captions, not MS COCO",
+    "and captions, not MS COCO",
     "url": "https://coco-like.invalid",
     "version": str(GENERATOR_VERSION),
     "year": 2017,
     "contributor": "caption_pipeline.coco_like",
     "date_created": "2017/09/01",
 }
-LICENSES = [{"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1,
-             "name": "CC0 1.0 (synthetic data)"}]
+LICENSES = [
+    {
+        "url": "https://creativecommons.org/publicdomain/zero/1.0/",
+        "id": 1,
+        "name": "CC0 1.0 (synthetic data)",
+    }
+]
 KARPATHY_RESTVAL_P = 30_504 / 113_287  # Karpathy's restval share of the training images
 _CAPTURE_START, _CAPTURE_SECONDS = datetime(2013, 1, 1), 365 * 24 * 3600
 
@@ -222,8 +230,10 @@ def split_sizes(scale: int) -> dict[str, int]:
     """Images per split: `scale` train images, val in COCO's proportion (at least 32)."""
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise DataError(f"coco_like: scale must be an integer >= 1, got {scale!r}")
-    return {"train": scale,
-            "val": max(MIN_VAL_IMAGES, round(scale * COCO_VAL_IMAGES / COCO_TRAIN_IMAGES))}
+    return {
+        "train": scale,
+        "val": max(MIN_VAL_IMAGES, round(scale * COCO_VAL_IMAGES / COCO_TRAIN_IMAGES)),
+    }
 
 
 def image_rng(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
@@ -293,8 +303,13 @@ def plan_dataset(scale: int, seed: int) -> dict[str, list[ImagePlan]]:
     caption_ids = iter(_sparse_ids(rng, total_captions, COCO_MAX_CAPTION_ID))
     return {
         split: [
-            ImagePlan(split=split, index=i, image_id=next(image_ids),
-                      caption_ids=tuple(next(caption_ids) for _ in c["captions"]), **c)
+            ImagePlan(
+                split=split,
+                index=i,
+                image_id=next(image_ids),
+                caption_ids=tuple(next(caption_ids) for _ in c["captions"]),
+                **c,
+            )
             for i, c in enumerate(cs)
         ]
         for split, cs in contents.items()
@@ -318,8 +333,11 @@ def render_image(plan: ImagePlan, seed: int) -> np.ndarray:
     # Low-resolution pixel centres, in image pixels: [1, lw, 1] and [lh, 1, 1].
     xs = ((np.arange(lw) + 0.5) * _LOW_RES)[None, :, None]
     ys = ((np.arange(lh) + 0.5) * _LOW_RES)[:, None, None]
-    low = (rng.uniform(40, 215, 3) + rng.uniform(-90, 90, 3) * xs / w
-           + rng.uniform(-90, 90, 3) * ys / h)  # [lh, lw, 3] gradient
+    low = (
+        rng.uniform(40, 215, 3)
+        + rng.uniform(-90, 90, 3) * xs / w
+        + rng.uniform(-90, 90, 3) * ys / h
+    )  # [lh, lw, 3] gradient
     low = low + rng.normal(0.0, rng.uniform(4, 16), (lh, lw, 3))  # cloudy texture
     for blob in plan.blobs:
         cos, sin = math.cos(blob.angle), math.sin(blob.angle)
@@ -394,8 +412,13 @@ def instances_json(plans: Sequence[ImagePlan]) -> dict[str, Any]:
                 "bbox": [round(float(v), 2) for v in (*low, *(high - low))],
                 "category_id": blob.category_id, "id": len(annotations) + 1,
             })  # fmt: skip
-    return {"info": INFO, "licenses": LICENSES, "images": [_image_entry(p) for p in plans],
-            "annotations": annotations, "categories": list(CATEGORIES)}
+    return {
+        "info": INFO,
+        "licenses": LICENSES,
+        "images": [_image_entry(p) for p in plans],
+        "annotations": annotations,
+        "categories": list(CATEGORIES),
+    }
 
 
 def karpathy_json(plans: Mapping[str, Sequence[ImagePlan]]) -> dict[str, Any]:
@@ -404,8 +427,12 @@ def karpathy_json(plans: Mapping[str, Sequence[ImagePlan]]) -> dict[str, Any]:
     images, sentid = [], 0
     for imgid, plan in enumerate(p for split in FOLDERS for p in plans[split]):
         sentences = [
-            {"tokens": caption.lower().rstrip(".").split(), "raw": caption, "imgid": imgid,
-             "sentid": sentid + k}
+            {
+                "tokens": caption.lower().rstrip(".").split(),
+                "raw": caption,
+                "imgid": imgid,
+                "sentid": sentid + k,
+            }
             for k, caption in enumerate(plan.captions)
         ]
         images.append({
@@ -426,8 +453,13 @@ def _write_json(path: Path, obj: Any) -> None:
 # The whole dataset
 
 
-def generate(out: str | os.PathLike, scale: int, seed: int = 0, workers: int | None = 1,
-             quality: int = JPEG_QUALITY) -> dict[str, Any]:
+def generate(
+    out: str | os.PathLike,
+    scale: int,
+    seed: int = 0,
+    workers: int | None = 1,
+    quality: int = JPEG_QUALITY,
+) -> dict[str, Any]:
     """Write the dataset under `out` (module doc); returns the summary also in the marker.
 
     `workers`: processes rendering images (None: every core); the files do not depend on it.
@@ -437,8 +469,12 @@ def generate(out: str | os.PathLike, scale: int, seed: int = 0, workers: int | N
         raise DataError(f"coco_like: quality must be an integer in 1..100, got {quality!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise DataError(f"coco_like: workers must be an integer >= 1 or None, got {workers!r}")
-    config = {"generator_version": GENERATOR_VERSION, "scale": scale, "seed": seed,
-              "quality": quality}
+    config = {
+        "generator_version": GENERATOR_VERSION,
+        "scale": scale,
+        "seed": seed,
+        "quality": quality,
+    }
     _claim(out, config)
     plans = plan_dataset(scale, seed)
     started = time.perf_counter()
@@ -449,8 +485,10 @@ def generate(out: str | os.PathLike, scale: int, seed: int = 0, workers: int | N
     _write_json(out / "annotations/instances_val2017.json", instances_json(plans["val"]))
     _write_json(out / "dataset_coco.json", karpathy_json(plans))
     summary = _summary(plans, sizes, written, image_seconds)
-    _write_json(out / MARKER_FILE, {"generator": __name__, "config": config, "complete": True,
-                                    "summary": summary})
+    _write_json(
+        out / MARKER_FILE,
+        {"generator": __name__, "config": config, "complete": True, "summary": summary},
+    )
     logger.info("COCO-like dataset in %s: %s", out, summary)
     return summary
 
@@ -473,8 +511,10 @@ def _claim(out: Path, config: Mapping[str, Any]) -> None:
             )
         logger.info("Resuming the COCO-like generation in %s", out)
     elif out.is_dir() and any(out.iterdir()):
-        raise DataError(f"{out}: folder exists and was not made by {__name__} (no "
-                        f"{MARKER_FILE}); refusing to write into it: choose an empty --out")
+        raise DataError(
+            f"{out}: folder exists and was not made by {__name__} (no "
+            f"{MARKER_FILE}); refusing to write into it: choose an empty --out"
+        )
     _write_json(marker, {"generator": __name__, "config": dict(config), "complete": False})
     for folder in FOLDERS.values():
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -482,8 +522,13 @@ def _claim(out: Path, config: Mapping[str, Any]) -> None:
     remove_stale_temporaries(out / "annotations")
 
 
-def _write_images(out: Path, plans: Mapping[str, Sequence[ImagePlan]], seed: int, quality: int,
-                  workers: int | None) -> tuple[int, list[int]]:
+def _write_images(
+    out: Path,
+    plans: Mapping[str, Sequence[ImagePlan]],
+    seed: int,
+    quality: int,
+    workers: int | None,
+) -> tuple[int, list[int]]:
     """Every image not already there (a resumed run); (images written, every file's bytes)."""
     tasks, sizes = [], []
     for split, split_plans in plans.items():
@@ -511,8 +556,9 @@ def _map(function, tasks: Sequence, workers: int) -> Iterator:
         yield from pool.map(function, tasks, chunksize=16)
 
 
-def _summary(plans: Mapping[str, Sequence[ImagePlan]], sizes: Sequence[int], written: int,
-             seconds: float) -> dict[str, Any]:
+def _summary(
+    plans: Mapping[str, Sequence[ImagePlan]], sizes: Sequence[int], written: int, seconds: float
+) -> dict[str, Any]:
     all_plans = [p for split in plans.values() for p in split]
     lengths = [len(c.split()) for p in all_plans for c in p.captions]
     train_captions = sum(len(p.captions) for p in plans["train"])
@@ -533,10 +579,15 @@ def _summary(plans: Mapping[str, Sequence[ImagePlan]], sizes: Sequence[int], wri
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         prog="python -m caption_pipeline.coco_like",
-        description="Write a COCO-2017-shaped synthetic dataset (rehearsal data, not COCO).")
+        description="Write a COCO-2017-shaped synthetic dataset (rehearsal data, not COCO).",
+    )
     parser.add_argument("--out", required=True, help="folder to write (new, or this generator's)")
-    parser.add_argument("--scale", type=int, required=True,
-                        help=f"train images (COCO 2017: {COCO_TRAIN_IMAGES}); val in proportion")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        required=True,
+        help=f"train images (COCO 2017: {COCO_TRAIN_IMAGES}); val in proportion",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
     parser.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality")

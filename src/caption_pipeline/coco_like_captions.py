@@ -89,8 +89,9 @@ def sample_caption_lengths(rng: np.random.Generator, count: int) -> np.ndarray:
 def sample_words(rng: np.random.Generator, count: int) -> np.ndarray:
     """[count] word ranks (0-based) drawn independently from `word_probabilities`:
     inverse-transform sampling on the cumulative table, O(log V) per word."""
-    return np.minimum(np.searchsorted(_word_cdf(), rng.random(count), side="right"),
-                      VOCABULARY_SIZE - 1)
+    return np.minimum(
+        np.searchsorted(_word_cdf(), rng.random(count), side="right"), VOCABULARY_SIZE - 1
+    )
 
 
 def sample_captions(rng: np.random.Generator, count: int) -> tuple[str, ...]:
@@ -125,8 +126,9 @@ def expected_vocabulary(captions: int, min_count: int = 5, max_length: int = 20)
     return float((1.0 - below).sum())
 
 
-def simulated_vocabulary(captions: int, seed: int = 0, min_count: int = 5,
-                         max_length: int = 20) -> int:
+def simulated_vocabulary(
+    captions: int, seed: int = 0, min_count: int = 5, max_length: int = 20
+) -> int:
     """Words seen >= `min_count` times in `captions` sampled captions (cut at `max_length`
     words): the check of `expected_vocabulary`, by counting ranks instead of strings."""
     rng = np.random.default_rng(seed)

@@ -38,15 +38,19 @@ def require_java() -> str:
     if java is None:
         raise DataError(f"evaluation needs Java, and `java` is not on PATH. {JAVA_INSTALL}")
     try:
-        run = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60,
-                             check=False)
+        run = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=60, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise DataError(f"evaluation needs Java: {java} does not run ({error}). "
-                        f"{JAVA_INSTALL}") from None
+        raise DataError(
+            f"evaluation needs Java: {java} does not run ({error}). {JAVA_INSTALL}"
+        ) from None
     version = (run.stderr or run.stdout).strip().splitlines()
     if run.returncode != 0 or not version:
-        raise DataError(f"evaluation needs Java: `{java} -version` failed "
-                        f"({' '.join(version)[:200]}). {JAVA_INSTALL}")
+        raise DataError(
+            f"evaluation needs Java: `{java} -version` failed "
+            f"({' '.join(version)[:200]}). {JAVA_INSTALL}"
+        )
     return version[0]
 
 
@@ -66,8 +70,10 @@ def spice_problem(java_version: str) -> str | None:
     lib = Path(spice.__file__).parent / "lib"
     missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
     if missing:
-        return (f"SPICE skipped: it needs the Stanford CoreNLP 3.6.0 jars {missing} in {lib} "
-                f"(a download: `python -m pycocoevalcap.spice.get_stanford_models`) and Java 8")
+        return (
+            f"SPICE skipped: it needs the Stanford CoreNLP 3.6.0 jars {missing} in {lib} "
+            f"(a download: `python -m pycocoevalcap.spice.get_stanford_models`) and Java 8"
+        )
     if java_major_version(java_version) != 8:
         return f"SPICE skipped: it runs on Java 8 only, this is {java_version!r}"
     return None
@@ -106,8 +112,12 @@ class CocoScorer:
         self.spice = problem or "computed"  # for the report
         self._tokenizer = PTBTokenizer()
         self._meteor = Meteor()
-        self._scorers = [(Bleu(4), list(METRICS[:4])), (self._meteor, "METEOR"),
-                         (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+        self._scorers = [
+            (Bleu(4), list(METRICS[:4])),
+            (self._meteor, "METEOR"),
+            (Rouge(), "ROUGE_L"),
+            (Cider(), "CIDEr"),
+        ]
         if problem is None:
             from pycocoevalcap.spice.spice import Spice
 
@@ -115,8 +125,9 @@ class CocoScorer:
 
     @property
     def metrics(self) -> list[str]:
-        return [m for _, names in self._scorers for m in ([names] if isinstance(names, str)
-                                                          else names)]
+        return [
+            m for _, names in self._scorers for m in ([names] if isinstance(names, str) else names)
+        ]
 
     def __enter__(self) -> Self:
         return self
@@ -133,20 +144,24 @@ class CocoScorer:
         every key in one Java run; the lists keep their order."""
         captions = {key: list(texts) for key, texts in captions.items() if texts}
         tokenized = self._tokenizer.tokenize(
-            {key: [{"caption": _LINE_BREAKS.sub(" ", text)} for text in texts]
-             for key, texts in captions.items()})
+            {
+                key: [{"caption": _LINE_BREAKS.sub(" ", text)} for text in texts]
+                for key, texts in captions.items()
+            }
+        )
         if any(len(tokenized.get(key, ())) != len(texts) for key, texts in captions.items()):
             raise RuntimeError("PTBTokenizer returned another number of lines than it was given")
         return tokenized
 
-    def score(self, captions: Mapping[int, str],
-              references: Mapping[int, Sequence[str]]) -> Scores:
+    def score(self, captions: Mapping[int, str], references: Mapping[int, Sequence[str]]) -> Scores:
         """Score one TOKENIZED caption per image against its tokenized references."""
         if set(captions) != set(references) or not captions:
             extra = sorted(set(captions) - set(references))[:5]
             lacking = sorted(set(references) - set(captions))[:5]
-            raise DataError(f"scoring needs one caption per referenced image: images without "
-                            f"references {extra}, without a caption {lacking}")
+            raise DataError(
+                f"scoring needs one caption per referenced image: images without "
+                f"references {extra}, without a caption {lacking}"
+            )
         ids = sorted(captions)
         res = {i: [captions[i]] for i in ids}
         gts = {i: list(references[i]) for i in ids}

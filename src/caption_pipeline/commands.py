@@ -26,8 +26,10 @@ import click
 from caption_pipeline.errors import DataError
 
 COMMANDS = ("run", "caption", "serve", "dvc-yaml")
-MODEL_HELP = ("export folder, or MLflow models:/NAME/VERSION; default: the project's "
-              "exported_model (data/06_models/export/saved_model)")
+MODEL_HELP = (
+    "export folder, or MLflow models:/NAME/VERSION; default: the project's "
+    "exported_model (data/06_models/export/saved_model)"
+)
 
 
 @click.group(help=__doc__.split("\n\n")[0])
@@ -41,11 +43,22 @@ def cli() -> None:
 @click.option("--env", default=None, help="Kedro config environment for the defaults")
 @click.option("--beam-size", type=int, default=None, help="default: the export's")
 @click.option("--attention", is_flag=True, help="add each word's attention map")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="write the JSON lines to this file instead of stdout")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write the JSON lines to this file instead of stdout",
+)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-def caption(paths: tuple[str, ...], model: str | None, env: str | None, beam_size: int | None,
-            attention: bool, output: Path | None, batch_size: int) -> None:
+def caption(
+    paths: tuple[str, ...],
+    model: str | None,
+    env: str | None,
+    beam_size: int | None,
+    attention: bool,
+    output: Path | None,
+    batch_size: int,
+) -> None:
     """Caption image files or folders: one JSON line per image ({"path", "caption",
     "beams"} or {"path", "error"}); exits 1 if any image could not be captioned."""
     from caption_pipeline.inference import caption_files
@@ -54,9 +67,14 @@ def caption(paths: tuple[str, ...], model: str | None, env: str | None, beam_siz
     captioner = _load(model, env, beam_size)
     failed = total = 0
     with _output(output) as out:
-        for record in caption_files(captioner, paths, beam_size=beam_size,
-                                    attention=attention, batch_size=batch_size,
-                                    max_pixels=settings.max_pixels):
+        for record in caption_files(
+            captioner,
+            paths,
+            beam_size=beam_size,
+            attention=attention,
+            batch_size=batch_size,
+            max_pixels=settings.max_pixels,
+        ):
             total += 1
             failed += "error" in record
             out.write(json.dumps(record) + "\n")
@@ -76,13 +94,24 @@ def caption(paths: tuple[str, ...], model: str | None, env: str | None, beam_siz
 @click.option("--max-pixels", type=int, default=None)
 @click.option("--max-batch", type=int, default=None)
 @click.option("--batch-wait-ms", type=float, default=None)
-@click.option("--max-queue", type=int, default=None,
-              help="default: serve.max_queue (32); past it 503 with Retry-After")
-@click.option("--request-timeout-s", type=float, default=None,
-              help="default: serve.request_timeout_s (30); past it 504")
-@click.option("--drain-timeout-s", type=float, default=None,
-              help="default: serve.drain_timeout_s (20); on SIGTERM, the wait for in-flight "
-                   "requests")
+@click.option(
+    "--max-queue",
+    type=int,
+    default=None,
+    help="default: serve.max_queue (32); past it 503 with Retry-After",
+)
+@click.option(
+    "--request-timeout-s",
+    type=float,
+    default=None,
+    help="default: serve.request_timeout_s (30); past it 504",
+)
+@click.option(
+    "--drain-timeout-s",
+    type=float,
+    default=None,
+    help="default: serve.drain_timeout_s (20); on SIGTERM, the wait for in-flight requests",
+)
 def serve(model: str | None, env: str | None, **options: Any) -> None:
     """Run the HTTP server: POST /v1/caption, GET /healthz, /readyz and the web page /."""
     import logging
@@ -97,14 +126,18 @@ def serve(model: str | None, env: str | None, **options: Any) -> None:
         read_export_info(path)  # a wrong path fails now, not in the background loader
     except DataError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"caption-pipeline: serving {path} on http://{settings.host}:{settings.port}/",
-               err=True)
+    click.echo(
+        f"caption-pipeline: serving {path} on http://{settings.host}:{settings.port}/", err=True
+    )
     run_server(lambda: ExportedCaptioner(path), settings)
 
 
 @cli.command("dvc-yaml")
-@click.option("--check", is_flag=True,
-              help="write nothing; exit 1, naming the drift, if dvc.yaml is not up to date")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="write nothing; exit 1, naming the drift, if dvc.yaml is not up to date",
+)
 def dvc_yaml(check: bool) -> None:
     """Write the project's dvc.yaml from its Kedro pipelines, catalog and conf/ environments
     (caption_pipeline.dvc_stages), printing what changed."""
@@ -117,12 +150,14 @@ def dvc_yaml(check: bool) -> None:
     changes = drift(path.read_text() if path.exists() else "", text)
     if check and changes:
         raise click.ClickException(
-            f"{path} is not what `caption-pipeline dvc-yaml` generates:\n" + "\n".join(changes))
+            f"{path} is not what `caption-pipeline dvc-yaml` generates:\n" + "\n".join(changes)
+        )
     if not check and changes:
         with atomic_path(path) as tmp:
             tmp.write_text(text)
-    click.echo("\n".join([f"{path}: {'up to date' if not changes else 'written'}", *changes]),
-               err=True)
+    click.echo(
+        "\n".join([f"{path}: {'up to date' if not changes else 'written'}", *changes]), err=True
+    )
 
 
 def _resolve(model: str | None, env: str | None) -> Path:
@@ -142,8 +177,9 @@ def _load(model: str | None, env: str | None, beam_size: int | None):
     except DataError as error:
         raise click.ClickException(str(error)) from None
     if beam_size is not None and not 1 <= beam_size <= captioner.max_beam_size:
-        raise click.BadParameter(f"must be in 1..{captioner.max_beam_size}, got {beam_size}",
-                                 param_hint="--beam-size")
+        raise click.BadParameter(
+            f"must be in 1..{captioner.max_beam_size}, got {beam_size}", param_hint="--beam-size"
+        )
     return captioner
 
 

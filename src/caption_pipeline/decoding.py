@@ -50,16 +50,16 @@ class DecodeSettings:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise DataError(f"decoding.method must be one of {list(METHODS)}, "
-                            f"got {self.method!r}")
+            raise DataError(f"decoding.method must be one of {list(METHODS)}, got {self.method!r}")
         max_length = 1 if self.max_length is None else self.max_length
         check_search_params(self.beam_size, max_length, self.alpha)
         if not isinstance(self.allow_unk, bool):
             raise DataError(f"decoding.allow_unk must be true or false, got {self.allow_unk!r}")
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None,
-                    block: str = "evaluate.decoding") -> DecodeSettings:
+    def from_params(
+        cls, params: Mapping[str, Any] | None, block: str = "evaluate.decoding"
+    ) -> DecodeSettings:
         """From a parameters dict (`params.from_params`): unknown and missing keys are an error
         that names them."""
         return from_params(cls, params, block)
@@ -90,12 +90,14 @@ def search(model, features, settings: DecodeSettings, max_length: int) -> Captio
     """The search `settings` asks for on features [B, R, D]; traced, to be compiled."""
     if settings.method == "greedy":
         return greedy_search(model, features, max_length, settings.alpha, settings.allow_unk)
-    return beam_search(model, features, settings.beam_size, max_length, settings.alpha,
-                       settings.allow_unk)
+    return beam_search(
+        model, features, settings.beam_size, max_length, settings.alpha, settings.allow_unk
+    )
 
 
-def make_decoder(model: keras.Model, settings: DecodeSettings,
-                 max_length: int) -> Callable[[Mapping[str, Any]], Captions]:
+def make_decoder(
+    model: keras.Model, settings: DecodeSettings, max_length: int
+) -> Callable[[Mapping[str, Any]], Captions]:
     """A compiled function: inputs {"features": [B, R, D]} or {"image": [B, S, S, 3]} ->
     `Captions` as numpy arrays. One compilation serves every batch size (TensorFlow) or one
     per batch size (JAX)."""
@@ -125,8 +127,10 @@ def compile_function(fn: Callable, model: keras.Model, jit_compile: bool = True)
             # of a dataset reuses the graph (XLA still compiles once per shape it meets).
             nonlocal compiled
             if compiled is None:
-                signature = {key: tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype))
-                             for key, x in inputs.items()}
+                signature = {
+                    key: tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype))
+                    for key, x in inputs.items()
+                }
                 compiled = tf.function(fn, input_signature=[signature], jit_compile=jit_compile)
             return compiled(inputs)
 
@@ -147,8 +151,9 @@ def compile_function(fn: Callable, model: keras.Model, jit_compile: bool = True)
     raise DataError(f"decoding needs KERAS_BACKEND=tensorflow or jax, this run uses {backend!r}")
 
 
-def decode_dataset(model: keras.Model, vocabulary: Vocabulary, batches: Iterable,
-                   settings: DecodeSettings) -> list[CaptionedImage]:
+def decode_dataset(
+    model: keras.Model, vocabulary: Vocabulary, batches: Iterable, settings: DecodeSettings
+) -> list[CaptionedImage]:
     """Captions for every image of `batches`: a tf.data dataset (or any iterable) of
     `({"image" | "features", "image_id"}, captions)` or of the inputs dict alone."""
     decoder = make_decoder(model, settings, settings.steps(vocabulary))
@@ -159,14 +164,14 @@ def decode_dataset(model: keras.Model, vocabulary: Vocabulary, batches: Iterable
         for batch in batches:
             inputs = _decoder_inputs(batch)
             image_ids = inputs.pop("image_id")
-            decoded.extend(to_text(decoder(inputs), image_ids, vocabulary,
-                                   settings.keep_attention))
+            decoded.extend(to_text(decoder(inputs), image_ids, vocabulary, settings.keep_attention))
             bar.update(len(image_ids))
     return decoded
 
 
-def to_text(captions: Captions, image_ids, vocabulary: Vocabulary,
-            keep_attention: bool = False) -> list[CaptionedImage]:
+def to_text(
+    captions: Captions, image_ids, vocabulary: Vocabulary, keep_attention: bool = False
+) -> list[CaptionedImage]:
     """Numpy `Captions` of B images -> B `CaptionedImage`s."""
     return [
         CaptionedImage(
@@ -186,15 +191,21 @@ def _decoder_inputs(batch) -> dict[str, np.ndarray]:
     """A dataset element -> {"features" | "image", "image_id"} as numpy, or a DataError."""
     inputs = batch[0] if isinstance(batch, tuple | list) else batch
     if not isinstance(inputs, Mapping):
-        raise DataError(f"decoding: a batch must be an inputs dict or (inputs, captions), "
-                        f"got {type(batch).__name__}")
+        raise DataError(
+            f"decoding: a batch must be an inputs dict or (inputs, captions), "
+            f"got {type(batch).__name__}"
+        )
     keys = sorted(inputs)
     if "image_id" not in inputs or not {"image", "features"} & set(inputs):
-        raise DataError(f"decoding: a batch needs 'image_id' and 'image' or 'features', "
-                        f"got fields {keys}")
-    inputs = {key: np.asarray(inputs[key]) for key in ("image", "features", "image_id")
-              if key in inputs}
+        raise DataError(
+            f"decoding: a batch needs 'image_id' and 'image' or 'features', got fields {keys}"
+        )
+    inputs = {
+        key: np.asarray(inputs[key]) for key in ("image", "features", "image_id") if key in inputs
+    }
     if "image" in inputs and not np.issubdtype(inputs["image"].dtype, np.number):
-        raise DataError("decoding: field 'image' holds encoded JPEG strings; "
-                        "read the shards with decode_images=True")
+        raise DataError(
+            "decoding: field 'image' holds encoded JPEG strings; "
+            "read the shards with decode_images=True"
+        )
     return inputs

@@ -56,9 +56,14 @@ def resolve_precision(requested: str, devices: list[Device]) -> str:
     if requested != AUTO:
         return requested
     gpus = [d for d in devices if d.platform == "gpu"]
-    if gpus and len(gpus) == len(devices) and all(
-            d.compute_capability is not None
-            and d.compute_capability >= BFLOAT16_COMPUTE_CAPABILITY for d in gpus):
+    if (
+        gpus
+        and len(gpus) == len(devices)
+        and all(
+            d.compute_capability is not None and d.compute_capability >= BFLOAT16_COMPUTE_CAPABILITY
+            for d in gpus
+        )
+    ):
         return "mixed_bfloat16"
     return "float32"
 
@@ -79,17 +84,29 @@ def _tensorflow_devices() -> list[Device]:
     gpus = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
-        gpus.append(Device("gpu", gpu.name, details.get("device_name", ""),
-                           _capability(details.get("compute_capability"))))
+        gpus.append(
+            Device(
+                "gpu",
+                gpu.name,
+                details.get("device_name", ""),
+                _capability(details.get("compute_capability")),
+            )
+        )
     return gpus or [Device("cpu", cpu.name) for cpu in tf.config.list_physical_devices("CPU")]
 
 
 def _jax_devices() -> list[Device]:
     import jax
 
-    return [Device(d.platform, str(d), getattr(d, "device_kind", ""),
-                   _capability(getattr(d, "compute_capability", None)))
-            for d in jax.devices()]
+    return [
+        Device(
+            d.platform,
+            str(d),
+            getattr(d, "device_kind", ""),
+            _capability(getattr(d, "compute_capability", None)),
+        )
+        for d in jax.devices()
+    ]
 
 
 def training_devices() -> list[Device]:
@@ -106,6 +123,11 @@ def log_devices(devices: list[Device], precision: str, requested: str, jit_compi
     """One line that says where training runs: the check README's "Train on a GPU" names."""
     where = "GPU" if any(d.platform == "gpu" for d in devices) else "CPU"
     how = f"{precision} (train.precision: auto)" if requested == AUTO else precision
-    logger.info("Training on %s, Keras backend %s: %s; precision %s; jit_compile %s", where,
-                keras.backend.backend(), "; ".join(d.describe() for d in devices), how,
-                jit_compile)
+    logger.info(
+        "Training on %s, Keras backend %s: %s; precision %s; jit_compile %s",
+        where,
+        keras.backend.backend(),
+        "; ".join(d.describe() for d in devices),
+        how,
+        jit_compile,
+    )

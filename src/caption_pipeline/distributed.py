@@ -45,8 +45,9 @@ def make_strategy(name: str, devices: list[str] | None = None):
     else:
         # Reads the cluster from the TF_CONFIG environment variable, one process per worker.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    logger.info("Training with the %s strategy over %d replicas", name,
-                strategy.num_replicas_in_sync)
+    logger.info(
+        "Training with the %s strategy over %d replicas", name, strategy.num_replicas_in_sync
+    )
     return strategy
 
 
@@ -71,8 +72,7 @@ def barrier(strategy) -> None:
         return
     import tensorflow as tf
 
-    strategy.reduce(tf.distribute.ReduceOp.SUM,
-                    strategy.run(lambda: tf.constant(1.0)), axis=None)
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
 
 
 def without_symbolic_build(model: keras.Model) -> None:
@@ -85,9 +85,9 @@ def without_symbolic_build(model: keras.Model) -> None:
     original = model._maybe_symbolic_build
 
     def maybe_symbolic_build(iterator=None, data_batch=None):
-        built = (all(layer.built for layer in model._flatten_layers())
-                 and all(part is None or part.built
-                         for part in (model._compile_metrics, model._compile_loss)))
+        built = all(layer.built for layer in model._flatten_layers()) and all(
+            part is None or part.built for part in (model._compile_metrics, model._compile_loss)
+        )
         if not built:
             original(iterator=iterator, data_batch=data_batch)
 
@@ -117,7 +117,7 @@ def clip_after_all_reduce(optimizer: keras.optimizers.Optimizer) -> None:
         clipped = original(summed)
         share = 1.0 / context.num_replicas_in_sync
         grads = list(grads)
-        for i, grad in zip(present, clipped):
+        for i, grad in zip(present, clipped, strict=False):
             grads[i] = grad * tf.cast(share, grad.dtype)
         return grads
 

@@ -19,8 +19,9 @@ def drift(committed: str, generated: str) -> list[str]:
     old, new = yaml.safe_load(committed) or {}, yaml.safe_load(generated)
     old_stages, new_stages = old.get("stages") or {}, new["stages"]
     lines = [f"stage {name}: missing" for name in new_stages if name not in old_stages]
-    lines += [f"stage {name}: extra (no such pipeline)" for name in old_stages
-              if name not in new_stages]
+    lines += [
+        f"stage {name}: extra (no such pipeline)" for name in old_stages if name not in new_stages
+    ]
     for name in (n for n in new_stages if n in old_stages):
         for field in ("cmd", "deps", "params", "outs", "metrics"):
             have = _entries(old_stages[name].get(field))
@@ -32,8 +33,12 @@ def drift(committed: str, generated: str) -> list[str]:
     if old.get("plots") != new.get("plots"):
         lines.append("plots: differ")
     if not lines:
-        lines = ["the same stages; comments or layout differ:", *difflib.unified_diff(
-            committed.splitlines(), generated.splitlines(), "dvc.yaml", "generated", lineterm="")]
+        lines = [
+            "the same stages; comments or layout differ:",
+            *difflib.unified_diff(
+                committed.splitlines(), generated.splitlines(), "dvc.yaml", "generated", lineterm=""
+            ),
+        ]
     return lines
 
 

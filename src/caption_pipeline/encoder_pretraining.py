@@ -62,11 +62,13 @@ class PretrainConfig:
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise DataError(f"encoder_pretraining.{name}: must be an integer >= 1, "
-                                f"got {value!r}")
+                raise DataError(
+                    f"encoder_pretraining.{name}: must be an integer >= 1, got {value!r}"
+                )
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise DataError(f"encoder_pretraining.learning_rate: must be > 0, "
-                            f"got {self.learning_rate!r}")
+            raise DataError(
+                f"encoder_pretraining.learning_rate: must be > 0, got {self.learning_rate!r}"
+            )
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> PretrainConfig:
@@ -90,8 +92,12 @@ class RegionTargets:
         return out
 
 
-def region_targets(instances_path: str | Path, image_size: int, grid: int,
-                   groups: dict[str, list[str]] | None = None) -> RegionTargets:
+def region_targets(
+    instances_path: str | Path,
+    image_size: int,
+    grid: int,
+    groups: dict[str, list[str]] | None = None,
+) -> RegionTargets:
     """Dense targets from a COCO instances file with polygons (and optional `attributes`).
 
     Objects are painted in file order, a later one over an earlier one, as the shapes
@@ -108,17 +114,26 @@ def region_targets(instances_path: str | Path, image_size: int, grid: int,
         images = {int(i["id"]): (int(i["width"]), int(i["height"])) for i in data["images"]}
         annotations = data["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{path}: not a COCO instances file with images, annotations and "
-                        f"categories ({type(error).__name__}: {error})") from None
+        raise DataError(
+            f"{path}: not a COCO instances file with images, annotations and "
+            f"categories ({type(error).__name__}: {error})"
+        ) from None
     if image_size % grid:
-        raise DataError(f"encoder_pretraining: image_size {image_size} is not a multiple of the "
-                        f"encoder's {grid}x{grid} grid")
+        raise DataError(
+            f"encoder_pretraining: image_size {image_size} is not a multiple of the "
+            f"encoder's {grid}x{grid} grid"
+        )
     if groups is None:
         attributes = sorted({key for a in annotations for key in (a.get("attributes") or {})})
         groups = {"category": [BACKGROUND, *sorted(set(categories.values()))]}
         for key in attributes:
-            values = sorted({str(a["attributes"][key]) for a in annotations
-                             if key in (a.get("attributes") or {})})
+            values = sorted(
+                {
+                    str(a["attributes"][key])
+                    for a in annotations
+                    if key in (a.get("attributes") or {})
+                }
+            )
             groups[key] = [BACKGROUND, *values]
     index = {group: {name: k for k, name in enumerate(names)} for group, names in groups.items()}
 
@@ -131,13 +146,18 @@ def region_targets(instances_path: str | Path, image_size: int, grid: int,
         try:
             image_id = int(annotation["image_id"])
             width, height = images[image_id]
-            labels = {"category": categories[int(annotation["category_id"])],
-                      **{k: str(v) for k, v in (annotation.get("attributes") or {}).items()}}
-            polygons = [np.asarray(p, np.float64).reshape(-1, 2)
-                        for p in annotation["segmentation"]]
+            labels = {
+                "category": categories[int(annotation["category_id"])],
+                **{k: str(v) for k, v in (annotation.get("attributes") or {}).items()},
+            }
+            polygons = [
+                np.asarray(p, np.float64).reshape(-1, 2) for p in annotation["segmentation"]
+            ]
         except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{where}: needs image_id, category_id and polygon segmentation "
-                            f"({type(error).__name__}: {error})") from None
+            raise DataError(
+                f"{where}: needs image_id, category_id and polygon segmentation "
+                f"({type(error).__name__}: {error})"
+            ) from None
         scale = np.array([image_size / width, image_size / height])
         for group, label in labels.items():
             if group not in index:
@@ -163,9 +183,10 @@ def pretraining_model(encoder: keras.Model, targets: RegionTargets) -> keras.Mod
     import keras
 
     regions = encoder.output  # [B, R, D]
-    outputs = {group: keras.layers.Dense(len(names), activation="softmax",
-                                         name=f"head_{group}")(regions)
-               for group, names in targets.groups.items()}
+    outputs = {
+        group: keras.layers.Dense(len(names), activation="softmax", name=f"head_{group}")(regions)
+        for group, names in targets.groups.items()
+    }
     return keras.Model(encoder.input, outputs, name="encoder_pretraining")
 
 
@@ -182,8 +203,14 @@ def region_loss(object_weight: float):
     return loss
 
 
-def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: int,
-             batch_size: int, seed: int | None):
+def _dataset(
+    shards: ShardSet,
+    split: str,
+    targets: RegionTargets,
+    image_size: int,
+    batch_size: int,
+    seed: int | None,
+):
     """(images [B, S, S, 3], {group: [B, R, C]}) of every image of the split's shards."""
     import tensorflow as tf
 
@@ -194,12 +221,16 @@ def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: i
     ids = tf.data.TFRecordDataset(files).map(lambda record: parse_example(record)["image/id"])
     missing = sorted(set(int(i) for i in ids.as_numpy_iterator()) - set(targets.image_ids.tolist()))
     if missing:
-        raise DataError(f"encoder_pretraining: {len(missing)} {split} image(s) of the shards are "
-                        f"not in the instances file (image ids {missing[:5]})")
+        raise DataError(
+            f"encoder_pretraining: {len(missing)} {split} image(s) of the shards are "
+            f"not in the instances file (image ids {missing[:5]})"
+        )
     table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(targets.image_ids),
-                                            tf.range(len(targets.image_ids), dtype=tf.int64)),
-        default_value=-1)
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(targets.image_ids), tf.range(len(targets.image_ids), dtype=tf.int64)
+        ),
+        default_value=-1,
+    )
     values = tf.constant(targets.values)
     slices = targets.slices()
 
@@ -215,8 +246,9 @@ def _dataset(shards: ShardSet, split: str, targets: RegionTargets, image_size: i
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = without_autotune_model(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
     # Known length: the progress bar shows k/N steps.
-    return ds.apply(tf.data.experimental.assert_cardinality(
-        math.ceil(shards.num_images(split) / batch_size)))
+    return ds.apply(
+        tf.data.experimental.assert_cardinality(math.ceil(shards.num_images(split) / batch_size))
+    )
 
 
 def object_region_accuracy(model: keras.Model, batches, targets: RegionTargets) -> dict[str, float]:
@@ -229,14 +261,18 @@ def object_region_accuracy(model: keras.Model, batches, targets: RegionTargets) 
         covered = np.asarray(truth["category"])[..., 0] < 0.5  # [B, R]
         total += int(covered.sum())
         for group in targets.groups:
-            same = (np.argmax(predicted[group], -1) == np.argmax(np.asarray(truth[group]), -1))
+            same = np.argmax(predicted[group], -1) == np.argmax(np.asarray(truth[group]), -1)
             hits[group] += int((same & covered).sum())
     return {group: hits[group] / total if total else math.nan for group in targets.groups}
 
 
-def pretrain_encoder(encoder: keras.Model, shards: ShardSet, train_targets: RegionTargets,
-                     val_targets: RegionTargets | None, config: PretrainConfig
-                     ) -> tuple[keras.Model, list[dict[str, Any]]]:
+def pretrain_encoder(
+    encoder: keras.Model,
+    shards: ShardSet,
+    train_targets: RegionTargets,
+    val_targets: RegionTargets | None,
+    config: PretrainConfig,
+) -> tuple[keras.Model, list[dict[str, Any]]]:
     """Train `encoder` (in place) on the dense targets; returns it and one history row per
     epoch (losses and, with val targets, the object-region accuracy per group)."""
     import keras
@@ -247,30 +283,51 @@ def pretrain_encoder(encoder: keras.Model, shards: ShardSet, train_targets: Regi
     image_size = int(encoder.input.shape[1])
     model = pretraining_model(encoder, train_targets)
     steps = math.ceil(len(train_targets.image_ids) / config.batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                      decay_steps=steps * config.epochs)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss={group: region_loss(config.object_weight) for group in train_targets.groups})
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=steps * config.epochs
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss={group: region_loss(config.object_weight) for group in train_targets.groups},
+    )
     train = _dataset(shards, "train", train_targets, image_size, config.batch_size, config.seed)
-    val = (None if val_targets is None else
-           _dataset(shards, "val", val_targets, image_size, config.batch_size, None))
+    val = (
+        None
+        if val_targets is None
+        else _dataset(shards, "val", val_targets, image_size, config.batch_size, None)
+    )
     history = []
     for epoch in range(config.epochs):
-        logs = model.fit(train, epochs=config.epochs, initial_epoch=epoch, validation_data=val,
-                         callbacks=[OneEpoch()], verbose=1 if config.progress else 0).history
+        logs = model.fit(
+            train,
+            epochs=config.epochs,
+            initial_epoch=epoch,
+            validation_data=val,
+            callbacks=[OneEpoch()],
+            verbose=1 if config.progress else 0,
+        ).history
         row = {"epoch": epoch + 1, "loss": logs["loss"][-1]}
         if val is not None:
             row["val_loss"] = logs["val_loss"][-1]
             accuracy = object_region_accuracy(model, val, val_targets)
             row.update({f"val_{group}_accuracy": value for group, value in accuracy.items()})
-        logger.info("Encoder pretraining epoch %d/%d: %s", epoch + 1, config.epochs,
-                    ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        logger.info(
+            "Encoder pretraining epoch %d/%d: %s",
+            epoch + 1,
+            config.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
         history.append(row)
     return encoder, history
 
 
-def initial_encoder(shards: ShardSet, instances: Mapping[str, Path | None], model: ModelConfig,
-                    config: PretrainConfig, seed: int) -> tuple[keras.Model, list[dict[str, Any]]]:
+def initial_encoder(
+    shards: ShardSet,
+    instances: Mapping[str, Path | None],
+    model: ModelConfig,
+    config: PretrainConfig,
+    seed: int,
+) -> tuple[keras.Model, list[dict[str, Any]]]:
     """The encoder the captioner starts from, and the pretraining history (empty when none).
 
     `instances`: split -> its COCO instances file (or None). Random weights come from `seed`.
@@ -284,25 +341,32 @@ def initial_encoder(shards: ShardSet, instances: Mapping[str, Path | None], mode
     if not config.enabled:
         return encoder, []
     if model.trains_encoder:
-        logger.info("encoder_pretraining: skipped, the encoder is trained end to end with the "
-                    "decoder (model.encoder_trainable)")
+        logger.info(
+            "encoder_pretraining: skipped, the encoder is trained end to end with the "
+            "decoder (model.encoder_trainable)"
+        )
         return encoder, []
     if model.encoder != "compact" or model.encoder_weights is not None:
         raise DataError(
             f"encoder_pretraining.enabled: pretraining is for the compact encoder from random "
             f"weights, but model.encoder is {model.encoder!r} with weights "
-            f"{model.encoder_weights!r}; set encoder_pretraining.enabled: false")
+            f"{model.encoder_weights!r}; set encoder_pretraining.enabled: false"
+        )
     if instances.get("train") is None:
         raise DataError(
             "encoder_pretraining.enabled: the dataset has no COCO instances file with object "
             "polygons for the train split (annotations/instances_train.json) to pretrain the "
             "compact encoder on; train it end to end instead (encoder_pretraining.enabled=false,"
             "model.encoder_trainable=true) or use NASNet (model.encoder=nasnet_mobile, "
-            "model.encoder_weights=imagenet, encoder_pretraining.enabled=false)")
+            "model.encoder_weights=imagenet, encoder_pretraining.enabled=false)"
+        )
     grid = math.isqrt(int(encoder.output_shape[1]))
     train = region_targets(instances["train"], model.image_size, grid)
-    val = (region_targets(instances["val"], model.image_size, grid, train.groups)
-           if instances.get("val") is not None else None)
+    val = (
+        region_targets(instances["val"], model.image_size, grid, train.groups)
+        if instances.get("val") is not None
+        else None
+    )
     # The layers before a feature projection: it is fitted on what they learn here.
     _, history = pretrain_encoder(regions_model(encoder), shards, train, val, config)
     return encoder, history

@@ -65,11 +65,13 @@ class EvaluateSettings:
         for key, low in (("batch_size", 1), ("attention_samples", 0)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise DataError(f"parameters evaluate.{key}: expected a whole number >= {low}, "
-                                f"got {value!r}")
+                raise DataError(
+                    f"parameters evaluate.{key}: expected a whole number >= {low}, got {value!r}"
+                )
         if self.model_path is not None and not isinstance(self.model_path, str):
-            raise DataError(f"parameters evaluate.model_path: expected a path or null, "
-                            f"got {self.model_path!r}")
+            raise DataError(
+                f"parameters evaluate.model_path: expected a path or null, got {self.model_path!r}"
+            )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluateSettings:
@@ -81,8 +83,9 @@ class EvaluateSettings:
 # --- captioning -----------------------------------------------------------------------------
 
 
-def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary,
-                   encoder_of=None):
+def load_captioner(
+    model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary, encoder_of=None
+):
     """The Captioner in `model_path` (for `evaluate.model_path`). Accepted:
 
     * a `.keras` file: a saved Captioner (the `captioner` of the catalog, or a copy of it);
@@ -110,8 +113,9 @@ def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary:
             raise DataError(f"{where} holds a {type(model).__name__}, not a Captioner")
     elif path.name.endswith(".weights.h5"):
         # The weights hold the encoder too: never fetch pretrained ones first.
-        config = ModelConfig.from_dict({**model_params, "vocab_size": vocabulary.size,
-                                        "encoder_weights": None})
+        config = ModelConfig.from_dict(
+            {**model_params, "vocab_size": vocabulary.size, "encoder_weights": None}
+        )
         model = Captioner(config)
         try:
             model.load_weights(path)
@@ -119,13 +123,16 @@ def load_captioner(model_path: str, model_params: Mapping[str, Any], vocabulary:
             model = _decoder_checkpoint(path, model, encoder_of)
             if model is None:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-                raise DataError(f"{where} does not fit the Captioner of params:model "
-                                f"({reason})") from None
+                raise DataError(
+                    f"{where} does not fit the Captioner of params:model ({reason})"
+                ) from None
     else:
         raise DataError(f"{where}: expected a .keras model or a .weights.h5 checkpoint")
     if model.config.vocab_size != vocabulary.size:
-        raise DataError(f"{where}: the model writes {model.config.vocab_size} token ids, the "
-                        f"vocabulary has {vocabulary.size}: trained with another vocabulary")
+        raise DataError(
+            f"{where}: the model writes {model.config.vocab_size} token ids, the "
+            f"vocabulary has {vocabulary.size}: trained with another vocabulary"
+        )
     return model
 
 
@@ -143,17 +150,26 @@ def _decoder_checkpoint(path: Path, full, encoder_of):
         return None
     where = f"parameters evaluate.model_path: {path}"
     if encoder_of is None or encoder_of.encoder is None or encoder_of.config.trains_encoder:
-        raise DataError(f"{where} holds a decoder trained on precomputed features; its encoder "
-                        f"is the frozen one of the catalog's captioner, which has none "
-                        f"(it was fine-tuned, or is missing): evaluate a .keras captioner")
+        raise DataError(
+            f"{where} holds a decoder trained on precomputed features; its encoder "
+            f"is the frozen one of the catalog's captioner, which has none "
+            f"(it was fine-tuned, or is missing): evaluate a .keras captioner"
+        )
     return decoder.with_encoder(encoder_of.encoder.get_weights())
 
 
-def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,
-                  settings: EvaluateSettings, keep_attention: bool = False) -> list[CaptionedImage]:
+def caption_split(
+    model,
+    vocabulary: Vocabulary,
+    shards: ShardSet,
+    split: str,
+    settings: EvaluateSettings,
+    keep_attention: bool = False,
+) -> list[CaptionedImage]:
     """Every image of `split` through the whole model (any encoder), then the search."""
-    batches = make_image_dataset(shards, split, batch_size=settings.batch_size,
-                                 image_size=model.config.image_size)
+    batches = make_image_dataset(
+        shards, split, batch_size=settings.batch_size, image_size=model.config.image_size
+    )
     decoding = dataclasses.replace(settings.decoding, keep_attention=keep_attention)
     logger.info("Captioning the %s split (%d images)", split, shards.num_images(split))
     return decode_dataset(model, vocabulary, batches, decoding)
@@ -161,8 +177,10 @@ def caption_split(model, vocabulary: Vocabulary, shards: ShardSet, split: str,
 
 def coco_results(decoded: Iterable[CaptionedImage]) -> list[dict[str, Any]]:
     """The official COCO results format: [{"image_id": int, "caption": str}], by image id."""
-    return [{"image_id": d.image_id, "caption": d.caption}
-            for d in sorted(decoded, key=lambda d: d.image_id)]
+    return [
+        {"image_id": d.image_id, "caption": d.caption}
+        for d in sorted(decoded, key=lambda d: d.image_id)
+    ]
 
 
 def decoding_summary(settings: DecodeSettings, vocabulary: Vocabulary) -> dict[str, Any]:
@@ -178,8 +196,9 @@ def decoding_summary(settings: DecodeSettings, vocabulary: Vocabulary) -> dict[s
 # --- inputs ---------------------------------------------------------------------------------
 
 
-def references_by_image(caption_table: pd.DataFrame, split: str,
-                        name: str = "caption_table") -> dict[int, list[str]]:
+def references_by_image(
+    caption_table: pd.DataFrame, split: str, name: str = "caption_table"
+) -> dict[int, list[str]]:
     """Raw reference captions of each image of `split`, in annotation id order."""
     missing = [c for c in TABLE_COLUMNS if c not in caption_table.columns]
     if missing:
@@ -189,8 +208,9 @@ def references_by_image(caption_table: pd.DataFrame, split: str,
         raise DataError(f"{name}: no captions of split {split!r}")
     not_text = rows.loc[~rows["caption"].map(lambda c: isinstance(c, str)), "annotation_id"]
     if len(not_text):
-        raise DataError(f"{name}: column 'caption' is not text, e.g. annotation_id "
-                        f"{not_text.iloc[0]}")
+        raise DataError(
+            f"{name}: column 'caption' is not text, e.g. annotation_id {not_text.iloc[0]}"
+        )
     rows = rows.sort_values(["image_id", "annotation_id"], kind="stable")
     return {int(i): list(group) for i, group in rows.groupby("image_id", sort=True)["caption"]}
 
@@ -237,9 +257,13 @@ def leave_one_out_rounds(references: Mapping[int, Sequence[str]]) -> list[HumanR
     every image's k-th reference as its "human caption", and its other references."""
     several = {i: list(refs) for i, refs in references.items() if len(refs) >= 2}
     rounds = min((len(refs) for refs in several.values()), default=0)
-    return [({i: refs[k] for i, refs in several.items()},
-             {i: refs[:k] + refs[k + 1:] for i, refs in several.items()})
-            for k in range(rounds)]
+    return [
+        (
+            {i: refs[k] for i, refs in several.items()},
+            {i: refs[:k] + refs[k + 1 :] for i, refs in several.items()},
+        )
+        for k in range(rounds)
+    ]
 
 
 def mean_scores(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -247,8 +271,9 @@ def mean_scores(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {name: sum(r[name] for r in rounds) / len(rounds) for name in rounds[0]}
 
 
-def score_splits(results: Mapping[str, Any], caption_table: pd.DataFrame,
-                 scorer: CocoScorer) -> tuple[dict[str, Any], pd.DataFrame]:
+def score_splits(
+    results: Mapping[str, Any], caption_table: pd.DataFrame, scorer: CocoScorer
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Score each split's COCO results against the raw captions of the caption table, with the
     blind baseline and human agreement when a split is "test".
 
@@ -259,56 +284,76 @@ def score_splits(results: Mapping[str, Any], caption_table: pd.DataFrame,
     generated, references, details = {}, {}, {"images": {}}
     for split, split_results in results.items():
         generated[split] = captions_from_results(split_results, f"caption_results_{split}")
-        references[split] = _captioned_references(caption_table, split, generated[split],
-                                                  details)
+        references[split] = _captioned_references(caption_table, split, generated[split], details)
     sections: dict[str, Any] = {}
     rows = []
     for split in results:
         # Captions and references in separate tokenizer runs, as COCOEvalCap does (the
         # tokenizer's rules look across line ends in rare cases).
-        captions = {i: c[0] for i, c in scorer.tokenize(
-            {i: [generated[split][i]] for i in sorted(generated[split])}).items()}
+        captions = {
+            i: c[0]
+            for i, c in scorer.tokenize(
+                {i: [generated[split][i]] for i in sorted(generated[split])}
+            ).items()
+        }
         refs = scorer.tokenize(references[split])
         scores = scorer.score(captions, refs)
         sections[split] = scores.overall
-        rows += [{"image_id": i, "split": split, "caption": generated[split][i],
-                  **scores.per_image[i]} for i in sorted(captions)]
+        rows += [
+            {"image_id": i, "split": split, "caption": generated[split][i], **scores.per_image[i]}
+            for i in sorted(captions)
+        ]
         if split == "test":
             train = caption_table.loc[caption_table["split"] == "train", "caption"]
-            sections.update(_reference_points(captions, refs, train, scorer, details,
-                                              test_cider=scores.overall["CIDEr"]))
+            sections.update(
+                _reference_points(
+                    captions, refs, train, scorer, details, test_cider=scores.overall["CIDEr"]
+                )
+            )
     details["spice"] = scorer.spice
-    details["splits"] = {section: "test" if section in REFERENCE_POINTS else section
-                         for section in sections}
+    details["splits"] = {
+        section: "test" if section in REFERENCE_POINTS else section for section in sections
+    }
     sections["details"] = details
     table = pd.DataFrame(rows, columns=["image_id", "split", "caption", *scorer.metrics])
     return sections, table
 
 
-def _captioned_references(caption_table: pd.DataFrame, split: str, captions: Mapping[int, str],
-                          details: dict[str, Any]) -> dict[int, list[str]]:
+def _captioned_references(
+    caption_table: pd.DataFrame, split: str, captions: Mapping[int, str], details: dict[str, Any]
+) -> dict[int, list[str]]:
     """The references of the captioned images of `split`; every caption needs some."""
     references = references_by_image(caption_table, split)
     unknown = sorted(set(captions) - set(references))
     if unknown:
-        raise DataError(f"caption_results_{split}: image_id {unknown[0]} has no reference "
-                        f"caption of split {split!r} in caption_table")
+        raise DataError(
+            f"caption_results_{split}: image_id {unknown[0]} has no reference "
+            f"caption of split {split!r} in caption_table"
+        )
     uncaptioned = len(references) - len(captions)
     if uncaptioned:  # images the shard writer could not load (listed in the shard manifest)
-        logger.warning("%d %s images of caption_table have no generated caption",
-                       uncaptioned, split)
+        logger.warning(
+            "%d %s images of caption_table have no generated caption", uncaptioned, split
+        )
     details["images"][split] = {"scored": len(captions), "without_caption": uncaptioned}
     return {i: references[i] for i in captions}
 
 
-def _reference_points(test: Mapping[int, str], references: Mapping[int, Sequence[str]],
-                      train_captions: Iterable[str], scorer: CocoScorer,
-                      details: dict[str, Any], test_cider: float) -> dict[str, Any]:
+def _reference_points(
+    test: Mapping[int, str],
+    references: Mapping[int, Sequence[str]],
+    train_captions: Iterable[str],
+    scorer: CocoScorer,
+    details: dict[str, Any],
+    test_cider: float,
+) -> dict[str, Any]:
     """blind_baseline, human, test_vs_human_refs and headline sections, on tokenized test
     captions; `test_cider`: the model's against all references."""
     blind, count = most_frequent_caption(train_captions)
     details["blind_baseline"] = {
-        "caption": blind, "train_count": count, "split": "test",
+        "caption": blind,
+        "train_count": count,
+        "split": "test",
         "protocol": "the most frequent train caption after PTB normalization, for every image",
     }
     blind = scorer.tokenize({0: [blind]})[0][0]
@@ -319,23 +364,26 @@ def _reference_points(test: Mapping[int, str], references: Mapping[int, Sequence
         details["human"] = {"reason": "no test image has two or more reference captions"}
         return sections
     humans = [scorer.score(human, others).overall for human, others in rounds]
-    models = [scorer.score({i: test[i] for i in human}, others).overall
-              for human, others in rounds]
+    models = [scorer.score({i: test[i] for i in human}, others).overall for human, others in rounds]
     sections["human"], sections["test_vs_human_refs"] = mean_scores(humans), mean_scores(models)
     blind_cider = sections["blind_baseline"]["CIDEr"]
     sections["headline"] = {
-        "cider_vs_human": _ratio(sections["test_vs_human_refs"]["CIDEr"],
-                                 sections["human"]["CIDEr"]),
+        "cider_vs_human": _ratio(
+            sections["test_vs_human_refs"]["CIDEr"], sections["human"]["CIDEr"]
+        ),
         "cider_vs_blind": _ratio(test_cider, blind_cider),
     }
     details["human"] = {
-        "images": len(rounds[0][0]), "rounds": len(rounds),
-        "cider_per_round": [{"left_out": k + 1, "human": h["CIDEr"], "model": m["CIDEr"]}
-                            for k, (h, m) in enumerate(zip(humans, models, strict=True))],
+        "images": len(rounds[0][0]),
+        "rounds": len(rounds),
+        "cider_per_round": [
+            {"left_out": k + 1, "human": h["CIDEr"], "model": m["CIDEr"]}
+            for k, (h, m) in enumerate(zip(humans, models, strict=True))
+        ],
         "protocol": "leave one out: in round k every test image's k-th reference (annotation "
-                    "id order) is scored against its other references; human is the mean over "
-                    "the rounds, test_vs_human_refs the model against the same reduced "
-                    "references, averaged the same way",
+        "id order) is scored against its other references; human is the mean over "
+        "the rounds, test_vs_human_refs the model against the same reduced "
+        "references, averaged the same way",
     }
     details["headline"] = {
         "cider_vs_human": "test_vs_human_refs.CIDEr / human.CIDEr (both leave-one-out means)",
@@ -348,18 +396,24 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
-                   settings: EvaluateSettings, vocabulary: Vocabulary) -> dict[str, Any]:
+def metrics_report(
+    scores: Mapping[str, Any],
+    localization: Mapping[str, Any],
+    settings: EvaluateSettings,
+    vocabulary: Vocabulary,
+) -> dict[str, Any]:
     """metrics.json: the score sections, the decoding settings, attention localization (None
     with a reason where the data has no boxes) and the details of each."""
     sections = {key: value for key, value in scores.items() if key != "details"}
     splits = {**scores["details"]["splits"], "attention_localization": "test"}
     for section, split in splits.items():
-        figures = (localization["score"] if section == "attention_localization"
-                   else sections[section])
+        figures = (
+            localization["score"] if section == "attention_localization" else sections[section]
+        )
         if isinstance(figures, Mapping):
-            figures = ", ".join(f"{name} {value:.4g}" for name, value in figures.items()
-                                if value is not None)
+            figures = ", ".join(
+                f"{name} {value:.4g}" for name, value in figures.items() if value is not None
+            )
         logger.info("%s (split %s): %s", section, split, figures)
     return {
         **sections,
@@ -368,8 +422,9 @@ def metrics_report(scores: Mapping[str, Any], localization: Mapping[str, Any],
         "attention_localization_uniform": localization["uniform"],
         "details": {
             **scores["details"],
-            "attention_localization": {k: v for k, v in localization.items()
-                                       if k not in ("score", "uniform")},
+            "attention_localization": {
+                k: v for k, v in localization.items() if k not in ("score", "uniform")
+            },
             "model": settings.model_path or "the catalog's captioner",
             "splits": splits,
         },

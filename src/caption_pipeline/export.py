@@ -94,11 +94,14 @@ class ExportSettings:
 
     def __post_init__(self):
         if not isinstance(self.max_beam_size, int) or not 1 <= self.max_beam_size <= 16:
-            raise DataError(f"parameters export.max_beam_size: expected 1..16, "
-                            f"got {self.max_beam_size!r}")
+            raise DataError(
+                f"parameters export.max_beam_size: expected 1..16, got {self.max_beam_size!r}"
+            )
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise DataError(f"parameters export.max_pixels: expected a positive integer, "
-                            f"got {self.max_pixels!r}")
+            raise DataError(
+                f"parameters export.max_pixels: expected a positive integer, "
+                f"got {self.max_pixels!r}"
+            )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportSettings:
@@ -116,8 +119,14 @@ def region_grid(captioner) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def build_module(captioner, vocabulary, decoding, max_beam_size: int,
-                 jpeg_quality: int = JPEG_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS):
+def build_module(
+    captioner,
+    vocabulary,
+    decoding,
+    max_beam_size: int,
+    jpeg_quality: int = JPEG_QUALITY,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+):
     """The `tf.Module` with the five signatures of the module docstring over `captioner` (a
     trained Captioner), and its export.json.
 
@@ -134,8 +143,10 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
 
     default_beam = decoding.beam_size if decoding.method == "beam" else 1
     if not 1 <= default_beam <= max_beam_size:
-        raise DataError(f"parameters: the default beam size {default_beam} is outside "
-                        f"export.max_beam_size 1..{max_beam_size}")
+        raise DataError(
+            f"parameters: the default beam size {default_beam} is outside "
+            f"export.max_beam_size 1..{max_beam_size}"
+        )
     max_length = decoding.steps(vocabulary)
     size = captioner.config.image_size
     height, width = region_grid(captioner)
@@ -150,8 +161,9 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
         def search(self, pixels, beam_size: int) -> dict[str, tf.Tensor]:
             """pixels [B, S, S, 3] float32 0..255 -> the numeric outputs and `tokens`, with
             K = beam_size; only ops that TFLite has as builtins."""
-            settings = dataclasses.replace(decoding, beam_size=beam_size,
-                                           method="beam" if beam_size > 1 else decoding.method)
+            settings = dataclasses.replace(
+                decoding, beam_size=beam_size, method="beam" if beam_size > 1 else decoding.method
+            )
             found = search(captioner, captioner({"image": pixels}), settings, max_length)
             steps = tf.sequence_mask(found.lengths, max_length)  # [B, K, L]
             shape = tf.concat([tf.shape(found.attention)[:3], [height, width]], axis=0)
@@ -171,20 +183,23 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
             ids = out.pop("ids")
             # Vocabulary.decode: stop at <end>, skip <pad> and <start>.
             ends = tf.cumsum(tf.cast(tf.equal(ids, vocabulary.end_id), tf.int32), axis=-1)
-            special = tf.logical_or(tf.equal(ids, vocabulary.pad_id),
-                                    tf.equal(ids, vocabulary.start_id))
+            special = tf.logical_or(
+                tf.equal(ids, vocabulary.pad_id), tf.equal(ids, vocabulary.start_id)
+            )
             word = tf.logical_and(tf.equal(ends, 0), tf.logical_not(special))
             spaced = tf.where(word, tf.strings.join([out["tokens"], " "]), "")
             captions = tf.strings.strip(tf.strings.reduce_join(spaced, axis=-1))  # [B, K]
             return {"caption": captions[:, 0], "captions": captions, **out}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                    name="pixels")])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
+        )
         def caption_pixels(self, pixels):
             return self.search(pixels, default_beam)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32,
-                                                    name="pixels")])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")]
+        )
         def encode_pixels(self, pixels):
             """The encoder alone: region features [B, R, D] (benchmarks, feature reuse)."""
             return {"regions": captioner({"image": pixels})}
@@ -200,12 +215,17 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
             pixels = decode_images(images, size, jpeg_quality, max_pixels)
             return self.outputs(pixels, default_beam)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images"),
-                                      tf.TensorSpec([], tf.int32, name="beam_size")])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="images"),
+                tf.TensorSpec([], tf.int32, name="beam_size"),
+            ]
+        )
         def caption_beam(self, images, beam_size):
             in_range = tf.logical_and(beam_size >= 1, beam_size <= max_beam_size)
-            check = tf.debugging.Assert(in_range, ["beam_size must be in 1..", max_beam_size,
-                                                   "got", beam_size])
+            check = tf.debugging.Assert(
+                in_range, ["beam_size must be in 1..", max_beam_size, "got", beam_size]
+            )
             with tf.control_dependencies([check]):
                 pixels = decode_images(images, size, jpeg_quality, max_pixels)
             branches = [lambda k=k: self.outputs(pixels, k) for k in range(1, max_beam_size + 1)]
@@ -222,9 +242,13 @@ def build_module(captioner, vocabulary, decoding, max_beam_size: int,
         "alpha": decoding.alpha,
         "default_beam_size": default_beam,
         "max_beam_size": max_beam_size,
-        "signatures": {DEFAULT_SIGNATURE: ["images"], BEAM_SIGNATURE: ["images", "beam_size"],
-                       PIXELS_SIGNATURE: ["pixels"], ENCODER_SIGNATURE: ["pixels"],
-                       PREPROCESS_SIGNATURE: ["images"]},
+        "signatures": {
+            DEFAULT_SIGNATURE: ["images"],
+            BEAM_SIGNATURE: ["images", "beam_size"],
+            PIXELS_SIGNATURE: ["pixels"],
+            ENCODER_SIGNATURE: ["pixels"],
+            PREPROCESS_SIGNATURE: ["images"],
+        },
         "outputs": list(OUTPUTS),
         "vocabulary": vocabulary.to_dict(),
     }
@@ -245,11 +269,13 @@ def save_export(export: ModelExport, path: str | os.PathLike) -> Path:
     import tensorflow as tf
 
     module = export.module
-    signatures = {DEFAULT_SIGNATURE: module.serving_default.get_concrete_function(),
-                  BEAM_SIGNATURE: module.caption_beam.get_concrete_function(),
-                  PIXELS_SIGNATURE: module.caption_pixels.get_concrete_function(),
-                  ENCODER_SIGNATURE: module.encode_pixels.get_concrete_function(),
-                  PREPROCESS_SIGNATURE: module.preprocess_images.get_concrete_function()}
+    signatures = {
+        DEFAULT_SIGNATURE: module.serving_default.get_concrete_function(),
+        BEAM_SIGNATURE: module.caption_beam.get_concrete_function(),
+        PIXELS_SIGNATURE: module.caption_pixels.get_concrete_function(),
+        ENCODER_SIGNATURE: module.encode_pixels.get_concrete_function(),
+        PREPROCESS_SIGNATURE: module.preprocess_images.get_concrete_function(),
+    }
     with atomic_directory(path) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         (tmp / INFO_FILE).parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +311,6 @@ def convert_tflite(saved_model: str | os.PathLike) -> bytes:
     change a caption; the SavedModel's byte signatures do all six.
     """
     import tensorflow as tf
-
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -293,8 +318,9 @@ def convert_tflite(saved_model: str | os.PathLike) -> bytes:
     loaded = tf.saved_model.load(str(saved_model))
     # Weights as constants: the search's while loop would otherwise read them as resource
     # variables, which the interpreter leaves uninitialized.
-    frozen = convert_variables_to_constants_v2(loaded.signatures[PIXELS_SIGNATURE],
-                                               lower_control_flow=False)
+    frozen = convert_variables_to_constants_v2(
+        loaded.signatures[PIXELS_SIGNATURE], lower_control_flow=False
+    )
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], loaded)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
@@ -324,11 +350,14 @@ def read_export_info(path: Path) -> dict[str, Any]:
     """The export.json of the export in `path`; a DataError if `path` is not an export."""
     info_file = path / INFO_FILE
     if not path.is_dir():
-        raise DataError(f"model {path}: no such folder (make one with `kedro run` or "
-                        f"`kedro run --pipelines=export`, or pass --model)")
+        raise DataError(
+            f"model {path}: no such folder (make one with `kedro run` or "
+            f"`kedro run --pipelines=export`, or pass --model)"
+        )
     if not (path / "saved_model.pb").is_file() or not info_file.is_file():
-        raise DataError(f"model {path}: not a caption-pipeline export "
-                        f"(needs saved_model.pb and {INFO_FILE})")
+        raise DataError(
+            f"model {path}: not a caption-pipeline export (needs saved_model.pb and {INFO_FILE})"
+        )
     try:
         info = json.loads(info_file.read_text())
     except (OSError, ValueError) as error:
@@ -365,8 +394,9 @@ class ExportedCaptioner:
     def max_beam_size(self) -> int:
         return int(self.info["max_beam_size"])
 
-    def caption(self, images: Sequence[bytes], beam_size: int | None = None
-                ) -> dict[str, np.ndarray]:
+    def caption(
+        self, images: Sequence[bytes], beam_size: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Encoded images (already checked, see `inference.prepare_image`) -> the outputs of
         the module docstring as numpy; strings as Python str."""
         import tensorflow as tf
@@ -375,21 +405,24 @@ class ExportedCaptioner:
         if not 1 <= beam_size <= self.max_beam_size:
             raise DataError(f"beam_size must be in 1..{self.max_beam_size}, got {beam_size}")
         with _image_errors():
-            out = self._beam(images=tf.constant(list(images), tf.string),
-                             beam_size=tf.constant(beam_size, tf.int32))
+            out = self._beam(
+                images=tf.constant(list(images), tf.string),
+                beam_size=tf.constant(beam_size, tf.int32),
+            )
         result = {key: value.numpy() for key, value in out.items()}
         for key in ("caption", "captions", "tokens"):
             result[key] = np.vectorize(bytes.decode, otypes=[object])(result[key])
         return result
-
 
     def preprocess(self, images: Sequence[bytes]) -> np.ndarray:
         """The graph's preprocessing alone: encoded images -> pixels float32 [B, S, S, 3]."""
         import tensorflow as tf
 
         if self._preprocess is None:
-            raise DataError(f"model {self.path}: exported before {PREPROCESS_SIGNATURE} "
-                            f"existed; export it again")
+            raise DataError(
+                f"model {self.path}: exported before {PREPROCESS_SIGNATURE} "
+                f"existed; export it again"
+            )
         with _image_errors():
             return self._preprocess(images=tf.constant(list(images), tf.string))["pixels"].numpy()
 
@@ -423,7 +456,11 @@ def _error_reason(message: str) -> str:
         # tf.debugging.Assert prints each part in brackets: "[image] [0] [is not ...]".
         return re.sub(r"\]\s*\[", " ", found.group(1)).strip("[] ")
     message = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", message)
-    lines = [line.strip() for line in message.splitlines()
-             if line.strip() and not line.startswith((" ", "\t"))
-             and not line.startswith(("Graph execution error", "Detected at node"))]
+    lines = [
+        line.strip()
+        for line in message.splitlines()
+        if line.strip()
+        and not line.startswith((" ", "\t"))
+        and not line.startswith(("Graph execution error", "Detected at node"))
+    ]
     return lines[-1] if lines else "invalid image"

@@ -44,8 +44,9 @@ def held_out_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
     return ids, images
 
 
-def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shards, decoding,
-                        check: CheckSettings) -> dict[str, Any]:
+def check_against_model(
+    exported: ExportedCaptioner, captioner, vocabulary, shards, decoding, check: CheckSettings
+) -> dict[str, Any]:
     """The export and `decoding.decode_dataset` (the evaluation's path) on the same test
     images: every beam's caption must be equal. Returns the check's report."""
     import tensorflow as tf
@@ -56,21 +57,24 @@ def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shar
     ids, images = held_out_images(shards, check.max_images)
     size = captioner.config.image_size
     # The reader's pixels of the same JPEGs, batched as the evaluation batches them.
-    batches = tf.data.Dataset.from_tensor_slices({"image": images, "image_id": ids}).map(
-        lambda x: {**x, "image": decode_jpeg_image(x["image"], size)}).batch(check.batch_size)
+    batches = (
+        tf.data.Dataset.from_tensor_slices({"image": images, "image_id": ids})
+        .map(lambda x: {**x, "image": decode_jpeg_image(x["image"], size)})
+        .batch(check.batch_size)
+    )
     beam = exported.default_beam_size
-    reference = {d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches,
-                                                                 decoding)}
+    reference = {
+        d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches, decoding)
+    }
     exported_captions = {}
     for start in range(0, len(images), check.batch_size):
-        out = exported.caption(images[start:start + check.batch_size], beam)
+        out = exported.caption(images[start : start + check.batch_size], beam)
         for image_id, beams in zip(ids[start:], out["captions"], strict=False):
             exported_captions[image_id] = [str(c) for c in beams]
     report = compare_captions(exported_captions, reference, "SavedModel vs in-process")
     logger.info("Export self-check: %d test images, every beam equal", report["images"])
     preprocessing = check_preprocessing(exported, captioner, vocabulary, decoding, images[0])
-    return {**report, "beam_size": beam, "method": decoding.method,
-            "preprocessing": preprocessing}
+    return {**report, "beam_size": beam, "method": decoding.method, "preprocessing": preprocessing}
 
 
 # Largest difference in grey levels allowed between the graph's preprocessing and the Python
@@ -80,8 +84,7 @@ def check_against_model(exported: ExportedCaptioner, captioner, vocabulary, shar
 PIXEL_TOLERANCE = 0
 
 
-def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes>"
-                  ) -> np.ndarray:
+def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes>") -> np.ndarray:
     """float32 [S, S, 3]: the pixels training would have seen of this image, by the
     Python path: `images.decode_image` (as ingestion), `images.encode_jpeg` (as the shard
     writer), `shards.records.decode_jpeg_image` (as the reader). An upright RGB JPEG already
@@ -92,8 +95,12 @@ def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes
     from caption_pipeline.shards.records import decode_jpeg_image
 
     decoded = decode_image(data, name=name)
-    as_shard = (decoded.format == "JPEG" and decoded.mode == "RGB"
-                and decoded.orientation == 1 and decoded.image.size == (size, size))
+    as_shard = (
+        decoded.format == "JPEG"
+        and decoded.mode == "RGB"
+        and decoded.orientation == 1
+        and decoded.image.size == (size, size)
+    )
     jpeg = data if as_shard else encode_jpeg(decoded.image, size, quality=jpeg_quality)
     return decode_jpeg_image(tf.constant(jpeg), size).numpy()
 
@@ -124,10 +131,10 @@ def preprocessing_cases(image, size: int) -> dict[str, bytes]:
     return {
         "off_size_jpeg": encode(off, "JPEG", quality=95),
         "large_jpeg": encode(large, "JPEG", quality=95),
-        "exif_rotated_jpeg": encode(off.transpose(Image.Transpose.ROTATE_90), "JPEG",
-                                    quality=95, exif=exif(6)),
-        "exif_rotated_png": encode(off.transpose(Image.Transpose.ROTATE_270), "PNG",
-                                   exif=exif(8)),
+        "exif_rotated_jpeg": encode(
+            off.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif(6)
+        ),
+        "exif_rotated_png": encode(off.transpose(Image.Transpose.ROTATE_270), "PNG", exif=exif(8)),
         "model_size_png": encode(rgb.resize((size, size)), "PNG"),
         "grey_jpeg": encode(off.convert("L"), "JPEG", quality=95),
         "grey_png": encode(off.convert("L"), "PNG"),
@@ -138,8 +145,9 @@ def preprocessing_cases(image, size: int) -> dict[str, bytes]:
     }
 
 
-def check_preprocessing(exported: ExportedCaptioner, captioner, vocabulary, decoding,
-                        jpeg: bytes) -> dict[str, Any]:
+def check_preprocessing(
+    exported: ExportedCaptioner, captioner, vocabulary, decoding, jpeg: bytes
+) -> dict[str, Any]:
     """The graph's preprocessing against the Python path (`python_pixels`) on the
     `preprocessing_cases` of one test image: pixels within PIXEL_TOLERANCE and every beam's
     caption equal. Returns the per-case pixel differences; a DataError names the cases that
@@ -156,27 +164,39 @@ def check_preprocessing(exported: ExportedCaptioner, captioner, vocabulary, deco
     expected = np.stack([python_pixels(d, size, quality, name) for name, d in cases.items()])
     pixels = exported.preprocess(data)
     difference = np.abs(pixels - expected).reshape(len(names), -1)
-    differences = {name: {"max": float(difference[i].max()),
-                          "mean": round(float(difference[i].mean()), 4)}
-                   for i, name in enumerate(names)}
+    differences = {
+        name: {"max": float(difference[i].max()), "mean": round(float(difference[i].mean()), 4)}
+        for i, name in enumerate(names)
+    }
     over = {name: d["max"] for name, d in differences.items() if d["max"] > PIXEL_TOLERANCE}
     if over:
-        raise DataError(f"export self-check (preprocessing): the graph's pixels differ from "
-                        f"the Python path's by more than {PIXEL_TOLERANCE} levels: {over}")
+        raise DataError(
+            f"export self-check (preprocessing): the graph's pixels differ from "
+            f"the Python path's by more than {PIXEL_TOLERANCE} levels: {over}"
+        )
     batches = tf.data.Dataset.from_tensor_slices(
-        {"image": expected, "image_id": np.arange(len(names))}).batch(len(names))
-    reference = {d.image_id: d.captions
-                 for d in decode_dataset(captioner, vocabulary, batches, decoding)}
+        {"image": expected, "image_id": np.arange(len(names))}
+    ).batch(len(names))
+    reference = {
+        d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches, decoding)
+    }
     out = exported.caption(data, exported.default_beam_size)
     found = {i: [str(c) for c in beams] for i, beams in enumerate(out["captions"])}
     try:
         compare_captions(found, reference, "preprocessing, SavedModel vs Python path")
     except DataError as error:
         raise DataError(f"{error} (cases by image number: {names})") from None
-    logger.info("Export self-check: %d preprocessing cases, pixels within %d, every beam equal",
-                len(names), PIXEL_TOLERANCE)
-    return {"cases": differences, "images": len(names), "equal": len(names),
-            "pixel_tolerance": PIXEL_TOLERANCE}
+    logger.info(
+        "Export self-check: %d preprocessing cases, pixels within %d, every beam equal",
+        len(names),
+        PIXEL_TOLERANCE,
+    )
+    return {
+        "cases": differences,
+        "images": len(names),
+        "equal": len(names),
+        "pixel_tolerance": PIXEL_TOLERANCE,
+    }
 
 
 def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) -> dict[str, Any]:
@@ -193,26 +213,37 @@ def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) 
     pixels = np.stack([decode_jpeg_image(tf.constant(jpeg), size).numpy() for jpeg in images])
     lite = run_tflite(model, pixels)
     saved = exported.caption_pixels(pixels)
-    differ = [image_id for b, image_id in enumerate(ids)
-              if not np.array_equal(lite["ids"][b], saved["ids"][b])
-              or not np.allclose(lite["scores"][b], saved["scores"][b], atol=1e-3)]
+    differ = [
+        image_id
+        for b, image_id in enumerate(ids)
+        if not np.array_equal(lite["ids"][b], saved["ids"][b])
+        or not np.allclose(lite["scores"][b], saved["scores"][b], atol=1e-3)
+    ]
     if differ:
-        raise DataError(f"export self-check (TFLite vs SavedModel): test images {differ} "
-                        f"get other captions or scores")
+        raise DataError(
+            f"export self-check (TFLite vs SavedModel): test images {differ} "
+            f"get other captions or scores"
+        )
     logger.info("TFLite self-check: %d test images, same captions as the SavedModel", len(ids))
     return {"images": len(ids), "equal": len(ids)}
 
 
-def compare_captions(exported: Mapping[int, Sequence[str]], reference: Mapping[int, Sequence[str]],
-                     what: str) -> dict[str, Any]:
+def compare_captions(
+    exported: Mapping[int, Sequence[str]], reference: Mapping[int, Sequence[str]], what: str
+) -> dict[str, Any]:
     """Per image id, the beams of the export against the in-process ones. Raises a DataError
     naming the first images that differ."""
     missing = sorted(set(reference) - set(exported))
-    differ = sorted(i for i in reference if i in exported
-                    and list(exported[i]) != list(reference[i]))
+    differ = sorted(
+        i for i in reference if i in exported and list(exported[i]) != list(reference[i])
+    )
     if missing or differ:
-        examples = "; ".join(f"image {i}: exported {list(exported[i])[:1]} vs in-process "
-                             f"{list(reference[i])[:1]}" for i in differ[:3])
-        raise DataError(f"export self-check ({what}): {len(differ)} of {len(reference)} images "
-                        f"differ, {len(missing)} missing. {examples}")
+        examples = "; ".join(
+            f"image {i}: exported {list(exported[i])[:1]} vs in-process {list(reference[i])[:1]}"
+            for i in differ[:3]
+        )
+        raise DataError(
+            f"export self-check ({what}): {len(differ)} of {len(reference)} images "
+            f"differ, {len(missing)} missing. {examples}"
+        )
     return {"images": len(reference), "equal": len(reference)}

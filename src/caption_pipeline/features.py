@@ -132,8 +132,7 @@ def weights_fingerprint(weights: str | os.PathLike) -> str:
     """What identifies an encoder weights file: "sha256:<the file's hash>"."""
     path = Path(weights)
     if not path.is_file():
-        raise DataError(f"{path}: encoder weights file does not exist (run the features "
-                        "pipeline)")
+        raise DataError(f"{path}: encoder weights file does not exist (run the features pipeline)")
     with open(path, "rb") as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -181,7 +180,7 @@ def _fill_feature_shard(
                         f"{source}: image {int(ids[np.argmin(finite)])}: its "
                         f"features overflow {FEATURE_DTYPE} (the encoder's weights?)"
                     )
-                for record, values in zip(raw.numpy(), features):
+                for record, values in zip(raw.numpy(), features, strict=False):
                     writer.write(feature_example(record, values))
                 records += len(features)
                 captions += int(counts.numpy().sum())

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from caption_pipeline.checkpoints import weights_digest
 from caption_pipeline.model import Captioner, ModelConfig, TwoRateAdam, variable_indices
 from caption_pipeline.model.encoder import BATCHNORM
 from caption_pipeline.params import from_params, require
-from caption_pipeline.checkpoints import weights_digest
 from caption_pipeline.training import (
     DatasetFactory,
     OptimizerFactory,
@@ -81,8 +81,11 @@ class FineTuneConfig:
 
     def train_config(self, train: TrainConfig) -> TrainConfig:
         """`train` with this phase's schedule, batches, checkpoints and seed."""
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("enabled", "encoder_learning_rate", "batchnorm")}
+        own = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("enabled", "encoder_learning_rate", "batchnorm")
+        }
         return dataclasses.replace(train, **own)
 
 
@@ -105,12 +108,20 @@ def fine_tune_captioner(
         model.set_weights(start)
 
     # train_captioner's fingerprint has the model (batchnorm included) and `train`'s keys
-    fingerprint = {**data_fingerprint, "start_weights": weights_digest(captioner),
-                   "encoder_learning_rate": config.encoder_learning_rate}
+    fingerprint = {
+        **data_fingerprint,
+        "start_weights": weights_digest(captioner),
+        "encoder_learning_rate": config.encoder_learning_rate,
+    }
     return train_captioner(
-        datasets, fine_tuned_config(captioner.config, config), config.train_config(train),
-        steps_per_epoch=steps_per_epoch, data_fingerprint=fingerprint,
-        initialise=initialise, optimizer=two_rate_optimizer(ratio))
+        datasets,
+        fine_tuned_config(captioner.config, config),
+        config.train_config(train),
+        steps_per_epoch=steps_per_epoch,
+        data_fingerprint=fingerprint,
+        initialise=initialise,
+        optimizer=two_rate_optimizer(ratio),
+    )
 
 
 def two_rate_optimizer(ratio: float) -> OptimizerFactory:
@@ -128,5 +139,4 @@ def fine_tuned_config(model: ModelConfig, config: FineTuneConfig) -> ModelConfig
     """`model` with its encoder trained, BatchNormalization as `config` says: what the
     fine-tuned Captioner is, and what its saved config rebuilds (the same trainable variables,
     so that its optimizer's state and encoder rate load back)."""
-    return dataclasses.replace(model, encoder_trainable=True,
-                               encoder_batchnorm=config.batchnorm)
+    return dataclasses.replace(model, encoder_trainable=True, encoder_batchnorm=config.batchnorm)

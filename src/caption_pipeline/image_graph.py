@@ -29,8 +29,8 @@ a client of the SavedModel (TF Serving, another language) needs no Pillow:
 
 Each step repeats the integer arithmetic of the code it mirrors rather than approximating it
 in float, so the result is bit-exact: measured against the Python path (`decode_image` ->
-`encode_jpeg` -> `shards.records.decode_jpeg_image`, see `export_check.python_pixels`), 0 grey levels
-apart on every case of tests/test_export.py and of the export self-check (all 8 EXIF
+`encode_jpeg` -> `shards.records.decode_jpeg_image`, see `export_check.python_pixels`), 0 grey
+levels apart on every case of tests/test_export.py and of the export self-check (all 8 EXIF
 orientations in JPEG and PNG, RGBA, LA, palette + tRNS, grey, CMYK, 16-bit grey / RGB / RGBA,
 GIF, BMP, off-size, box-reduced 7x, model-size PNG and JPEG). Floats are float64 where a sum
 of integer products must stay exact (below 2**53).
@@ -50,8 +50,9 @@ _ORIENTATION_TAG = 0x0112
 LANCZOS_SUPPORT = 3.0  # Pillow's Lanczos kernel: sinc(x) sinc(x / 3) for |x| < 3
 
 
-def decode_images(images, size: int, jpeg_quality: int = JPEG_QUALITY,
-                  max_pixels: int = DEFAULT_MAX_PIXELS):
+def decode_images(
+    images, size: int, jpeg_quality: int = JPEG_QUALITY, max_pixels: int = DEFAULT_MAX_PIXELS
+):
     """Encoded images string [B] -> float32 [B, S, S, 3] in 0..255, as training saw them.
 
     jpeg_quality: the shard set's JPEG quality; max_pixels: the largest canvas decoded. A bad
@@ -64,12 +65,12 @@ def decode_images(images, size: int, jpeg_quality: int = JPEG_QUALITY,
         return preprocess(data, index, size, jpeg_quality, max_pixels)
 
     indices = tf.range(tf.shape(images)[0])
-    return tf.map_fn(one, (indices, images),
-                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    return tf.map_fn(
+        one, (indices, images), fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)
+    )
 
 
-def preprocess(data, index, size: int, jpeg_quality: int,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
+def preprocess(data, index, size: int, jpeg_quality: int, max_pixels: int = DEFAULT_MAX_PIXELS):
     """One encoded image string [] -> float32 [S, S, 3]; see the module docstring."""
     import tensorflow as tf
 
@@ -77,48 +78,82 @@ def preprocess(data, index, size: int, jpeg_quality: int,
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), _JPEG)
     is_png = tf.equal(head, _PNG)
     is_gif = tf.equal(tf.strings.substr(data, 0, 4), b"GIF8")
-    known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif,
-                                    tf.equal(tf.strings.substr(data, 0, 2), b"BM")]))
-    format_check = tf.debugging.Assert(known, [
-        "image", index, "is not a JPEG, PNG, GIF or BMP image (convert WebP, TIFF, HEIC ... "
-        # As numbers: raw bytes in an error message would not decode as UTF-8.
-        "first); its first bytes are", _reader(data)[0](0, 8)], summarize=8)
+    known = tf.reduce_any(
+        tf.stack([is_jpeg, is_png, is_gif, tf.equal(tf.strings.substr(data, 0, 2), b"BM")])
+    )
+    format_check = tf.debugging.Assert(
+        known,
+        [
+            "image",
+            index,
+            "is not a JPEG, PNG, GIF or BMP image (convert WebP, TIFF, HEIC ... "
+            # As numbers: raw bytes in an error message would not decode as UTF-8.
+            "first); its first bytes are",
+            _reader(data)[0](0, 8),
+        ],
+        summarize=8,
+    )
     # TensorFlow's GIF decoder does not say which pixels are transparent, so they cannot be
     # put over white as images.to_rgb does: refused rather than captioned on arbitrary colours.
     transparent_gif = tf.cond(is_gif, lambda: gif_transparency(data), lambda: False)
-    gif_check = tf.debugging.Assert(tf.logical_not(transparent_gif), [
-        "image", index, "is a GIF with transparency, which the graph cannot composite over "
-        "white: convert it to PNG first"])
+    gif_check = tf.debugging.Assert(
+        tf.logical_not(transparent_gif),
+        [
+            "image",
+            index,
+            "is a GIF with transparency, which the graph cannot composite over "
+            "white: convert it to PNG first",
+        ],
+    )
     with tf.control_dependencies([format_check, gif_check]):
-        orientation = tf.case([(is_jpeg, lambda: jpeg_orientation(data)),
-                               (is_png, lambda: png_orientation(data))],
-                              default=lambda: tf.constant(1))
-        jpeg_shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data),
-                             lambda: tf.zeros([3], tf.int32))  # [H, W, components]
+        orientation = tf.case(
+            [(is_jpeg, lambda: jpeg_orientation(data)), (is_png, lambda: png_orientation(data))],
+            default=lambda: tf.constant(1),
+        )
+        jpeg_shape = tf.cond(
+            is_jpeg, lambda: tf.io.extract_jpeg_shape(data), lambda: tf.zeros([3], tf.int32)
+        )  # [H, W, components]
     width, height = canvas_size(data, jpeg_shape, is_jpeg, is_png, is_gif)
-    size_check = tf.debugging.Assert(width * height <= max_pixels, [
-        "image", index, "is", width, "x", height, "pixels, more than max_pixels", max_pixels,
-        "(a decompression bomb?)"])
+    size_check = tf.debugging.Assert(
+        width * height <= max_pixels,
+        [
+            "image",
+            index,
+            "is",
+            width,
+            "x",
+            height,
+            "pixels, more than max_pixels",
+            max_pixels,
+            "(a decompression bomb?)",
+        ],
+    )
     with tf.control_dependencies([size_check]):  # nothing is decoded before the check
         data = tf.identity(data)
     # An upright 3-component S x S JPEG, such as a shard image, is read as the reader reads
     # it: decoded with TensorFlow's default (fast) DCT, no round trip. Any other JPEG is
     # decoded as Pillow decodes it, with libjpeg's accurate integer DCT (the fast one is up to
     # 15 levels off), then goes through the steps the shard writer applied.
-    as_shard = tf.logical_and(tf.reduce_all(tf.equal(jpeg_shape, [size, size, 3])),
-                              tf.equal(orientation, 1))
-    pixels = tf.case([(as_shard, lambda: tf.io.decode_jpeg(data, channels=3)),
-                      (is_png, lambda: decode_png(data)),
-                      (is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3,
-                                                          dct_method="INTEGER_ACCURATE"))],
-                     default=lambda: tf.io.decode_image(data, channels=3,
-                                                        expand_animations=False))
+    as_shard = tf.logical_and(
+        tf.reduce_all(tf.equal(jpeg_shape, [size, size, 3])), tf.equal(orientation, 1)
+    )
+    pixels = tf.case(
+        [
+            (as_shard, lambda: tf.io.decode_jpeg(data, channels=3)),
+            (is_png, lambda: decode_png(data)),
+            (is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")),
+        ],
+        default=lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
     pixels = transpose_upright(tf.ensure_shape(pixels, [None, None, 3]), orientation)
     shape = tf.shape(pixels)
     at_size = tf.reduce_all(tf.equal(shape[:2], size))
     pixels = tf.cond(at_size, lambda: pixels, lambda: pillow_resize(pixels, size))
-    pixels = tf.cond(as_shard, lambda: pixels, lambda: tf.io.decode_jpeg(
-        tf.io.encode_jpeg(pixels, quality=jpeg_quality), channels=3))
+    pixels = tf.cond(
+        as_shard,
+        lambda: pixels,
+        lambda: tf.io.decode_jpeg(tf.io.encode_jpeg(pixels, quality=jpeg_quality), channels=3),
+    )
     return tf.ensure_shape(tf.cast(pixels, tf.float32), [size, size, 3])
 
 
@@ -137,18 +172,21 @@ def canvas_size(data, jpeg_shape, is_jpeg, is_png, is_gif):
 
     def number(pos, n: int, little: bool):
         raw = tf.cast(read(pos, n), tf.int64)
-        weights = tf.constant([256 ** i for i in range(n)], tf.int64)
+        weights = tf.constant([256**i for i in range(n)], tf.int64)
         return tf.reduce_sum(raw * (weights if little else weights[::-1]))
 
     def signed32(value):
-        return tf.abs(tf.where(value >= 2 ** 31, value - 2 ** 32, value))
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
 
     jpeg = tf.cast(jpeg_shape, tf.int64)
-    sizes = tf.case([(is_jpeg, lambda: tf.stack([jpeg[1], jpeg[0]])),
-                     (is_png, lambda: tf.stack([number(16, 4, False), number(20, 4, False)])),
-                     (is_gif, lambda: tf.stack([number(6, 2, True), number(8, 2, True)]))],
-                    default=lambda: tf.stack([signed32(number(18, 4, True)),
-                                              signed32(number(22, 4, True))]))
+    sizes = tf.case(
+        [
+            (is_jpeg, lambda: tf.stack([jpeg[1], jpeg[0]])),
+            (is_png, lambda: tf.stack([number(16, 4, False), number(20, 4, False)])),
+            (is_gif, lambda: tf.stack([number(6, 2, True), number(8, 2, True)])),
+        ],
+        default=lambda: tf.stack([signed32(number(18, 4, True)), signed32(number(22, 4, True))]),
+    )
     return sizes[0], sizes[1]
 
 
@@ -163,6 +201,7 @@ def _reader(data):
         pos = tf.clip_by_value(pos, 0, length)
         raw = tf.io.decode_raw(tf.strings.substr(padded, pos, n), tf.uint8)
         return tf.reshape(tf.cast(raw, tf.int32), [n])  # n <= 16: the padding holds them
+
     return read, length
 
 
@@ -171,10 +210,10 @@ def _number(raw, little):
     import tensorflow as tf
 
     n = raw.shape[0]
-    weights = tf.constant([256 ** i for i in range(n)], tf.int64)
+    weights = tf.constant([256**i for i in range(n)], tf.int64)
     raw = tf.cast(raw, tf.int64)
     value = tf.where(little, tf.reduce_sum(raw * weights), tf.reduce_sum(raw * weights[::-1]))
-    return tf.cast(tf.minimum(value, 2 ** 30), tf.int32)  # offsets past 1 GB: out of range
+    return tf.cast(tf.minimum(value, 2**30), tf.int32)  # offsets past 1 GB: out of range
 
 
 def jpeg_orientation(data):
@@ -191,12 +230,14 @@ def jpeg_orientation(data):
     def body(pos, tiff, done):
         marker = read(pos, 4)  # 0xFF, kind, segment length (big endian, itself included)
         kind = marker[1]
-        exif = tf.logical_and(tf.logical_and(tf.equal(kind, 0xE1), tf.less(tiff, 0)),
-                              tf.equal(tf.strings.substr(data, tf.minimum(pos + 4, length), 6),
-                                       b"Exif\0\0"))
+        exif = tf.logical_and(
+            tf.logical_and(tf.equal(kind, 0xE1), tf.less(tiff, 0)),
+            tf.equal(tf.strings.substr(data, tf.minimum(pos + 4, length), 6), b"Exif\0\0"),
+        )
         tiff = tf.where(exif, pos + 10, tiff)
-        done = tf.logical_or(tf.not_equal(marker[0], 0xFF),
-                             tf.logical_or(tf.equal(kind, 0xDA), tf.equal(kind, 0xD9)))
+        done = tf.logical_or(
+            tf.not_equal(marker[0], 0xFF), tf.logical_or(tf.equal(kind, 0xDA), tf.equal(kind, 0xD9))
+        )
         return pos + 2 + marker[2] * 256 + marker[3], tiff, done
 
     _, tiff, _ = tf.while_loop(cond, body, (tf.constant(2), tf.constant(-1), tf.constant(False)))
@@ -234,11 +275,13 @@ def tiff_orientation(data, tiff):
     count = tf.minimum(_number(read(ifd, 2), little), 1000)
     start = tf.clip_by_value(ifd + 2, 0, length)
     raw = tf.io.decode_raw(tf.strings.substr(data, start, count * 12), tf.uint8)
-    entries = tf.reshape(tf.cast(raw[:tf.size(raw) // 12 * 12], tf.int32), [-1, 12])  # [N, 12]
-    tags = tf.where(little, entries[:, 0] + 256 * entries[:, 1],
-                    entries[:, 0] * 256 + entries[:, 1])
-    values = tf.where(little, entries[:, 8] + 256 * entries[:, 9],
-                      entries[:, 8] * 256 + entries[:, 9])  # a SHORT, left in its 4 bytes
+    entries = tf.reshape(tf.cast(raw[: tf.size(raw) // 12 * 12], tf.int32), [-1, 12])  # [N, 12]
+    tags = tf.where(
+        little, entries[:, 0] + 256 * entries[:, 1], entries[:, 0] * 256 + entries[:, 1]
+    )
+    values = tf.where(
+        little, entries[:, 8] + 256 * entries[:, 9], entries[:, 8] * 256 + entries[:, 9]
+    )  # a SHORT, left in its 4 bytes
     found = tf.equal(tags, _ORIENTATION_TAG)
     value = tf.reduce_max(tf.where(found, values, -1))
     return tf.where(tf.logical_and(value >= 1, value <= 8), value, 1)
@@ -249,8 +292,10 @@ def gif_transparency(data):
     import tensorflow as tf
 
     raw = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
-    found = tf.logical_and(tf.logical_and(tf.equal(raw[:-3], 0x21), tf.equal(raw[1:-2], 0xF9)),
-                           tf.logical_and(tf.equal(raw[2:-1], 4), tf.equal(raw[3:] % 2, 1)))
+    found = tf.logical_and(
+        tf.logical_and(tf.equal(raw[:-3], 0x21), tf.equal(raw[1:-2], 0xF9)),
+        tf.logical_and(tf.equal(raw[2:-1], 4), tf.equal(raw[3:] % 2, 1)),
+    )
     return tf.reduce_any(found)
 
 
@@ -271,8 +316,9 @@ def decode_png(data):
         # Grey without alpha is Pillow's "I;16" (scaled by images.to_rgb); others the high byte.
         return tf.where(tf.equal(colour, 0), grey, wide // 256)
 
-    rgba = tf.cond(tf.equal(depth, 16), sixteen,
-                   lambda: tf.cast(tf.io.decode_png(data, channels=4), tf.int32))
+    rgba = tf.cond(
+        tf.equal(depth, 16), sixteen, lambda: tf.cast(tf.io.decode_png(data, channels=4), tf.int32)
+    )
     return over_white(rgba)
 
 
@@ -318,13 +364,17 @@ def pillow_resize(pixels, size: int):
 
     shape = tf.shape(pixels)
     height, width = shape[0], shape[1]
+
     def factor(side):  # int(side / S / gap) or 1
         ratio = tf.cast(side, tf.float64) / size / REDUCING_GAP
         return tf.maximum(tf.cast(tf.floor(ratio), tf.int32), 1)
 
     fy, fx = factor(height), factor(width)
-    reduced = tf.cond(tf.logical_or(fx > 1, fy > 1), lambda: box_reduce(pixels, fy, fx),
-                      lambda: tf.cast(pixels, tf.float64))
+    reduced = tf.cond(
+        tf.logical_or(fx > 1, fy > 1),
+        lambda: box_reduce(pixels, fy, fx),
+        lambda: tf.cast(pixels, tf.float64),
+    )
     box_w = tf.cast(width, tf.float64) / tf.cast(fx, tf.float64)
     box_h = tf.cast(height, tf.float64) / tf.cast(fy, tf.float64)
     reduced_shape = tf.shape(reduced)
@@ -351,10 +401,11 @@ def box_reduce(pixels, fy, fx):
         return tf.reduce_sum(tf.reshape(x, [out_h, fy, out_w, fx, -1]), axis=[1, 3])
 
     count = blocks(ones)  # [H', W', 1] pixels per block
-    multiplier = tf.floor(tf.cast(tf.constant(2.0 ** 32, tf.float32)
-                                  / tf.cast(256.0 * count, tf.float32), tf.float64))
+    multiplier = tf.floor(
+        tf.cast(tf.constant(2.0**32, tf.float32) / tf.cast(256.0 * count, tf.float32), tf.float64)
+    )
     amended = blocks(values) + tf.floor(count / 2)
-    return tf.floor(amended * multiplier / 2.0 ** 24)  # exact: the product is below 2**32
+    return tf.floor(amended * multiplier / 2.0**24)  # exact: the product is below 2**32
 
 
 def _pillow_weights(in_size, extent, out_size: int):

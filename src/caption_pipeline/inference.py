@@ -28,8 +28,9 @@ EXPORT_DATASET = "exported_model"  # the catalog entry of the export folder
 MLFLOW_ARTIFACT = "saved_model"  # the pyfunc model's artifact that holds the export
 
 
-def prepare_image(source: bytes | os.PathLike, name: str,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+def prepare_image(
+    source: bytes | os.PathLike, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> bytes:
     """The image in `source` (bytes or a file) checked and ready for the model;
     `images.ImageError` (reason, name) if unusable.
 
@@ -48,17 +49,22 @@ def prepare_image(source: bytes | os.PathLike, name: str,
     return buffer.getvalue()
 
 
-def caption_record(outputs: Mapping[str, np.ndarray], index: int, grid: Sequence[int],
-                   attention: bool = False) -> dict[str, Any]:
+def caption_record(
+    outputs: Mapping[str, np.ndarray], index: int, grid: Sequence[int], attention: bool = False
+) -> dict[str, Any]:
     """Image `index` of the model's outputs as JSON-ready data: the caption, the beams with
     their scores (beams that never lived, at -inf, are left out) and, if asked, the best
     beam's words with one H x W attention map per word (<end> included)."""
     scores = outputs["scores"][index]
     beams = [
-        {"caption": str(outputs["captions"][index, k]), "score": round(float(scores[k]), 5),
-         "log_prob": round(float(outputs["log_probs"][index, k]), 5),
-         "length": int(outputs["lengths"][index, k])}
-        for k in range(len(scores)) if np.isfinite(scores[k])
+        {
+            "caption": str(outputs["captions"][index, k]),
+            "score": round(float(scores[k]), 5),
+            "log_prob": round(float(outputs["log_probs"][index, k]), 5),
+            "length": int(outputs["lengths"][index, k]),
+        }
+        for k in range(len(scores))
+        if np.isfinite(scores[k])
     ]
     record: dict[str, Any] = {"caption": str(outputs["caption"][index]), "beams": beams}
     if attention:
@@ -84,8 +90,9 @@ def image_files(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, bool
             yield path, False
 
 
-def resolve_model(model: str | None, project: str | os.PathLike = ".",
-                  env: str | None = None) -> Path:
+def resolve_model(
+    model: str | None, project: str | os.PathLike = ".", env: str | None = None
+) -> Path:
     """The export folder that `model` names (see the module docstring)."""
     if model is None:
         return default_export(Path(project), env)
@@ -110,15 +117,23 @@ def project_config(project: Path, env: str | None, key: str) -> dict[str, Any]:
 
     conf = project / "conf"
     if not (conf / "base").is_dir():
-        raise DataError(f"no --model given and {project.resolve()} is not a caption-pipeline "
-                        f"project (no conf/base): pass --model PATH_OR_MODELS_URI")
+        raise DataError(
+            f"no --model given and {project.resolve()} is not a caption-pipeline "
+            f"project (no conf/base): pass --model PATH_OR_MODELS_URI"
+        )
     loader = CONFIG_LOADER_CLASS(str(conf), env=env, **CONFIG_LOADER_ARGS)
     return dict(loader[key])
 
 
-def caption_files(model, paths: Sequence[str | os.PathLike], *, beam_size: int | None = None,
-                  attention: bool = False, batch_size: int = 16,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
+def caption_files(
+    model,
+    paths: Sequence[str | os.PathLike],
+    *,
+    beam_size: int | None = None,
+    attention: bool = False,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[dict[str, Any]]:
     """One record per image file of `paths` (files, or folders of images): {"path", and the
     `caption_record` fields} or {"path", "error": {"code", "message"}}. A bad file never
     stops the others; a progress bar (stderr) shows when a folder is given."""
@@ -139,12 +154,18 @@ def caption_files(model, paths: Sequence[str | os.PathLike], *, beam_size: int |
                 return [record for item in batch for record in run([item])]
             reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             return [{"path": str(batch[0][0]), **_error_record("model_error", reason)}]
-        return [{"path": str(path), **caption_record(outputs, i, grid, attention)}
-                for i, (path, _) in enumerate(batch)]
+        return [
+            {"path": str(path), **caption_record(outputs, i, grid, attention)}
+            for i, (path, _) in enumerate(batch)
+        ]
 
     pending: list[tuple[Path, bytes]] = []
-    with tqdm(total=len(files), unit="image", desc="caption",
-              disable=not any(from_folder for _, from_folder in files)) as bar:
+    with tqdm(
+        total=len(files),
+        unit="image",
+        desc="caption",
+        disable=not any(from_folder for _, from_folder in files),
+    ) as bar:
         for path, _ in files:
             try:
                 pending.append((path, prepare_image(path, str(path), max_pixels)))
@@ -171,10 +192,12 @@ def mlflow_export(uri: str) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as error:  # noqa: BLE001 (MLflow raises many kinds for a bad URI)
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise DataError(f"model {uri}: cannot be fetched from MLflow at "
-                        f"{mlflow.get_tracking_uri()} ({reason})") from None
+        raise DataError(
+            f"model {uri}: cannot be fetched from MLflow at {mlflow.get_tracking_uri()} ({reason})"
+        ) from None
     folder = local / "artifacts" / MLFLOW_ARTIFACT
     if not folder.is_dir():
-        raise DataError(f"model {uri}: not a caption-pipeline MLflow model "
-                        f"(no artifacts/{MLFLOW_ARTIFACT})")
+        raise DataError(
+            f"model {uri}: not a caption-pipeline MLflow model (no artifacts/{MLFLOW_ARTIFACT})"
+        )
     return folder

@@ -160,15 +160,17 @@ def check_recorded(raw_dataset: Mapping[str, Any], dataset: Mapping[str, Any]) -
     whatever an earlier run (say, the shapes data) recorded, not the data now configured."""
     keys = {*dataset, *raw_dataset} - set(DATASET_RECORD_KEYS)
     # Compared as JSON values: the record went through a JSON file.
-    changed = sorted(key for key in keys
-                     if json.loads(json.dumps(dataset.get(key))) != raw_dataset.get(key))
+    changed = sorted(
+        key for key in keys if json.loads(json.dumps(dataset.get(key))) != raw_dataset.get(key)
+    )
     if changed:
         raise DataError(
             f"raw_dataset records dataset {raw_dataset.get('name')!r} at "
             f"{raw_dataset.get('root')!r}, but the parameters now say {dataset.get('name')!r} "
             f"at {dataset.get('root')!r} (dataset.{', dataset.'.join(changed)} changed): run "
             "`kedro run --pipelines=synthetic` first, with the same parameters (it records "
-            "the dataset block, and generates the shapes data)")
+            "the dataset block, and generates the shapes data)"
+        )
 
 
 def ingest(dataset: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:

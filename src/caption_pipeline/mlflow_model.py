@@ -20,8 +20,8 @@ import mlflow
 import pandas as pd
 
 from caption_pipeline.errors import DataError
-from caption_pipeline.inference import MLFLOW_ARTIFACT, caption_record, prepare_image
 from caption_pipeline.images import ImageError
+from caption_pipeline.inference import MLFLOW_ARTIFACT, caption_record, prepare_image
 from caption_pipeline.params import from_params
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ class MlflowSettings:
 
     def __post_init__(self):
         if self.promote not in PROMOTIONS:
-            raise DataError(f"parameters export.mlflow.promote: expected one of {PROMOTIONS}, "
-                            f"got {self.promote!r}")
+            raise DataError(
+                f"parameters export.mlflow.promote: expected one of {PROMOTIONS}, "
+                f"got {self.promote!r}"
+            )
 
     @classmethod
     def from_params(cls, export: Mapping[str, Any]) -> MlflowSettings:
@@ -59,8 +61,9 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
 
         self.model = ExportedCaptioner(context.artifacts[MLFLOW_ARTIFACT])
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
-                ) -> pd.DataFrame:  # noqa: ARG002 (pyfunc signature)
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:  # noqa: ARG002 (pyfunc signature)
         beam_size = int((params or {}).get("beam_size") or self.model.default_beam_size)
         rows: list[dict[str, Any]] = [{}] * len(model_input)
         ready, where = [], []
@@ -74,9 +77,12 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
             outputs = self.model.caption(ready, beam_size)
             for b, i in enumerate(where):
                 record = caption_record(outputs, b, self.model.info["grid"])
-                rows[i] = {"caption": record["caption"],
-                           "captions": [beam["caption"] for beam in record["beams"]],
-                           "scores": [beam["score"] for beam in record["beams"]], "error": ""}
+                rows[i] = {
+                    "caption": record["caption"],
+                    "captions": [beam["caption"] for beam in record["beams"]],
+                    "scores": [beam["score"] for beam in record["beams"]],
+                    "error": "",
+                }
         return pd.DataFrame(rows, columns=["caption", "captions", "scores", "error"])
 
 
@@ -107,14 +113,29 @@ def promote(client, name: str, version: str, score: ValScore, mode: str) -> dict
     elif champion is None or old is None:
         promoted, reason = True, "no champion yet"
     elif champion.tags.get("val_digest") != score.val_digest:
-        promoted, reason = False, (f"not comparable: champion version {champion.version} was "
-                                   f"scored on other val captions")
+        promoted, reason = (
+            False,
+            (
+                f"not comparable: champion version {champion.version} was "
+                f"scored on other val captions"
+            ),
+        )
     elif score.value > float(old):
-        promoted, reason = True, (f"val {GATE_METRIC} {score.value:.4f} > {float(old):.4f} of "
-                                  f"version {champion.version}")
+        promoted, reason = (
+            True,
+            (
+                f"val {GATE_METRIC} {score.value:.4f} > {float(old):.4f} of "
+                f"version {champion.version}"
+            ),
+        )
     else:
-        promoted, reason = False, (f"val {GATE_METRIC} {score.value:.4f} <= {float(old):.4f} of "
-                                   f"version {champion.version}")
+        promoted, reason = (
+            False,
+            (
+                f"val {GATE_METRIC} {score.value:.4f} <= {float(old):.4f} of "
+                f"version {champion.version}"
+            ),
+        )
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     decision = {
@@ -126,8 +147,13 @@ def promote(client, name: str, version: str, score: ValScore, mode: str) -> dict
     }
     client.set_model_version_tag(name, version, "promotion", "champion" if promoted else "kept")
     client.set_model_version_tag(name, version, "promotion_reason", reason)
-    logger.info("%s version %s: %s (%s)", name, version,
-                "now the champion" if promoted else "not promoted", reason)
+    logger.info(
+        "%s version %s: %s (%s)",
+        name,
+        version,
+        "now the champion" if promoted else "not promoted",
+        reason,
+    )
     return decision
 
 
@@ -141,10 +167,15 @@ def _aliased(client, name: str, alias: str):
         return None
 
 
-def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSettings,
-               default_beam_size: int, check: Mapping[str, Any],
-               scores: Mapping[str, float] | None = None,
-               val_score: ValScore | None = None) -> dict[str, Any]:
+def log_export(
+    export_dir: str | Path,
+    example_image: bytes,
+    settings: MlflowSettings,
+    default_beam_size: int,
+    check: Mapping[str, Any],
+    scores: Mapping[str, float] | None = None,
+    val_score: ValScore | None = None,
+) -> dict[str, Any]:
     """Log the export as a pyfunc model in the active MLflow run (or a new one, against the
     current tracking URI), registered as `settings.registered_model_name` if asked; the new
     version is tagged with `scores` (the test split's metrics, reported only), as `test.CIDEr`
@@ -188,21 +219,33 @@ def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSet
                 client.set_model_version_tag(name, version, f"test.{metric}", f"{value:.4f}")
             if val_score is not None:
                 decision = promote(client, name, version, val_score, settings.promote)
-                mlflow.set_tags({"promotion": "champion" if decision["promoted"] else "kept",
-                                 "promotion_reason": decision["reason"]})
-                mlflow.log_metrics({f"promotion.{key}": float(value)
-                                    for key, value in decision.items()
-                                    if isinstance(value, int | float)})
+                mlflow.set_tags(
+                    {
+                        "promotion": "champion" if decision["promoted"] else "kept",
+                        "promotion_reason": decision["reason"],
+                    }
+                )
+                mlflow.log_metrics(
+                    {
+                        f"promotion.{key}": float(value)
+                        for key, value in decision.items()
+                        if isinstance(value, int | float)
+                    }
+                )
     except Exception as error:  # noqa: BLE001 (tracking server, database, registry errors)
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise DataError(f"export: logging the model to MLflow at {mlflow.get_tracking_uri()} "
-                        f"failed ({reason})") from None
+        raise DataError(
+            f"export: logging the model to MLflow at {mlflow.get_tracking_uri()} failed ({reason})"
+        ) from None
     finally:
         if started:
             mlflow.end_run()
     version = info.registered_model_version
-    logger.info("Logged the export to MLflow run %s%s", run.info.run_id,
-                f" as {settings.registered_model_name} version {version}" if version else "")
+    logger.info(
+        "Logged the export to MLflow run %s%s",
+        run.info.run_id,
+        f" as {settings.registered_model_name} version {version}" if version else "",
+    )
     return {
         "logged": True,
         "tracking_uri": mlflow.get_tracking_uri(),
@@ -210,8 +253,9 @@ def log_export(export_dir: str | Path, example_image: bytes, settings: MlflowSet
         "model_uri": info.model_uri,
         "registered_model_name": settings.registered_model_name if version else None,
         "version": int(version) if version else None,
-        "registered_model_uri": (f"models:/{settings.registered_model_name}/{version}"
-                                 if version else None),
+        "registered_model_uri": (
+            f"models:/{settings.registered_model_name}/{version}" if version else None
+        ),
         "promotion": decision,
         "settings": dataclasses.asdict(settings),
     }
@@ -225,5 +269,7 @@ class _Context:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in
-            ("mlflow", "tensorflow", "keras", "pillow", "numpy", "pandas", "tqdm")]
+    return [
+        f"{name}=={version(name)}"
+        for name in ("mlflow", "tensorflow", "keras", "pillow", "numpy", "pandas", "tqdm")
+    ]

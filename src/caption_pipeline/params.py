@@ -76,8 +76,11 @@ def _main_file(block: str, conf: Path) -> str | None:
 def _nested_types(cls: type) -> dict[str, type]:
     """The fields of `cls` whose type is itself a dataclass: built from a nested block."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
-            if dataclasses.is_dataclass(hints.get(f.name))}
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(hints.get(f.name))
+    }
 
 
 def from_params(cls: type[T], params: Mapping[str, Any] | None, block: str) -> T:
@@ -93,8 +96,7 @@ def from_params(cls: type[T], params: Mapping[str, Any] | None, block: str) -> T
     for key in sorted(set(params) - set(fields)):
         files = _files_setting(f"{block}.{key}", conf)
         where = ", ".join(files) if files else "not in conf/*/parameters*.yml: --params?"
-        raise DataError(f"parameters {block}.{key} ({where}): unknown key; "
-                        f"known: {sorted(fields)}")
+        raise DataError(f"parameters {block}.{key} ({where}): unknown key; known: {sorted(fields)}")
     for name, f in fields.items():
         if name in params or not f.init:
             continue
@@ -111,8 +113,9 @@ def from_params(cls: type[T], params: Mapping[str, Any] | None, block: str) -> T
 def _base_parameters(conf: str) -> dict[str, Any]:
     from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 
-    loader = CONFIG_LOADER_CLASS(conf, **{**CONFIG_LOADER_ARGS, "default_run_env": "base"},
-                                 env="base")
+    loader = CONFIG_LOADER_CLASS(
+        conf, **{**CONFIG_LOADER_ARGS, "default_run_env": "base"}, env="base"
+    )
     return dict(loader["parameters"])
 
 

@@ -64,8 +64,10 @@ class Moments:
         variance they keep). Each axis's sign is fixed (largest entry positive), so that the
         same moments always give the same map."""
         if self.count < 2:
-            raise DataError(f"model.feature_projection: {self.count} feature rows are too few "
-                            "to fit a projection")
+            raise DataError(
+                f"model.feature_projection: {self.count} feature rows are too few "
+                "to fit a projection"
+            )
         mean = self.total / self.count
         covariance = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
         values, vectors = np.linalg.eigh(covariance)  # ascending
@@ -78,8 +80,9 @@ class Moments:
         return axes, mean, kept
 
 
-def fit_projection(encoder: keras.Model, shards: ShardSet, *, images: int,
-                   batch_size: int) -> float:
+def fit_projection(
+    encoder: keras.Model, shards: ShardSet, *, images: int, batch_size: int
+) -> float:
     """Fit `encoder`'s "feature_projection" layer (in place) on the features of the first
     `images` train images of `shards`; returns the fraction of their variance it keeps."""
     from caption_pipeline.model.encoder import PROJECTION, regions_model
@@ -88,12 +91,14 @@ def fit_projection(encoder: keras.Model, shards: ShardSet, *, images: int,
     layer = encoder.get_layer(PROJECTION)
     k = int(layer.units)
     if not isinstance(images, int) or images < 1:
-        raise DataError(f"parameters features.projection_images: must be an integer >= 1, "
-                        f"got {images!r}")
+        raise DataError(
+            f"parameters features.projection_images: must be an integer >= 1, got {images!r}"
+        )
     features = regions_model(encoder)
     moments = Moments(int(features.output_shape[-1]))
-    batches = make_image_dataset(shards, "train", batch_size=batch_size,
-                                 image_size=int(encoder.input.shape[1]))
+    batches = make_image_dataset(
+        shards, "train", batch_size=batch_size, image_size=int(encoder.input.shape[1])
+    )
     seen = 0
     for batch in batches.take(math.ceil(images / batch_size)):
         pixels = batch["image"].numpy()[: images - seen]
@@ -101,10 +106,19 @@ def fit_projection(encoder: keras.Model, shards: ShardSet, *, images: int,
         moments.add(regions.reshape(-1, regions.shape[-1]))
         seen += len(pixels)
     if moments.count < k:
-        raise DataError(f"model.feature_projection: {k} axes need at least {k} region "
-                        f"feature rows; {seen} train images gave {moments.count}")
+        raise DataError(
+            f"model.feature_projection: {k} axes need at least {k} region "
+            f"feature rows; {seen} train images gave {moments.count}"
+        )
     axes, mean, kept = moments.principal_axes(k)
     layer.set_weights([axes.astype("float32"), (-mean @ axes).astype("float32")])
-    logger.info("Feature projection %d -> %d fitted on %d train images (%d regions): it keeps "
-                "%.1f%% of their variance", moments.dim, k, seen, moments.count, 100 * kept)
+    logger.info(
+        "Feature projection %d -> %d fitted on %d train images (%d regions): it keeps "
+        "%.1f%% of their variance",
+        moments.dim,
+        k,
+        seen,
+        moments.count,
+        100 * kept,
+    )
     return kept

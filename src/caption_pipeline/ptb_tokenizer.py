@@ -98,6 +98,7 @@ SENTENCE_START = "|".join(
     f"{w[0]}(?i:{w[1:]})" for w in sorted(_SENTENCE_STARTS, key=len, reverse=True)
 )
 
+
 # Abbreviations that keep their period ("dr." "st." "etc."), as lists of 3.4.1 calibrated
 # against the jar ("May", "Sat", "Sun", "Pt", "approx", "So" are not in them). JFlex is caseless
 # except in character classes, so "[I]ll" takes "Ill." and "ILL." but not the word "ill.".
@@ -145,10 +146,12 @@ def _latex_quotes(text: str, left: bool = False) -> str:
     return _RIGHT_DOUBLE.sub("''", text)
 
 
-_CURRENCY = str.maketrans({"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$",
-                           "\u20a0": "$", "\u20ac": "$"})
-_FRACTIONS = str.maketrans({"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3",
-                            "\u2154": "2/3"})
+_CURRENCY = str.maketrans(
+    {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$"}
+)
+_FRACTIONS = str.maketrans(
+    {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+)
 _PARENS = str.maketrans({"(": "-LRB-", ")": "-RRB-"})
 
 
@@ -228,9 +231,15 @@ _RULES: list[_Rule] = [
     *_rules(WORD, _emit(_no_soft_hyphens)),
     *_rules(  # apostrophe words that stay whole: o'clock rock 'n' roll, 'em, '90s, Shi'ite
         (
-            f"{APOS}(?i:n){APOS}?", f"[lLdDjJ]{APOS}", f"(?i:dunkin|somethin|ol){APOS}",
-            f"{APOS}(?i:em)", f"[A-HJ-XZn]{APOS_ETC}{A}{A}+", f"{APOS}[2-9]0(?i:s)",
-            f"{APOS}(?i:till?)", f"{A}+[aeiouyAEIOUY]{APOS_ETC}[aeiouA-Z]{A}*", f"{APOS}(?i:cause)",
+            f"{APOS}(?i:n){APOS}?",
+            f"[lLdDjJ]{APOS}",
+            f"(?i:dunkin|somethin|ol){APOS}",
+            f"{APOS}(?i:em)",
+            f"[A-HJ-XZn]{APOS_ETC}{A}{A}+",
+            f"{APOS}[2-9]0(?i:s)",
+            f"{APOS}(?i:till?)",
+            f"{A}+[aeiouyAEIOUY]{APOS_ETC}[aeiouA-Z]{A}*",
+            f"{APOS}(?i:cause)",
             r"(?i:cont'd\.?|'twas|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)",
         ),
         _KEEP,
@@ -264,8 +273,10 @@ _RULES: list[_Rule] = [
     *_rules("[\u00bc\u00bd\u00be\u2153-\u215e]", _emit(lambda t: t.translate(_FRACTIONS))),
     *_rules(
         (
-            "-(?i:rrb|lrb|rcb|lcb|rsb|lsb)-", r"(?i:c\.d\.s|pro-|anti-|s&p-500|s&ls)",
-            f"(?i:cap){APOS}(?i:n)", f"(?i:c){APOS}(?i:est)",
+            "-(?i:rrb|lrb|rcb|lcb|rsb|lsb)-",
+            r"(?i:c\.d\.s|pro-|anti-|s&p-500|s&ls)",
+            f"(?i:cap){APOS}(?i:n)",
+            f"(?i:c){APOS}(?i:est)",
         ),
         _KEEP,
     ),
@@ -278,7 +289,7 @@ _RULES: list[_Rule] = [
         _emit(lambda t: t.translate(_CURRENCY)),
     ),
     *_rules(
-        f"[A-Za-z](?:\\.[A-Za-z])*\\.",
+        "[A-Za-z](?:\\.[A-Za-z])*\\.",
         _acronym_at_sentence_end,
         context=f"[{SPACE_NL}]+(?:{SENTENCE_START}|{SGML})[{SPACE_NL}]",
     ),
@@ -293,9 +304,7 @@ _RULES: list[_Rule] = [
     *_rules(ABBREV1, _KEEP, context="[\\s\\S]{2}"),
     *_rules((ABBREV1, ABBREV2), _KEEP),
     *_rules(f"{APOS}[0-9][0-9]", _KEEP, context=f"[{SPACE_NL}]"),  # '90
-    *_rules(
-        f"{AD}+(?:\\.{AD}+)*\\.(?i:{FILE_EXTENSIONS})", _KEEP, context=f'[{SPACE_NL}.?!,"<]'
-    ),
+    *_rules(f"{AD}+(?:\\.{AD}+)*\\.(?i:{FILE_EXTENSIONS})", _KEEP, context=f'[{SPACE_NL}.?!,"<]'),
     *_rules(f"{WORD}\\.", _emit(_no_soft_hyphens), context=INSENTP),  # "etc.," keeps its period
     *_rules(  # phone numbers
         "(?:\\([0-9]{2,3}\\)[ \u00a0]?|(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])"

@@ -78,8 +78,7 @@ class RequestError(Exception):
     """A bad request: HTTP `status`, a short `code` and a message naming the problem (and
     response `headers`, e.g. Retry-After)."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
@@ -89,18 +88,26 @@ class Overloaded(RequestError):
     """503: the queue is full; `retry_after` whole seconds is when a retry likely gets in."""
 
     def __init__(self, pending: int, retry_after: int):
-        super().__init__(503, "overloaded", f"the server is at capacity ({pending} requests "
-                         f"queued, serve.max_queue); retry after {retry_after} s",
-                         {"Retry-After": str(retry_after)})
+        super().__init__(
+            503,
+            "overloaded",
+            f"the server is at capacity ({pending} requests "
+            f"queued, serve.max_queue); retry after {retry_after} s",
+            {"Retry-After": str(retry_after)},
+        )
 
 
 class RequestTimeout(RequestError):
     """504: the request waited and ran longer than serve.request_timeout_s."""
 
     def __init__(self, timeout_s: float):
-        super().__init__(504, "timeout", f"the caption took longer than the server's limit "
-                         f"of {timeout_s:g} s (serve.request_timeout_s); the server is busy, "
-                         "retry later")
+        super().__init__(
+            504,
+            "timeout",
+            f"the caption took longer than the server's limit "
+            f"of {timeout_s:g} s (serve.request_timeout_s); the server is busy, "
+            "retry later",
+        )
 
 
 class MicroBatcher:
@@ -122,8 +129,14 @@ class MicroBatcher:
     request the worker has not started yet is dropped from the queue (its future cancelled).
     """
 
-    def __init__(self, caption: Callable[[list[bytes], int], dict], max_batch: int,
-                 wait_ms: float, max_queue: int = 1_000_000, timeout_s: float = math.inf):
+    def __init__(
+        self,
+        caption: Callable[[list[bytes], int], dict],
+        max_batch: int,
+        wait_ms: float,
+        max_queue: int = 1_000_000,
+        timeout_s: float = math.inf,
+    ):
         self._caption, self._max_batch, self._wait = caption, max_batch, wait_ms / 1000
         self._max_queue, self._timeout = max_queue, timeout_s
         self._queue: queue.Queue = queue.Queue()
@@ -212,9 +225,13 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
         try:
             model = load_model()
             model.caption([_warmup_image()], model.default_beam_size)  # loads the graph now
-            state["batcher"] = MicroBatcher(model.caption, settings.max_batch,
-                                            settings.batch_wait_ms, settings.max_queue,
-                                            settings.request_timeout_s)
+            state["batcher"] = MicroBatcher(
+                model.caption,
+                settings.max_batch,
+                settings.batch_wait_ms,
+                settings.max_queue,
+                settings.request_timeout_s,
+            )
             state["model"] = model
             logger.info("Model %s ready", model.path)
         except Exception as error:  # noqa: BLE001 (reported by /readyz)
@@ -230,10 +247,14 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         if error.code == 413:
-            return _error(413, "upload_too_large", f"the upload is over the limit of "
-                          f"{settings.max_upload_mb:g} MB")
-        return _error(error.code or 500, error.name.lower().replace(" ", "_"),
-                      error.description or error.name)
+            return _error(
+                413,
+                "upload_too_large",
+                f"the upload is over the limit of {settings.max_upload_mb:g} MB",
+            )
+        return _error(
+            error.code or 500, error.name.lower().replace(" ", "_"), error.description or error.name
+        )
 
     @app.errorhandler(Exception)
     def internal_error(error: Exception):
@@ -257,10 +278,16 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
             status = "failed" if state["error"] else "loading"
             return jsonify(status=status, error=state["error"]), 503
         info = model.info
-        return jsonify(status="ready", model=str(model.path), image_size=info["image_size"],
-                       grid=info["grid"], default_beam_size=info["default_beam_size"],
-                       max_beam_size=info["max_beam_size"], queued=state["batcher"].pending,
-                       max_queue=settings.max_queue)
+        return jsonify(
+            status="ready",
+            model=str(model.path),
+            image_size=info["image_size"],
+            grid=info["grid"],
+            default_beam_size=info["default_beam_size"],
+            max_beam_size=info["max_beam_size"],
+            queued=state["batcher"].pending,
+            max_queue=settings.max_queue,
+        )
 
     @app.post("/v1/caption")
     def caption():
@@ -279,8 +306,11 @@ def create_app(load_model: Callable[[], Any], settings: ServeSettings) -> Flask:
             raise RequestError(status, error.reason, str(error)) from None
         outputs, index = state["batcher"].submit(image, beam_size)
         record = caption_record(outputs, index, model.info["grid"], attention)
-        return jsonify(**record, beam_size=beam_size,
-                       elapsed_ms=round(1000 * (time.perf_counter() - started), 1))
+        return jsonify(
+            **record,
+            beam_size=beam_size,
+            elapsed_ms=round(1000 * (time.perf_counter() - started), 1),
+        )
 
     return app
 
@@ -291,16 +321,22 @@ def _upload() -> tuple[bytes, str]:
     if mimetype == "multipart/form-data":
         file = request.files.get("image")
         if file is None:
-            raise RequestError(400, "missing_image", "multipart upload without a file "
-                               f"field 'image' (fields: {sorted(request.files)})")
+            raise RequestError(
+                400,
+                "missing_image",
+                f"multipart upload without a file field 'image' (fields: {sorted(request.files)})",
+            )
         data, name = file.read(), f"upload {file.filename or 'image'!r}"
     elif mimetype.startswith("image/") or mimetype in RAW_TYPES:
         data, name = request.get_data(cache=False), "request body"
     else:
-        raise RequestError(415, "unsupported_content_type",
-                           f"Content-Type {mimetype or '(none)'!r}: send multipart/form-data "
-                           "with a file field 'image', or the raw image as image/jpeg, "
-                           "image/png or application/octet-stream")
+        raise RequestError(
+            415,
+            "unsupported_content_type",
+            f"Content-Type {mimetype or '(none)'!r}: send multipart/form-data "
+            "with a file field 'image', or the raw image as image/jpeg, "
+            "image/png or application/octet-stream",
+        )
     if not data:
         raise RequestError(400, "empty", f"{name}: empty, 0 bytes")
     return data, name
@@ -320,8 +356,9 @@ def _beam_size(maximum: int, default: int) -> int:
     except ValueError:
         beam_size = 0
     if not 1 <= beam_size <= maximum:
-        raise RequestError(400, "bad_beam_size",
-                           f"beam_size must be an integer in 1..{maximum}, got {value!r}")
+        raise RequestError(
+            400, "bad_beam_size", f"beam_size must be an integer in 1..{maximum}, got {value!r}"
+        )
     return beam_size
 
 
@@ -355,9 +392,13 @@ def serve(load_model: Callable[[], Any], settings: ServeSettings) -> None:
     app = create_app(load_model, settings)
     # waitress refuses bodies far over the limit itself; Flask answers those near it in JSON.
     server = waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.threads,
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
         max_request_body_size=int(4 * settings.max_upload_mb * 1024 * 1024),
-        ident="caption-pipeline")
+        ident="caption-pipeline",
+    )
     draining: threading.Event = app.config["draining"]
     previous = signal.signal(signal.SIGTERM, lambda *_: draining.set())
     logger.info("Serving on http://%s:%d/", settings.host, settings.port)
@@ -376,19 +417,22 @@ def serve(load_model: Callable[[], Any], settings: ServeSettings) -> None:
 
     try:
         while not draining.is_set():
-            server.asyncore.loop(timeout=0.2, map=server._map, count=1,
-                                 use_poll=server.adj.asyncore_use_poll)
+            server.asyncore.loop(
+                timeout=0.2, map=server._map, count=1, use_poll=server.adj.asyncore_use_poll
+            )
     except KeyboardInterrupt:
         draining.set()
     finally:
         signal.signal(signal.SIGTERM, previous)
     dispatcher.close(server)  # the listening socket only; the trigger wakes the loop still
     deadline = time.monotonic() + settings.drain_timeout_s
-    logger.info("Shutting down: %d connections busy, waiting up to %g s", busy(),
-                settings.drain_timeout_s)
+    logger.info(
+        "Shutting down: %d connections busy, waiting up to %g s", busy(), settings.drain_timeout_s
+    )
     while busy() and time.monotonic() < deadline:
-        server.asyncore.loop(timeout=0.1, map=server._map, count=1,
-                             use_poll=server.adj.asyncore_use_poll)
+        server.asyncore.loop(
+            timeout=0.1, map=server._map, count=1, use_poll=server.adj.asyncore_use_poll
+        )
     if busy():
         logger.warning("Drain timeout: %d requests still in flight are dropped", busy())
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
@@ -398,8 +442,13 @@ def serve(load_model: Callable[[], Any], settings: ServeSettings) -> None:
 
 def check_settings(settings: ServeSettings) -> ServeSettings:
     """A DataError naming the first setting out of range."""
-    for name, low in (("port", 0), ("threads", 1), ("max_pixels", 1), ("max_batch", 1),
-                      ("max_queue", 1)):
+    for name, low in (
+        ("port", 0),
+        ("threads", 1),
+        ("max_pixels", 1),
+        ("max_batch", 1),
+        ("max_queue", 1),
+    ):
         value = getattr(settings, name)
         if not isinstance(value, int) or value < low:
             raise DataError(f"serve.{name} must be an integer >= {low}, got {value!r}")
@@ -412,9 +461,11 @@ def check_settings(settings: ServeSettings) -> ServeSettings:
     if settings.threads <= settings.max_queue:
         # A request past the queue needs a free waitress thread to be told 503 at once;
         # otherwise it waits, unseen, in waitress's own unbounded task queue.
-        raise DataError(f"serve.threads ({settings.threads}) must be greater than "
-                        f"serve.max_queue ({settings.max_queue}), so that requests past the "
-                        "queue are answered 503 at once")
+        raise DataError(
+            f"serve.threads ({settings.threads}) must be greater than "
+            f"serve.max_queue ({settings.max_queue}), so that requests past the "
+            "queue are answered 503 at once"
+        )
     return settings
 
 

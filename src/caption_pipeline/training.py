@@ -142,11 +142,21 @@ def with_device_defaults(config: TrainConfig) -> TrainConfig:
 
 def run_fingerprint(model_config: ModelConfig, config: TrainConfig, data: dict) -> str:
     """What a checkpoint must match to be resumed: model, optimisation and data."""
-    ignored = {"checkpoint_dir", "keep_checkpoints", "progress", "epochs",
-               "early_stopping_patience", "log_every_steps", "checkpoint_every_steps"}
+    ignored = {
+        "checkpoint_dir",
+        "keep_checkpoints",
+        "progress",
+        "epochs",
+        "early_stopping_patience",
+        "log_every_steps",
+        "checkpoint_every_steps",
+    }
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
-    blob = json.dumps([dataclasses.asdict(model_config), train, data, CHECKPOINT_FORMAT],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [dataclasses.asdict(model_config), train, data, CHECKPOINT_FORMAT],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -161,9 +171,15 @@ def adam(model: Captioner, schedule, clipnorm: float | None) -> keras.optimizers
     return keras.optimizers.Adam(schedule, global_clipnorm=clipnorm)
 
 
-def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_epoch: int,
-                    sample_inputs: dict, *, optimizer: OptimizerFactory = adam,
-                    initialise: Callable[[Captioner], None] | None = None) -> Captioner:
+def build_captioner(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    sample_inputs: dict,
+    *,
+    optimizer: OptimizerFactory = adam,
+    initialise: Callable[[Captioner], None] | None = None,
+) -> Captioner:
     """A compiled Captioner with `optimizer` (Adam), exponential decay and gradient clipping;
     the decoder alone when `sample_inputs` are precomputed features (no encoder runs, so none
     is built). `initialise(model)`: its starting weights and trainable layers, set before the
@@ -171,8 +187,9 @@ def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_ep
     which variables the optimizer trains."""
     keras.mixed_precision.set_global_policy(config.precision)
     features = sample_inputs.get("features")
-    model = Captioner(model_config,
-                      feature_shape=None if features is None else tuple(features.shape[1:]))
+    model = Captioner(
+        model_config, feature_shape=None if features is None else tuple(features.shape[1:])
+    )
     if initialise is not None:
         initialise(model)
     schedule = keras.optimizers.schedules.ExponentialDecay(
@@ -180,8 +197,9 @@ def build_captioner(model_config: ModelConfig, config: TrainConfig, steps_per_ep
         decay_steps=max(1, round(config.lr_decay_epochs * steps_per_epoch)),
         decay_rate=config.lr_decay_rate,
     )
-    model.compile(optimizer=optimizer(model, schedule, config.clipnorm),
-                  jit_compile=config.jit_compile)
+    model.compile(
+        optimizer=optimizer(model, schedule, config.clipnorm), jit_compile=config.jit_compile
+    )
     model(sample_inputs)  # builds every variable, so that weights can be loaded
     model.optimizer.build(model.trainable_variables)
     return model
@@ -213,15 +231,20 @@ class _StepCheckpoint(keras.callbacks.Callback):
     left to train: `fit` then trains none, the restored totals are the epoch's train metrics,
     and the epoch is validated, as an unbroken run validates it."""
 
-    def __init__(self, checkpoints: Checkpoints, state: TrainState, config: TrainConfig,
-                 metrics: list | None = None):
+    def __init__(
+        self,
+        checkpoints: Checkpoints,
+        state: TrainState,
+        config: TrainConfig,
+        metrics: list | None = None,
+    ):
         super().__init__()
         self.checkpoints, self.state, self.config = checkpoints, state, config
         self.metrics = metrics
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.metrics is not None:
-            for variable, value in zip(metric_variables(self.model), self.metrics):
+            for variable, value in zip(metric_variables(self.model), self.metrics, strict=False):
                 variable.assign(value)
             self.metrics = None
 
@@ -258,8 +281,14 @@ def train_captioner(
     val_mode = "grouped" if config.caption_mode == "grouped" else "all"
     sample_inputs, _ = next(iter(datasets("val", 0, val_mode, False)))
     with strategy_scope(strategy):
-        model = build_captioner(model_config, config, steps_per_epoch, sample_inputs,
-                                optimizer=optimizer, initialise=initialise)
+        model = build_captioner(
+            model_config,
+            config,
+            steps_per_epoch,
+            sample_inputs,
+            optimizer=optimizer,
+            initialise=initialise,
+        )
     if strategy is not None:
         clip_after_all_reduce(model.optimizer)
     if config.strategy == "multi_worker":
@@ -267,16 +296,23 @@ def train_captioner(
     checkpoints = Checkpoints(config.checkpoint_dir, chief=is_chief(config))
     state = checkpoints.restore(model, fingerprint) or TrainState(fingerprint)
     if state.step:
-        logger.info("Resuming from checkpoint at step %d (epoch %d, batch %d)", state.step,
-                    state.epoch + 1, state.batch)
+        logger.info(
+            "Resuming from checkpoint at step %d (epoch %d, batch %d)",
+            state.step,
+            state.epoch + 1,
+            state.batch,
+        )
     val = datasets("val", 0, val_mode, False)
 
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch
         started = time.perf_counter()
         # A resumed epoch's metric totals, which `fit` resets: the restored ones.
-        totals = ([keras.ops.convert_to_numpy(v) for v in metric_variables(model)]
-                  if state.batch else None)
+        totals = (
+            [keras.ops.convert_to_numpy(v) for v in metric_variables(model)]
+            if state.batch
+            else None
+        )
         callback = _StepCheckpoint(checkpoints, state, config, totals)
         # Batches are a function of (seed, epoch): skipping the done ones resumes exactly.
         train = datasets("train", epoch, config.caption_mode, True)
@@ -285,8 +321,13 @@ def train_captioner(
         # epochs=config.epochs, stopped after this one: the progress bar reads "Epoch 3/7".
         with warnings.catch_warnings():  # an epoch ends when its data does, on purpose
             warnings.filterwarnings("ignore", "Your input ran out of data")
-            model.fit(train.skip(state.batch), epochs=config.epochs, initial_epoch=epoch,
-                      callbacks=[callback, OneEpoch()], verbose=1 if config.progress else 0)
+            model.fit(
+                train.skip(state.batch),
+                epochs=config.epochs,
+                initial_epoch=epoch,
+                callbacks=[callback, OneEpoch()],
+                verbose=1 if config.progress else 0,
+            )
             train_logs = metric_results(model)
             val_logs = model.evaluate(val, verbose=0, return_dict=True)
         row = {
@@ -301,8 +342,12 @@ def train_captioner(
             "seconds": round(time.perf_counter() - started, 2),
         }
         state.history.append(row)
-        logger.info("Epoch %d/%d: %s", epoch + 1, config.epochs,
-                    ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)))
+        logger.info(
+            "Epoch %d/%d: %s",
+            epoch + 1,
+            config.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch",)),
+        )
         if row["val_xent"] < state.best_val_xent:
             state.best_val_xent, state.best_epoch, state.bad_epochs = row["val_xent"], epoch + 1, 0
             checkpoints.save_best(model)
@@ -316,8 +361,11 @@ def train_captioner(
         checkpoints.save(model, state, state.step)
 
     if checkpoints.load_best(model):
-        logger.info("Keeping the weights of epoch %d (best val xent %.4f)",
-                    state.best_epoch, state.best_val_xent)
+        logger.info(
+            "Keeping the weights of epoch %d (best val xent %.4f)",
+            state.best_epoch,
+            state.best_val_xent,
+        )
     barrier(strategy)  # every worker has read the best weights before the chief deletes them
     if not config.keep_checkpoints:
         checkpoints.clear()

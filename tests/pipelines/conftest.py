@@ -20,8 +20,14 @@ from tests.conftest import PROJECT_ROOT
 TINY_SPLITS = {"train": 6, "val": 2, "test": 2}
 TINY_IMAGE_SIZE = 64
 # conf/base's model at the smallest sizes: a 2-block compact CNN (16x16 regions) and a tiny LSTM.
-TINY_MODEL = {"image_size": TINY_IMAGE_SIZE, "compact_filters": [8, 16], "compact_pool_last": True,
-              "embed_dim": 8, "attention_dim": 8, "lstm_units": 16}
+TINY_MODEL = {
+    "image_size": TINY_IMAGE_SIZE,
+    "compact_filters": [8, 16],
+    "compact_pool_last": True,
+    "embed_dim": 8,
+    "attention_dim": 8,
+    "lstm_units": 16,
+}
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -54,10 +60,12 @@ def params(base_parameters):
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory, base_parameters):
     """A generated shapes dataset of 6/2/2 images of 64 px: (`params:dataset`, `raw_dataset`)."""
-    dataset = merged(base_parameters["dataset"],
-                     {"root": str(tmp_path_factory.mktemp("shapes") / "shapes")})
-    synthetic = merged(base_parameters["synthetic"],
-                       {"image_size": TINY_IMAGE_SIZE, "splits": TINY_SPLITS})
+    dataset = merged(
+        base_parameters["dataset"], {"root": str(tmp_path_factory.mktemp("shapes") / "shapes")}
+    )
+    synthetic = merged(
+        base_parameters["synthetic"], {"image_size": TINY_IMAGE_SIZE, "splits": TINY_SPLITS}
+    )
     return dataset, generate_dataset(dataset, synthetic)
 
 
@@ -85,9 +93,14 @@ def tiny_shards(tiny_captions, base_parameters, tmp_path_factory):
     from caption_pipeline.pipelines.shard.nodes import plan_shards
 
     _, tokenized, vocabulary = tiny_captions
-    shard = merged(base_parameters["shard"], {
-        "num_shards": {"train": 2, "val": 1, "test": 1}, "workers": 1,
-        "image_size": TINY_IMAGE_SIZE})
+    shard = merged(
+        base_parameters["shard"],
+        {
+            "num_shards": {"train": 2, "val": 1, "test": 1},
+            "workers": 1,
+            "image_size": TINY_IMAGE_SIZE,
+        },
+    )
     dataset = TFRecordShardsDataset(path=str(tmp_path_factory.mktemp("shards") / "shards"))
     dataset.save(plan_shards(tokenized, vocabulary, shard))
     return dataset.load()

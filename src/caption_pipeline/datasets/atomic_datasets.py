@@ -1,4 +1,5 @@
-"""kedro-datasets' JSON, CSV, Parquet and Matplotlib datasets, saved atomically on a local filesystem."""
+"""kedro-datasets' JSON, CSV, Parquet and Matplotlib datasets, saved atomically on a local
+filesystem."""
 
 from __future__ import annotations
 
@@ -46,8 +47,13 @@ class AtomicCSVDataset(_AtomicSave, CSVDataset):
         import pandas as pd
 
         path = Path(self._filepath)
-        if self._protocol == "file" and self._version is None and path.is_file() and \
-                path.stat().st_size <= 2 and not path.read_text().strip():  # "\n" or "\r\n"
+        if (
+            self._protocol == "file"
+            and self._version is None
+            and path.is_file()
+            and path.stat().st_size <= 2
+            and not path.read_text().strip()
+        ):  # "\n" or "\r\n"
             return pd.DataFrame()
         return super().load()
 
@@ -57,4 +63,5 @@ class AtomicParquetDataset(_AtomicSave, ParquetDataset):
 
 
 class AtomicMatplotlibDataset(_AtomicSave, MatplotlibDataset):
-    """`matplotlib.MatplotlibDataset` for one figure (a PNG) that never leaves a half-written file."""
+    """`matplotlib.MatplotlibDataset` for one figure (a PNG) that never leaves a half-written
+    file."""

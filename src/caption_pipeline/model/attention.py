@@ -29,8 +29,9 @@ class SoftAttention(layers.Layer):
         self.units = units
         dense = dict(kernel_regularizer=keras.regularizers.get(kernel_regularizer))
         self.feature_projection = layers.Dense(units, name="feature_projection", **dense)  # W_a
-        self.hidden_projection = layers.Dense(units, use_bias=False, name="hidden_projection",
-                                              **dense)  # U_h
+        self.hidden_projection = layers.Dense(
+            units, use_bias=False, name="hidden_projection", **dense
+        )  # U_h
         # A bias on the score would be the same for every region: softmax cancels it.
         self.score = layers.Dense(1, use_bias=False, name="score", **dense)  # v
 
@@ -56,6 +57,10 @@ class SoftAttention(layers.Layer):
         return ops.matmul(alpha, features), alpha  # [B, K, R] x [B, R, D]
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units,
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.feature_projection.kernel_regularizer)}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.feature_projection.kernel_regularizer
+            ),
+        }

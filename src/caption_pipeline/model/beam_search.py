@@ -61,8 +61,9 @@ def length_penalty(lengths, alpha: float):
     return ops.power((5.0 + ops.cast(lengths, "float32")) / 6.0, alpha)
 
 
-def greedy_search(model, features, max_length: int, alpha: float = 0.0,
-                  allow_unk: bool = False) -> Captions:
+def greedy_search(
+    model, features, max_length: int, alpha: float = 0.0, allow_unk: bool = False
+) -> Captions:
     """The most likely next word at every step: `Captions` with K = 1.
 
     model: a Captioner (or anything with `init_state` / `step`); features [B, R, D];
@@ -85,8 +86,9 @@ def greedy_search(model, features, max_length: int, alpha: float = 0.0,
     return _captions(ops.while_loop(_running(max_length), body, loop), 1, alpha)
 
 
-def beam_search(model, features, beam_size: int, max_length: int,
-                alpha: float = 0.0, allow_unk: bool = False) -> Captions:
+def beam_search(
+    model, features, beam_size: int, max_length: int, alpha: float = 0.0, allow_unk: bool = False
+) -> Captions:
     """The `beam_size` best-scoring captions per image (`Captions` with K = beam_size).
 
     model: a Captioner (or anything with `init_state` / `step`, whose step takes the K beams of
@@ -120,9 +122,14 @@ def beam_search(model, features, beam_size: int, max_length: int,
         log_probs = ops.take(ops.reshape(candidate_logp, (-1,)), parents * vocab + words)
         lengths = ops.take(candidate_length, parents, axis=0)
         was_finished = ops.take(finished, parents, axis=0)
-        ids, attention = _write(t, ops.take(ids, parents, axis=0),
-                                ops.take(attention, parents, axis=0), words,
-                                ops.take(alpha_t, parents, axis=0), was_finished)
+        ids, attention = _write(
+            t,
+            ops.take(ids, parents, axis=0),
+            ops.take(attention, parents, axis=0),
+            words,
+            ops.take(alpha_t, parents, axis=0),
+            was_finished,
+        )
         finished = ops.logical_or(was_finished, ops.equal(words, END_ID))
         h, c = ops.take(h_next, parents, axis=0), ops.take(c_next, parents, axis=0)
         return t + 1, words, h, c, ids, attention, log_probs, lengths, finished
@@ -182,8 +189,9 @@ def _step(model, state, k: int, words, h, c):
     def rows(x):  # [B, k, ...] -> [N, ...]
         return ops.reshape(x, (-1, *x.shape[2:]))
 
-    logits, alpha, new = model.step(per_image(words),
-                                    state._replace(h=per_image(h), c=per_image(c)))
+    logits, alpha, new = model.step(
+        per_image(words), state._replace(h=per_image(h), c=per_image(c))
+    )
     return rows(logits), rows(alpha), rows(new.h), rows(new.c)
 
 
@@ -237,5 +245,11 @@ def _captions(out, k: int, alpha: float) -> Captions:
         return ops.reshape(x, (-1, k, *x.shape[1:]))
 
     scores = log_probs / length_penalty(lengths, alpha)
-    return Captions(per_image(ids), per_image(lengths), per_image(log_probs), per_image(scores),
-                    per_image(finished), per_image(attention))
+    return Captions(
+        per_image(ids),
+        per_image(lengths),
+        per_image(log_probs),
+        per_image(scores),
+        per_image(finished),
+        per_image(attention),
+    )

@@ -58,19 +58,27 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
-            raise DataError(f"model.encoder: unknown encoder {self.encoder!r}; "
-                            f"expected one of {ENCODERS}")
+            raise DataError(
+                f"model.encoder: unknown encoder {self.encoder!r}; expected one of {ENCODERS}"
+            )
         if self.encoder_batchnorm not in BATCHNORM:
-            raise DataError(f"model.encoder_batchnorm: {self.encoder_batchnorm!r}; expected one "
-                            f"of {BATCHNORM}")
+            raise DataError(
+                f"model.encoder_batchnorm: {self.encoder_batchnorm!r}; expected one of {BATCHNORM}"
+            )
         object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
 
     @property
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(self.encoder, self.image_size, self.encoder_weights,
-                             self.encoder_trainable, self.encoder_batchnorm,
-                             self.compact_filters, self.compact_pool_last,
-                             self.feature_projection)
+        return EncoderConfig(
+            self.encoder,
+            self.image_size,
+            self.encoder_weights,
+            self.encoder_trainable,
+            self.encoder_batchnorm,
+            self.compact_filters,
+            self.compact_pool_last,
+            self.feature_projection,
+        )
 
     @property
     def trains_encoder(self) -> bool:
@@ -140,8 +148,9 @@ class Captioner(keras.Model):
     """`config`'s encoder + attention decoder; with `feature_shape` (R, D), the decoder alone,
     for precomputed features [B, R, D] of a frozen encoder (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig | dict, feature_shape: tuple[int, int] | None = None,
-                 **kwargs):
+    def __init__(
+        self, config: ModelConfig | dict, feature_shape: tuple[int, int] | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         c = self.config
@@ -153,12 +162,21 @@ class Captioner(keras.Model):
             _, self.regions, self.feature_dim = self.encoder.output_shape
         else:
             if c.trains_encoder:
-                raise DataError(f"model.encoder_trainable: a Captioner on precomputed features "
-                                f"cannot train its encoder ({c.encoder})")
+                raise DataError(
+                    f"model.encoder_trainable: a Captioner on precomputed features "
+                    f"cannot train its encoder ({c.encoder})"
+                )
             self.encoder = None
             self.regions, self.feature_dim = (int(n) for n in feature_shape)
-        self.decoder = AttentionDecoder(c.vocab_size, c.embed_dim, c.attention_dim, c.lstm_units,
-                                        c.dropout, c.l2, name="decoder")
+        self.decoder = AttentionDecoder(
+            c.vocab_size,
+            c.embed_dim,
+            c.attention_dim,
+            c.lstm_units,
+            c.dropout,
+            c.l2,
+            name="decoder",
+        )
         # Built now, not on a first call: the decoder runs in compute_loss, which Keras never
         # traces to build a model, and loading weights needs every variable to exist.
         self.decoder.build((None, self.regions, self.feature_dim))
@@ -174,9 +192,11 @@ class Captioner(keras.Model):
         if "image" not in inputs:
             raise DataError(f"Captioner inputs need 'features' or 'image'; got {sorted(inputs)}")
         if self.encoder is None:
-            raise DataError("this Captioner was trained on precomputed features and has no "
-                            "encoder: join it with the features' encoder (with_encoder) to "
-                            "caption images")
+            raise DataError(
+                "this Captioner was trained on precomputed features and has no "
+                "encoder: join it with the features' encoder (with_encoder) to "
+                "caption images"
+            )
         images = ops.cast(inputs["image"], self.compute_dtype)
         if self.config.trains_encoder:
             return self.encoder(images, training=training)
@@ -190,8 +210,9 @@ class Captioner(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """Masked cross-entropy + lambda * attention term + L2; y_pred is `call`'s features."""
         if sample_weight is not None:
-            raise DataError("Captioner.fit: sample weights are not supported; "
-                            "padding is masked by pad id 0")
+            raise DataError(
+                "Captioner.fit: sample weights are not supported; padding is masked by pad id 0"
+            )
         captions = ops.cast(y, "int32")
         features = y_pred
         if len(captions.shape) == 3:
@@ -232,9 +253,11 @@ class Captioner(keras.Model):
         joined = Captioner(dataclasses.replace(self.config, encoder_weights=None))
         joined.encoder.set_weights(encoder_weights)
         if (joined.regions, joined.feature_dim) != (self.regions, self.feature_dim):
-            raise DataError(f"the encoder gives {joined.regions} x {joined.feature_dim} "
-                            f"regions, the decoder was trained on {self.regions} x "
-                            f"{self.feature_dim}")
+            raise DataError(
+                f"the encoder gives {joined.regions} x {joined.feature_dim} "
+                f"regions, the decoder was trained on {self.regions} x "
+                f"{self.feature_dim}"
+            )
         joined.decoder.set_weights(self.decoder.get_weights())
         return joined
 

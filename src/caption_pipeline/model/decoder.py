@@ -62,8 +62,9 @@ class AttentionDecoder(layers.Layer):
         self.embedding = layers.Embedding(vocab_size, embed_dim, name="embedding")  # E
         self.init_h = dense(n, "init_h", activation="tanh")
         self.init_c = dense(n, "init_c", activation="tanh")
-        self.attention = SoftAttention(attention_dim, kernel_regularizer=regularizer,
-                                       name="attention")
+        self.attention = SoftAttention(
+            attention_dim, kernel_regularizer=regularizer, name="attention"
+        )
         self.gate = dense(1, "beta", activation="sigmoid")  # f_beta
         # The LSTM's input matrix W, split by input: the word part runs once for all steps.
         self.word_gates = dense(4 * n, "word_gates", bias_initializer=_forget_bias_one(n))
@@ -78,10 +79,17 @@ class AttentionDecoder(layers.Layer):
         batch, regions, depth = features_shape
         n, m = self.lstm_units, self.embed_dim
         self.embedding.build((batch, None))
-        for layer, width in [(self.init_h, depth), (self.init_c, depth), (self.gate, n),
-                             (self.word_gates, m), (self.context_gates, depth),
-                             (self.hidden_gates, n), (self.out_hidden, n),
-                             (self.out_context, depth), (self.out_vocab, m)]:
+        for layer, width in [
+            (self.init_h, depth),
+            (self.init_c, depth),
+            (self.gate, n),
+            (self.word_gates, m),
+            (self.context_gates, depth),
+            (self.hidden_gates, n),
+            (self.out_hidden, n),
+            (self.out_context, depth),
+            (self.out_vocab, m),
+        ]:
             layer.build((batch, width))
         self.attention.build((batch, regions, depth), (batch, n))
 
@@ -91,8 +99,9 @@ class AttentionDecoder(layers.Layer):
         """features [B, R, D] -> the state before the first word."""
         features = ops.cast(features, self.compute_dtype)
         mean = ops.mean(features, axis=1)
-        return DecoderState(features, self.attention.project(features),
-                            self.init_h(mean), self.init_c(mean))
+        return DecoderState(
+            features, self.attention.project(features), self.init_h(mean), self.init_c(mean)
+        )
 
     def step(self, word_ids, state: DecoderState, training=False):
         """word_ids [B] (the previous words) -> logits [B, V], alpha [B, R], the next state;
@@ -141,9 +150,15 @@ class AttentionDecoder(layers.Layer):
         return self.out_vocab(self.dropout(x, training=training))
 
     def get_config(self):
-        return {**super().get_config(), "vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
-                "attention_dim": self.attention_dim, "lstm_units": self.lstm_units,
-                "dropout": self.dropout_rate, "l2": self.l2}
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "embed_dim": self.embed_dim,
+            "attention_dim": self.attention_dim,
+            "lstm_units": self.lstm_units,
+            "dropout": self.dropout_rate,
+            "l2": self.l2,
+        }
 
 
 def _forget_bias_one(units: int):

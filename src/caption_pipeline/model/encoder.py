@@ -63,8 +63,14 @@ class EncoderConfig:
     def build(self, weights: str | None) -> keras.Model:
         """This architecture with `weights` (not necessarily `self.weights`: see
         `build_encoder`)."""
-        return build_encoder(self.name, self.image_size, weights, self.compact_filters,
-                             self.compact_pool_last, self.feature_projection)
+        return build_encoder(
+            self.name,
+            self.image_size,
+            weights,
+            self.compact_filters,
+            self.compact_pool_last,
+            self.feature_projection,
+        )
 
 
 def build_encoder(
@@ -80,8 +86,10 @@ def build_encoder(
     images = keras.Input((image_size, image_size, 3), name="image")
     if name == "compact":
         if weights == "imagenet":
-            raise DataError("model.encoder_weights: the compact encoder has no ImageNet "
-                            "weights; give a weights file (e.g. from encoder pretraining) or null")
+            raise DataError(
+                "model.encoder_weights: the compact encoder has no ImageNet "
+                "weights; give a weights file (e.g. from encoder pretraining) or null"
+            )
         if weights is not None:
             _weights_path(weights)
         grid = compact_cnn(images, compact_filters, compact_pool_last)
@@ -94,8 +102,10 @@ def build_encoder(
     regions = layers.Reshape((height * width, depth), name="regions")(grid)
     if projection is not None:
         if not 1 <= projection <= depth:
-            raise DataError(f"model.feature_projection: {projection}; expected 1 to the "
-                            f"encoder's {depth} features per region, or null")
+            raise DataError(
+                f"model.feature_projection: {projection}; expected 1 to the "
+                f"encoder's {depth} features per region, or null"
+            )
         regions = layers.Dense(projection, name=PROJECTION)(regions)
     encoder = keras.Model(images, regions, name=f"{name}_encoder")
     if name == "compact" and weights is not None:
@@ -122,8 +132,9 @@ def nasnet_backbone(name: str, weights: str | None) -> keras.Model:
     scaled = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="nasnet_preprocess")(images)
     if weights == "imagenet":
         try:
-            backbone = constructor(include_top=False, weights="imagenet",
-                                   input_shape=(size, size, 3))
+            backbone = constructor(
+                include_top=False, weights="imagenet", input_shape=(size, size, 3)
+            )
         except Exception as error:  # no internet, proxy, corrupt cache: all end here
             raise DataError(
                 f"model.encoder_weights: could not get the ImageNet weights of {name} ({error}); "
@@ -153,7 +164,8 @@ def load_weights_file(model: keras.Model, path: str) -> None:
     except Exception as error:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise DataError(
-            f"model.encoder_weights: {file} does not fit {model.name}: {reason}") from None
+            f"model.encoder_weights: {file} does not fit {model.name}: {reason}"
+        ) from None
 
 
 def _weights_path(path: str) -> Path:
@@ -161,8 +173,10 @@ def _weights_path(path: str) -> Path:
     if not file.is_file():
         raise DataError(f"model.encoder_weights: weights file {file} does not exist")
     if not file.name.endswith(".h5"):
-        raise DataError(f"model.encoder_weights: {file} is not a Keras weights file "
-                        "(expected a .weights.h5 or legacy .h5 file)")
+        raise DataError(
+            f"model.encoder_weights: {file} is not a Keras weights file "
+            "(expected a .weights.h5 or legacy .h5 file)"
+        )
     return file
 
 
@@ -170,11 +184,15 @@ def _check_array_shapes(model: keras.Model, file: Path) -> None:
     shapes: list[tuple[int, ...]] = []
     try:
         with h5py.File(file, "r") as h5:
-            h5.visititems(lambda _, item: shapes.append(item.shape)
-                          if isinstance(item, h5py.Dataset) else None)
+            h5.visititems(
+                lambda _, item: (
+                    shapes.append(item.shape) if isinstance(item, h5py.Dataset) else None
+                )
+            )
     except OSError as error:
-        raise DataError(f"model.encoder_weights: {file} is not a readable HDF5 weights file "
-                        f"({error})") from None
+        raise DataError(
+            f"model.encoder_weights: {file} is not a readable HDF5 weights file ({error})"
+        ) from None
     expected = sorted(tuple(v.shape) for v in model.weights)
     if sorted(shapes) != expected:
         raise DataError(
@@ -184,8 +202,9 @@ def _check_array_shapes(model: keras.Model, file: Path) -> None:
         )
 
 
-def compact_cnn(images: keras.KerasTensor, filters: tuple[int, ...],
-                pool_last: bool = True) -> keras.KerasTensor:
+def compact_cnn(
+    images: keras.KerasTensor, filters: tuple[int, ...], pool_last: bool = True
+) -> keras.KerasTensor:
     """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1]; without
     the last pooling (`pool_last=False`) a grid twice as fine, 16x16, of regions that each see
     38 px around their 8 px cell: attention can then point at a small object, not near it.
@@ -214,8 +233,9 @@ def freeze_batchnorm(encoder: keras.Model) -> int:
     they are, like gamma and beta. Fine-tuning a pretrained encoder in small batches wants this:
     batch statistics are noisy, and the decoder learnt the features of the learnt statistics
     (ImageNet's, for NASNet). The number of layers frozen."""
-    frozen = [layer for layer in _nested_layers(encoder)
-              if isinstance(layer, layers.BatchNormalization)]
+    frozen = [
+        layer for layer in _nested_layers(encoder) if isinstance(layer, layers.BatchNormalization)
+    ]
     for layer in frozen:
         layer.trainable = False
     return len(frozen)

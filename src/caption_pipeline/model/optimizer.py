@@ -30,8 +30,9 @@ class TwoRateAdam(keras.optimizers.Adam):
     """Adam whose learning rate is multiplied by `ratio` for the variables at positions
     `scaled` of the list given to `build` (`model.trainable_variables`)."""
 
-    def __init__(self, learning_rate=1e-3, *, ratio: float = 1.0, scaled: Sequence[int] = (),
-                 **kwargs):
+    def __init__(
+        self, learning_rate=1e-3, *, ratio: float = 1.0, scaled: Sequence[int] = (), **kwargs
+    ):
         super().__init__(learning_rate, **kwargs)
         self.ratio = float(ratio)
         self.scaled = sorted(int(index) for index in scaled)

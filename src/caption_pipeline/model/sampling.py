@@ -66,7 +66,8 @@ def sample_captions(model, features, uniforms, allow_unk: bool = False) -> Sampl
     state = model.init_state(features)  # per image; h and c are per sample in the loop
     uniforms = ops.reshape(ops.cast(uniforms, "float32"), (-1, max_length))  # [B*K, L]
     t0, words, h, c, ids, attention, log_probs, lengths, finished = _initial_loop(
-        state, k, max_length, initial_log_probs=0.0)
+        state, k, max_length, initial_log_probs=0.0
+    )
     zero = ops.zeros((), "float32")
     loop = (t0, words, h, c, ids, attention, log_probs, lengths, finished, zero, zero)
 
@@ -86,8 +87,7 @@ def sample_captions(model, features, uniforms, allow_unk: bool = False) -> Sampl
         lengths = ops.where(finished, lengths, t + 1)
         ids, attention = _write(t, ids, attention, words, alpha_t, finished)
         finished = ops.logical_or(finished, ops.equal(words, END_ID))
-        return (t + 1, words, h, c, ids, attention, log_probs, lengths, finished,
-                entropy, tokens)
+        return (t + 1, words, h, c, ids, attention, log_probs, lengths, finished, entropy, tokens)
 
     base = _running(max_length)
     out = ops.while_loop(lambda *v: base(*v[:9]), body, loop)
@@ -96,5 +96,10 @@ def sample_captions(model, features, uniforms, allow_unk: bool = False) -> Sampl
     def per_image(x):
         return ops.reshape(x, (-1, k, *x.shape[1:]))
 
-    return Samples(per_image(ids), per_image(lengths), per_image(log_probs), per_image(finished),
-                   entropy / ops.maximum(tokens, 1.0))
+    return Samples(
+        per_image(ids),
+        per_image(lengths),
+        per_image(log_probs),
+        per_image(finished),
+        entropy / ops.maximum(tokens, 1.0),
+    )

@@ -47,8 +47,9 @@ def self_critical_loss(logits, targets, advantage):
     return -ops.mean(advantage * sequence_log_probs(logits, targets))
 
 
-def advantages(rewards: np.ndarray, baseline: str, greedy_rewards: np.ndarray | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def advantages(
+    rewards: np.ndarray, baseline: str, greedy_rewards: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """rewards [B, K] -> (baseline [B, K], advantage r - b [B, K])."""
     if baseline == "greedy":
         base = np.repeat(greedy_rewards[:, None], rewards.shape[1], axis=1)

@@ -43,8 +43,7 @@ class ShapesConfig:
         for split, count in params["splits"].items():
             if split not in SPLIT_ID_BASE:
                 raise DataError(
-                    f"parameters `{key}.splits.{split}`: split must be one of "
-                    f"{list(SPLIT_ID_BASE)}"
+                    f"parameters `{key}.splits.{split}`: split must be one of {list(SPLIT_ID_BASE)}"
                 )
             splits[split] = _int_field(f"{key}.splits.{split}", count, 1, _MAX_SPLIT_IMAGES)
         limits = {
@@ -54,9 +53,7 @@ class ShapesConfig:
             "captions_per_image": (1, MAX_CAPTIONS_PER_IMAGE),
         }
         values = {
-            name: _int_field(
-                f"{key}.{name}", params[name], *limit
-            )
+            name: _int_field(f"{key}.{name}", params[name], *limit)
             for name, limit in limits.items()
         }
         return cls(splits=splits, **values)

@@ -85,7 +85,9 @@ class ShardSpec:
         return len(self.image_ids)
 
     def entries(self) -> Iterator[ImageCaptions]:
-        for i, (image_id, file_path) in enumerate(zip(self.image_ids, self.file_paths)):
+        for i, (image_id, file_path) in enumerate(
+            zip(self.image_ids, self.file_paths, strict=False)
+        ):
             rows = range(self.caption_splits[i], self.caption_splits[i + 1])
             captions = [
                 self.tokens[self.token_splits[c] : self.token_splits[c + 1]].tolist() for c in rows
@@ -135,7 +137,9 @@ def images_from_table(
     if missing:
         raise DataError(f"{name}: missing column(s) {missing}")
     ordered = table.sort_values(["split", "image_id", "annotation_id"], kind="stable")
-    rows = zip(ordered["split"], ordered["image_id"], ordered["file_path"], ordered["tokens"])
+    rows = zip(
+        ordered["split"], ordered["image_id"], ordered["file_path"], ordered["tokens"], strict=False
+    )
     for (split, image_id), group in itertools.groupby(rows, key=lambda row: row[:2]):
         group = list(group)
         paths = {row[2] for row in group}

@@ -154,7 +154,8 @@ def make_caption_dataset(
     elif caption_mode == "grouped":
         ds = ds.map(
             functools.partial(_grouped_captions, kind=kind, per_image=captions_per_image),
-            num_parallel_calls=autotune, deterministic=deterministic,
+            num_parallel_calls=autotune,
+            deterministic=deterministic,
         )
     else:
         ds = ds.flat_map(functools.partial(_every_caption, kind=kind))

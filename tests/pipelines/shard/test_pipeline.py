@@ -115,8 +115,14 @@ def test_conf_base_parameters_on_generated_captions(tiny_captions, params, tmp_p
     """conf/base's shard block (fewer shards, one writer process) on the tiny shapes data."""
     _, tokenized, vocabulary = tiny_captions
     shard = params("shard", num_shards={"train": 2, "val": 1, "test": 1}, workers=1)
-    catalog = DataCatalog.from_config({"shards": {
-        "type": "caption_pipeline.datasets.TFRecordShardsDataset", "path": str(tmp_path / "shards")}})
+    catalog = DataCatalog.from_config(
+        {
+            "shards": {
+                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
+                "path": str(tmp_path / "shards"),
+            }
+        }
+    )
     catalog["tokenized_captions"] = MemoryDataset(tokenized)
     catalog["vocabulary"] = MemoryDataset(vocabulary)
     catalog["params:shard"] = MemoryDataset(shard)
@@ -126,15 +132,17 @@ def test_conf_base_parameters_on_generated_captions(tiny_captions, params, tmp_p
     shard_set = catalog.load("shards")
     images = tokenized.groupby("split")["image_id"].nunique().to_dict()
     assert {s: shard_set.num_images(s) for s in shard_set.splits} == images
-    assert {s: shard_set.num_captions(s) for s in shard_set.splits} == \
-        tokenized.groupby("split").size().to_dict()
+    assert {s: shard_set.num_captions(s) for s in shard_set.splits} == tokenized.groupby(
+        "split"
+    ).size().to_dict()
     assert shard_set.image_size == shard["image_size"]
     assert {s: len(shard_set.files(s)) for s in shard_set.splits} == shard["num_shards"]
 
     ids = {token: i for i, token in enumerate(vocabulary["tokens"])}
     expected = {  # every image's captions, in annotation order, as <start> ids <end>
         image_id: [[1, *(ids.get(t, 3) for t in tokens), 2] for tokens in rows["tokens"]]
-        for image_id, rows in tokenized.sort_values("annotation_id").groupby("image_id")}
+        for image_id, rows in tokenized.sort_values("annotation_id").groupby("image_id")
+    }
     seen = {}
     for split in shard_set.splits:
         for serialized in tf.data.TFRecordDataset(shard_set.files(split)):

@@ -14,11 +14,13 @@ SPLITS = {"train": 4, "val": 2, "test": 1}
 
 
 def run(dataset: dict, synthetic: dict) -> dict:
-    catalog = DataCatalog({
-        "params:dataset": MemoryDataset(dataset),
-        "params:synthetic": MemoryDataset(synthetic),
-        "raw_dataset": MemoryDataset(),
-    })
+    catalog = DataCatalog(
+        {
+            "params:dataset": MemoryDataset(dataset),
+            "params:synthetic": MemoryDataset(synthetic),
+            "raw_dataset": MemoryDataset(),
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
     return catalog.load("raw_dataset")
 
@@ -32,8 +34,9 @@ def test_generates_coco_format_splits_and_records_the_dataset_block(params, tmp_
 
     assert {key: raw[key] for key in dataset} == dataset  # what ingest checks it against
     assert raw["generated"] is True and len(raw["fingerprint"]) == 64
-    assert {split: {k: c[k] for k in ("images", "captions")} for split, c in raw["counts"].items()} \
-        == {split: {"images": n, "captions": n * captions} for split, n in SPLITS.items()}
+    assert {
+        split: {k: c[k] for k in ("images", "captions")} for split, c in raw["counts"].items()
+    } == {split: {"images": n, "captions": n * captions} for split, n in SPLITS.items()}
     ids = {}
     for split, entry in dataset["splits"].items():
         coco = json.loads((tmp_path / "shapes" / entry["annotations"]).read_text())

@@ -11,9 +11,19 @@ from matplotlib.figure import Figure
 
 from caption_pipeline.pipelines.train import create_pipeline
 
-OUTPUTS = ("captioner", "training_history", "training_steps", "fine_tune_history",
-           "fine_tune_steps", "self_critical_history", "self_critical_steps", "training_curves",
-           "training_metrics", "fine_tune_metrics", "self_critical_metrics")
+OUTPUTS = (
+    "captioner",
+    "training_history",
+    "training_steps",
+    "fine_tune_history",
+    "fine_tune_steps",
+    "self_critical_history",
+    "self_critical_steps",
+    "training_curves",
+    "training_metrics",
+    "fine_tune_metrics",
+    "self_critical_metrics",
+)
 
 
 class KeptDataset(MemoryDataset):
@@ -24,21 +34,32 @@ class KeptDataset(MemoryDataset):
 
 
 def test_trains_the_decoder_on_features_and_reports_its_history(
-        tiny_captions, tiny_features, params, tmp_path):
+    tiny_captions, tiny_features, params, tmp_path
+):
     table, _, vocabulary = tiny_captions
     model, model_inputs = tiny_features
-    train = params("train", epochs=1, batch_size=4, max_steps_per_epoch=2, progress=False,
-                   jit_compile=False, checkpoint_dir=str(tmp_path / "xent"), log_every_steps=1)
-    catalog = DataCatalog({
-        "model_inputs": MemoryDataset(model_inputs, copy_mode="assign"),
-        "vocabulary": MemoryDataset(vocabulary),
-        "caption_table": MemoryDataset(table),
-        "params:model": MemoryDataset(model),
-        "params:train": MemoryDataset(train),
-        "params:fine_tune": MemoryDataset(params("fine_tune", enabled=False)),
-        "params:self_critical": MemoryDataset(params("self_critical", enabled=False)),
-        **{name: KeptDataset(copy_mode="assign") for name in OUTPUTS},
-    })
+    train = params(
+        "train",
+        epochs=1,
+        batch_size=4,
+        max_steps_per_epoch=2,
+        progress=False,
+        jit_compile=False,
+        checkpoint_dir=str(tmp_path / "xent"),
+        log_every_steps=1,
+    )
+    catalog = DataCatalog(
+        {
+            "model_inputs": MemoryDataset(model_inputs, copy_mode="assign"),
+            "vocabulary": MemoryDataset(vocabulary),
+            "caption_table": MemoryDataset(table),
+            "params:model": MemoryDataset(model),
+            "params:train": MemoryDataset(train),
+            "params:fine_tune": MemoryDataset(params("fine_tune", enabled=False)),
+            "params:self_critical": MemoryDataset(params("self_critical", enabled=False)),
+            **{name: KeptDataset(copy_mode="assign") for name in OUTPUTS},
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
 
     history = catalog.load("training_history")

@@ -72,9 +72,9 @@ EXPECTED_STATS = {
         "test": {"captions": 2, "empty_dropped": 1, "truncated": 0, "long_dropped": 0, "kept": 1},
     },
     "caption_length": {
-        "train": dict(zip(SUMMARY_KEYS, [5, 6.0, 3, 5, 12, 12, 12, 12])),
-        "val": dict(zip(SUMMARY_KEYS, [2, 4.5, 4, 4, 5, 5, 5, 5])),
-        "test": dict(zip(SUMMARY_KEYS, [1, 2.0, 2, 2, 2, 2, 2, 2])),
+        "train": dict(zip(SUMMARY_KEYS, [5, 6.0, 3, 5, 12, 12, 12, 12], strict=False)),
+        "val": dict(zip(SUMMARY_KEYS, [2, 4.5, 4, 4, 5, 5, 5, 5], strict=False)),
+        "test": dict(zip(SUMMARY_KEYS, [1, 2.0, 2, 2, 2, 2, 2, 2], strict=False)),
     },
     "empty_caption_examples": [
         {"split": "train", "annotation_id": 15, "caption": "..."},
@@ -95,7 +95,7 @@ def test_nodes_end_to_end_on_a_known_table():
     _, tokenized, vocabulary, stats = run_nodes()
 
     assert list(tokenized.columns) == ["image_id", "split", "file_path", "annotation_id", "tokens"]
-    by_id = dict(zip(tokenized["annotation_id"], tokenized["tokens"]))
+    by_id = dict(zip(tokenized["annotation_id"], tokenized["tokens"], strict=False))
     assert sorted(by_id) == [11, 12, 13, 14, 16, 21, 22, 31]  # the empty ones are gone
     assert by_id[16] == ["a", "dog", "a", "cat", "a", "zebra"]
     assert by_id[22] == ["a", "lion", "'s", "den"]
@@ -199,24 +199,36 @@ def test_conf_base_parameters_on_generated_captions(tiny_captions, params):
     table, _, _ = tiny_captions
     vocab = params("vocab")
     outputs = ("tokenized_captions", "vocabulary", "vocabulary_stats", "caption_length_histogram")
-    catalog = DataCatalog({
-        "caption_table": MemoryDataset(table),
-        "params:vocab": MemoryDataset(vocab),
-        **{name: KeptDataset(copy_mode="assign") for name in outputs},
-    })
+    catalog = DataCatalog(
+        {
+            "caption_table": MemoryDataset(table),
+            "params:vocab": MemoryDataset(vocab),
+            **{name: KeptDataset(copy_mode="assign") for name in outputs},
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
     tokenized, vocabulary = catalog.load("tokenized_captions"), catalog.load("vocabulary")
     stats = catalog.load("vocabulary_stats")
 
     assert sorted(tokenized["annotation_id"]) == sorted(table["annotation_id"])
     assert all(0 < len(tokens) <= vocab["max_caption_length"] for tokens in tokenized["tokens"])
-    assert all(token == token.lower() and token.isalpha()
-               for tokens in tokenized["tokens"] for token in tokens)
-    train = Counter(t for tokens in tokenized[tokenized["split"] == "train"]["tokens"] for t in tokens)
+    assert all(
+        token == token.lower() and token.isalpha()
+        for tokens in tokenized["tokens"]
+        for token in tokens
+    )
+    train = Counter(
+        t for tokens in tokenized[tokenized["split"] == "train"]["tokens"] for t in tokens
+    )
     kept = {word: n for word, n in train.items() if n >= vocab["min_count"]}
     assert kept and vocabulary["counts"] == kept
-    assert vocabulary["tokens"] == ["<pad>", "<start>", "<end>", "<unk>",
-                                    *sorted(kept, key=lambda w: (-kept[w], w))]
+    assert vocabulary["tokens"] == [
+        "<pad>",
+        "<start>",
+        "<end>",
+        "<unk>",
+        *sorted(kept, key=lambda w: (-kept[w], w)),
+    ]
     assert stats["vocabulary_size"] == len(vocabulary["tokens"]) and stats["words"] == len(kept)
     assert stats["captions"]["train"]["kept"] == (table["split"] == "train").sum()
     assert 0 < stats["coverage"]["train"]["coverage"] <= 1

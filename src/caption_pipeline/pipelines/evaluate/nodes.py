@@ -9,9 +9,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from caption_pipeline.attention_maps import attention_figure, attention_localization
+from caption_pipeline.coco_scorer import CocoScorer, require_java
 from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
-from caption_pipeline.coco_scorer import CocoScorer, require_java
 from caption_pipeline.evaluation import (
     SCORED_SPLITS,
     EvaluateSettings,
@@ -28,8 +28,13 @@ from caption_pipeline.text import Vocabulary
 Captions = dict[str, list[CaptionedImage]]  # split -> captions of its images
 
 
-def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
-                      evaluate: dict[str, Any], model: dict[str, Any]) -> Captions:
+def generate_captions(
+    captioner,
+    shards: ShardSet,
+    vocabulary: dict[str, Any],
+    evaluate: dict[str, Any],
+    model: dict[str, Any],
+) -> Captions:
     """Caption the val and test images (test with attention maps) with the catalog's
     captioner, or with the model in evaluate.model_path when it is set."""
     require_java()  # the scorers need it: fail now, not after the decoding
@@ -37,8 +42,12 @@ def generate_captions(captioner, shards: ShardSet, vocabulary: dict[str, Any],
     vocab = Vocabulary.from_dict(vocabulary)
     if settings.model_path:
         captioner = load_captioner(settings.model_path, model, vocab, encoder_of=captioner)
-    return {split: caption_split(captioner, vocab, shards, split, settings,
-                                 keep_attention=split == "test") for split in SCORED_SPLITS}
+    return {
+        split: caption_split(
+            captioner, vocab, shards, split, settings, keep_attention=split == "test"
+        )
+        for split in SCORED_SPLITS
+    }
 
 
 def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
@@ -46,25 +55,29 @@ def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
     return tuple(coco_results(evaluation_captions[split]) for split in SCORED_SPLITS)
 
 
-def score_captions(caption_results_val: list[dict], caption_results_test: list[dict],
-                   caption_table: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+def score_captions(
+    caption_results_val: list[dict], caption_results_test: list[dict], caption_table: pd.DataFrame
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """pycocoevalcap scores of both splits, the blind baseline and human agreement, and the
     per-image scores."""
     java = require_java()
     with CocoScorer(java) as scorer:
-        return score_splits({"val": caption_results_val, "test": caption_results_test},
-                            caption_table, scorer)
+        return score_splits(
+            {"val": caption_results_val, "test": caption_results_test}, caption_table, scorer
+        )
 
 
-def localize_attention(evaluation_captions: Captions,
-                       raw_dataset: dict[str, Any]) -> dict[str, Any]:
+def localize_attention(
+    evaluation_captions: Captions, raw_dataset: dict[str, Any]
+) -> dict[str, Any]:
     """Attention localization of object words on the test split (where the dataset has a COCO
     instances file for it)."""
     return attention_localization(evaluation_captions["test"], raw_dataset, "test")
 
 
-def plot_attention(evaluation_captions: Captions, caption_table: pd.DataFrame,
-                   evaluate: dict[str, Any]) -> dict[str, Figure]:
+def plot_attention(
+    evaluation_captions: Captions, caption_table: pd.DataFrame, evaluate: dict[str, Any]
+) -> dict[str, Figure]:
     """Word-by-word attention figures of the first `attention_samples` test images."""
     count = EvaluateSettings.from_params(evaluate).attention_samples
     samples = sorted(evaluation_captions["test"], key=lambda d: d.image_id)[:count]
@@ -72,12 +85,21 @@ def plot_attention(evaluation_captions: Captions, caption_table: pd.DataFrame,
     missing = [d.image_id for d in samples if d.image_id not in files]
     if missing:
         raise DataError(f"caption_table: no file_path for test image {missing[0]}")
-    return {str(d.image_id): attention_figure(load_rgb_image(files[d.image_id]), d)
-            for d in samples}
+    return {
+        str(d.image_id): attention_figure(load_rgb_image(files[d.image_id]), d) for d in samples
+    }
 
 
-def summarize_metrics(coco_scores: dict[str, Any], attention_scores: dict[str, Any],
-                      vocabulary: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+def summarize_metrics(
+    coco_scores: dict[str, Any],
+    attention_scores: dict[str, Any],
+    vocabulary: dict[str, Any],
+    evaluate: dict[str, Any],
+) -> dict[str, Any]:
     """metrics.json."""
-    return metrics_report(coco_scores, attention_scores, EvaluateSettings.from_params(evaluate),
-                          Vocabulary.from_dict(vocabulary))
+    return metrics_report(
+        coco_scores,
+        attention_scores,
+        EvaluateSettings.from_params(evaluate),
+        Vocabulary.from_dict(vocabulary),
+    )

@@ -24,8 +24,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(  # loads the export back from disk: the check is of what was written
                 check_export,
-                ["exported_model", "captioner", "shards", "vocabulary", "params:evaluate",
-                 "params:export"],
+                [
+                    "exported_model",
+                    "captioner",
+                    "shards",
+                    "vocabulary",
+                    "params:evaluate",
+                    "params:export",
+                ],
                 "export_check",
                 name="check_export",
             ),
@@ -37,8 +43,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(  # only a checked export is registered, with its test scores, and made
                 register_export,  # the champion on its val score (so export follows evaluate)
-                ["exported_model", "shards", "export_check", "evaluation_metrics",
-                 "caption_table", "params:export"],
+                [
+                    "exported_model",
+                    "shards",
+                    "export_check",
+                    "evaluation_metrics",
+                    "caption_table",
+                    "params:export",
+                ],
                 "export_registration",
                 name="register_export",
             ),

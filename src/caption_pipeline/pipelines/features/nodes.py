@@ -26,12 +26,20 @@ def prepare_encoder(
     `model.feature_projection`), and the pretraining history per epoch."""
     config = ModelConfig.for_encoder(model)
     instances = {split: instances_file(raw_dataset, split) for split in ("train", "val")}
-    encoder, history = initial_encoder(shards, instances, config,
-                                       PretrainConfig.from_dict(encoder_pretraining),
-                                       seed=int(features["seed"]))
+    encoder, history = initial_encoder(
+        shards,
+        instances,
+        config,
+        PretrainConfig.from_dict(encoder_pretraining),
+        seed=int(features["seed"]),
+    )
     if config.feature_projection is not None:
-        fit_projection(encoder, shards, images=features["projection_images"],
-                       batch_size=int(features["batch_size"]))
+        fit_projection(
+            encoder,
+            shards,
+            images=features["projection_images"],
+            batch_size=int(features["batch_size"]),
+        )
     return encoder, pd.DataFrame(history, columns=None if history else ["epoch"])
 
 

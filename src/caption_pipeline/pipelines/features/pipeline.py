@@ -11,8 +11,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=prepare_encoder,
-                inputs=["shards", "raw_dataset", "params:model", "params:features",
-                        "params:encoder_pretraining"],
+                inputs=[
+                    "shards",
+                    "raw_dataset",
+                    "params:model",
+                    "params:features",
+                    "params:encoder_pretraining",
+                ],
                 outputs=["initial_encoder", "encoder_pretraining_history"],
                 name="prepare_encoder",
             ),
@@ -21,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["shards", "initial_encoder", "params:model", "params:features"],
                 outputs="model_inputs",
                 name="plan_features_node",
-            )
+            ),
         ],
         tags=["features"],
         namespace="features",  # the kedro-viz group; dataset and parameter names stay global

@@ -14,11 +14,24 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 train_model,
-                inputs=["model_inputs", "vocabulary", "caption_table", "params:model",
-                        "params:train", "params:fine_tune", "params:self_critical"],
-                outputs=["captioner", "training_history", "training_steps",
-                         "fine_tune_history", "fine_tune_steps",
-                         "self_critical_history", "self_critical_steps"],
+                inputs=[
+                    "model_inputs",
+                    "vocabulary",
+                    "caption_table",
+                    "params:model",
+                    "params:train",
+                    "params:fine_tune",
+                    "params:self_critical",
+                ],
+                outputs=[
+                    "captioner",
+                    "training_history",
+                    "training_steps",
+                    "fine_tune_history",
+                    "fine_tune_steps",
+                    "self_critical_history",
+                    "self_critical_steps",
+                ],
                 name="train_captioner",
             ),
             Node(
