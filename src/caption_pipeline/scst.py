@@ -188,7 +188,9 @@ def train_self_critical(
         started = time.perf_counter()
         batches = datasets("train", epoch, True).repeat().skip(done if epoch == first_epoch else 0)
         todo = steps_per_epoch - (done if epoch == first_epoch else 0)
-        rows = []
+        # The epoch's means are over all its steps: a resumed epoch's first ones are in the
+        # checkpoint's `state.steps`, done by the run that was killed, not in this process.
+        rows = [row for row in state.steps if row["step"] > epoch * steps_per_epoch]
         bar = tqdm(total=todo, desc=f"SCST epoch {epoch + 1}/{config.epochs}",
                    disable=not config.progress)
         for (inputs, _), _ in zip(batches.as_numpy_iterator(), range(todo)):
