@@ -56,8 +56,11 @@ class Sites:
 
     def matches(self, kind: str, detail: str) -> bool:
         kill = self.kill
-        return kill is not None and kill["event"] in (ANY, kind) and \
-            fnmatch.fnmatchcase(detail, kill.get("match", "*"))
+        return (
+            kill is not None
+            and kill["event"] in (ANY, kind)
+            and fnmatch.fnmatchcase(detail, kill.get("match", "*"))
+        )
 
     def before(self, kind: str, detail: str) -> bool:
         """Log the event; kill now if it is the kill's N-th before; True if it is the N-th
@@ -73,10 +76,20 @@ class Sites:
         return nth
 
     def die(self, kind: str, detail: str) -> None:
-        self.write({"when": self.kill["when"], "event": kind, "detail": detail,
-                    "n": self.kill["n"], "events": len(self.events)})
-        print(f"fault_injection: kill -9 {self.kill['when']} {kind} {detail} "
-              f"(hit {self.kill['n']})", file=sys.stderr, flush=True)
+        self.write(
+            {
+                "when": self.kill["when"],
+                "event": kind,
+                "detail": detail,
+                "n": self.kill["n"],
+                "events": len(self.events),
+            }
+        )
+        print(
+            f"fault_injection: kill -9 {self.kill['when']} {kind} {detail} (hit {self.kill['n']})",
+            file=sys.stderr,
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     def write(self, killed: dict | None) -> None:
@@ -160,7 +173,7 @@ def install(sites: Sites, hooks: list[str]) -> None:
 def main(argv: list[str]) -> None:
     if "--" not in argv:
         raise SystemExit(__doc__)
-    options, kedro_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    options, kedro_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     log, kill, hooks = None, None, []
     pairs = iter(options)
     for option in pairs:

@@ -55,7 +55,7 @@ STAGES = ("synthetic", "ingest", "vocab", "shard", "features", "train", "evaluat
 DEFAULT_SEED = 12
 
 REPLACE = "replace"  # the runner's os.replace / os.rename event
-ANY = "*"            # any event of the stage
+ANY = "*"  # any event of the stage
 RECORD = "tensorflow:io.TFRecordWriter.write"
 TRAIN_BATCH = "keras.callbacks:CallbackList.on_train_batch_end"
 TEST_BATCH = "keras.callbacks:CallbackList.on_test_batch_end"
@@ -65,7 +65,9 @@ DECODED_BATCH = "caption_pipeline.decoding:to_text"
 # The functions each stage's runs wrap (the same in the reference and in every attempt, so
 # that event counts agree); the data stages import no TensorFlow they do not need.
 HOOKS = {
-    "synthetic": (), "ingest": (), "vocab": (),
+    "synthetic": (),
+    "ingest": (),
+    "vocab": (),
     "shard": (RECORD,),
     "features": (RECORD, TRAIN_BATCH, TEST_BATCH),
     "train": (TRAIN_BATCH, TEST_BATCH, SCST_STEP),
@@ -91,25 +93,46 @@ class Site:
 # each writer once: every attempt costs a start of Kedro and TensorFlow, and the time goes to
 # training's phases, whose resume logic is the subtlest.
 PLAN: dict[str, list[tuple[Site, ...]]] = {
-    "synthetic": [], "ingest": [], "vocab": [],
+    "synthetic": [],
+    "ingest": [],
+    "vocab": [],
     "shard": [
-        (Site("shard writer: mid-shard, before a record", RECORD, when=("before",)),
-         Site("shard writer: a shard, receipt or manifest commit", REPLACE)),
+        (
+            Site("shard writer: mid-shard, before a record", RECORD, when=("before",)),
+            Site("shard writer: a shard, receipt or manifest commit", REPLACE),
+        ),
     ],
     "features": [
-        (Site("feature writer: mid-shard, before a record", RECORD, when=("before",)),
-         Site("features: a commit (encoder, history, shard, receipt, manifest)", REPLACE),
-         Site("encoder pretraining: mid-epoch", TRAIN_BATCH, when=("before",),
-              anchored=False)),
+        (
+            Site("feature writer: mid-shard, before a record", RECORD, when=("before",)),
+            Site("features: a commit (encoder, history, shard, receipt, manifest)", REPLACE),
+            Site("encoder pretraining: mid-epoch", TRAIN_BATCH, when=("before",), anchored=False),
+        ),
     ],
     "train": [
-        (Site("training: mid-epoch, a batch trained but not yet counted", TRAIN_BATCH,
-              when=("before",), anchored=False),),
+        (
+            Site(
+                "training: mid-epoch, a batch trained but not yet counted",
+                TRAIN_BATCH,
+                when=("before",),
+                anchored=False,
+            ),
+        ),
         (Site("training: mid-validation", TEST_BATCH, when=("before",), anchored=False),),
-        (Site("checkpoint: folder renamed into place, latest.json not yet replaced", REPLACE,
-              "*/step-*", ("after",)),
-         Site("checkpoint: latest.json replaced, older folders not yet pruned", REPLACE,
-              "*/latest.json", ("after",))),
+        (
+            Site(
+                "checkpoint: folder renamed into place, latest.json not yet replaced",
+                REPLACE,
+                "*/step-*",
+                ("after",),
+            ),
+            Site(
+                "checkpoint: latest.json replaced, older folders not yet pruned",
+                REPLACE,
+                "*/latest.json",
+                ("after",),
+            ),
+        ),
         (Site("SCST: mid-epoch, around a step", SCST_STEP),),
     ],
     "evaluate": [(Site("evaluate: a decoded batch or a commit", ANY),)],
@@ -118,10 +141,10 @@ PLAN: dict[str, list[tuple[Site, ...]]] = {
 
 # The parts of a path that differ from run to run, for `anchor`.
 RANDOM_NAME_PARTS = (
-    (re.compile(r"\.tmp-\d+-[0-9a-f]{8}"), ".tmp-*"),     # atomic.temp_sibling: pid, random
-    (re.compile(r"(step-\d{8})-[0-9a-f]{8}"), r"\1-*"),   # Checkpoints.save: a unique name
+    (re.compile(r"\.tmp-\d+-[0-9a-f]{8}"), ".tmp-*"),  # atomic.temp_sibling: pid, random
+    (re.compile(r"(step-\d{8})-[0-9a-f]{8}"), r"\1-*"),  # Checkpoints.save: a unique name
     (re.compile(r"(?<![0-9a-z])[0-9a-f]{32}(?![0-9a-z])"), "*"),  # MLflow run and model ids
-    (re.compile(r"/tmp[a-z0-9_]{8}(?=/|$)"), "/*"),       # tempfile.mkdtemp
+    (re.compile(r"/tmp[a-z0-9_]{8}(?=/|$)"), "/*"),  # tempfile.mkdtemp
 )
 
 
@@ -129,7 +152,7 @@ def anchor(path: str, root: Path) -> str:
     """A glob that matches `path` (in the project at `root`) in any project copy and run."""
     for prefix in {f"{root}/", f"{root.resolve()}/"}:
         if path.startswith(prefix):
-            path = path[len(prefix):]
+            path = path[len(prefix) :]
             break
     glob = re.sub(r"([*?[])", r"[\1]", path)
     for pattern, replacement in RANDOM_NAME_PARTS:
@@ -158,14 +181,17 @@ class Kill:
         return self.event in (ANY, kind) and fnmatch.fnmatchcase(detail, self.match)
 
     def spec(self) -> str:
-        return json.dumps({"when": self.when, "event": self.event, "match": self.match,
-                           "n": self.n})
+        return json.dumps(
+            {"when": self.when, "event": self.event, "match": self.match, "n": self.n}
+        )
 
     def describe(self, events: list) -> str:
         kind, detail = events[self.index]
         what = Path(detail).name if kind == REPLACE else kind.rpartition(":")[2]
-        return (f"{self.site.label}: {self.when} reference event {self.index} ({kind} "
-                f"{what}); the attempt dies at event no. {self.n} of {self.event} {self.match}")
+        return (
+            f"{self.site.label}: {self.when} reference event {self.index} ({kind} "
+            f"{what}); the attempt dies at event no. {self.n} of {self.event} {self.match}"
+        )
 
 
 def plan_stage(seed: int, stage: str, events: list, root: Path) -> list[Kill]:
@@ -175,10 +201,10 @@ def plan_stage(seed: int, stage: str, events: list, root: Path) -> list[Kill]:
     kills: list[Kill] = []
     for slot in PLAN[stage]:
         site = rng.choice(slot)
-        candidates = [i for i, (kind, detail) in enumerate(events)
-                      if site.matches(kind, detail)]
-        assert candidates, (f"{stage}: the reference run never reached {site} "
-                            f"(a hook that no longer exists?)")
+        candidates = [i for i, (kind, detail) in enumerate(events) if site.matches(kind, detail)]
+        assert candidates, (
+            f"{stage}: the reference run never reached {site} (a hook that no longer exists?)"
+        )
         while True:  # one kill per attempt: distinct moments
             when, index = rng.choice(site.when), rng.choice(candidates)
             if all(moment(index, when) != other.moment for other in kills):
@@ -194,17 +220,24 @@ def plan_stage(seed: int, stage: str, events: list, root: Path) -> list[Kill]:
     kills.sort(key=lambda kill: kill.moment)
     counted, previous = [], -1
     for kill in kills:
-        n = sum(1 for i, (kind, detail) in enumerate(events)
-                if kill.counts(kind, detail) and previous < moment(i, kill.when) <= kill.moment)
+        n = sum(
+            1
+            for i, (kind, detail) in enumerate(events)
+            if kill.counts(kind, detail) and previous < moment(i, kill.when) <= kill.moment
+        )
         assert n >= 1, f"{stage}: {kill} does not match its own event"
         counted.append(dataclasses.replace(kill, n=n))
         previous = kill.moment
     return counted
 
 
-def run_stage(project: Path, stage: str, log: Path, kill: Kill | None = None,
-              started: Callable[[subprocess.Popen], None] | None = None
-              ) -> subprocess.CompletedProcess:
+def run_stage(
+    project: Path,
+    stage: str,
+    log: Path,
+    kill: Kill | None = None,
+    started: Callable[[subprocess.Popen], None] | None = None,
+) -> subprocess.CompletedProcess:
     """One attempt at `stage` through the runner, in a session of its own: whatever the
     killed process leaves running (a child) is killed with it."""
     command = [sys.executable, str(RUNNER), "--log", str(log)]
@@ -214,8 +247,15 @@ def run_stage(project: Path, stage: str, log: Path, kill: Kill | None = None,
         command += ["--kill", kill.spec()]
     command += ["--", "run", "--env", "smoke", f"--pipelines={stage}"]
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    child = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        command,
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if started is not None:
         started(child)
     try:
@@ -253,8 +293,9 @@ class ReferenceRun:
                 if self.stopped:
                     return
                 log = self.project.parent / f"reference-{stage}.json"
-                result = run_stage(self.project, stage, log,
-                                   started=lambda child: setattr(self, "child", child))
+                result = run_stage(
+                    self.project, stage, log, started=lambda child: setattr(self, "child", child)
+                )
                 if result.returncode != 0:
                     self.error = f"reference {stage} failed:\n{result.stdout[-5000:]}"
                     return
@@ -280,6 +321,7 @@ class ReferenceRun:
 
 # --- the comparison -------------------------------------------------------------------------
 
+
 def _without(value, keys: frozenset):
     if isinstance(value, dict):
         return {k: _without(v, keys) for k, v in value.items() if k not in keys}
@@ -292,6 +334,7 @@ def json_without(*keys: str) -> Callable[[Path, Path], str | None]:
     def compare(a: Path, b: Path) -> str | None:
         left, right = (_without(json.loads(p.read_text()), frozenset(keys)) for p in (a, b))
         return None if left == right else f"differs beyond {keys}"
+
     return compare
 
 
@@ -301,13 +344,18 @@ def csv_without(*columns: str) -> Callable[[Path, Path], str | None]:
     def compare(a: Path, b: Path) -> str | None:
         # As text: a float must be written with the same digits, i.e. be the same float.
         left, right = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (a, b))
-        left, right = (t.drop(columns=[c for c in columns if c in t.columns]) for t in
-                       (left, right))
+        left, right = (
+            t.drop(columns=[c for c in columns if c in t.columns]) for t in (left, right)
+        )
         if list(left.columns) != list(right.columns) or left.shape != right.shape:
             return f"columns {list(left.columns)} vs {list(right.columns)}"
         different = (left != right).any()
-        return None if not different.any() else \
-            f"differs in {list(different[different].index)} (beyond {columns})"
+        return (
+            None
+            if not different.any()
+            else f"differs in {list(different[different].index)} (beyond {columns})"
+        )
+
     return compare
 
 
@@ -327,8 +375,9 @@ def keras_archive(a: Path, b: Path) -> str | None:
             if x == y:
                 continue
             if name == "metadata.json":
-                if _without(json.loads(x), frozenset({"date_saved"})) != \
-                        _without(json.loads(y), frozenset({"date_saved"})):
+                if _without(json.loads(x), frozenset({"date_saved"})) != _without(
+                    json.loads(y), frozenset({"date_saved"})
+                ):
                     return "metadata.json differs beyond date_saved"
                 continue
             if not name.endswith(".h5"):
@@ -337,13 +386,19 @@ def keras_archive(a: Path, b: Path) -> str | None:
             for data in (x, y):
                 with h5py.File(io.BytesIO(data), "r") as h5:
                     found = {}
-                    h5.visititems(lambda key, item, found=found: found.__setitem__(
-                        key, item[()]) if isinstance(item, h5py.Dataset) else None)
+                    h5.visititems(
+                        lambda key, item, found=found: (
+                            found.__setitem__(key, item[()])
+                            if isinstance(item, h5py.Dataset)
+                            else None
+                        )
+                    )
                     arrays.append(found)
             if arrays[0].keys() != arrays[1].keys():
                 return f"{name}: arrays {sorted(arrays[0])} vs {sorted(arrays[1])}"
-            unequal = [key for key in arrays[0] if not np.array_equal(
-                arrays[0][key], arrays[1][key])]
+            unequal = [
+                key for key in arrays[0] if not np.array_equal(arrays[0][key], arrays[1][key])
+            ]
             if unequal:
                 return f"{name}: arrays {unequal} differ"
     return None
@@ -370,8 +425,10 @@ RULES: list[tuple[str, Callable[[Path, Path], str | None]]] = [
     # The MLflow run and logged model of each project's own sqlite store; and the version:
     # every run registers a new one (mlflow_model.py), so a kill after the registration and
     # before this file makes the re-run register version 2 of the same model.
-    ("data/08_reporting/export_registration.json",
-     json_without("tracking_uri", "run_id", "model_uri", "version", "registered_model_uri")),
+    (
+        "data/08_reporting/export_registration.json",
+        json_without("tracking_uri", "run_id", "model_uri", "version", "registered_model_uri"),
+    ),
     # Per-epoch and per-step wall-clock times (and reward_share: a ratio of two of them).
     ("*.csv", csv_without("seconds", "reward_seconds", "step_seconds", "reward_share")),
     ("*.keras", keras_archive),
@@ -380,8 +437,9 @@ RULES: list[tuple[str, Callable[[Path, Path], str | None]]] = [
 
 
 def files_of(project: Path) -> dict[str, Path]:
-    return {str(p.relative_to(project)): p for p in sorted((project / "data").rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(project)): p for p in sorted((project / "data").rglob("*")) if p.is_file()
+    }
 
 
 def folder_outputs(reference: Path) -> list[str]:
@@ -420,8 +478,9 @@ def compare_data(reference: Path, project: Path) -> tuple[list[str], list[str]]:
         a, b = expected[name], got[name]
         if a.read_bytes() == b.read_bytes():
             continue
-        rule = next((compare for pattern, compare in RULES
-                     if fnmatch.fnmatchcase(name, pattern)), None)
+        rule = next(
+            (compare for pattern, compare in RULES if fnmatch.fnmatchcase(name, pattern)), None
+        )
         problem = "bytes differ" if rule is None else rule(a, b)
         if problem:
             problems.append(f"{name}: {problem}")
@@ -430,10 +489,10 @@ def compare_data(reference: Path, project: Path) -> tuple[list[str], list[str]]:
 
 # --- the test -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_kill_9_at_seeded_points_of_every_stage_resumes_to_the_uninterrupted_result(
-        tmp_path):
+def test_kill_9_at_seeded_points_of_every_stage_resumes_to_the_uninterrupted_result(tmp_path):
     seed = int(os.environ.get("FAULT_SEED", DEFAULT_SEED))
     reference_project = copy_project(tmp_path / "reference" / "project")
     project = copy_project(tmp_path / "killed" / "project")
@@ -458,9 +517,13 @@ def test_kill_9_at_seeded_points_of_every_stage_resumes_to_the_uninterrupted_res
                 killed = read_log(log)["killed"] if log.exists() else None
                 assert result.returncode == -signal.SIGKILL and killed, (
                     f"{where}: the kill was not reached (exit {result.returncode}): the re-run "
-                    f"did not replay the uninterrupted run's events?\n{result.stdout[-6000:]}")
-                what = (Path(killed["detail"]).name if killed["event"] == REPLACE
-                        else killed["event"].rpartition(":")[2])
+                    f"did not replay the uninterrupted run's events?\n{result.stdout[-6000:]}"
+                )
+                what = (
+                    Path(killed["detail"]).name
+                    if killed["event"] == REPLACE
+                    else killed["event"].rpartition(":")[2]
+                )
                 done.append(f"  {stage} killed {killed['when']} {what} ({seconds:.1f} s)")
         reference.thread.join()
     finally:
@@ -470,13 +533,18 @@ def test_kill_9_at_seeded_points_of_every_stage_resumes_to_the_uninterrupted_res
 
     problems, leftovers = compare_data(reference_project, project)
     if leftovers:
-        print("temporaries left by killed runs, outside DVC folder outputs:\n  "
-              + "\n  ".join(leftovers))
-    assert not problems, (f"{report}\nafter the kills, data/ differs from the uninterrupted "
-                          f"run:\n" + "\n".join(problems))
+        print(
+            "temporaries left by killed runs, outside DVC folder outputs:\n  "
+            + "\n  ".join(leftovers)
+        )
+    assert not problems, (
+        f"{report}\nafter the kills, data/ differs from the uninterrupted "
+        f"run:\n" + "\n".join(problems)
+    )
 
 
 # --- the machinery, fast --------------------------------------------------------------------
+
 
 def test_the_runner_kills_itself_at_the_nth_matching_event(tmp_path):
     """A real SIGKILL at the chosen rename, "after": the rename is done, the next is not; the
@@ -492,8 +560,9 @@ for name in ("a-1", "b-1", "a-2", "b-2", "a-3", "b-3"):
     open(name + ".tmp", "w").close()
     os.replace(name + ".tmp", name)
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     log = read_log(tmp_path / "log.json")
     assert [Path(detail).name for _, detail in log["events"]] == ["a-1", "b-1", "a-2", "b-2"]
@@ -509,10 +578,13 @@ def test_a_plan_reaches_every_kill_of_a_run_that_resumes_anywhere_before_its_dea
         events += [[RECORD, f"{shard}-{record}"] for record in range(4)]
         events += [[REPLACE, f"/p/data/s/shard-{shard}"], [REPLACE, "/p/data/s/latest.json"]]
     events += [[TRAIN_BATCH, "x"]] * 5 + [[TEST_BATCH, "y"]] * 3
-    slots = [(Site("record", RECORD, when=("before",)),), (Site("commit", REPLACE),),
-             (Site("pointer", REPLACE, "*/latest.json", ("after",)),),
-             (Site("batch", TRAIN_BATCH, when=("before",), anchored=False),),
-             (Site("validation", TEST_BATCH, when=("before",), anchored=False),)]
+    slots = [
+        (Site("record", RECORD, when=("before",)),),
+        (Site("commit", REPLACE),),
+        (Site("pointer", REPLACE, "*/latest.json", ("after",)),),
+        (Site("batch", TRAIN_BATCH, when=("before",), anchored=False),),
+        (Site("validation", TEST_BATCH, when=("before",), anchored=False),),
+    ]
     PLAN["made-up"] = slots
     try:
         for seed in range(200):
