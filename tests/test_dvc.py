@@ -1,6 +1,7 @@
-"""dvc.yaml in a temporary git repository: reproduce on the smoke environment, re-run only what a
-changed training parameter affects, metrics and plots, then push to a local remote and pull the
-outputs back byte for byte. MLflow runs of the stages carry the git commit and the data hash."""
+"""dvc.yaml in a temporary git repository, on the smoke environment: a plain `kedro run` leaves
+DVC up to date (hooks.DvcLockHooks), a `dvc exp run -S` of a training parameter re-runs only what
+it affects and shows its metrics, metrics and plots, then push to a local remote and pull the
+outputs back byte for byte. MLflow runs carry the git commit, the data hash and the experiment."""
 
 from __future__ import annotations
 
@@ -28,10 +29,19 @@ GIT_ENV = {
 
 def _run(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        args, cwd=repo, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-             "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **GIT_ENV,
-             **(env or {})},
+        args,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "KEDRO_DISABLE_TELEMETRY": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **GIT_ENV,
+            **(env or {}),
+        },
     )
     assert result.returncode == 0, f"{args}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr
@@ -46,7 +56,10 @@ def clone_working_tree(dest: Path) -> Path:
     never what .gitignore keeps out: no data, no mlflow.db, no DVC cache)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\0")
     for name in filter(None, listed):
         source = PROJECT_ROOT / name
@@ -76,7 +89,9 @@ def downstream_of(stages: dict, start: str) -> set[str]:
         for name, stage in stages.items():
             deps = stage.get("deps", [])
             if name not in affected and any(
-                dep == out or dep.startswith(out.rstrip("/") + "/") for dep in deps for out in produced
+                dep == out or dep.startswith(out.rstrip("/") + "/")
+                for dep in deps
+                for out in produced
             ):
                 affected.add(name)
                 changed = True
@@ -106,36 +121,63 @@ def cached_files(repo: Path) -> dict[str, str]:
     digests = {}
     for path in cached_outs(repo):
         for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            digests[file.relative_to(repo).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+            digests[file.relative_to(repo).as_posix()] = hashlib.sha256(
+                file.read_bytes()
+            ).hexdigest()
     return digests
 
 
 @pytest.mark.slow
-def test_dvc_repro_rerun_metrics_plots_push_pull(tmp_path):
+@pytest.mark.timeout(1200)
+def test_kedro_run_then_dvc_experiment_metrics_plots_push_pull(tmp_path):
     import mlflow
 
     repo = clone_working_tree(tmp_path / "clone")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
-    # 1. A fresh clone reproduces everything, one Kedro pipeline per stage.
-    first = dvc(repo, "repro")
+    # 1. A fresh clone's `kedro run` (what `make run` runs) records every stage in dvc.lock:
+    # DVC sees it all up to date, and `dvc repro` runs nothing.
+    _run(repo, str(BIN / "kedro"), "run", "--env", "smoke")
+    assert list(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == list(stages)
+    assert "up to date" in dvc(repo, "status").lower()
+    idle = dvc(repo, "repro")
     for name in stages:
-        assert f"Running stage '{name}'" in first
-    assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == set(stages)
+        assert f"Stage '{name}' didn't change, skipping" in idle
+    hook_lines = [
+        line
+        for line in (repo / "info.log").read_text().splitlines()
+        if "caption_pipeline.hooks" in line
+    ]
+    assert len(hook_lines) == 1, hook_lines
+    assert f"INFO - DVC: recorded {', '.join(stages)} in dvc.lock (" in hook_lines[0]
+
+    # 2. An experiment on a training parameter: only train and what follows it run, and Kedro
+    # inside DVC's stages leaves dvc.lock to DVC (the hook logs nothing more).
+    changed = "conf/base/parameters_train.yml:train.learning_rate=1.0e-3"
+    experiment = dvc(repo, "exp", "run", "-n", "lower-lr", "-S", changed)
+    rerun = {name for name in stages if f"Running stage '{name}'" in experiment}
+    assert rerun == downstream_of(stages, "train"), experiment[-3000:]
+    for name in set(stages) - rerun:
+        assert f"Stage '{name}' didn't change, skipping" in experiment
+    params = yaml.safe_load((repo / "conf/base/parameters_train.yml").read_text())
+    assert params["train"]["learning_rate"] == 1.0e-3
+    assert [
+        line
+        for line in (repo / "info.log").read_text().splitlines()
+        if "caption_pipeline.hooks" in line
+    ] == hook_lines
     assert "up to date" in dvc(repo, "status").lower()
 
-    # 2. A training parameter changes: only train and what follows it run again.
-    params = repo / "conf/base/parameters_train.yml"
-    text = params.read_text()
-    assert "  learning_rate: 2.0e-3" in text
-    params.write_text(text.replace("  learning_rate: 2.0e-3", "  learning_rate: 1.0e-3"))
-    second = dvc(repo, "repro")
-    rerun = {name for name in stages if f"Running stage '{name}'" in second}
-    assert rerun == downstream_of(stages, "train"), second[-3000:]
-    for name in set(stages) - rerun:
-        assert f"Stage '{name}' didn't change, skipping" in second
-
-    # 3. Metrics and plots.
+    # 3. The experiment with its metrics, then metrics and plots of the workspace.
+    rows = json.loads(dvc(repo, "exp", "show", "--json"))
+    exp_metrics = next(
+        rev["data"]["metrics"]
+        for row in rows
+        for exp in row.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name") == "lower-lr"
+    )
+    assert "CIDEr" in exp_metrics["data/08_reporting/metrics.json"]["data"]["test"]
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     shown = json.dumps(metrics)
     assert "data/08_reporting/metrics.json" in shown and "CIDEr" in shown
@@ -144,26 +186,28 @@ def test_dvc_repro_rerun_metrics_plots_push_pull(tmp_path):
     assert "val_xent" in page and ".png" in page
     assert list((tmp_path / "plots").rglob("*.png"))  # the attention figures
 
-    # 4. Each stage was an MLflow run tagged with the commit and the raw data's DVC hash.
+    # 4. MLflow: the whole run, then one run per stage of the experiment, named after it, with
+    # the commit and the raw data's DVC hash.
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("caption-pipeline")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    assert [run.info.run_name for run in runs] == list(stages) + sorted(
-        rerun, key=list(stages).index
-    )
+    assert [run.info.run_name for run in runs] == ["all stages · smoke"] + [
+        f"exp lower-lr · {name} · smoke" for name in stages if name in rerun
+    ]
     head = _run(repo, "git", "rev-parse", "HEAD").strip()
     raw_md5 = next(
         out["md5"]
         for out in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["synthetic"]["outs"]
         if out["path"] == "data/01_raw/shapes"
     )
-    trains = [run for run in runs if run.info.run_name == "train"]
-    assert [run.data.params["train.learning_rate"] for run in trains] == ["0.002", "0.001"]
-    for run in trains:
+    whole, train = runs[0], next(run for run in runs if run.data.tags.get("dvc_experiment"))
+    assert [run.data.params["train.learning_rate"] for run in (whole, train)] == ["0.002", "0.001"]
+    for run in whole, train:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git_commit"] == head
-        assert run.data.tags["dvc_data_hash"] == raw_md5
-        assert run.data.tags["dvc_data_source"] == "dvc.lock:synthetic"
+    assert whole.data.tags["dvc_data_hash"] == "untracked"  # dvc.lock is written after the run
+    assert train.data.tags["dvc_data_hash"] == raw_md5
+    assert train.data.tags["dvc_data_source"] == "dvc.lock:synthetic"
 
     # 5. Push to a local remote, lose the outputs and the cache, pull them back byte for byte.
     before = cached_files(repo)
@@ -176,3 +220,117 @@ def test_dvc_repro_rerun_metrics_plots_push_pull(tmp_path):
     dvc(repo, "pull")
     assert cached_files(repo) == before
     assert "up to date" in dvc(repo, "status").lower()
+
+
+# --- `kedro run` records its stages in dvc.lock (hooks.DvcLockHooks) ---------------------------
+
+
+class _Params:
+    """The two parameters the hook reads, as Kedro's catalog gives them."""
+
+    def __init__(self, **params):
+        self.params = {f"params:{key}": value for key, value in params.items()}
+
+    def __contains__(self, name):
+        return name in self.params
+
+    def load(self, name):
+        return self.params[name]
+
+
+def _after_run(
+    tmp_path,
+    monkeypatch,
+    pipeline,
+    returncode=0,
+    data_root="data/01_raw/shapes/",
+    strategy="default",
+    **run_params,
+):
+    """DvcLockHooks after a run of `pipeline` in a DVC project at tmp_path: the dvc commands
+    it ran (none run for real)."""
+    from caption_pipeline.hooks import DvcLockHooks
+
+    (tmp_path / ".dvc").mkdir(exist_ok=True)
+    shutil.copy2(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command[command.index("dvc") + 1 :])
+        return subprocess.CompletedProcess(command, returncode, "", "ERROR: lock is busy\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    catalog = _Params(dataset={"root": data_root}, train={"strategy": strategy})
+    DvcLockHooks().after_pipeline_run(
+        run_params={"project_path": str(tmp_path), **run_params}, pipeline=pipeline, catalog=catalog
+    )
+    return calls
+
+
+def test_kedro_run_commits_the_stages_whose_nodes_all_ran(tmp_path, monkeypatch):
+    import logging
+
+    from kedro.framework.project import configure_project, pipelines
+
+    configure_project("caption_pipeline")  # (Kedro's logging config: pytest's caplog is off)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    monkeypatch.setattr(logging.getLogger("caption_pipeline.hooks"), "handlers", [handler])
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    order = list(yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"])
+    commit = ["commit", "--force"]
+    default = pipelines["__default__"]
+    assert _after_run(tmp_path, monkeypatch, default) == [commit + order]
+    assert _after_run(tmp_path, monkeypatch, pipelines["train"]) == [commit + ["train"]]
+    # A partial run records only the stages it ran whole: not train, one of whose nodes it
+    # skipped.
+    partial = default - pipelines["train"].filter(node_names=[pipelines["train"].nodes[0].name])
+    assert _after_run(tmp_path, monkeypatch, partial) == [
+        commit + [name for name in order if name != "train"]
+    ]
+
+    # Outputs that are not what conf/ gives are not recorded.
+    messages.clear()
+    assert _after_run(tmp_path, monkeypatch, default, runtime_params={"train": {"epochs": 3}}) == []
+    assert messages == [f"DVC: {', '.join(order)} not recorded in dvc.lock (a run with --params)"]
+    assert _after_run(tmp_path, monkeypatch, default, data_root="data/01_raw/coco") == []
+    assert messages[-1].endswith("(its raw data, data/01_raw/coco, is no dvc.yaml output)")
+    assert _after_run(tmp_path, monkeypatch, default, strategy="multi_worker") == []
+
+    # A failing DVC leaves the run successful, with one line saying what to run.
+    messages.clear()
+    _after_run(tmp_path, monkeypatch, pipelines["train"], returncode=1)
+    assert messages == [
+        "DVC did not record this run (ERROR: lock is busy): run `dvc commit --force train`"
+    ]
+
+    # Inside a DVC stage (`dvc repro`, `dvc exp run`), DVC records the stage itself.
+    monkeypatch.setenv("DVC_STAGE", "train")
+    assert _after_run(tmp_path, monkeypatch, default) == []
+
+
+def test_a_queued_experiment_tracks_to_the_repository_it_was_queued_in(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs the stages in a temporary copy under .dvc/tmp/exps, deleted
+    afterwards: the MLflow store is the one of DVC_ROOT, the repository DVC names there."""
+    from caption_pipeline.tracking import MlflowRunHooks
+
+    class Context:
+        project_path = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+        params: dict = {}
+        config_loader = {
+            "mlflow": {
+                "server": {"mlflow_tracking_uri": "sqlite:///mlflow.db"},
+                "tracking": {
+                    "experiment": {"create_experiment_kwargs": {"artifact_location": "mlartifacts"}}
+                },
+            }
+        }
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # the hook's default
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    MlflowRunHooks().after_context_created(Context())
+    conf = Context.config_loader["mlflow"]
+    assert conf["server"]["mlflow_tracking_uri"] == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    kwargs = conf["tracking"]["experiment"]["create_experiment_kwargs"]
+    assert kwargs["artifact_location"] == (tmp_path / "mlartifacts").as_uri()

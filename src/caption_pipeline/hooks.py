@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 from types import TracebackType
 
+import yaml
 from kedro.framework.hooks import hook_impl
 
 from caption_pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def _data_error_in(exc: BaseException | None) -> DataError | None:
@@ -92,3 +100,92 @@ def _all_stages() -> dict:
 
     return {info.name: importlib.import_module(f"{package.__name__}.{info.name}").create_pipeline()
             for info in pkgutil.iter_modules(package.__path__) if info.ispkg}
+
+
+class DvcLockHooks:
+    """After a successful `kedro run`, record the DVC stages it ran in dvc.lock, so that Kedro
+    and DVC keep one state: `dvc status` reports them up to date, and `dvc repro` re-runs
+    nothing until their code, data or params change.
+
+    `dvc commit --force <stages>` records what `dvc repro` would have (deps, params and outs
+    hashed, outs cached as hard links, dvc.lock and the run-cache written). A hook, not
+    `make run` through `dvc repro`: a plain `kedro run`, whole or `--pipelines=X`, must leave
+    the same state, and one process for the whole pipeline starts TensorFlow once, not once
+    per stage. Recorded: each stage whose Kedro pipeline ran whole (a partial run that skipped
+    some of a stage's nodes leaves it changed). Not recorded, their outputs being other than
+    conf/ gives: runs with `--params`, `--load-versions` or `--only-missing-outputs`, or on
+    raw data that is no dvc.yaml output (COCO, your own images); nor multi-worker runs (every
+    worker would commit, some before the chief has written). Never inside a DVC stage (`dvc
+    repro`, `dvc exp run` set DVC_STAGE in its command, record it themselves and hold the
+    repository lock). A DVC failure never fails the run: one warning line says what to run.
+    """
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        root = Path(run_params["project_path"])
+        if (
+            os.environ.get("DVC_STAGE")
+            or not (root / ".dvc").is_dir()
+            or not (root / "dvc.yaml").is_file()
+        ):
+            return  # inside a DVC stage, or no DVC pipeline here (a project copy)
+        dvc_stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+        pipelines, ran = _all_stages(), {node.name for node in pipeline.nodes}
+        stages = [
+            name
+            for name in dvc_stages  # in dvc.yaml's order, the data flow's
+            if name in pipelines and {n.name for n in pipelines[name].nodes} <= ran
+        ]
+        why_not = _not_recordable(run_params, catalog, dvc_stages)
+        if not stages or why_not:
+            if stages:
+                logger.info("DVC: %s not recorded in dvc.lock (%s)", ", ".join(stages), why_not)
+            return
+        start = time.monotonic()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "dvc", "commit", "--force", *stages],
+                cwd=root,
+                capture_output=True,
+                text=True,
+            )
+            error = (result.stderr.strip().splitlines() or ["dvc failed"])[-1]
+        except OSError as exc:
+            result, error = None, str(exc)
+        if result is None or result.returncode:
+            logger.warning(
+                "DVC did not record this run (%s): run `dvc commit --force %s`",
+                error,
+                " ".join(stages),
+            )
+            return
+        logger.info(
+            "DVC: recorded %s in dvc.lock (%.1f s)", ", ".join(stages), time.monotonic() - start
+        )
+
+
+def _not_recordable(run_params: dict, catalog, dvc_stages: dict) -> str | None:
+    """Why the outputs of this run are not what dvc.yaml's stages give, or None."""
+    for flag, key in (
+        ("--params", "runtime_params"),
+        ("--load-versions", "load_versions"),
+        ("--only-missing-outputs", "only_missing_outputs"),
+    ):
+        if run_params.get(key):
+            return f"a run with {flag}"
+    outs = {
+        next(iter(out)) if isinstance(out, dict) else out
+        for stage in dvc_stages.values()
+        for out in stage.get("outs", [])
+    }
+    params = {
+        key: catalog.load(f"params:{key}")
+        for key in ("dataset", "train")
+        if f"params:{key}" in catalog
+    }
+    data_root = str((params.get("dataset") or {}).get("root", "")).rstrip("/")
+    if data_root not in outs:
+        return f"its raw data, {data_root}, is no dvc.yaml output"
+    if (params.get("train") or {}).get("strategy") == "multi_worker":
+        return "multi-worker: run `dvc commit` once every worker is done"
+    return None

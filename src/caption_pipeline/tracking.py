@@ -237,7 +237,9 @@ class MlflowRunHooks:
     def after_context_created(self, context) -> None:
         """Before kedro-mlflow reads mlflow.yml: make a relative sqlite database and artifact
         folder absolute under the project root, so every working directory (notebooks/, a
-        DVC stage) uses the same store."""
+        DVC stage) uses the same store. In a DVC stage the root is DVC_ROOT, the repository
+        `dvc` was run in: a queued `dvc exp run` runs in a temporary copy under
+        .dvc/tmp/exps, deleted afterwards, and DVC names the real repository there."""
         self._context = context
         self._data_root = (context.params.get("dataset") or {}).get("root")
         # Read when kedro-mlflow starts the run; a process that sets it itself keeps its own.
@@ -247,7 +249,7 @@ class MlflowRunHooks:
             conf = context.config_loader["mlflow"]
         except (MissingConfigException, KeyError):
             return
-        root = Path(context.project_path)
+        root = Path(os.environ.get("DVC_ROOT") or context.project_path)
         server = conf["server"] = conf.get("server") or {}
         uri = server.get("mlflow_tracking_uri")
         if isinstance(uri, str) and uri.startswith(_SQLITE) and not uri.startswith(_SQLITE + "/"):
