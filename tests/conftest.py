@@ -80,8 +80,10 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: "
-                                 f"{process.stdout.read()[-3000:] if process.stdout else ''}")
+            raise AssertionError(
+                f"server exited with {process.returncode}: "
+                f"{process.stdout.read()[-3000:] if process.stdout else ''}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 if answer.status == 200:
@@ -94,10 +96,21 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> 
 
 def start_server(args: list[str], cwd: Path, ready_url: str, env: dict | None = None):
     """A server process (new session, output to a pipe), once `ready_url` answers 200."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {}),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(env or {}),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    process = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_http(ready_url, process)
     except BaseException:
@@ -123,8 +136,11 @@ def caption_server(smoke_project):
     """`caption-pipeline serve` on the smoke project's export, on 127.0.0.1: its base URL."""
     port = free_port()
     command = str(Path(sys.executable).with_name("caption-pipeline"))
-    process = start_server([command, "serve", "--port", str(port), "--env", "smoke"],
-                           smoke_project, f"http://127.0.0.1:{port}/readyz")
+    process = start_server(
+        [command, "serve", "--port", str(port), "--env", "smoke"],
+        smoke_project,
+        f"http://127.0.0.1:{port}/readyz",
+    )
     yield f"http://127.0.0.1:{port}"
     stop_server(process)
 
@@ -140,10 +156,10 @@ def exported(smoke_project):
 @pytest.fixture(scope="session")
 def test_jpegs(smoke_project):
     """(image ids, JPEG bytes) of the smoke project's test split, from its shards."""
-    from caption_pipeline.export import held_out_images
+    from caption_pipeline.export_check import held_out_images
     from caption_pipeline.shards.shard_set import load_shard_set
 
-    return held_out_images(load_shard_set(smoke_project / "data/05_model_input/shards"), None)
+    return held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), None)
 
 
 # --- markers (issue 13) -------------------------------------------------------------------------
@@ -171,8 +187,11 @@ def _names_used(function, seen: set) -> set[str]:
         stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
     for name in list(names):
         helper = function.__globals__.get(name)
-        if (isinstance(helper, types.FunctionType) and helper.__module__ != __name__
-                and str(Path(helper.__code__.co_filename)).startswith(str(PROJECT_ROOT / "tests"))):
+        if (
+            isinstance(helper, types.FunctionType)
+            and helper.__module__ != __name__
+            and str(Path(helper.__code__.co_filename)).startswith(str(PROJECT_ROOT / "tests"))
+        ):
             names |= _names_used(helper, seen)
     return names
 
@@ -183,7 +202,7 @@ def is_slow(item) -> bool:
         return True
     functions = [getattr(item, "function", None)]
     info = getattr(item, "_fixtureinfo", None)
-    for definitions in (info.name2fixturedefs.values() if info else ()):
+    for definitions in info.name2fixturedefs.values() if info else ():
         functions.extend(definition.func for definition in definitions)
     seen: set = set()
     return any(SLOW_CALLS & _names_used(f, seen) for f in functions if f is not None)

@@ -10,7 +10,7 @@ Keras averages the workers' means, which equals the mean over the global batch o
 workers hold as many tokens (a ragged split weighs the tokens differently: another result,
 not a rounding error). Dropout is off, since each worker draws its own masks. The global-norm
 clip (1.0) bites: it is applied to the gradient the workers sum, as one device clips its batch's
-(`training._clip_after_all_reduce`; Keras alone clips each worker's half).
+(`distributed.clip_after_all_reduce`; Keras alone clips each worker's half).
 """
 
 from __future__ import annotations
@@ -33,9 +33,16 @@ from tests.conftest import PROJECT_ROOT, free_port
 
 VOCAB, REGIONS, DIM, LENGTH, WORDS = 12, 3, 4, 7, 4
 BATCH = 4  # the global batch: 2 per worker
-MODEL = from_conf(ModelConfig, "model",
-                  vocab_size=VOCAB, encoder_trainable=False, embed_dim=8, attention_dim=8,
-                  lstm_units=8, dropout=0.0)
+MODEL = from_conf(
+    ModelConfig,
+    "model",
+    vocab_size=VOCAB,
+    encoder_trainable=False,
+    embed_dim=8,
+    attention_dim=8,
+    lstm_units=8,
+    dropout=0.0,
+)
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 16 captions / 4
 # float32 rounding over 12 Adam steps: each worker's gradient is the mean over its 2
 # captions, halved, and the all-reduce adds the halves, where one device sums 4 captions in
@@ -47,7 +54,7 @@ def _split(seed: int, n: int):
     rng = np.random.default_rng(seed)
     captions = np.zeros((n, LENGTH), np.int32)
     captions[:, 0], captions[:, WORDS + 1] = Vocabulary.start_id, Vocabulary.end_id
-    captions[:, 1:WORDS + 1] = rng.integers(4, VOCAB, (n, WORDS))
+    captions[:, 1 : WORDS + 1] = rng.integers(4, VOCAB, (n, WORDS))
     features = rng.normal(size=(n, REGIONS, DIM)).astype(np.float16)
     return {"features": features, "image_id": np.arange(n)}, captions
 
@@ -68,18 +75,34 @@ def datasets(split: str, epoch: int, caption_mode: str, shuffle: bool):
 
 
 def train_config(checkpoints: Path, strategy: str) -> dict:
-    return {**defaults("train"), "epochs": EPOCHS, "batch_size": BATCH, "caption_mode": "all",
-            "learning_rate": 1e-2,
-            "clipnorm": 1.0, "early_stopping_patience": None, "checkpoint_every_steps": 1,
-            "log_every_steps": 1, "checkpoint_dir": str(checkpoints), "strategy": strategy,
-            "precision": "float32", "jit_compile": False, "progress": False}
+    return {
+        **defaults("train"),
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "caption_mode": "all",
+        "learning_rate": 1e-2,
+        "clipnorm": 1.0,
+        "early_stopping_patience": None,
+        "checkpoint_every_steps": 1,
+        "log_every_steps": 1,
+        "checkpoint_dir": str(checkpoints),
+        "strategy": strategy,
+        "precision": "float32",
+        "jit_compile": False,
+        "progress": False,
+    }
 
 
 def train(config: dict):
     from caption_pipeline.training import TrainConfig, train_captioner
 
-    return train_captioner(datasets, MODEL, TrainConfig.from_dict(config),
-                           steps_per_epoch=STEPS_PER_EPOCH, data_fingerprint={"data": "tiny"})
+    return train_captioner(
+        datasets,
+        MODEL,
+        TrainConfig.from_dict(config),
+        steps_per_epoch=STEPS_PER_EPOCH,
+        data_fingerprint={"data": "tiny"},
+    )
 
 
 # One worker: records every change its Python code makes under the checkpoint folder (audit
@@ -124,14 +147,34 @@ def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0):
         scratch = tmp_path / f"tmp-{run}-{index}"
         scratch.mkdir()
         tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch), "KERAS_BACKEND": "tensorflow",
-               "SLOW_STEPS": str(slow) if slow else ""}
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps(tf_config),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(scratch),
+            "KERAS_BACKEND": "tensorflow",
+            "SLOW_STEPS": str(slow) if slow else "",
+        }
         out = open(tmp_path / f"out-{run}-{index}.txt", "w")
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(PROJECT_ROOT), json.dumps(config),
-             str(tmp_path / f"writes-{index}.jsonl"), str(tmp_path / f"weights-{run}-{index}.npz")],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    str(PROJECT_ROOT),
+                    json.dumps(config),
+                    str(tmp_path / f"writes-{index}.jsonl"),
+                    str(tmp_path / f"weights-{run}-{index}.npz"),
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return workers
 
 
@@ -161,7 +204,9 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
         while not (latest.exists() and json.loads(latest.read_text())["step"] >= 6):
             assert all(w.poll() is None for w in first) and time.monotonic() < deadline, (
                 "the workers ended or stalled before the kill:\n"
-                + output(tmp_path, "killed", 0)[-3000:] + output(tmp_path, "killed", 1)[-3000:])
+                + output(tmp_path, "killed", 0)[-3000:]
+                + output(tmp_path, "killed", 1)[-3000:]
+            )
             time.sleep(0.02)
         os.killpg(first[1].pid, signal.SIGKILL)
         killed_at = json.loads(latest.read_text())["step"]
@@ -180,10 +225,15 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
         model, expected_history, _ = train(train_config(tmp_path / "single", "default"))
         expected = model.get_weights()
         # The clip bites in this run: unclipped, it ends elsewhere (Keras alone clips each
-        # worker's half of the gradient: `training._clip_after_all_reduce`).
+        # worker's half of the gradient: `distributed.clip_after_all_reduce`).
         unclipped = train({**train_config(tmp_path / "unclipped", "default"), "clipnorm": None})
-        assert max(np.max(np.abs(a - b))
-                   for a, b in zip(unclipped[0].get_weights(), expected)) > 1e-3
+        assert (
+            max(
+                np.max(np.abs(a - b))
+                for a, b in zip(unclipped[0].get_weights(), expected, strict=False)
+            )
+            > 1e-3
+        )
         for worker in second:
             worker.wait(timeout=150)
     finally:
@@ -203,9 +253,9 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
         with np.load(tmp_path / f"weights-resumed-{index}.npz") as saved:
             got = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         assert len(got) == len(expected)
-        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected))
+        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=False))
         print(f"worker {index}: largest weight difference {worst:.3g}")
-        for g, want in zip(got, expected):
+        for g, want in zip(got, expected, strict=False):
             np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
         history = history_of(output(tmp_path, "resumed", index))
         assert [row["step"] for row in history] == [4, 8, 12]
@@ -221,3 +271,62 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
     for index in range(2):
         assert list((tmp_path / f"tmp-resumed-{index}").iterdir()) == []
     assert not checkpoints.exists()
+
+
+def test_only_the_chief_saves_kedro_outputs_and_logs_to_mlflow(tmp_path):
+    """`kedro run` under `train.strategy: multi_worker` on a worker that is not the chief
+    saves none of the pipeline's outputs (they stay in memory) and opens no MLflow run; on
+    the chief both happen as usual. The synthetic stage stands in for any stage: it is quick,
+    and what is checked is Kedro's saving, which is the same for every stage."""
+    from mlflow import MlflowClient
+
+    from caption_pipeline.project import copy_project
+
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for index in (1, 0):
+        project = copy_project(tmp_path / f"worker{index}")
+        env = {
+            **os.environ,
+            "KEDRO_DISABLE_TELEMETRY": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        result = subprocess.run(
+            [
+                kedro,
+                "run",
+                "--env",
+                "smoke",
+                "--pipelines",
+                "synthetic",
+                "--params",
+                "train.strategy=multi_worker",
+            ],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved = (project / "data/01_raw/raw_dataset.json").exists()
+        database = project / "mlflow.db"
+        runs = (
+            MlflowClient(f"sqlite:///{database}").search_runs(
+                [
+                    MlflowClient(f"sqlite:///{database}")
+                    .get_experiment_by_name("caption-pipeline")
+                    .experiment_id
+                ]
+            )
+            if database.exists()
+            else []
+        )
+        assert (saved, len(runs)) == ((True, 1) if index == 0 else (False, 0)), (
+            index,
+            saved,
+            len(runs),
+        )

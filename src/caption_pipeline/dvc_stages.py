@@ -36,7 +36,6 @@ import yaml
 from caption_pipeline.import_graph import PACKAGE, class_module, imported_closure, module_path
 from caption_pipeline.project import PROJECT_ROOT
 
-
 # Datasets that stand for more inputs than their own file, which a stage reading them reads as
 # if they were its node inputs: `raw_dataset` is the `dataset` parameter block that synthetic
 # returns (ingest, features and evaluate open the files under its root); `model_inputs` can be
@@ -71,8 +70,11 @@ METRICS = {"evaluation_metrics": "`dvc metrics show`; small, kept in git"}
 # Top-level `plots:` of `dvc plots show` (and `dvc plots diff` between commits), by dataset:
 # the training curves per epoch from the history CSV, and the attention figures as images.
 PLOTS = [
-    ("cross_entropy", "training_history", {"x": "epoch", "y": ["train_xent", "val_xent"],
-                                            "y_label": "nats per word"}),
+    (
+        "cross_entropy",
+        "training_history",
+        {"x": "epoch", "y": ["train_xent", "val_xent"], "y_label": "nats per word"},
+    ),
     ("val_perplexity", "training_history", {"x": "epoch", "y": "val_perplexity"}),
     ("learning_rate", "training_history", {"x": "epoch", "y": "learning_rate"}),
     (None, "attention_maps", {}),
@@ -144,14 +146,16 @@ def load_project(root: Path = PROJECT_ROOT) -> Project:
     envs = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name not in {"base", "local"})
 
     def loader(env: str):
-        return settings.CONFIG_LOADER_CLASS(conf_source=str(conf), env=env,
-                                            **settings.CONFIG_LOADER_ARGS)
+        return settings.CONFIG_LOADER_CLASS(
+            conf_source=str(conf), env=env, **settings.CONFIG_LOADER_ARGS
+        )
 
     base = loader("base")
 
     def resolver(env: str) -> CatalogConfigResolver:
-        return CatalogConfigResolver(loader(env)["catalog"],
-                                     default_runtime_patterns=DEFAULT_RUNTIME_PATTERN)
+        return CatalogConfigResolver(
+            loader(env)["catalog"], default_runtime_patterns=DEFAULT_RUNTIME_PATTERN
+        )
 
     catalog = resolver("base")
     for env in envs:
@@ -211,8 +215,11 @@ class Stage:
 
 def build_stages(project: Project) -> list[Stage]:
     """One stage per pipeline but `__default__` (all of them), in data-flow order."""
-    stages = [_stage(project, name, pipeline)
-              for name, pipeline in project.pipelines.items() if name != "__default__"]
+    stages = [
+        _stage(project, name, pipeline)
+        for name, pipeline in project.pipelines.items()
+        if name != "__default__"
+    ]
     return _in_order(stages)
 
 
@@ -226,8 +233,7 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
     deps = [path for path in map(project.path, datasets) if path]
     outs = [path for d in written if d not in METRICS and (path := project.path(d))]
     metrics = [path for d in written if d in METRICS and (path := project.path(d))]
-    notes = {project.path(d): f"via {inputs[d]}" for d in datasets
-             if inputs[d] and project.path(d)}
+    notes = {project.path(d): f"via {inputs[d]}" for d in datasets if inputs[d] and project.path(d)}
     for param, writer in PATH_PARAMS.items():
         key = next((k for k in keys if param == k or param.startswith(k + ".")), None)
         if key is not None:
@@ -236,16 +242,16 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
             carrier = inputs[f"params:{key}"]
             notes[path] = f"params:{param}" + (f", via {carrier}" if carrier else "")
     notes.update({project.path(d): note for d, note in METRICS.items() if d in written})
-    notes.update({project.path(d): "`dvc plots show`, below"
-                  for _, d, _ in PLOTS if d in written})
+    notes.update({project.path(d): "`dvc plots show`, below" for _, d, _ in PLOTS if d in written})
     for (stage, key), note in NOTES.items():
         path = _note_path(project, key) if stage == name else None
         if path in deps + outs + metrics:
             notes[path] = f"{note} ({notes[path]})" if path in notes else note
     loaded = [d for d in datasets if not inputs[d]] + written  # by this stage's dataset classes
     code = _code_deps(project, name, loaded)
-    return Stage(name, list(dict.fromkeys(code + deps)), _params(project, keys), outs, metrics,
-                 notes)
+    return Stage(
+        name, list(dict.fromkeys(code + deps)), _params(project, keys), outs, metrics, notes
+    )
 
 
 def _note_path(project: Project, key: str) -> str | None:
@@ -275,8 +281,12 @@ def _in_order(stages: list[Stage]) -> list[Stage]:
     writer = {path: s.name for s in stages for path in s.outs + s.metrics}
 
     def producers(stage: Stage) -> set[str]:
-        return {name for dep in stage.deps for path, name in writer.items()
-                if name != stage.name and (dep == path or dep.startswith(path + "/"))}
+        return {
+            name
+            for dep in stage.deps
+            for path, name in writer.items()
+            if name != stage.name and (dep == path or dep.startswith(path + "/"))
+        }
 
     ordered: list[Stage] = []
     while len(ordered) < len(stages):
@@ -349,8 +359,12 @@ def _code_deps(project: Project, stage: str, datasets: list[str]) -> list[str]:
     and `IGNORED_MODULES` aside)."""
     src = project.root / "src"
     own = src / PACKAGE / "pipelines" / stage
-    classes = {t for d in datasets for t in _config_types(project.catalog.resolve_pattern(d))
-               if t.startswith(PACKAGE + ".")}
+    classes = {
+        t
+        for d in datasets
+        for t in _config_types(project.catalog.resolve_pattern(d))
+        if t.startswith(PACKAGE + ".")
+    }
     start = [own] + [module_path(src, class_module(t)) for t in sorted(classes)]
     skip = {module_path(src, m) for m in IGNORED_MODULES}
     rest = sorted(_relative(project, p) for p in imported_closure(src, start, skip) if p != own)

@@ -79,7 +79,8 @@ class MissingInputsHooks:
                 raise DataError(
                     f"{name}{f' ({where})' if where else ''} does not exist yet: run "
                     f"`kedro run --pipelines={','.join(writers)}` first (or `kedro run` for "
-                    "every stage)")
+                    "every stage)"
+                )
 
 
 def _exists(catalog, name: str) -> bool:
@@ -98,8 +99,45 @@ def _all_stages() -> dict:
 
     import caption_pipeline.pipelines as package
 
-    return {info.name: importlib.import_module(f"{package.__name__}.{info.name}").create_pipeline()
-            for info in pkgutil.iter_modules(package.__path__) if info.ispkg}
+    return {
+        info.name: importlib.import_module(f"{package.__name__}.{info.name}").create_pipeline()
+        for info in pkgutil.iter_modules(package.__path__)
+        if info.ispkg
+    }
+
+
+class ChiefWritesHooks:
+    """Under `train.strategy: multi_worker`, only the chief saves what a run makes.
+
+    Training already keeps the checkpoints to the chief (`distributed.is_chief_task`); this does the
+    same for Kedro's outputs (the captioner, the history CSVs, the figures): on every other
+    worker they become MemoryDatasets, so two workers that share a `data/` never race on one
+    file, and no worker leaves a second copy behind. (`tracking.MlflowRunHooks` keeps the
+    other workers out of MLflow the same way.)
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:  # noqa: ARG002
+        if not non_chief_worker(_params(catalog, "train")):
+            return
+        from kedro.io import MemoryDataset
+
+        for name in sorted(pipeline.all_outputs()):
+            catalog[name] = MemoryDataset()
+
+
+def non_chief_worker(train: dict | None) -> bool:
+    """This process is a worker of a multi-worker training, but not its chief."""
+    if (train or {}).get("strategy") != "multi_worker":
+        return False
+    from caption_pipeline.distributed import is_chief_task  # Keras: only when it matters
+
+    return not is_chief_task()
+
+
+def _params(catalog, key: str) -> dict | None:
+    name = f"params:{key}"
+    return catalog.load(name) if name in catalog else None
 
 
 class DvcLockHooks:

@@ -13,7 +13,7 @@ Per batch of B images (precomputed features or images, whichever the cross-entro
 After each epoch the greedy captions of the val split are scored with the same CIDEr-D, and the
 weights with the best val CIDEr-D are kept; "epoch 0" is the cross-entropy model itself, so the
 phase never returns a model that val says is worse, and the history shows SCST's val gain.
-Checkpoints (weights + optimizer, dropout RNG state, `state.json`) are `training.Checkpoints`:
+Checkpoints (weights + optimizer, dropout RNG state, `state.json`) are `checkpoints.Checkpoints`:
 a killed run resumes at its last one, skipping exactly the batches it had done, with the
 dropout masks an unbroken run would have drawn. The optimizer is `training.adam`: `clipnorm`
 is the global norm of all gradients.
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from caption_pipeline.checkpoints import CHECKPOINT_FORMAT, Checkpoints, weights_digest
 from caption_pipeline.cider import CiderD
 from caption_pipeline.decoding import compile_function
 from caption_pipeline.model.beam_search import START_ID, greedy_search
@@ -43,7 +44,7 @@ from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import SelfCriticalTrainer, advantages
 from caption_pipeline.params import from_params, require
 from caption_pipeline.text import Vocabulary, tokenize
-from caption_pipeline.training import CHECKPOINT_FORMAT, Checkpoints, adam, weights_digest
+from caption_pipeline.training import adam
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ class SelfCriticalState:
     best_epoch: int = 0
 
 
-def reference_tokens(caption_table: pd.DataFrame, splits: Sequence[str]
-                     ) -> dict[int, list[list[str]]]:
+def reference_tokens(
+    caption_table: pd.DataFrame, splits: Sequence[str]
+) -> dict[int, list[list[str]]]:
     """Each image's reference captions, tokenized as coco-caption does, for `splits`."""
     rows = caption_table.loc[caption_table["split"].isin(list(splits))]
     rows = rows.sort_values(["image_id", "annotation_id"], kind="stable")
@@ -127,9 +129,11 @@ class _Phase:
         self.cider = CiderD(references["train"])
         self.sample = compile_function(
             lambda inputs: sample_captions(captioner, captioner(inputs), inputs["uniforms"]),
-            captioner)
+            captioner,
+        )
         self.greedy = compile_function(
-            lambda inputs: greedy_search(captioner, captioner(inputs), max_length), captioner)
+            lambda inputs: greedy_search(captioner, captioner(inputs), max_length), captioner
+        )
 
     def greedy_rewards(self, inputs: dict, image_ids, split: str) -> np.ndarray:
         ids = keras.ops.convert_to_numpy(self.greedy(inputs).ids)[:, 0]
@@ -140,8 +144,10 @@ class _Phase:
         return np.asarray(self.cider.score(captions, refs), dtype=np.float64)
 
     def val_cider(self, batches) -> float:
-        rewards = [self.greedy_rewards(_model_inputs(inputs), inputs["image_id"], "val")
-                   for inputs, _ in batches.as_numpy_iterator()]
+        rewards = [
+            self.greedy_rewards(_model_inputs(inputs), inputs["image_id"], "val")
+            for inputs, _ in batches.as_numpy_iterator()
+        ]
         return float(np.concatenate(rewards).mean())
 
 
@@ -161,12 +167,24 @@ def train_self_critical(
     ({"features" or "image", "image_id"}, captions); `references`: {"train": ..., "val": ...}
     tokens."""
     max_length = config.max_length or vocabulary.max_caption_length + 1
-    fingerprint = hashlib.sha256(json.dumps(
-        [dataclasses.asdict(config) | {"progress": None, "epochs": None,
-                                        "checkpoint_dir": None, "keep_checkpoints": None},
-         data_fingerprint, weights_digest(captioner), CHECKPOINT_FORMAT], sort_keys=True,
-        default=str,
-    ).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                dataclasses.asdict(config)
+                | {
+                    "progress": None,
+                    "epochs": None,
+                    "checkpoint_dir": None,
+                    "keep_checkpoints": None,
+                },
+                data_fingerprint,
+                weights_digest(captioner),
+                CHECKPOINT_FORMAT,
+            ],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:16]
     trainer = SelfCriticalTrainer(captioner)
     trainer.compile(optimizer=adam(trainer, config.learning_rate, config.clipnorm))
     trainer.optimizer.build(trainer.trainable_variables)
@@ -191,35 +209,51 @@ def train_self_critical(
         # The epoch's means are over all its steps: a resumed epoch's first ones are in the
         # checkpoint's `state.steps`, done by the run that was killed, not in this process.
         rows = [row for row in state.steps if row["step"] > epoch * steps_per_epoch]
-        bar = tqdm(total=todo, desc=f"SCST epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress)
-        for (inputs, _), _ in zip(batches.as_numpy_iterator(), range(todo)):
+        bar = tqdm(
+            total=todo, desc=f"SCST epoch {epoch + 1}/{config.epochs}", disable=not config.progress
+        )
+        for (inputs, _), _ in zip(batches.as_numpy_iterator(), range(todo), strict=False):
             rows.append(_step(trainer, phase, inputs, state.step, config))
             state.step += 1
             state.steps.append(rows[-1])
             bar.update(1)
             bar.set_postfix(reward=f"{rows[-1]['reward']:.3f}")
-            if state.step % config.checkpoint_every_steps == 0 and \
-                    state.step % steps_per_epoch:  # an epoch's last step: saved after val
+            if (
+                state.step % config.checkpoint_every_steps == 0 and state.step % steps_per_epoch
+            ):  # an epoch's last step: saved after val
                 checkpoints.save(trainer, state, state.step)
         bar.close()
-        row = {"epoch": epoch + 1, "step": state.step, "val_cider": phase.val_cider(val),
-               **{key: float(np.mean([r[key] for r in rows])) for key in
-                  ("reward", "baseline", "advantage", "entropy", "policy_loss")},
-               "reward_share": sum(r["reward_seconds"] for r in rows) / max(
-                   sum(r["step_seconds"] for r in rows), 1e-9),
-               "seconds": round(time.perf_counter() - started, 2)}
+        row = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            "val_cider": phase.val_cider(val),
+            **{
+                key: float(np.mean([r[key] for r in rows]))
+                for key in ("reward", "baseline", "advantage", "entropy", "policy_loss")
+            },
+            "reward_share": sum(r["reward_seconds"] for r in rows)
+            / max(sum(r["step_seconds"] for r in rows), 1e-9),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
         state.history.append(row)
-        logger.info("SCST epoch %d/%d: %s", epoch + 1, config.epochs,
-                    ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        logger.info(
+            "SCST epoch %d/%d: %s",
+            epoch + 1,
+            config.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
         if row["val_cider"] > state.best_val_cider:
             state.best_val_cider, state.best_epoch = row["val_cider"], epoch + 1
             checkpoints.save_best(trainer)
         checkpoints.save(trainer, state, state.step)
 
     checkpoints.load_best(trainer)
-    logger.info("SCST: keeping epoch %d (val CIDEr-D %.4f; cross-entropy model %.4f)",
-                state.best_epoch, state.best_val_cider, state.history[0]["val_cider"])
+    logger.info(
+        "SCST: keeping epoch %d (val CIDEr-D %.4f; cross-entropy model %.4f)",
+        state.best_epoch,
+        state.best_val_cider,
+        state.history[0]["val_cider"],
+    )
     if not config.keep_checkpoints:
         checkpoints.clear()
     return captioner, pd.DataFrame(state.history), pd.DataFrame(state.steps)
@@ -231,26 +265,39 @@ def _step(trainer, phase: _Phase, inputs: dict, step: int, config: SelfCriticalC
     model_inputs, image_ids = _model_inputs(inputs), inputs["image_id"]
     batch = len(image_ids)
     uniforms = np.random.default_rng([config.seed, step]).random(
-        (batch, config.samples, phase.max_length), dtype=np.float32)
+        (batch, config.samples, phase.max_length), dtype=np.float32
+    )
     samples = phase.sample({**model_inputs, "uniforms": uniforms})
     ids = keras.ops.convert_to_numpy(samples.ids)  # [B, K, L]
     scoring = time.perf_counter()
     words = _words(ids.reshape(-1, ids.shape[-1]), phase.vocabulary)
     rewards = phase.score(words, np.repeat(image_ids, config.samples), "train").reshape(
-        batch, config.samples)
+        batch, config.samples
+    )
     reward_seconds = time.perf_counter() - scoring
-    greedy = (phase.greedy_rewards(model_inputs, image_ids, "train")
-              if config.baseline == "greedy" else None)
+    greedy = (
+        phase.greedy_rewards(model_inputs, image_ids, "train")
+        if config.baseline == "greedy"
+        else None
+    )
     baseline, advantage = advantages(rewards, config.baseline, greedy)
     start = np.full((*ids.shape[:2], 1), START_ID, ids.dtype)
     logs = trainer.train_on_batch(
         model_inputs,
-        {"captions": np.concatenate([start, ids], axis=-1),
-         "advantage": advantage.astype(np.float32)},
-        return_dict=True)
-    return {"step": step + 1, "reward": float(rewards.mean()), "baseline": float(baseline.mean()),
-            "advantage": float(advantage.mean()),
-            "entropy": float(keras.ops.convert_to_numpy(samples.entropy)),
-            "policy_loss": float(logs["policy_loss"]),
-            # the CIDEr-D reward's share of the step (the greedy baseline's scoring excluded)
-            "reward_seconds": reward_seconds, "step_seconds": time.perf_counter() - started}
+        {
+            "captions": np.concatenate([start, ids], axis=-1),
+            "advantage": advantage.astype(np.float32),
+        },
+        return_dict=True,
+    )
+    return {
+        "step": step + 1,
+        "reward": float(rewards.mean()),
+        "baseline": float(baseline.mean()),
+        "advantage": float(advantage.mean()),
+        "entropy": float(keras.ops.convert_to_numpy(samples.entropy)),
+        "policy_loss": float(logs["policy_loss"]),
+        # the CIDEr-D reward's share of the step (the greedy baseline's scoring excluded)
+        "reward_seconds": reward_seconds,
+        "step_seconds": time.perf_counter() - started,
+    }

@@ -2,15 +2,27 @@
 
 from kedro.config import OmegaConfigLoader
 
-from caption_pipeline.hooks import CleanDataErrorHooks, DvcLockHooks, MissingInputsHooks
+from caption_pipeline.hooks import (
+    ChiefWritesHooks,
+    CleanDataErrorHooks,
+    DvcLockHooks,
+    MissingInputsHooks,
+)
 from caption_pipeline.tracking import MlflowRunHooks
 
 # kedro-mlflow's own hook (an entry point, so not listed here) opens one MLflow run per
 # `kedro run` with the settings of conf/base/mlflow.yml; MlflowRunHooks adds the run tags
-# (git commit, DVC hash of the data) and the error of a failed run. DvcLockHooks records
-# the stages a successful run ran in dvc.lock (`dvc commit`), so that `dvc status` and
-# `dvc repro` see what `kedro run` made.
-HOOKS = (CleanDataErrorHooks(), MissingInputsHooks(), MlflowRunHooks(), DvcLockHooks())
+# (git commit, DVC hash of the data) and the error of a failed run. Under multi-worker
+# training, ChiefWritesHooks keeps every output but the chief's in memory. DvcLockHooks
+# records the stages a successful run ran in dvc.lock (`dvc commit`), so that `dvc status`
+# and `dvc repro` see what `kedro run` made.
+HOOKS = (
+    CleanDataErrorHooks(),
+    MissingInputsHooks(),
+    ChiefWritesHooks(),
+    MlflowRunHooks(),
+    DvcLockHooks(),
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -36,6 +36,8 @@ import yaml
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
+from caption_pipeline.hooks import non_chief_worker
+
 MetricSeries = dict[str, list[dict[str, float]]]
 
 _SQLITE = "sqlite:///"
@@ -77,8 +79,11 @@ def self_critical_metric_series(history: pd.DataFrame, steps: pd.DataFrame) -> M
     and its val CIDEr-D per epoch (epoch 0: the cross-entropy model) as `val_cider`."""
     series = {}
     if not steps.empty:
-        series = {column: _points(steps["step"], steps[column]) for column in steps.columns
-                  if column != "step" and pd.api.types.is_numeric_dtype(steps[column])}
+        series = {
+            column: _points(steps["step"], steps[column])
+            for column in steps.columns
+            if column != "step" and pd.api.types.is_numeric_dtype(steps[column])
+        }
     if not history.empty:
         series["val_cider"] = _points(history["epoch"], history["val_cider"])
     return {name: points for name, points in series.items() if points}
@@ -151,8 +156,10 @@ def dvc_data_hash(project_path: Path, data_root: str | Path) -> tuple[str, str] 
     lock = project_path / "dvc.lock"
     if lock.is_file():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        candidates += [(f"dvc.lock:{name}", project_path, stage.get("outs", []))
-                       for name, stage in stages.items()]
+        candidates += [
+            (f"dvc.lock:{name}", project_path, stage.get("outs", []))
+            for name, stage in stages.items()
+        ]
     for source, folder, outs in candidates:
         for out in outs:
             path = _project_relative(folder / out.get("path", ""), project_path)
@@ -179,12 +186,19 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_params(params: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """The leaves of `params` whose value differs from (or is absent in) `base`."""
     base_flat = flatten(base)
-    return {key: value for key, value in flatten(params).items()
-            if key not in base_flat or base_flat[key] != value}
+    return {
+        key: value
+        for key, value in flatten(params).items()
+        if key not in base_flat or base_flat[key] != value
+    }
 
 
-def run_name(pipelines: list[str] | None, env: str | None, runtime_params: Mapping[str, Any],
-             experiment: str | None = None) -> str:
+def run_name(
+    pipelines: list[str] | None,
+    env: str | None,
+    runtime_params: Mapping[str, Any],
+    experiment: str | None = None,
+) -> str:
     """A run name a person can read: "all stages · local", "train · smoke · train.epochs=3",
     "exp lucid-pony · train · local": the DVC experiment when there is one, the stages run,
     the Kedro environment, and the parameters given on the command line."""
@@ -199,8 +213,11 @@ def run_name(pipelines: list[str] | None, env: str | None, runtime_params: Mappi
 def caption_digest(table: pd.DataFrame) -> str:
     """12 hex digits of sha256 over (image_id, annotation_id, caption) sorted: the same rows
     give the same digest on any machine, whatever their order."""
-    rows = table[["image_id", "annotation_id", "caption"]].sort_values(
-        ["image_id", "annotation_id"]).itertuples(index=False)
+    rows = (
+        table[["image_id", "annotation_id", "caption"]]
+        .sort_values(["image_id", "annotation_id"])
+        .itertuples(index=False)
+    )
     digest = hashlib.sha256()
     for image_id, annotation_id, caption in rows:
         digest.update(f"{image_id}\t{annotation_id}\t{caption}\n".encode())
@@ -216,10 +233,14 @@ def caption_inputs(table: pd.DataFrame, data_root: str, data_hash: str | None) -
         rows = table[table["split"] == split].reset_index(drop=True)
         with warnings.catch_warnings():  # a local path: MLflow registers two local sources
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_pandas(rows, source=str(data_root),
-                                              name=f"captions-{split}", digest=caption_digest(rows))
-        tags = {"split": split, "dvc_data_hash": data_hash or "untracked",
-                "images": str(rows["image_id"].nunique())}
+            dataset = mlflow.data.from_pandas(
+                rows, source=str(data_root), name=f"captions-{split}", digest=caption_digest(rows)
+            )
+        tags = {
+            "split": split,
+            "dvc_data_hash": data_hash or "untracked",
+            "images": str(rows["image_id"].nunique()),
+        }
         inputs.append((dataset, _SPLIT_CONTEXT.get(split, split), tags))
     return inputs
 
@@ -253,8 +274,13 @@ class MlflowRunHooks:
         server = conf["server"] = conf.get("server") or {}
         uri = server.get("mlflow_tracking_uri")
         if isinstance(uri, str) and uri.startswith(_SQLITE) and not uri.startswith(_SQLITE + "/"):
-            server["mlflow_tracking_uri"] = _SQLITE + (root / uri[len(_SQLITE):]).as_posix()
+            server["mlflow_tracking_uri"] = _SQLITE + (root / uri[len(_SQLITE) :]).as_posix()
         tracking = conf["tracking"] = conf.get("tracking") or {}
+        if non_chief_worker(context.params.get("train")):  # the chief's run is the run
+            from kedro.framework.project import pipelines
+
+            disable = tracking["disable_tracking"] = tracking.get("disable_tracking") or {}
+            disable["pipelines"] = sorted(pipelines)
         experiment = tracking["experiment"] = tracking.get("experiment") or {}
         kwargs = experiment["create_experiment_kwargs"] = (
             experiment.get("create_experiment_kwargs") or {}
@@ -275,18 +301,25 @@ class MlflowRunHooks:
         project_path = Path(run_params["project_path"])
         tags: dict[str, str] = {}
         git = git_commit(project_path)
-        tags["git_commit"], tags["git_dirty"] = (git[0], str(git[1]).lower()) if git else ("none", "")
+        tags["git_commit"], tags["git_dirty"] = (
+            (git[0], str(git[1]).lower()) if git else ("none", "")
+        )
         found = dvc_data_hash(project_path, self._data_root) if self._data_root else None
         tags["dvc_data_path"] = str(self._data_root or "")
         tags["dvc_data_hash"], tags["dvc_data_source"] = found or ("untracked", "")
         experiment = os.environ.get("DVC_EXP_NAME")
         tags["dvc_experiment"] = experiment or ""
-        tags["mlflow.runName"] = run_name(run_params.get("pipeline_names"), run_params.get("env"),
-                                          run_params.get("runtime_params") or {}, experiment)
+        tags["mlflow.runName"] = run_name(
+            run_params.get("pipeline_names"),
+            run_params.get("env"),
+            run_params.get("runtime_params") or {},
+            experiment,
+        )
         tags["mlflow.note.content"] = "`" + " ".join(["kedro", *sys.argv[1:]]) + "`"
         changed = self._changed_params()
-        tags["params_changed"] = (", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
-                                  [:_MAX_TAG_CHARS] or "none")
+        tags["params_changed"] = (
+            ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))[:_MAX_TAG_CHARS] or "none"
+        )
         mlflow.set_tags({key: value for key, value in tags.items() if value != ""})
 
     def _changed_params(self) -> dict[str, Any]:
@@ -296,8 +329,9 @@ class MlflowRunHooks:
             return {}
         loader = type(context.config_loader)
         try:
-            base = loader(str(Path(context.project_path) / "conf"), env="base",
-                          **_loader_args())["parameters"]
+            base = loader(str(Path(context.project_path) / "conf"), env="base", **_loader_args())[
+                "parameters"
+            ]
         except Exception:  # noqa: BLE001 (a loader that cannot load base alone: no tag)
             return {}
         return changed_params(context.params, base)
@@ -313,13 +347,18 @@ class MlflowRunHooks:
         self._log_inputs(dataset_name, data)
 
     def _log_inputs(self, dataset_name: str, data: Any) -> None:
-        if (dataset_name != "caption_table" or self._inputs_logged
-                or mlflow.active_run() is None or not isinstance(data, pd.DataFrame)):
+        if (
+            dataset_name != "caption_table"
+            or self._inputs_logged
+            or mlflow.active_run() is None
+            or not isinstance(data, pd.DataFrame)
+        ):
             return
         root = Path(self._context.project_path) if self._context else Path.cwd()
         found = dvc_data_hash(root, self._data_root) if self._data_root else None
-        for dataset, context, tags in caption_inputs(data, self._data_root or "",
-                                                     found[0] if found else None):
+        for dataset, context, tags in caption_inputs(
+            data, self._data_root or "", found[0] if found else None
+        ):
             mlflow.log_input(dataset, context=context, tags=tags)
         self._inputs_logged = True
 
@@ -336,7 +375,6 @@ class MlflowRunHooks:
             "".join(traceback.format_exception(type(error), error, error.__traceback__)),
             "error.txt",
         )
-
 
 
 def _loader_args() -> dict[str, Any]:
