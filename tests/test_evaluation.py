@@ -489,10 +489,12 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     model.save(tmp_path / "shapes.keras")
 
     shards = load_shard_set("data/03_primary/shards")
+    base = defaults("evaluate")
     params = {
+        **base,
         "model_path": str(tmp_path / "shapes.keras"),
         "batch_size": 10,
-        "decoding": {"method": "greedy"},
+        "decoding": {**base["decoding"], "method": "greedy"},
         "attention_samples": 2,
     }
     captions = nodes.generate_captions(None, shards, vocabulary, params, {})
