@@ -264,31 +264,38 @@ def test_reader_yields_features_ids_and_captions(features):
             assert caption[caption > 0].tolist() in train[int(image_id)].captions
 
 
-def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
-    _, image_set, _, _, _ = features
+def features_catalog(shards: Path, folder: Path, model: dict) -> DataCatalog:
+    """The features pipeline's catalog: the image shards at `shards`, its outputs under
+    `folder`, `params:model` = `model`, pretraining off, the raw dataset a bare block."""
     catalog = DataCatalog.from_config(
         {
             "shards": {
                 "type": "caption_pipeline.datasets.TFRecordShardsDataset",
-                "path": str(image_set.root),
+                "path": str(shards),
             },
             "model_inputs": {
                 "type": "caption_pipeline.datasets.ModelInputsDataset",
-                "path": str(tmp_path / "model_inputs"),
+                "path": str(folder / "model_inputs"),
                 "progress": False,
             },
             "initial_encoder": {
                 "type": "caption_pipeline.datasets.EncoderWeightsDataset",
-                "filepath": str(tmp_path / "initial_encoder.weights.h5"),
+                "filepath": str(folder / "initial_encoder.weights.h5"),
             },
         }
     )
-    catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(tmp_path)})
-    catalog["params:model"] = MemoryDataset(FROZEN)
+    catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(folder)})
+    catalog["params:model"] = MemoryDataset(model)
     catalog["params:features"] = MemoryDataset(FEATURES)
     catalog["params:encoder_pretraining"] = MemoryDataset(
         {**defaults("encoder_pretraining"), "enabled": False}
     )
+    return catalog
+
+
+def test_features_pipeline_through_a_kedro_catalog(features, tmp_path):
+    _, image_set, _, _, _ = features
+    catalog = features_catalog(image_set.root, tmp_path, FROZEN)
     assert not catalog.exists("model_inputs")
 
     SequentialRunner().run(create_pipeline(), catalog)

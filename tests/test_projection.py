@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.features import build_frozen_encoder, feature_encoder_weights
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.model.encoder import regions_model
-from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.features import create_pipeline
 from caption_pipeline.projection import Moments
 from caption_pipeline.shards.reader import make_image_dataset
@@ -23,6 +21,7 @@ from tests.test_features import (
     NUM_SHARDS,
     REGIONS,
     SPLIT_SIZES,
+    features_catalog,
     records,
     write_image_shards,
 )
@@ -69,29 +68,7 @@ def projected(tmp_path_factory):
     """The features pipeline run with a projection, through a Kedro catalog."""
     root = tmp_path_factory.mktemp("projected")
     _, image_set = write_image_shards(root, SPLIT_SIZES, NUM_SHARDS)
-    catalog = DataCatalog.from_config(
-        {
-            "shards": {
-                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
-                "path": str(image_set.root),
-            },
-            "model_inputs": {
-                "type": "caption_pipeline.datasets.ModelInputsDataset",
-                "path": str(root / "model_inputs"),
-                "progress": False,
-            },
-            "initial_encoder": {
-                "type": "caption_pipeline.datasets.EncoderWeightsDataset",
-                "filepath": str(root / "initial_encoder.weights.h5"),
-            },
-        }
-    )
-    catalog["raw_dataset"] = MemoryDataset({"name": "images", "root": str(root)})
-    catalog["params:model"] = MemoryDataset(PROJECTED)
-    catalog["params:features"] = MemoryDataset(FEATURES)
-    catalog["params:encoder_pretraining"] = MemoryDataset(
-        {**defaults("encoder_pretraining"), "enabled": False}
-    )
+    catalog = features_catalog(image_set.root, root, PROJECTED)
     SequentialRunner().run(create_pipeline(), catalog)
     return image_set, catalog
 
