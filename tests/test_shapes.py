@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -403,12 +406,22 @@ def test_skips_a_complete_generation_and_redoes_a_changed_one(tiny, tmp_path, ca
 
 
 def test_leftovers_of_a_killed_generation_are_removed(tmp_path):
-    leftover = tmp_path / ".shapes.tmp-123-abcdef12"
+    """A generation's temporary folder whose process is gone is removed; a live writer's, and
+    another path's, are not."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    leftover = tmp_path / f".shapes.tmp-{int(gone.stdout)}-abcdef12"
     (leftover / "train").mkdir(parents=True)
+    live = tmp_path / f".shapes.tmp-{os.getpid()}-0123abcd"
+    live.mkdir()
     unrelated = tmp_path / ".other.tmp-1-2"
     unrelated.write_text("not ours")
     generate(tmp_path / "shapes")
-    assert not leftover.exists() and unrelated.exists()
+    assert not leftover.exists() and live.exists() and unrelated.exists()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from caption_pipeline.atomic import TMP_MARKER, atomic_directory
+from caption_pipeline.atomic import atomic_directory, remove_stale_siblings
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import encode_jpeg
 from caption_pipeline.shapes.captions import make_captions
@@ -188,7 +187,7 @@ def ensure_generated(dataset: Mapping[str, Any], config: ShapesConfig) -> dict[s
         logger.info(
             "Shapes dataset in %s has other parameters or missing files: regenerating", root
         )
-    removed = _remove_stale_temporaries(root)
+    removed = remove_stale_siblings(root)
     if removed:
         logger.info("Removed %d unfinished generation(s) next to %s", removed, root)
 
@@ -253,11 +252,3 @@ def _complete(root: Path, layout: Mapping[str, SplitLayout], counts: Mapping[str
         if sum(1 for _ in (root / entry.images).glob("*.jpg")) != expected:
             return False
     return True
-
-
-def _remove_stale_temporaries(root: Path) -> int:
-    """Delete temporary folders a killed generation left next to `root` (and only those)."""
-    stale = list(root.parent.glob(f".{root.name}{TMP_MARKER}*")) if root.parent.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return len(stale)
