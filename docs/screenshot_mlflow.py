@@ -4,7 +4,7 @@
 
 Starts `mlflow server` on PROJECT's mlflow.db (default: this project) on 127.0.0.1 with a free
 port and opens, in headless Chromium (Debian: `apt-get install chromium chromium-driver`)
-through Selenium:
+through Selenium (tests/helpers.py's `chromium`):
 
 - the run that registered the `champion` version of `image-captioner` (or --run-id), on its
   "Model metrics" tab with the charts filtered to the training curves (--charts, a regular
@@ -23,9 +23,7 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,11 +38,14 @@ from typing import Any, NoReturn
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for `tests.helpers`: `python docs/X.py` puts docs/ on the path
+
+from tests.helpers import chromium, free_port  # noqa: E402
+
 MODEL, ALIAS = "image-captioner", "champion"
 # Two curves per training phase, each one per logged step and one per epoch on val: the loss
 # and val cross-entropy of cross-entropy training (xent.) and of the encoder's fine-tuning
@@ -53,19 +54,6 @@ MODEL, ALIAS = "image-captioner", "champion"
 CHARTS = r"^(xent|fine_tune)\.(loss|val_xent)$|^scst\.(reward|val_cider)$"
 TRAINING_PREFIXES = ("xent.", "fine_tune.", "scst.")
 WIDTH = 1400  # CSS pixels, and pixels of the PNGs (device scale factor 1)
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    f"--window-size={WIDTH},1000",
-    "--force-device-scale-factor=1",
-)
 # The UI's state in localStorage, set before the app starts: the model-training sidebar (not
 # GenAI's), and the MLflow Assistant panel closed (it opens itself on a first visit).
 LOCAL_STORAGE = {
@@ -85,12 +73,6 @@ def fail(message: str) -> NoReturn:
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(database: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
@@ -214,17 +196,9 @@ def chart_metrics(run: dict, charts: str) -> list[str]:
 
 
 def browser(profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    # Debian's chromium and chromedriver when present (Selenium Manager would try the network).
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    chromedriver = shutil.which("chromedriver")
-    if chromium:
-        options.binary_location = chromium
     try:
-        driver = webdriver.Chrome(
-            service=Service(chromedriver) if chromedriver else None, options=options
+        driver = chromium(
+            WIDTH, 1000, "--hide-scrollbars", "--force-device-scale-factor=1", profile=profile
         )
     except WebDriverException as error:
         fail(

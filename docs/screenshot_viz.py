@@ -3,7 +3,8 @@
     kedro viz build && python docs/screenshot_viz.py
 
 Serves `build/` on 127.0.0.1 and opens it in headless Chromium (Debian: `apt-get install
-chromium chromium-driver`) through Selenium, with the stage namespaces collapsed.
+chromium chromium-driver`) through Selenium (tests/helpers.py's `chromium`), with the stage
+namespaces collapsed.
 """
 
 from __future__ import annotations
@@ -16,22 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from selenium import webdriver
-
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--window-size=1500,620",
-    "--force-device-scale-factor=2",
-)
+sys.path.insert(0, str(ROOT))  # for `tests.helpers`: `python docs/X.py` puts docs/ on the path
+
+from tests.helpers import chromium  # noqa: E402
+
 # Kedro-Viz keeps its UI state in localStorage["KedroViz"]; set before the app starts.
 SETTINGS = {
     "pipeline": {"active": "__default__"},
@@ -59,10 +49,7 @@ def main(build: Path = ROOT / "build", out: Path = ROOT / "docs" / "kedro_viz.pn
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(build))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    for flag in FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options)
+    driver = chromium(1500, 620, "--hide-scrollbars", "--force-device-scale-factor=2")
     try:
         driver.execute_cdp_cmd(
             "Page.addScriptToEvaluateOnNewDocument",

@@ -1,5 +1,5 @@
 """Make docs/web_page.png: the server's web page with a captioned test image and the attention
-of one word, in headless Chromium (the browser helpers of tests/test_serve_browser.py).
+of one word, in headless Chromium (tests/helpers.py's, as tests/test_serve_browser.py).
 
   .venv/bin/python docs/screenshot_web_page.py [PROJECT] [--image FILE] [--word N]
 
@@ -13,13 +13,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
 
-from conftest import free_port, start_server, stop_server  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from test_serve_browser import browser, caption_in_page  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for `tests.helpers`: `python docs/X.py` puts docs/ on the path
+
+from tests.helpers import caption_in_page, chromium, free_port, start_server, stop_server  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     )
     try:
         with tempfile.TemporaryDirectory() as profile:
-            driver = browser(Path(profile))
+            driver = chromium(1100, 900, profile=Path(profile))
             try:
                 caption_in_page(driver, f"http://127.0.0.1:{port}/", image.resolve())
                 words = driver.find_elements(By.CSS_SELECTOR, ".word")

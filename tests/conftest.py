@@ -1,34 +1,25 @@
-"""Shared test fixtures."""
+"""Shared test fixtures (helpers that are not fixtures: tests/helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from caption_pipeline.project import copy_project
+from tests.helpers import EXPORT_DIR, free_port, run_kedro, start_server, stop_server
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-KEDRO = str(Path(sys.executable).with_name("kedro"))
 
 
 @pytest.fixture
 def project_root() -> Path:
     return PROJECT_ROOT
-
-
-def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`kedro ARGS` in `project`, capturing output; never raises on a non-zero exit."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [KEDRO, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="session")
@@ -58,77 +49,6 @@ def kill_9_when(child, ready, *, timeout: float, what: str) -> None:
 
 
 # --- export and serving (issue 5) ---------------------------------------------------------------
-
-EXPORT_DIR = Path("data/06_models/export/saved_model")  # the catalog's exported_model, relative
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    """Poll `url` until it answers 200; fail with the process's output if it dies first."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"server exited with {process.returncode}: "
-                f"{process.stdout.read()[-3000:] if process.stdout else ''}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
-
-
-def start_server(args: list[str], cwd: Path, ready_url: str, env: dict | None = None):
-    """A server process (new session, output to a pipe), once `ready_url` answers 200."""
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **(env or {}),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    process = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(ready_url, process)
-    except BaseException:
-        stop_server(process)
-        raise
-    return process
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    import signal
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="session")

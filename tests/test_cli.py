@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import EXPORT_DIR
 
 from caption_pipeline.commands import argv_with_default
+from tests.helpers import EXPORT_DIR
 
 COMMAND = str(Path(sys.executable).with_name("caption-pipeline"))
 

@@ -8,11 +8,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import EXPORT_DIR
 from PIL import Image
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_conf
+from tests.helpers import EXPORT_DIR
 
 
 def _png(image: Image.Image) -> bytes:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from conftest import free_port, run_kedro, start_server, stop_server
+
+from tests.helpers import free_port, run_kedro, start_server, stop_server
 
 
 def _registration(project: Path) -> dict:

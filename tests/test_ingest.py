@@ -21,6 +21,7 @@ from caption_pipeline.ingestion import TABLE_DTYPES, ingest
 from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.ingest import create_pipeline
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
+from tests.helpers import run_kedro
 
 # One process and a lenient bad-image limit, unless a test is about those.
 PARAMS = {**defaults("ingest"), "workers": 1, "max_bad_image_fraction": 0.5}
@@ -491,8 +492,6 @@ def test_ingest_alone_on_a_fresh_project_names_the_stage_to_run_first(tmp_path):
     """Issue 12: `kedro run --pipelines=ingest` on a fresh clone with one's own dataset ends in
     one line saying to run `synthetic` first (it records the dataset block), not a traceback;
     and that advice works."""
-    from conftest import run_kedro
-
     from caption_pipeline.project import copy_project
 
     project = copy_project(tmp_path / "project")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, start_server, stop_server
 from PIL import Image
 
 from caption_pipeline.errors import DataError
@@ -28,6 +27,7 @@ from caption_pipeline.server import (
     check_settings,
     create_app,
 )
+from tests.helpers import free_port, start_server, stop_server
 
 
 def _png(size=(64, 48), colour="red") -> bytes:

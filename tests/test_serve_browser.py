@@ -1,31 +1,14 @@
 """The web page in a real headless browser (issue 5): Debian's chromium and chromedriver,
-driven by Selenium. `make test` installs them when /usr/bin/chromium is missing."""
+driven by Selenium (tests.helpers.chromium). `make test` installs them when /usr/bin/chromium is
+missing."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1100,900",
-)
+from tests.helpers import CHROMIUM, caption_in_page, chromium
 
 # Alpha of the overlay's pixels: > 0 once a word's attention map is drawn.
 OVERLAY_ALPHA = """
@@ -35,32 +18,13 @@ let total = 0; for (let i = 3; i < data.length; i += 4) total += data[i];
 return total;"""
 
 
-def browser(profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-def caption_in_page(driver: webdriver.Chrome, url: str, image: Path, timeout: float = 60):
-    """Open the page, choose `image`, wait for the caption and the word chips."""
-    driver.get(url)
-    wait = WebDriverWait(driver, timeout)
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#beam option"))  # /readyz answered
-    driver.find_element(By.ID, "file").send_keys(str(image))
-    wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".word")))
-    wait.until(lambda d: d.find_element(By.ID, "overlay").get_attribute("data-word") == "0")
-    return wait
-
-
 def test_web_page_captions_an_upload_and_shows_attention(
     caption_server, smoke_project, exported, tmp_path
 ):
-    assert os.access(CHROMIUM, os.X_OK), "apt-get install chromium chromium-driver (make test)"
+    assert CHROMIUM, "apt-get install chromium chromium-driver (make test)"
     image = sorted((smoke_project / "data/01_raw/shapes/test").glob("*.jpg"))[0]
     expected = exported.caption([image.read_bytes()])
-    driver = browser(tmp_path / "profile")
+    driver = chromium(1100, 900, profile=tmp_path / "profile")
     try:
         caption_in_page(driver, f"{caption_server}/", image)
         caption = driver.find_element(By.ID, "caption").text
@@ -90,7 +54,7 @@ def test_web_page_captions_an_upload_and_shows_attention(
 def test_web_page_shows_a_bad_upload_as_an_error(caption_server, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    driver = browser(tmp_path / "profile")
+    driver = chromium(1100, 900, profile=tmp_path / "profile")
     try:
         driver.get(f"{caption_server}/")
         wait = WebDriverWait(driver, 60)
