@@ -137,7 +137,8 @@ def test_every_environment_override_of_a_read_parameter_is_a_param(project, stag
 
 
 def test_evaluate_and_ingest_track_the_overrides_that_features_does(stages):
-    """The issue's two omissions."""
+    """The issue's two omissions. Evaluate reads no `params:model` any more: the architecture
+    is the saved captioner's, a dependency, so a model override reaches it through train."""
 
     def params(stage):
         return {(f, k) for e in stages[stage]["params"] for f, keys in e.items() for k in keys}
@@ -145,7 +146,10 @@ def test_evaluate_and_ingest_track_the_overrides_that_features_does(stages):
     assert ("conf/coco/parameters.yml", "dataset") in params("ingest")
     for env in ("smoke", "coco"):
         assert (f"conf/{env}/parameters_train.yml", "model") in params("features")
-        assert (f"conf/{env}/parameters_train.yml", "model") in params("evaluate")
+        assert (f"conf/{env}/parameters_train.yml", "model") in params("train")
+    assert not any(key == "model" for _, key in params("evaluate"))
+    assert "data/06_models/captioner.keras" in stages["train"]["outs"]
+    assert "data/06_models/captioner.keras" in stages["evaluate"]["deps"]
 
 
 def test_outputs_are_outs_metrics_and_plots(project, stages):

@@ -31,15 +31,13 @@ from caption_pipeline.evaluation import (
     EvaluateSettings,
     captions_from_results,
     leave_one_out_rounds,
-    load_captioner,
     most_frequent_caption,
     references_by_image,
     score_splits,
 )
-from caption_pipeline.model import Captioner, ModelConfig
-from caption_pipeline.params import defaults, from_conf
+from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.evaluate import nodes
-from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
+from caption_pipeline.text import Vocabulary
 
 # --- hand-made captions -------------------------------------------------------------------------
 
@@ -308,7 +306,7 @@ def test_settings_name_bad_keys():
     settings = EvaluateSettings.from_params(
         {**base, "decoding": {**base["decoding"], "method": "greedy"}, "batch_size": 4}
     )
-    assert settings.decoding.method == "greedy" and settings.model_path is None
+    assert settings.decoding.method == "greedy"
     with pytest.raises(DataError, match=r"parameters evaluate\.beam \(.*\): unknown key; known"):
         EvaluateSettings.from_params({**base, "beam": 3})
     with pytest.raises(DataError, match="evaluate.batch_size"):
@@ -332,7 +330,7 @@ def test_missing_java_says_how_to_install_it(monkeypatch, tmp_path):
         require_java()
     # Both nodes that need Java check it first, before loading or decoding anything.
     with pytest.raises(DataError, match="`java` is not on PATH"):
-        nodes.generate_captions(None, None, {}, {}, {})
+        nodes.generate_captions(None, None, {}, {})
     with pytest.raises(DataError, match="`java` is not on PATH"):
         nodes.score_captions([], [], pd.DataFrame())
 
@@ -356,66 +354,6 @@ def test_java_versions_and_spice_availability():
     # No CoreNLP 3.6.0 jars in this environment (a download): SPICE says why it is skipped.
     problem = spice_problem(version)
     assert "stanford-corenlp-3.6.0.jar" in problem and "Java 8" in problem
-
-
-# --- model files --------------------------------------------------------------------------------
-
-MODEL = {
-    **defaults("model"),
-    "compact_pool_last": True,
-    "encoder_trainable": None,
-    "encoder": "compact",
-    "image_size": 32,
-    "compact_filters": [8, 8],
-    "embed_dim": 8,
-    "attention_dim": 8,
-    "lstm_units": 16,
-}
-
-
-def tiny_vocabulary(words: str = "abcdefgh") -> Vocabulary:
-    return Vocabulary(
-        (*SPECIAL_TOKENS.values(), *words),
-        dict.fromkeys(words, 1),
-        min_count=1,
-        max_caption_length=5,
-    )
-
-
-def test_model_files_load_as_captioners(tmp_path):
-    vocab = tiny_vocabulary()
-    model = Captioner(from_conf(ModelConfig, "model", vocab_size=vocab.size, **MODEL))
-    model.save(tmp_path / "model.keras")
-    model.save_weights(tmp_path / "step.weights.h5")
-    for name in ("model.keras", "step.weights.h5"):
-        loaded = load_captioner(str(tmp_path / name), MODEL, vocab)
-        assert isinstance(loaded, Captioner)
-        for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
-            np.testing.assert_array_equal(a, b)
-
-    # A checkpoint of training on features holds the decoder alone: it gets the catalog
-    # captioner's frozen encoder (the one that computed the features).
-    frozen = {**MODEL, "encoder_trainable": False}
-    full = Captioner(from_conf(ModelConfig, "model", vocab_size=vocab.size, **frozen))
-    decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
-    decoder.save_weights(tmp_path / "decoder.weights.h5")
-    joined = load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab, encoder_of=full)
-    for a, b in zip(
-        joined.get_weights(), full.encoder.get_weights() + decoder.get_weights(), strict=True
-    ):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(DataError, match="holds a decoder trained on precomputed features"):
-        load_captioner(str(tmp_path / "decoder.weights.h5"), frozen, vocab)
-
-    with pytest.raises(DataError, match="writes 12 token ids, the vocabulary has 13"):
-        load_captioner(str(tmp_path / "model.keras"), MODEL, tiny_vocabulary("abcdefghi"))
-    with pytest.raises(DataError, match="step.weights.h5 does not fit the Captioner"):
-        load_captioner(str(tmp_path / "step.weights.h5"), MODEL, tiny_vocabulary("abcdefghi"))
-    with pytest.raises(DataError, match="evaluate.model_path: .*missing.keras does not exist"):
-        load_captioner(str(tmp_path / "missing.keras"), MODEL, vocab)
-    (tmp_path / "model.onnx").write_bytes(b"x")
-    with pytest.raises(DataError, match="expected a .keras model or a .weights.h5"):
-        load_captioner(str(tmp_path / "model.onnx"), MODEL, vocab)
 
 
 # --- the evaluate pipeline on the smoke project -------------------------------------------------
@@ -445,6 +383,7 @@ def test_evaluate_outputs_of_the_smoke_run(smoke_project):
     else:
         assert 0.0 <= metrics["attention_localization"] <= 1.0
     assert metrics["human"]["CIDEr"] > metrics["blind_baseline"]["CIDEr"]
+    assert metrics["details"]["model"] == "data/06_models/captioner.keras"  # the trained one
 
     scores = pd.read_csv(data / "08_reporting" / "caption_scores.csv", keep_default_na=False)
     assert list(scores.columns) == ["image_id", "split", "caption", *METRICS]
@@ -471,11 +410,11 @@ def test_evaluate_outputs_of_the_smoke_run(smoke_project):
 
 @pytest.mark.slow
 def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeypatch):
-    """evaluate.model_path with a .keras file: the smoke model made to name shapes (it never
+    """`captioner@evaluated` on another .keras file: the smoke model made to name shapes (it never
     ends, and shape words get a bonus), so that localization is scored on real boxes."""
     import keras
 
-    from caption_pipeline.datasets import KerasModelDataset
+    from caption_pipeline.datasets import CaptionerFileDataset, KerasModelDataset
     from caption_pipeline.shapes import SHAPE_WORDS
     from caption_pipeline.shards.shard_set import load_shard_set
 
@@ -492,12 +431,13 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     base = defaults("evaluate")
     params = {
         **base,
-        "model_path": str(tmp_path / "shapes.keras"),
         "batch_size": 10,
         "decoding": {**base["decoding"], "method": "greedy"},
         "attention_samples": 2,
     }
-    captions = nodes.generate_captions(None, shards, vocabulary, params, {})
+    evaluated = CaptionerFileDataset(filepath=str(tmp_path / "shapes.keras")).load()
+    captions, source = nodes.generate_captions(evaluated, shards, vocabulary, params)
+    assert source == str(tmp_path / "shapes.keras")
     assert [len(captions[s]) for s in ("val", "test")] == [
         shards.num_images(s) for s in ("val", "test")
     ]

@@ -273,10 +273,14 @@ def features_catalog(shards: Path, folder: Path, model: dict) -> DataCatalog:
                 "type": "caption_pipeline.datasets.TFRecordShardsDataset",
                 "path": str(shards),
             },
+            "model_inputs_folder": {
+                "type": "caption_pipeline.datasets.ShardFolderDataset",
+                "path": str(folder / "model_inputs"),
+                "progress": False,
+            },
             "model_inputs": {
                 "type": "caption_pipeline.datasets.ModelInputsDataset",
                 "path": str(folder / "model_inputs"),
-                "progress": False,
             },
             "initial_encoder": {
                 "type": "caption_pipeline.datasets.EncoderWeightsDataset",

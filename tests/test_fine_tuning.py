@@ -292,7 +292,7 @@ def test_nasnet_mobile_fine_tunes_end_to_end(data, tmp_path):
 
 def test_train_pipeline_fine_tunes_from_features_and_saves_an_image_model(data, tmp_path):
     # The runner releases what a later node has read: the histories reach us as metric series.
-    outputs = ("captioner", "training_metrics", "fine_tune_metrics", "self_critical_metrics")
+    outputs = ("captioner@keras", "training_metrics", "fine_tune_metrics", "self_critical_metrics")
     catalog = DataCatalog(
         {
             "model_inputs": MemoryDataset(data.features),
@@ -322,7 +322,7 @@ def test_train_pipeline_fine_tunes_from_features_and_saves_an_image_model(data, 
         }
     )
     SequentialRunner().run(create_pipeline(), catalog)
-    captioner = catalog.load("captioner")
+    captioner = catalog.load("captioner@keras")
     assert [point["step"] for point in catalog.load("training_metrics")["val_xent"]] == [1]
     # The same series as the cross-entropy phase's (the catalog prefixes them fine_tune.).
     metrics = catalog.load("fine_tune_metrics")

@@ -230,8 +230,9 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
     keys = [i.removeprefix("params:") for i in inputs if i.startswith("params:")]
     datasets = [i for i in inputs if not i.startswith("params:")]
     written = list(dict.fromkeys(out for node in pipeline.nodes for out in node.outputs))
-    deps = [path for path in map(project.path, datasets) if path]
     outs = [path for d in written if d not in METRICS and (path := project.path(d))]
+    # a folder a node loads to write into (`ShardFolderDataset`) is this stage's out, not a dep
+    deps = [path for path in map(project.path, datasets) if path and path not in outs]
     metrics = [path for d in written if d in METRICS and (path := project.path(d))]
     notes = {project.path(d): f"via {inputs[d]}" for d in datasets if inputs[d] and project.path(d)}
     for param, writer in PATH_PARAMS.items():

@@ -30,7 +30,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -56,7 +55,6 @@ TABLE_COLUMNS = ("image_id", "split", "annotation_id", "caption")
 class EvaluateSettings:
     """`params:evaluate`; see conf/base/parameters_evaluate.yml."""
 
-    model_path: str | None
     batch_size: int
     decoding: DecodeSettings
     attention_samples: int
@@ -68,10 +66,6 @@ class EvaluateSettings:
                 raise DataError(
                     f"parameters evaluate.{key}: expected a whole number >= {low}, got {value!r}"
                 )
-        if self.model_path is not None and not isinstance(self.model_path, str):
-            raise DataError(
-                f"parameters evaluate.model_path: expected a path or null, got {self.model_path!r}"
-            )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> EvaluateSettings:
@@ -81,81 +75,6 @@ class EvaluateSettings:
 
 
 # --- captioning -----------------------------------------------------------------------------
-
-
-def load_captioner(
-    model_path: str, model_params: Mapping[str, Any], vocabulary: Vocabulary, encoder_of=None
-):
-    """The Captioner in `model_path` (for `evaluate.model_path`). Accepted:
-
-    * a `.keras` file: a saved Captioner (the `captioner` of the catalog, or a copy of it);
-    * a `*.weights.h5` file: weights saved by `Captioner.save_weights`, e.g. a training
-      checkpoint `<train.checkpoint_dir>/step-NNNNNNNN-<hex>/checkpoint.weights.h5` or
-      `best.weights.h5`; the architecture comes from `params:model` and the vocabulary size.
-      A checkpoint of training on precomputed features holds the decoder alone: it is joined
-      with the frozen encoder of `encoder_of` (the catalog's captioner, whose encoder computed
-      those features).
-    """
-    import keras
-
-    from caption_pipeline.model import Captioner, ModelConfig
-
-    path = Path(model_path)
-    where = f"parameters evaluate.model_path: {path}"
-    if not path.is_file():
-        raise DataError(f"{where} does not exist")
-    if path.name.endswith(".keras"):
-        try:
-            model = keras.saving.load_model(path)
-        except Exception as error:  # noqa: BLE001 (Keras raises many kinds for a bad file)
-            raise DataError(f"{where} is not a loadable Keras model ({error})") from None
-        if not isinstance(model, Captioner):
-            raise DataError(f"{where} holds a {type(model).__name__}, not a Captioner")
-    elif path.name.endswith(".weights.h5"):
-        # The weights hold the encoder too: never fetch pretrained ones first.
-        config = ModelConfig.from_dict(
-            {**model_params, "vocab_size": vocabulary.size, "encoder_weights": None}
-        )
-        model = Captioner(config)
-        try:
-            model.load_weights(path)
-        except Exception as error:  # noqa: BLE001
-            model = _decoder_checkpoint(path, model, encoder_of)
-            if model is None:
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-                raise DataError(
-                    f"{where} does not fit the Captioner of params:model ({reason})"
-                ) from None
-    else:
-        raise DataError(f"{where}: expected a .keras model or a .weights.h5 checkpoint")
-    if model.config.vocab_size != vocabulary.size:
-        raise DataError(
-            f"{where}: the model writes {model.config.vocab_size} token ids, the "
-            f"vocabulary has {vocabulary.size}: trained with another vocabulary"
-        )
-    return model
-
-
-def _decoder_checkpoint(path: Path, full, encoder_of):
-    """The decoder-only weights in `path` joined with `encoder_of`'s frozen encoder, or None
-    when `path` does not hold such weights."""
-    from caption_pipeline.model import Captioner
-
-    if full.config.trains_encoder:
-        return None
-    decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
-    try:
-        decoder.load_weights(path)
-    except Exception:  # noqa: BLE001
-        return None
-    where = f"parameters evaluate.model_path: {path}"
-    if encoder_of is None or encoder_of.encoder is None or encoder_of.config.trains_encoder:
-        raise DataError(
-            f"{where} holds a decoder trained on precomputed features; its encoder "
-            f"is the frozen one of the catalog's captioner, which has none "
-            f"(it was fine-tuned, or is missing): evaluate a .keras captioner"
-        )
-    return decoder.with_encoder(encoder_of.encoder.get_weights())
 
 
 def caption_split(
@@ -399,11 +318,13 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 def metrics_report(
     scores: Mapping[str, Any],
     localization: Mapping[str, Any],
+    model_source: str,
     settings: EvaluateSettings,
     vocabulary: Vocabulary,
 ) -> dict[str, Any]:
     """metrics.json: the score sections, the decoding settings, attention localization (None
-    with a reason where the data has no boxes) and the details of each."""
+    with a reason where the data has no boxes) and the details of each, with `model_source`,
+    the file(s) the evaluated model was read from."""
     sections = {key: value for key, value in scores.items() if key != "details"}
     splits = {**scores["details"]["splits"], "attention_localization": "test"}
     for section, split in splits.items():
@@ -425,7 +346,7 @@ def metrics_report(
             "attention_localization": {
                 k: v for k, v in localization.items() if k not in ("score", "uniform")
             },
-            "model": settings.model_path or "the catalog's captioner",
+            "model": model_source,
             "splits": splits,
         },
     }

@@ -89,8 +89,8 @@ def tiny_captions(tiny_shapes, base_parameters):
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_captions, base_parameters, tmp_path_factory):
     """`tiny_captions` written as shards (2/1/1, images of 64 px, one process): the ShardSet."""
-    from caption_pipeline.datasets import TFRecordShardsDataset
-    from caption_pipeline.pipelines.shard.nodes import plan_shards
+    from caption_pipeline.pipelines.shard.nodes import plan_shards, write_shards
+    from caption_pipeline.shards.shard_set import ShardFolder
 
     _, tokenized, vocabulary = tiny_captions
     shard = merged(
@@ -101,9 +101,8 @@ def tiny_shards(tiny_captions, base_parameters, tmp_path_factory):
             "image_size": TINY_IMAGE_SIZE,
         },
     )
-    dataset = TFRecordShardsDataset(path=str(tmp_path_factory.mktemp("shards") / "shards"))
-    dataset.save(plan_shards(tokenized, vocabulary, shard))
-    return dataset.load()
+    folder = ShardFolder(tmp_path_factory.mktemp("shards") / "shards", progress=False)
+    return write_shards(plan_shards(tokenized, vocabulary, shard), folder)
 
 
 @pytest.fixture
@@ -116,8 +115,13 @@ def tiny_model(params):
 def tiny_features(tiny_shapes, tiny_shards, base_parameters, tmp_path_factory):
     """`tiny_shards` through the features nodes (a random, frozen tiny encoder, no
     pretraining): (model block, the model inputs as a ShardSet of features)."""
-    from caption_pipeline.datasets import EncoderWeightsDataset, ModelInputsDataset
-    from caption_pipeline.pipelines.features.nodes import plan_features, prepare_encoder
+    from caption_pipeline.datasets import EncoderWeightsDataset
+    from caption_pipeline.pipelines.features.nodes import (
+        plan_features,
+        prepare_encoder,
+        write_model_inputs,
+    )
+    from caption_pipeline.shards.shard_set import ShardFolder
 
     model = merged(base_parameters["model"], TINY_MODEL)
     features = merged(base_parameters["features"], {"batch_size": 4})
@@ -126,6 +130,5 @@ def tiny_features(tiny_shapes, tiny_shards, base_parameters, tmp_path_factory):
     folder = tmp_path_factory.mktemp("features")
     weights = EncoderWeightsDataset(filepath=str(folder / "encoder.weights.h5"))
     weights.save(encoder)
-    dataset = ModelInputsDataset(path=str(folder / "model_inputs"))
-    dataset.save(plan_features(tiny_shards, weights.load(), model, features))
-    return model, dataset.load()
+    plan = plan_features(tiny_shards, weights.load(), model, features)
+    return model, write_model_inputs(plan, ShardFolder(folder / "model_inputs", progress=False))

@@ -6,10 +6,11 @@ from caption_pipeline.datasets.atomic_datasets import (
     AtomicMatplotlibDataset,
     AtomicParquetDataset,
 )
+from caption_pipeline.datasets.captioner_file import CaptionerFileDataset
 from caption_pipeline.datasets.keras_model import EncoderWeightsDataset, KerasModelDataset
 from caption_pipeline.datasets.model_inputs import ModelInputsDataset
 from caption_pipeline.datasets.saved_model import AtomicBytesDataset, SavedModelDataset
-from caption_pipeline.datasets.tfrecord_shards import TFRecordShardsDataset
+from caption_pipeline.datasets.tfrecord_shards import ShardFolderDataset, TFRecordShardsDataset
 
 __all__ = [
     "AtomicBytesDataset",
@@ -17,9 +18,11 @@ __all__ = [
     "AtomicJSONDataset",
     "AtomicMatplotlibDataset",
     "AtomicParquetDataset",
+    "CaptionerFileDataset",
     "EncoderWeightsDataset",
     "KerasModelDataset",
     "ModelInputsDataset",
     "SavedModelDataset",
+    "ShardFolderDataset",
     "TFRecordShardsDataset",
 ]

@@ -1,45 +1,86 @@
-"""Kedro datasets of shard folders: save a plan, load a verified ShardSet."""
+"""Kedro datasets of shard folders: the folder a node writes into, and the verified ShardSet
+that the node returns and the next pipeline loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset
+from kedro.io import AbstractDataset, DatasetError
 
-from caption_pipeline.shards.image_writer import write_shards
-from caption_pipeline.shards.plan import ShardPlan
-from caption_pipeline.shards.shard_set import ShardSet, is_complete, load_shard_set
+from caption_pipeline.shards.shard_set import ShardFolder, ShardSet, is_complete, load_shard_set
 
 
-class ShardFolderDataset(AbstractDataset[Any, ShardSet]):
-    """A folder of TFRecord shards and the `manifest.json` that says it is complete.
+class ShardFolderDataset(AbstractDataset[None, ShardFolder]):
+    """The folder a writing node fills: loading gives a `ShardFolder` (the path, nothing read),
+    so the node, not the dataset, runs the writer, and Kedro's node hooks and Kedro-Viz see
+    the work. Its output is the set's own entry over the same `path` (`TFRecordShardsDataset`
+    or `ModelInputsDataset`), which checks what the node wrote.
 
-    The node stays pure: it returns a plan (what goes into which shard, no pixels). Saving
-    executes the plan atomically, manifest last; loading gives a verified `ShardSet`.
-    Subclasses say how with `_write(plan, folder, progress)`, `_read(folder, verify)` and
-    `_complete(folder)`.
+    Example catalog entry:
+
+        shards_folder:
+          type: caption_pipeline.datasets.ShardFolderDataset
+          path: data/03_primary/shards
     """
 
     def __init__(
-        self,
-        *,
-        path: str,
-        verify_on_load: bool = True,
-        progress: bool = True,
-        metadata: dict[str, Any] | None = None,
+        self, *, path: str, progress: bool = True, metadata: dict[str, Any] | None = None
+    ) -> None:
+        self._path = Path(path)
+        self._progress = progress
+        self.metadata = metadata
+
+    def load(self) -> ShardFolder:
+        return ShardFolder(self._path, self._progress)
+
+    def save(self, data: None) -> None:
+        raise DatasetError(
+            f"{self._path}: a shard folder is written by the node that loads it, not saved"
+        )
+
+    def _exists(self) -> bool:
+        return True  # a destination: there is always a place to write to
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "progress": self._progress}
+
+
+class ShardSetDataset(AbstractDataset[ShardSet, ShardSet]):
+    """A folder of TFRecord shards and the `manifest.json` that says it is complete.
+
+    Loading gives a verified `ShardSet`. Saving takes the `ShardSet` its node wrote into this
+    folder (through the `ShardFolderDataset` of the same path) and writes nothing: it checks
+    that the set on disk is the one the node returned, so that a node that wrote elsewhere,
+    or a catalog whose two entries disagree, fails here by name. Subclasses say how to read
+    with `_read(folder, verify)` and `_complete(folder)`.
+    """
+
+    def __init__(
+        self, *, path: str, verify_on_load: bool = True, metadata: dict[str, Any] | None = None
     ) -> None:
         """`verify_on_load` checks every shard's sha256 on load (reads them once)."""
         self._path = Path(path)
         self._verify_on_load = verify_on_load
-        self._progress = progress
         self.metadata = metadata
 
     def load(self) -> ShardSet:
         return self._read(self._path, verify=self._verify_on_load)
 
-    def save(self, data: Any) -> None:
-        self._write(data, self._path, progress=self._progress)
+    def save(self, data: ShardSet) -> None:
+        if not isinstance(data, ShardSet):
+            raise DatasetError(
+                f"{self._path}: expected the ShardSet its node wrote, got {type(data).__name__}"
+            )
+        on_disk = self._read(self._path, verify=False) if self._complete(self._path) else None
+        if on_disk is None or (on_disk.root.resolve(), on_disk.manifest) != (
+            Path(data.root).resolve(),
+            data.manifest,
+        ):
+            raise DatasetError(
+                f"{self._path}: the node returned the shard set in {data.root}, which is not "
+                f"the one in this folder (is the writing node's folder entry on another path?)"
+            )
 
     def _exists(self) -> bool:
         return self._complete(self._path)
@@ -47,11 +88,17 @@ class ShardFolderDataset(AbstractDataset[Any, ShardSet]):
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "verify_on_load": self._verify_on_load}
 
+    @staticmethod
+    def _read(folder: Path, verify: bool) -> ShardSet:
+        raise NotImplementedError
 
-class TFRecordShardsDataset(ShardFolderDataset):
-    """Image shards. Saving a `ShardPlan`: worker processes decode and write the shards; a
-    re-run with the same plan and unchanged images is a no-op, an interrupted one resumes
-    from its verified shards.
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        raise NotImplementedError
+
+
+class TFRecordShardsDataset(ShardSetDataset):
+    """Image shards, written by the `shard` pipeline's `write_shards` node.
 
     Example catalog entry:
 
@@ -59,10 +106,6 @@ class TFRecordShardsDataset(ShardFolderDataset):
           type: caption_pipeline.datasets.TFRecordShardsDataset
           path: data/03_primary/shards
     """
-
-    @staticmethod
-    def _write(plan: ShardPlan, folder: Path, progress: bool) -> None:
-        write_shards(plan, folder, progress=progress)
 
     @staticmethod
     def _read(folder: Path, verify: bool) -> ShardSet:

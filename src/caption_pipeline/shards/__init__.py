@@ -3,13 +3,14 @@
 One job per module, in the order the data goes through them:
 
 - `plan.py`: which images and captions go into which shard file (`build_shard_plan`, from the
-  caption table by `images_from_table`), and each shard's fingerprint. The `shard` node's output.
+  caption table by `images_from_table`), and each shard's fingerprint: what `plan_shards` returns.
 - `records.py`: the record format, one `tf.train.SequenceExample` per image: serialize and
   parse image and feature records, decode a record's JPEG to pixels.
 - `shard_set.py`: a shard set on disk: its manifest and `ShardSet`, loading one verified
   (`load_shard_set`), and the resumable writer that any kind of shard goes through
   (`write_shard_set`, `commit_shard`: atomic shards, receipts, manifest written last).
-- `image_writer.py`: `write_shards` executes a plan into JPEG image shards on a process pool.
+- `image_writer.py`: `write_shards` executes a plan into JPEG image shards on a process pool
+  (called by the `write_shards` node, into the folder of the catalog's `shards_folder`).
 - `reader.py`: the tf.data reader, `make_caption_dataset` (training) and `make_image_dataset`
   (captioning a split), and `pad_captions`.
 

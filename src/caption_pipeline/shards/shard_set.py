@@ -82,6 +82,16 @@ class ShardSet:
 
 
 @dataclass(frozen=True)
+class ShardFolder:
+    """Where a node writes a shard set: the folder of the catalog's entry, and whether the
+    writer shows a progress bar. A destination, not data: the node that receives it writes
+    the set there (resumably, manifest last) and returns the `ShardSet` it wrote."""
+
+    path: Path
+    progress: bool
+
+
+@dataclass(frozen=True)
 class WriteSummary:
     manifest: dict[str, Any]
     written: list[str] = field(default_factory=list)

@@ -7,7 +7,11 @@ import numpy as np
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from caption_pipeline.datasets import EncoderWeightsDataset, ModelInputsDataset
+from caption_pipeline.datasets import (
+    EncoderWeightsDataset,
+    ModelInputsDataset,
+    ShardFolderDataset,
+)
 from caption_pipeline.features import load_model_inputs
 from caption_pipeline.pipelines.features import create_pipeline
 
@@ -25,6 +29,7 @@ def run(tiny_shapes, tiny_shards, tiny_model, params, folder, **pretraining) -> 
             ),
             "initial_encoder": EncoderWeightsDataset(filepath=str(folder / "encoder.weights.h5")),
             "encoder_pretraining_history": MemoryDataset(),
+            "model_inputs_folder": ShardFolderDataset(path=str(folder / "model_inputs")),
             "model_inputs": ModelInputsDataset(path=str(folder / "model_inputs")),
         }
     )

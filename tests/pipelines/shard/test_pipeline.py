@@ -1,19 +1,25 @@
-"""The `shard` pipeline through Kedro: the plan node, then the shards dataset's save and load."""
+"""The `shard` pipeline through Kedro: the plan node, the writing node, the shards dataset."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 import tensorflow as tf
+from kedro.framework.hooks import hook_impl
+from kedro.framework.hooks.markers import HOOK_NAMESPACE
+from kedro.framework.hooks.specs import DatasetSpecs, NodeSpecs
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
+from pluggy import PluginManager
 
+from caption_pipeline.datasets import ShardFolderDataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.shard import create_pipeline
 from caption_pipeline.shards.plan import images_from_table
 from caption_pipeline.shards.reader import make_caption_dataset
 from caption_pipeline.shards.records import parse_example
+from caption_pipeline.shards.shard_set import MANIFEST
 
 WORDS = ["a", "red", "circle", "blue", "square"]
 VOCABULARY = {
@@ -33,6 +39,16 @@ PARAMS = {
 }
 
 
+def shard_catalog(path: str) -> DataCatalog:
+    """conf/base's two entries of the shard folder: the one the node writes into, the set."""
+    return DataCatalog.from_config(
+        {
+            "shards_folder": {"type": "caption_pipeline.datasets.ShardFolderDataset", "path": path},
+            "shards": {"type": "caption_pipeline.datasets.TFRecordShardsDataset", "path": path},
+        }
+    )
+
+
 def tokenized_table(folder) -> pd.DataFrame:
     """Two captions per image, rows deliberately out of order; "zebra" is out of vocabulary."""
     rows = []
@@ -48,14 +64,7 @@ def tokenized_table(folder) -> pd.DataFrame:
 def test_shard_pipeline_saves_a_plan_and_loads_a_shard_set(tmp_path):
     (tmp_path / "images").mkdir()
     table = tokenized_table(tmp_path / "images")
-    catalog = DataCatalog.from_config(
-        {
-            "shards": {
-                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
-                "path": str(tmp_path / "shards"),
-            }
-        }
-    )
+    catalog = shard_catalog(str(tmp_path / "shards"))
     catalog["tokenized_captions"] = MemoryDataset(table)
     catalog["vocabulary"] = MemoryDataset(VOCABULARY)
     catalog["params:shard"] = MemoryDataset(PARAMS)
@@ -87,14 +96,7 @@ def test_shard_pipeline_saves_a_plan_and_loads_a_shard_set(tmp_path):
 
 
 def test_loading_missing_shards_names_the_folder(tmp_path):
-    catalog = DataCatalog.from_config(
-        {
-            "shards": {
-                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
-                "path": str(tmp_path / "none"),
-            }
-        }
-    )
+    catalog = shard_catalog(str(tmp_path / "none"))
     assert not catalog.exists("shards")
     with pytest.raises(DatasetError, match=str(tmp_path / "none")) as error:
         catalog.load("shards")
@@ -115,14 +117,7 @@ def test_conf_base_parameters_on_generated_captions(tiny_captions, params, tmp_p
     """conf/base's shard block (fewer shards, one writer process) on the tiny shapes data."""
     _, tokenized, vocabulary = tiny_captions
     shard = params("shard", num_shards={"train": 2, "val": 1, "test": 1}, workers=1)
-    catalog = DataCatalog.from_config(
-        {
-            "shards": {
-                "type": "caption_pipeline.datasets.TFRecordShardsDataset",
-                "path": str(tmp_path / "shards"),
-            }
-        }
-    )
+    catalog = shard_catalog(str(tmp_path / "shards"))
     catalog["tokenized_captions"] = MemoryDataset(tokenized)
     catalog["vocabulary"] = MemoryDataset(vocabulary)
     catalog["params:shard"] = MemoryDataset(shard)
@@ -151,3 +146,62 @@ def test_conf_base_parameters_on_generated_captions(tiny_captions, params, tmp_p
             pixels = tf.io.decode_jpeg(record["image/encoded"])
             assert tuple(pixels.shape) == (shard["image_size"],) * 2 + (3,)
     assert seen == expected
+
+
+class ManifestSeen:
+    """Records, at each node hook and before each save, whether the manifest is on disk."""
+
+    def __init__(self, folder):
+        self.manifest = folder / MANIFEST
+        self.events: list[tuple[str, str, bool]] = []
+
+    @hook_impl
+    def before_node_run(self, node):
+        self.events.append(("before", node.name, self.manifest.exists()))
+
+    @hook_impl
+    def after_node_run(self, node):
+        self.events.append(("after", node.name, self.manifest.exists()))
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name):
+        self.events.append(("save", dataset_name, self.manifest.exists()))
+
+
+def test_the_node_writes_the_shards_inside_its_hooks(tmp_path):
+    """Node hooks (timing, MLflow, errors) wrap the writing: the manifest appears between
+    write_shards_node's before and after hooks, before `shards` is saved, not in the save."""
+    (tmp_path / "images").mkdir()
+    catalog = shard_catalog(str(tmp_path / "shards"))
+    catalog["tokenized_captions"] = MemoryDataset(tokenized_table(tmp_path / "images"))
+    catalog["vocabulary"] = MemoryDataset(VOCABULARY)
+    catalog["params:shard"] = MemoryDataset(PARAMS)
+    hooks = PluginManager(HOOK_NAMESPACE)
+    hooks.add_hookspecs(NodeSpecs)
+    hooks.add_hookspecs(DatasetSpecs)
+    seen = ManifestSeen(tmp_path / "shards")
+    hooks.register(seen)
+
+    SequentialRunner().run(create_pipeline(), catalog, hook_manager=hooks)
+
+    assert seen.events == [
+        ("before", "shards.plan_shards_node", False),
+        ("after", "shards.plan_shards_node", False),
+        ("save", "shard_plan", False),
+        ("before", "shards.write_shards_node", False),
+        ("after", "shards.write_shards_node", True),
+        ("save", "shards", True),
+    ]
+
+
+def test_shards_written_elsewhere_are_refused_by_name(tmp_path):
+    """The two entries of one folder must agree: a set written into another folder is not
+    saved as `shards`."""
+    (tmp_path / "images").mkdir()
+    catalog = shard_catalog(str(tmp_path / "shards"))
+    catalog["shards_folder"] = ShardFolderDataset(path=str(tmp_path / "elsewhere"))
+    catalog["tokenized_captions"] = MemoryDataset(tokenized_table(tmp_path / "images"))
+    catalog["vocabulary"] = MemoryDataset(VOCABULARY)
+    catalog["params:shard"] = MemoryDataset(PARAMS)
+    with pytest.raises(DatasetError, match="not the one in this folder"):
+        SequentialRunner().run(create_pipeline(), catalog)

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from caption_pipeline.pipelines.train import create_pipeline
 
 OUTPUTS = (
-    "captioner",
+    "captioner@keras",
     "training_history",
     "training_steps",
     "fine_tune_history",
@@ -74,7 +74,7 @@ def test_trains_the_decoder_on_features_and_reports_its_history(
     assert [point["step"] for point in metrics["loss"]] == [1, 2]  # per logged step
     assert isinstance(catalog.load("training_curves"), Figure)
 
-    captioner = catalog.load("captioner")
+    captioner = catalog.load("captioner@keras")
     assert captioner.config.vocab_size == len(vocabulary["tokens"])
     assert not captioner.config.trains_encoder
     # The checkpoints are gone once training is done (keep_checkpoints: false in conf/base).

@@ -9,6 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from caption_pipeline.attention_maps import attention_figure, attention_localization
+from caption_pipeline.captioner_files import EvaluatedModel
 from caption_pipeline.coco_scorer import CocoScorer, require_java
 from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
@@ -17,7 +18,6 @@ from caption_pipeline.evaluation import (
     EvaluateSettings,
     caption_split,
     coco_results,
-    load_captioner,
     metrics_report,
     score_splits,
 )
@@ -29,25 +29,23 @@ Captions = dict[str, list[CaptionedImage]]  # split -> captions of its images
 
 
 def generate_captions(
-    captioner,
+    evaluated_model: EvaluatedModel,
     shards: ShardSet,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
-    model: dict[str, Any],
-) -> Captions:
-    """Caption the val and test images (test with attention maps) with the catalog's
-    captioner, or with the model in evaluate.model_path when it is set."""
+) -> tuple[Captions, str]:
+    """Caption the val and test images (test with attention maps) with the model to evaluate
+    (`captioner@evaluated`); also say which model that was."""
     require_java()  # the scorers need it: fail now, not after the decoding
     settings = EvaluateSettings.from_params(evaluate)
     vocab = Vocabulary.from_dict(vocabulary)
-    if settings.model_path:
-        captioner = load_captioner(settings.model_path, model, vocab, encoder_of=captioner)
-    return {
-        split: caption_split(
-            captioner, vocab, shards, split, settings, keep_attention=split == "test"
-        )
+    evaluated_model.check_vocabulary(vocab)
+    model = evaluated_model.captioner
+    captions = {
+        split: caption_split(model, vocab, shards, split, settings, keep_attention=split == "test")
         for split in SCORED_SPLITS
     }
+    return captions, evaluated_model.source
 
 
 def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
@@ -93,6 +91,7 @@ def plot_attention(
 def summarize_metrics(
     coco_scores: dict[str, Any],
     attention_scores: dict[str, Any],
+    evaluated_model_source: str,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
 ) -> dict[str, Any]:
@@ -100,6 +99,7 @@ def summarize_metrics(
     return metrics_report(
         coco_scores,
         attention_scores,
+        evaluated_model_source,
         EvaluateSettings.from_params(evaluate),
         Vocabulary.from_dict(vocabulary),
     )

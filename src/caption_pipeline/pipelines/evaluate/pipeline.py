@@ -1,5 +1,5 @@
-"""`evaluate` pipeline: captioner + shards + caption_table -> COCO results files, metrics.json,
-per-image scores and attention figures."""
+"""`evaluate` pipeline: the captioner to evaluate + shards + caption_table -> COCO results
+files, metrics.json, per-image scores and attention figures."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from caption_pipeline.tracking import evaluation_metric_values
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    # evaluation_captions, coco_scores and attention_scores stay in memory.
+    # evaluation_captions, evaluated_model_source, coco_scores and attention_scores stay in
+    # memory.
     return Pipeline(
         [
             Node(
                 generate_captions,
-                ["captioner", "shards", "vocabulary", "params:evaluate", "params:model"],
-                "evaluation_captions",
+                ["captioner@evaluated", "shards", "vocabulary", "params:evaluate"],
+                ["evaluation_captions", "evaluated_model_source"],
                 name="generate_captions",
             ),
             Node(
@@ -52,7 +53,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarize_metrics,
-                ["coco_scores", "attention_scores", "vocabulary", "params:evaluate"],
+                [
+                    "coco_scores",
+                    "attention_scores",
+                    "evaluated_model_source",
+                    "vocabulary",
+                    "params:evaluate",
+                ],
                 "evaluation_metrics",
                 name="summarize_metrics",
             ),

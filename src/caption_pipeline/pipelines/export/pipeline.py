@@ -18,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 export_captioner,
-                ["captioner", "vocabulary", "shards", "params:evaluate", "params:export"],
+                ["captioner@keras", "vocabulary", "shards", "params:evaluate", "params:export"],
                 "exported_model",
                 name="export_saved_model",
             ),
@@ -26,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 check_export,
                 [
                     "exported_model",
-                    "captioner",
+                    "captioner@keras",
                     "shards",
                     "vocabulary",
                     "params:evaluate",

@@ -1,4 +1,5 @@
-"""Nodes of the `features` pipeline. The `model_inputs` dataset encodes images, from the plan."""
+"""Nodes of the `features` pipeline: the initial encoder, the plan of the model inputs, then
+the model inputs written (the frozen encoder over every image, or a pointer to the images)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pandas as pd
 
 from caption_pipeline.coco_instances import instances_file
 from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
-from caption_pipeline.features import FeaturePlan, build_feature_plan
+from caption_pipeline.features import FeaturePlan, build_feature_plan, load_model_inputs
+from caption_pipeline.features import write_model_inputs as write_into
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.projection import fit_projection
-from caption_pipeline.shards.shard_set import ShardSet
+from caption_pipeline.shards.shard_set import ShardFolder, ShardSet
 
 
 def prepare_encoder(
@@ -48,3 +50,11 @@ def plan_features(
 ) -> FeaturePlan:
     """Decide the model inputs: features of a frozen encoder, or the images themselves."""
     return build_feature_plan(shards, initial_encoder, model, features)
+
+
+def write_model_inputs(feature_plan: FeaturePlan, model_inputs_folder: ShardFolder) -> ShardSet:
+    """Run the frozen encoder once over every image into feature shards (atomic per shard,
+    resumed after a kill, a no-op when nothing changed), or point at the image shards when
+    the encoder is trained end to end. The model inputs written."""
+    write_into(feature_plan, model_inputs_folder.path, progress=model_inputs_folder.progress)
+    return load_model_inputs(model_inputs_folder.path, verify=False)

@@ -1,9 +1,13 @@
 """`features` pipeline: the initial encoder (pretrained on object masks for the compact CNN),
-then the model inputs, which the `model_inputs` dataset computes on save."""
+the plan of the model inputs, then the model inputs written into their folder."""
 
 from kedro.pipeline import Node, Pipeline
 
-from caption_pipeline.pipelines.features.nodes import plan_features, prepare_encoder
+from caption_pipeline.pipelines.features.nodes import (
+    plan_features,
+    prepare_encoder,
+    write_model_inputs,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -24,8 +28,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=plan_features,
                 inputs=["shards", "initial_encoder", "params:model", "params:features"],
-                outputs="model_inputs",
+                outputs="feature_plan",
                 name="plan_features_node",
+            ),
+            Node(
+                func=write_model_inputs,
+                inputs=["feature_plan", "model_inputs_folder"],
+                outputs="model_inputs",
+                name="write_model_inputs_node",
             ),
         ],
         tags=["features"],

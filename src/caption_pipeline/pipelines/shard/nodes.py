@@ -1,4 +1,4 @@
-"""Nodes of the `shard` pipeline. Writing is done by the `shards` dataset, from the plan."""
+"""Nodes of the `shard` pipeline: plan the shards, then write them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Any
 
 import pandas as pd
 
+from caption_pipeline.shards.image_writer import write_shards as write_into
 from caption_pipeline.shards.plan import ShardPlan, build_shard_plan, images_from_table
+from caption_pipeline.shards.shard_set import ShardFolder, ShardSet, load_shard_set
 from caption_pipeline.text import Vocabulary
 
 
@@ -24,3 +26,10 @@ def plan_shards(
         workers=params.get("workers"),
         max_bad_fraction=params["max_bad_fraction"],
     )
+
+
+def write_shards(shard_plan: ShardPlan, shards_folder: ShardFolder) -> ShardSet:
+    """Load, resize and JPEG-encode every image into its shard, on a pool of processes:
+    atomic per shard, resumed after a kill, a no-op when nothing changed. The set written."""
+    write_into(shard_plan, shards_folder.path, progress=shards_folder.progress)
+    return load_shard_set(shards_folder.path, verify=False, kind="images")

@@ -1,8 +1,8 @@
-"""`shard` pipeline: plan the shards; the `shards` dataset writes them when the plan is saved."""
+"""`shard` pipeline: plan the shards, then write them into the `shards` folder."""
 
 from kedro.pipeline import Node, Pipeline
 
-from caption_pipeline.pipelines.shard.nodes import plan_shards
+from caption_pipeline.pipelines.shard.nodes import plan_shards, write_shards
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,9 +11,15 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=plan_shards,
                 inputs=["tokenized_captions", "vocabulary", "params:shard"],
-                outputs="shards",
+                outputs="shard_plan",
                 name="plan_shards_node",
-            )
+            ),
+            Node(
+                func=write_shards,
+                inputs=["shard_plan", "shards_folder"],
+                outputs="shards",
+                name="write_shards_node",
+            ),
         ],
         tags=["shard"],
         namespace="shards",  # the kedro-viz group; dataset and parameter names stay global

@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:self_critical",
                 ],
                 outputs=[
-                    "captioner",
+                    "captioner@keras",
                     "training_history",
                     "training_steps",
                     "fine_tune_history",

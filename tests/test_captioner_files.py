@@ -1,0 +1,136 @@
+"""The captioner to evaluate, read by the catalog's `captioner@evaluated`: `.keras` models,
+`.weights.h5` checkpoints (whole, or a decoder joined with the frozen encoder), the errors that
+name the file, and the `--params=evaluated_model=PATH` override resolved by Kedro's loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kedro.io import DataCatalog, DatasetError
+
+from caption_pipeline.captioner_files import read_captioner
+from caption_pipeline.datasets import CaptionerFileDataset
+from caption_pipeline.errors import DataError
+from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import conf_dir, defaults, from_conf
+from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
+from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
+
+MODEL = {
+    **defaults("model"),
+    "compact_pool_last": True,
+    "encoder_trainable": None,
+    "encoder": "compact",
+    "image_size": 32,
+    "compact_filters": [8, 8],
+    "embed_dim": 8,
+    "attention_dim": 8,
+    "lstm_units": 16,
+}
+
+
+def tiny_vocabulary(words: str = "abcdefgh") -> Vocabulary:
+    return Vocabulary(
+        (*SPECIAL_TOKENS.values(), *words),
+        dict.fromkeys(words, 1),
+        min_count=1,
+        max_caption_length=5,
+    )
+
+
+def captioner(vocab: Vocabulary, **model) -> Captioner:
+    return Captioner(from_conf(ModelConfig, "model", vocab_size=vocab.size, **{**MODEL, **model}))
+
+
+def assert_same_weights(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_keras_models_and_whole_checkpoints_load_with_their_weights(tmp_path):
+    vocab = tiny_vocabulary()
+    model = captioner(vocab)
+    model.save(tmp_path / "model.keras")
+    model.save_weights(tmp_path / "step.weights.h5")
+
+    saved = CaptionerFileDataset(filepath=str(tmp_path / "model.keras")).load()
+    assert saved.source == str(tmp_path / "model.keras")
+    checkpoint = CaptionerFileDataset(
+        filepath=str(tmp_path / "step.weights.h5"), architecture=str(tmp_path / "model.keras")
+    ).load()
+    assert (
+        checkpoint.source
+        == f"{tmp_path / 'step.weights.h5'} (the architecture of "
+        + str(tmp_path / "model.keras")
+        + ")"
+    )
+    for loaded in (saved, checkpoint):
+        assert isinstance(loaded.captioner, Captioner)
+        assert_same_weights(loaded.captioner.get_weights(), model.get_weights())
+        loaded.check_vocabulary(vocab)
+    with pytest.raises(DataError, match="model.keras: the model writes 12 token ids, the voc"):
+        saved.check_vocabulary(tiny_vocabulary("abcdefghi"))
+
+
+def test_a_decoder_checkpoint_gets_the_frozen_encoder_of_the_saved_captioner(tmp_path):
+    vocab = tiny_vocabulary()
+    full = captioner(vocab, encoder_trainable=False)
+    full.save(tmp_path / "captioner.keras")
+    decoder = Captioner(full.config, feature_shape=(full.regions, full.feature_dim))
+    decoder.save_weights(tmp_path / "decoder.weights.h5")
+
+    joined = read_captioner(tmp_path / "decoder.weights.h5", tmp_path / "captioner.keras")
+    assert joined.source.endswith(f"with the frozen encoder of {tmp_path / 'captioner.keras'}")
+    assert_same_weights(
+        joined.captioner.get_weights(), full.encoder.get_weights() + decoder.get_weights()
+    )
+
+    # A fine-tuned captioner's encoder is not the one that computed the decoder's features.
+    tuned = captioner(vocab, encoder_trainable=True)
+    tuned.save(tmp_path / "tuned.keras")
+    with pytest.raises(DataError, match="holds a decoder trained on precomputed features.*"):
+        read_captioner(tmp_path / "decoder.weights.h5", tmp_path / "tuned.keras")
+
+
+def test_bad_model_files_are_named(tmp_path):
+    vocab = tiny_vocabulary()
+    captioner(vocab).save(tmp_path / "model.keras")
+    captioner(tiny_vocabulary("abcdefghijk")).save_weights(tmp_path / "other.weights.h5")
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+
+    cases = {
+        "missing.keras": r"missing\.keras: the model to evaluate does not exist",
+        "model.onnx": r"model\.onnx: expected a \.keras model or a \.weights\.h5 checkpoint",
+        "broken.keras": r"broken\.keras: not a loadable Keras model",
+        "other.weights.h5": r"other\.weights\.h5 does not fit the Captioner of .*model\.keras",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            read_captioner(tmp_path / name, tmp_path / "model.keras")
+    with pytest.raises(DataError, match=r"other\.weights\.h5: a checkpoint holds weights alone"):
+        read_captioner(tmp_path / "other.weights.h5")
+    with pytest.raises(DataError, match=r"gone\.keras: no saved captioner there"):
+        read_captioner(tmp_path / "other.weights.h5", tmp_path / "gone.keras")
+    saved_model = read_captioner(tmp_path / "model.keras").captioner
+    with pytest.raises(DatasetError, match="read, never written"):
+        CaptionerFileDataset(filepath=str(tmp_path / "model.keras")).save(saved_model)
+
+
+def catalog_entry(name: str, runtime_params: dict | None = None):
+    """The catalog of conf/base as `kedro run --params=...` builds it: Kedro's loader with the
+    project's settings, and its runtime_params."""
+    loader = CONFIG_LOADER_CLASS(
+        str(conf_dir()), **CONFIG_LOADER_ARGS, env="base", runtime_params=runtime_params or {}
+    )
+    return DataCatalog.from_config(loader["catalog"])[name]
+
+
+def test_the_evaluated_model_is_the_trained_captioner_unless_a_run_names_another():
+    trained = catalog_entry("captioner@keras")._describe()["filepath"]
+    assert trained == "data/06_models/captioner.keras"
+    default = catalog_entry("captioner@evaluated")._describe()
+    assert default == {"filepath": trained, "architecture": trained}
+    named = catalog_entry("captioner@evaluated", {"evaluated_model": "ckpt/best.weights.h5"})
+    assert named._describe() == {"filepath": "ckpt/best.weights.h5", "architecture": trained}
