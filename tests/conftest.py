@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 
 from caption_pipeline.project import copy_project
-from tests.helpers import EXPORT_DIR, free_port, run_kedro, start_server, stop_server
+from tests.helpers import (
+    EXPORT_DIR,
+    PROJECT_ROOT,
+    free_port,
+    run_kedro,
+    start_server,
+    stop_server,
+)
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -29,23 +34,6 @@ def smoke_project(tmp_path_factory) -> Path:
     result = run_kedro(project, "run", "--env", "smoke")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return project
-
-
-def kill_9_when(child, ready, *, timeout: float, what: str) -> None:
-    """SIGKILL `child` (started with start_new_session=True) once `ready()` is true."""
-    import signal
-    import time
-
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert child.poll() is None and time.monotonic() < deadline, (
-                f"{what} ended before it was killed"
-            )
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
 
 
 # --- export and serving (issue 5) ---------------------------------------------------------------

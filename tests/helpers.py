@@ -21,6 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this checkout
 KEDRO = str(Path(sys.executable).with_name("kedro"))
 
 
@@ -144,3 +145,17 @@ def caption_in_page(driver: webdriver.Chrome, url: str, image: Path, timeout: fl
     wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".word")))
     wait.until(lambda d: d.find_element(By.ID, "overlay").get_attribute("data-word") == "0")
     return wait
+
+
+def kill_9_when(child, ready, *, timeout: float, what: str) -> None:
+    """SIGKILL `child` (started with start_new_session=True) once `ready()` is true."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert child.poll() is None and time.monotonic() < deadline, (
+                f"{what} ended before it was killed"
+            )
+            time.sleep(0.01)
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()

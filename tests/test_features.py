@@ -33,7 +33,7 @@ from caption_pipeline.shards.plan import build_shard_plan
 from caption_pipeline.shards.reader import make_caption_dataset
 from caption_pipeline.shards.records import decode_jpeg_image, parse_example, parse_feature_example
 from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set
-from tests.conftest import kill_9_when
+from tests.helpers import kill_9_when
 from tests.test_tfrecords import make_images, shard_files
 
 SIZE = 64

@@ -9,7 +9,8 @@ import pandas as pd
 
 from caption_pipeline.datasets import KerasModelDataset
 from caption_pipeline.features import build_frozen_encoder, weights_fingerprint
-from tests.conftest import copy_project, run_kedro
+from caption_pipeline.project import copy_project
+from tests.helpers import run_kedro
 
 
 def test_default_smoke_run_produces_every_stage_output(smoke_project):

@@ -19,7 +19,7 @@ from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
 from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
 from caption_pipeline.shards.records import parse_example
 from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
-from tests.conftest import kill_9_when
+from tests.helpers import kill_9_when
 
 SIZE = 64
 NUM_SHARDS = {"train": 3, "val": 2, "test": 1}

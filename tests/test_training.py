@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from caption_pipeline.params import defaults
-from tests.conftest import copy_project, run_kedro
+from caption_pipeline.project import copy_project
+from tests.helpers import run_kedro
 
 # Tiny model and training, so that a step takes well under a second on 2 cores.
 TINY_MODEL = {

@@ -14,7 +14,7 @@ from kedro.config import OmegaConfigLoader
 
 from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
-from tests.conftest import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT
 
 # The smallest shapes dataset the generator takes (64 px is its minimum image size).
 TINY_SPLITS = {"train": 6, "val": 2, "test": 2}
