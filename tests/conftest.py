@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from caption_pipeline.project import copy_project
+from caption_pipeline.project import PROJECT_ROOT, copy_project
 from tests.helpers import (
     EXPORT_DIR,
-    PROJECT_ROOT,
     free_port,
     run_kedro,
     start_server,

@@ -21,8 +21,21 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this checkout
 KEDRO = str(Path(sys.executable).with_name("kedro"))
+
+
+def spawn(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`args` in a session of its own (so that killing its group kills its children too), its
+    stdout and stderr together in one text pipe."""
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -72,15 +85,7 @@ def start_server(args: list[str], cwd: Path, ready_url: str, env: dict | None = 
         **(env or {}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    process = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = spawn(args, cwd, env)
     try:
         wait_for_http(ready_url, process)
     except BaseException:

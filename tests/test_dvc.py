@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import PROJECT_ROOT
+from caption_pipeline.project import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
 GIT_ENV = {

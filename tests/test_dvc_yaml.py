@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from caption_pipeline import dvc_drift, dvc_stages
 from caption_pipeline.commands import cli
-from tests.helpers import PROJECT_ROOT
+from caption_pipeline.project import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")

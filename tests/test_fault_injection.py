@@ -49,6 +49,7 @@ import pytest
 
 from caption_pipeline.atomic import TMP_MARKER
 from caption_pipeline.project import PROJECT_ROOT, copy_project
+from tests.helpers import spawn
 
 RUNNER = Path(__file__).with_name("fault_injection_runner.py")
 STAGES = ("synthetic", "ingest", "vocab", "shard", "features", "train", "evaluate", "export")
@@ -247,15 +248,7 @@ def run_stage(
         command += ["--kill", kill.spec()]
     command += ["--", "run", "--env", "smoke", f"--pipelines={stage}"]
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    child = subprocess.Popen(
-        command,
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    child = spawn(command, project, env)
     if started is not None:
         started(child)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from caption_pipeline.project import copy_project
+from caption_pipeline.project import PROJECT_ROOT, copy_project
 from caption_pipeline.tracking import (
     caption_digest,
     caption_inputs,
@@ -23,7 +23,7 @@ from caption_pipeline.tracking import (
     run_name,
     training_metric_series,
 )
-from tests.helpers import PROJECT_ROOT, free_port, run_kedro, start_server, stop_server
+from tests.helpers import free_port, run_kedro, start_server, stop_server
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 EXPERIMENT = "caption-pipeline"

@@ -28,8 +28,9 @@ import pytest
 
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.params import defaults, from_conf
+from caption_pipeline.project import PROJECT_ROOT
 from caption_pipeline.text import Vocabulary
-from tests.helpers import PROJECT_ROOT, free_port
+from tests.helpers import free_port
 
 VOCAB, REGIONS, DIM, LENGTH, WORDS = 12, 3, 4, 7, 4
 BATCH = 4  # the global batch: 2 per worker

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import PROJECT_ROOT
+from caption_pipeline.project import PROJECT_ROOT
 
 NOTEBOOKS = sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb"))
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from caption_pipeline.project import copy_project
-from tests.helpers import PROJECT_ROOT, run_kedro
+from caption_pipeline.project import PROJECT_ROOT, copy_project
+from tests.helpers import run_kedro
 
 # The stages as the graph reads them: (pipeline folder, namespace).
 STAGES = [

@@ -13,8 +13,8 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
+from caption_pipeline.project import PROJECT_ROOT
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
-from tests.helpers import PROJECT_ROOT
 
 # The smallest shapes dataset the generator takes (64 px is its minimum image size).
 TINY_SPLITS = {"train": 6, "val": 2, "test": 2}
