@@ -6,6 +6,7 @@ then prints ONE JSON line: the results and the exact machine.
     python benchmarks/data_benchmarks.py shard    # writer images/s, 1 and 2 worker processes
     python benchmarks/data_benchmarks.py read     # reader examples/s, with and without decoding
     python benchmarks/data_benchmarks.py memory   # writer peak RSS at 1x and 10x images
+    python benchmarks/data_benchmarks.py atomic   # atomic writes into one folder of N files
 
 "1x" is 3,600 images (the default shapes dataset); see benchmarks/README.md.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -266,11 +268,49 @@ def bench_memory(args: argparse.Namespace, tmp: Path) -> dict:
     return results
 
 
+def bench_atomic(args: argparse.Namespace, tmp: Path) -> dict:
+    """`atomic_write_bytes` of `--files` small files into one folder (a COCO image folder
+    holds 118,287), against a plain write + fsync + rename in the same loop: whether a write's
+    cost grows with the files already there."""
+    from caption_pipeline.atomic import atomic_write_bytes
+
+    def plain(path: Path, data: bytes) -> None:
+        tmp_path = path.with_name(f".{path.name}.tmp")
+        with open(tmp_path, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # as atomic_write_bytes does
+        os.replace(tmp_path, path)
+
+    data = b"x" * 4096
+    sizes = sorted(args.files)
+    bounds = list(itertools.pairwise([0, *sizes]))  # stretches of files: [0, n1), [n1, n2), ...
+    stretches = [f"us_per_write_files_{lo}_to_{hi}" for lo, hi in bounds]
+    results = {}
+    for name, write in {"atomic": atomic_write_bytes, "plain_rename": plain}.items():
+        folder = tmp / name
+        folder.mkdir()
+        laps, start = [0.0], time.perf_counter()
+        for index in range(sizes[-1]):
+            write(folder / f"{index:012d}.jpg", data)
+            if index + 1 in sizes:
+                laps.append(time.perf_counter() - start)
+        per_write = [  # microseconds per write within each stretch
+            (laps[k + 1] - laps[k]) / (hi - lo) * 1e6 for k, (lo, hi) in enumerate(bounds)
+        ]
+        results[name] = {key: round(us, 1) for key, us in zip(stretches, per_write, strict=True)}
+        results[name]["growth_last_vs_first"] = round(per_write[-1] / per_write[0], 2)
+    results["atomic_vs_plain_last"] = round(
+        results["atomic"][stretches[-1]] / results["plain_rename"][stretches[-1]], 2
+    )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("benchmark", choices=["shard", "read", "memory", "_memory_child"])
+    parser.add_argument("benchmark", choices=["shard", "read", "memory", "atomic", "_memory_child"])
     parser.add_argument(
         "--images", type=int, default=ONE_X, help="images at 1x (default: %(default)s)"
     )
@@ -279,6 +319,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--scales", type=int, nargs="+", default=[1, 10], help="memory: dataset multiples"
+    )
+    parser.add_argument(
+        "--files", type=int, nargs="+", default=[1000, 10000, 20000], help="atomic: laps"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -289,7 +332,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.benchmark == "_memory_child":
         return memory_child(args)
-    run = {"shard": bench_shard, "read": bench_read, "memory": bench_memory}[args.benchmark]
+    run = {
+        "shard": bench_shard,
+        "read": bench_read,
+        "memory": bench_memory,
+        "atomic": bench_atomic,
+    }[args.benchmark]
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.benchmark}-") as tmp:
         record = {"benchmark": args.benchmark, "command": " ".join(sys.argv), "machine": machine()}
         start = time.perf_counter()

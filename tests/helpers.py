@@ -38,6 +38,18 @@ def spawn(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def gone_pid() -> int:
+    """The process id of a process that has exited: what a killed writer's temporary holds
+    (`atomic.temp_sibling`), so that the cleanup treats it as a leftover."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout)
+
+
 def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`kedro ARGS` in `project`, capturing output; never raises on a non-zero exit."""
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -1,6 +1,6 @@
-"""Atomic writes after a real kill -9: the final name is never partial, and the next write of
-the same path removes the dead writer's temporary (but not a live writer's, nor another
-path's)."""
+"""Atomic writes after a real kill -9: the final name is never partial, and a process's first
+write into the folder removes the dead writer's temporary (but not a live writer's, nor a name
+not of our making)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from caption_pipeline.atomic import (
     TMP_MARKER,
     atomic_directory,
     atomic_path,
-    remove_stale_siblings,
+    remove_stale_temporaries,
 )
 
 KILLED_WRITER = """
@@ -72,11 +72,13 @@ def test_a_live_writers_temporary_and_other_paths_are_kept(tmp_path):
     target = tmp_path / "captioner.keras"
     live = tmp_path / f".captioner.keras{TMP_MARKER}{os.getpid()}-0123abcd.keras"
     live.write_bytes(b"being written")
-    similar = tmp_path / f".captioner.keras.bak{TMP_MARKER}1-0123abcd"  # another path's
+    similar = tmp_path / f".captioner.keras.bak{TMP_MARKER}1-0123abcd"  # process 1's: alive
     similar.write_bytes(b"x")
     odd = tmp_path / f".captioner.keras{TMP_MARKER}not-a-pid"  # not our naming: not ours
     odd.write_bytes(b"x")
-    assert remove_stale_siblings(target) == 0
+    with atomic_path(target) as tmp:  # this process's first write into the folder
+        tmp.write_bytes(b"new")
+    assert remove_stale_temporaries(tmp_path) == 0
     assert live.exists() and similar.exists() and odd.exists()
 
 
@@ -87,3 +89,18 @@ def test_names_with_glob_characters(tmp_path, name):
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"ok")
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_folder_is_cleaned_at_this_process_first_write_there_only(tmp_path):
+    """Later writes into a folder do not list it again (writing N files stays linear); an
+    explicit `remove_stale_temporaries` still cleans it."""
+    first = killed_write(tmp_path / "a.jpg", "file")
+    with atomic_path(tmp_path / "b.jpg") as tmp:
+        tmp.write_bytes(b"b")
+    assert not first[0].exists()  # another path's, of a writer that is gone
+
+    later = killed_write(tmp_path / "c.jpg", "file")
+    with atomic_path(tmp_path / "d.jpg") as tmp:
+        tmp.write_bytes(b"d")
+    assert later[0].exists()
+    assert remove_stale_temporaries(tmp_path) == 1 and not later[0].exists()

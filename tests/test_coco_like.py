@@ -21,6 +21,7 @@ from caption_pipeline.coco_instances import load_instances
 from caption_pipeline.errors import DataError
 from caption_pipeline.ingestion import SPLITS, clean_caption, ingest
 from caption_pipeline.text import tokenize
+from tests.helpers import gone_pid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SCALE, SEED = 40, 7
@@ -256,7 +257,8 @@ def test_same_arguments_give_the_same_files_and_a_rerun_resumes(generated, tmp_p
 
     victim = next((again / "val2017").iterdir())
     victim.unlink()
-    leftover = again / "val2017" / ".leftover.jpg.tmp-1-abcdef12"  # what a killed run leaves
+    # what a killed run leaves
+    leftover = again / "val2017" / f".leftover.jpg.tmp-{gone_pid()}-abcdef12"
     leftover.write_bytes(b"half")
     resumed = coco_like.generate(again, SCALE, SEED, workers=1)
     assert resumed["images_written"] == 1 and not leftover.exists()

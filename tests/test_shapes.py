@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.synthetic import create_pipeline
 from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
+from tests.helpers import gone_pid
 
 SPLITS = ("train", "val", "test")
 TINY = {
@@ -408,13 +407,7 @@ def test_skips_a_complete_generation_and_redoes_a_changed_one(tiny, tmp_path, ca
 def test_leftovers_of_a_killed_generation_are_removed(tmp_path):
     """A generation's temporary folder whose process is gone is removed; a live writer's, and
     another path's, are not."""
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    leftover = tmp_path / f".shapes.tmp-{int(gone.stdout)}-abcdef12"
+    leftover = tmp_path / f".shapes.tmp-{gone_pid()}-abcdef12"
     (leftover / "train").mkdir(parents=True)
     live = tmp_path / f".shapes.tmp-{os.getpid()}-0123abcd"
     live.mkdir()

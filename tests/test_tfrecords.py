@@ -19,7 +19,7 @@ from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
 from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
 from caption_pipeline.shards.records import parse_example
 from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
-from tests.helpers import kill_9_when
+from tests.helpers import gone_pid, kill_9_when
 
 SIZE = 64
 NUM_SHARDS = {"train": 3, "val": 2, "test": 1}
@@ -261,7 +261,7 @@ def test_shards_of_another_plan_or_older_images_are_rewritten(tmp_path):
     )
     assert write(3, seed=2).written == [holder]
     # Other shard counts: the old files go, and a temporary leftover of a killed run too.
-    (folder / ".train-00000-of-00002.tfrecord.tmp-1-deadbeef").write_bytes(b"partial")
+    (folder / f".train-00000-of-00002.tfrecord.tmp-{gone_pid()}-deadbeef").write_bytes(b"partial")
     regrouped = write(2, seed=2)
     assert regrouped.written == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, *regrouped.written]

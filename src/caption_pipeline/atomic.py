@@ -1,16 +1,19 @@
 """Atomic writes: write to a temporary name in the same folder, then rename.
 
 A killed run leaves at worst a `.tmp-*` file or folder behind, never a half-written file
-under the final name, so nothing a later run trusts is ever partial. The next write of the
-same path deletes such leftovers of processes that are gone (a SavedModel's is hundreds of MB
-at COCO size), and leaves those of a live writer alone.
+under the final name, so nothing a later run trusts is ever partial. Such leftovers (a
+SavedModel's is hundreds of MB at COCO size) are deleted by `remove_stale_temporaries`: a
+temporary's name holds its writer's process id, so only those of processes that are gone are
+touched, never a live writer's. A process's first atomic write into a folder runs it there;
+later writes into that folder do not list it again (a COCO image folder holds 118,287 files:
+listing it at every write would make writing it quadratic).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARKER = ".tmp-"
+
+logger = logging.getLogger(__name__)
 
 
 def temp_sibling(path: Path) -> Path:
@@ -38,20 +43,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_siblings(path: str | os.PathLike) -> int:
-    """Delete the temporaries that writers of `path` which no longer run left next to it
-    (a kill between writing and the rename); returns how many."""
-    final = Path(path)
-    if not final.parent.is_dir():
+# `.{name}.tmp-{pid}-{8 hex}`, then the writer's own suffix if any (`atomic_path`'s `suffix`).
+_TEMPORARY = re.compile(r"\..+?" + re.escape(TMP_MARKER) + r"(\d+)-[0-9a-f]{8}")
+_cleaned: set[Path] = set()  # folders this process has cleaned
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporaries in `folder` whose writers no longer run (a kill between writing
+    and the rename); returns how many."""
+    folder = Path(folder)
+    _cleaned.add(folder.resolve())
+    if not folder.is_dir():
         return 0
-    pattern = re.compile(re.escape(f".{final.name}{TMP_MARKER}") + r"(\d+)-[0-9a-f]{8}")
     count = 0
-    for child in final.parent.glob(glob.escape(f".{final.name}{TMP_MARKER}") + "*"):
-        match = pattern.match(child.name)
+    for child in folder.iterdir():
+        match = _TEMPORARY.match(child.name)
         if match and not _alive(int(match.group(1))):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             count += 1
+    if count:
+        logger.info(
+            "Removed %d unfinished write(s) of processes that are gone in %s", count, folder
+        )
     return count
+
+
+def _prepare_folder(final: Path) -> None:
+    """Create `final`'s folder, and clean it the first time this process writes there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.parent.resolve() not in _cleaned:
+        remove_stale_temporaries(final.parent)
 
 
 @contextlib.contextmanager
@@ -59,8 +80,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed to `path`. `suffix` ends the
     temporary name, for writers that insist on one (Keras: ".keras", ".weights.h5")."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(final)
+    _prepare_folder(final)
     tmp = temp_sibling(final)
     tmp = tmp.with_name(tmp.name + suffix)
     try:
@@ -87,8 +107,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` as a whole."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(final)
+    _prepare_folder(final)
     tmp = temp_sibling(final)
     tmp.mkdir()
     try:
@@ -103,16 +122,3 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete `.tmp-*` leftovers of killed runs in `folder`; returns how many."""
-    count = 0
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for child in folder.iterdir():
-        if child.name.startswith(".") and TMP_MARKER in child.name:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-            count += 1
-    return count

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from caption_pipeline.atomic import atomic_directory, remove_stale_siblings
+from caption_pipeline.atomic import atomic_directory
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import encode_jpeg
 from caption_pipeline.shapes.captions import make_captions
@@ -187,10 +187,6 @@ def ensure_generated(dataset: Mapping[str, Any], config: ShapesConfig) -> dict[s
         logger.info(
             "Shapes dataset in %s has other parameters or missing files: regenerating", root
         )
-    removed = remove_stale_siblings(root)
-    if removed:
-        logger.info("Removed %d unfinished generation(s) next to %s", removed, root)
-
     total = sum(config.splits.values())
     counts = {}
     with (
