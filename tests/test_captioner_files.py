@@ -134,3 +134,22 @@ def test_the_evaluated_model_is_the_trained_captioner_unless_a_run_names_another
     assert default == {"filepath": trained, "architecture": trained}
     named = catalog_entry("captioner@evaluated", {"evaluated_model": "ckpt/best.weights.h5"})
     assert named._describe() == {"filepath": "ckpt/best.weights.h5", "architecture": trained}
+
+
+def test_export_exports_the_model_that_evaluate_scored():
+    """The registered version carries metrics.json's scores: it must be the model they are of,
+    also when a run names another model to evaluate."""
+    from caption_pipeline.pipelines import evaluate, export
+
+    reads = {
+        node.name: [name for name in node.inputs if name.startswith("captioner")]
+        for pipeline in (evaluate.create_pipeline(), export.create_pipeline())
+        for node in pipeline.nodes
+    }
+    assert {name for names in reads.values() for name in names} == {"captioner@evaluated"}, reads
+    for node in (
+        "evaluation.generate_captions",
+        "export.export_saved_model",
+        "export.check_export",
+    ):
+        assert reads[node] == ["captioner@evaluated"], node

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from caption_pipeline.captioner_files import EvaluatedModel
 from caption_pipeline.evaluation import EvaluateSettings
 from caption_pipeline.export import (
     ExportedCaptioner,
@@ -20,19 +21,20 @@ from caption_pipeline.text import Vocabulary
 
 
 def export_captioner(
-    captioner,
+    evaluated_model: EvaluatedModel,
     vocabulary: dict[str, Any],
     shards: ShardSet,
     evaluate: dict[str, Any],
     export: dict[str, Any],
 ):
-    """The captioner, its vocabulary, the evaluation's search settings and the image shards'
-    JPEG quality (the graph repeats their round trip) as one module (saved by the
+    """The captioner that `evaluate` scored (`captioner@evaluated`: the registered version
+    carries its scores), its vocabulary, the evaluation's search settings and the image
+    shards' JPEG quality (the graph repeats their round trip) as one module (saved by the
     `exported_model` dataset)."""
     settings = ExportSettings.from_params(export)
     decoding = EvaluateSettings.from_params(evaluate).decoding
     return build_module(
-        captioner,
+        evaluated_model.captioner,
         Vocabulary.from_dict(vocabulary),
         decoding,
         settings.max_beam_size,
@@ -43,7 +45,7 @@ def export_captioner(
 
 def check_export(
     exported_model: ExportedCaptioner,
-    captioner,
+    evaluated_model: EvaluatedModel,
     shards: ShardSet,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
@@ -55,7 +57,7 @@ def check_export(
     decoding = EvaluateSettings.from_params(evaluate).decoding
     return check_against_model(
         exported_model,
-        captioner,
+        evaluated_model.captioner,
         Vocabulary.from_dict(vocabulary),
         shards,
         decoding,

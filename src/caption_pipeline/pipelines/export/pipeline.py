@@ -18,7 +18,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 export_captioner,
-                ["captioner@keras", "vocabulary", "shards", "params:evaluate", "params:export"],
+                [
+                    "captioner@evaluated",  # the model evaluate scored, whose scores it carries
+                    "vocabulary",
+                    "shards",
+                    "params:evaluate",
+                    "params:export",
+                ],
                 "exported_model",
                 name="export_saved_model",
             ),
@@ -26,7 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 check_export,
                 [
                     "exported_model",
-                    "captioner@keras",
+                    "captioner@evaluated",
                     "shards",
                     "vocabulary",
                     "params:evaluate",
