@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from caption_pipeline import shapes  # noqa: E402
 from caption_pipeline.model import Captioner, ModelConfig, caption_losses  # noqa: E402
 from caption_pipeline.params import from_conf  # noqa: E402
+from caption_pipeline.protocol import add_split_argument, selection_split  # noqa: E402
 from caption_pipeline.text import Vocabulary, tokenize  # noqa: E402
 
 MAX_TOKENS = 20
@@ -54,6 +55,7 @@ VISUAL_WORDS = {
 
 def make_split(split: str, count: int, seed: int):
     """uint8 images [N, 128, 128, 3] and every image's captions as token lists."""
+    split = selection_split(split, "encoder_choice")  # with the dataset's seed: its images
     config = from_conf(shapes.ShapesConfig, "synthetic", splits={split: count}, seed=seed)
     images, captions = [], []
     for index in tqdm(range(count), desc=f"generate {split}", unit="image"):
@@ -121,17 +123,18 @@ def train_and_score(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_split_argument(parser)
     parser.add_argument("--train", type=int, default=1500)
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     train_images, train_captions = make_split("train", args.train, args.seed)
-    val_images, val_captions = make_split("val", args.val, args.seed)
+    val_images, val_captions = make_split(args.split, args.val, args.seed)
     vocabulary = Vocabulary.build([t for c in train_captions for t in c], 1, MAX_TOKENS)
     y_train, y_val = encode(vocabulary, train_captions), encode(vocabulary, val_captions)
     visual_ids = np.array([vocabulary.token_id(w) for w in VISUAL_WORDS if w in vocabulary.counts])

@@ -7,7 +7,8 @@ decoder on the frozen encoder's features and caption the VAL split greedily and 
 attention localization is printed, and the captions are written as COCO results JSON to
 score with the project's scorer (Java needed). Every figure it prints is of the train or val
 split: a sweep chooses settings, and a figure used to choose is no longer a test figure, so
-this script never reads the test split (tests/test_evaluation_protocol.py checks it):
+this script never reads the test split: the held-out split is `--split` (val by default; train
+or val only, `caption_pipeline.protocol`), and tests/test_evaluation_protocol.py checks it:
 
     python benchmarks/encoder_pretraining_sweep.py --out OUT
     python benchmarks/encoder_pretraining_sweep.py --score OUT/*.json
@@ -41,17 +42,17 @@ from caption_pipeline.encoder_pretraining import (
 )
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.params import from_conf
+from caption_pipeline.protocol import add_split_argument, selection_split
 from caption_pipeline.text import Vocabulary
 from caption_pipeline.training import TrainConfig, build_captioner
 
 ROOT = Path("data/01_raw/shapes")
-SPLITS = ("train", "val")  # never "test": this script chooses settings
 CAPTIONS_PER_IMAGE = 5
 
 
 def load_split(split: str, vocab: Vocabulary, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """image ids [N], images float32 [N, 128, 128, 3], caption ids [N, 5, T]."""
-    rows = tokens[tokens["split"] == split]
+    rows = tokens[tokens["split"] == selection_split(split, "encoder_pretraining_sweep")]
     ids = np.array(sorted(rows["image_id"].unique()))
     length = vocab.max_caption_length + 2
     captions = np.zeros((len(ids), CAPTIONS_PER_IMAGE, length), np.int32)
@@ -126,10 +127,8 @@ def pretrain(
     return encoder
 
 
-def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32):
-    features = {
-        s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0)) for s in SPLITS
-    }
+def decode_val(data, vocab, encoder, log, name, epochs, out: Path, split, batch_size=32):
+    features = {s: np.asarray(encoder.predict(data[s][1], batch_size=100, verbose=0)) for s in data}
     keras.utils.set_random_seed(42)
     model_config = from_conf(
         ModelConfig,
@@ -153,7 +152,7 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32
             validation_data=({"features": features["val"]}, data["val"][2]),
         )
         log(name, "decoder epoch", epoch + 1, "val_xent", round(history.history["val_xent"][-1], 4))
-    objects = load_instances(ROOT / "annotations/instances_val.json")
+    objects = load_instances(ROOT / f"annotations/instances_{selection_split(split)}.json")
     for method in ("greedy", "beam"):
         settings = from_conf(
             DecodeSettings, "evaluate.decoding", method=method, beam_size=3, keep_attention=True
@@ -168,17 +167,20 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, batch_size=32
         (out / f"{name}_{method}.json").write_text(json.dumps(results))
 
 
-def sweep(out: Path, smoke: bool, grid: bool) -> None:
+def sweep(out: Path, smoke: bool, grid: bool, split: str) -> None:
+    """The variants, each pretrained on train and measured on `split` (the dicts' "val" key:
+    the held-out split)."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = Vocabulary.from_dict(json.loads(Path("data/03_primary/vocabulary.json").read_text()))
     tokens = pd.read_parquet("data/03_primary/tokenized_captions.parquet")
-    data = {split: load_split(split, vocab, tokens) for split in SPLITS}
+    splits = {"train": "train", "val": selection_split(split)}  # key: the split read
+    data = {key: load_split(name, vocab, tokens) for key, name in splits.items()}
     targets = {
         side: {
-            s: region_targets(ROOT / f"annotations/instances_{s}.json", 128, side)
-            for s in ("train", "val")
+            key: region_targets(ROOT / f"annotations/instances_{name}.json", 128, side)
+            for key, name in splits.items()
         }
         for side in (8, 16)
     }
@@ -191,8 +193,8 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
             }
             for side, by_split in targets.items()
         }
-    for split in ("train", "val"):
-        assert (targets[8][split].image_ids == data[split][0]).all()
+    for key in splits:
+        assert (targets[8][key].image_ids == data[key][0]).all()
     log_file = open(out / "sweep.txt", "w")
 
     def log(*values):
@@ -206,7 +208,15 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
                 data, targets[side], log, f"G{side}", epochs=epochs or 8, pool_last=pool_last
             )
             decode_val(
-                data, vocab, encoder, log, f"G{side}_decoder_10", epochs or 10, out, batch_size=128
+                data,
+                vocab,
+                encoder,
+                log,
+                f"G{side}_decoder_10",
+                epochs or 10,
+                out,
+                split,
+                batch_size=128,
             )
         return
     targets = targets[8]
@@ -216,12 +226,12 @@ def sweep(out: Path, smoke: bool, grid: bool) -> None:
     pretrain(data, targets, log, "P5_filters_256", epochs=epochs or 6, filters=(32, 64, 128, 256))
     pretrain(data, targets, log, "P6_object_weight_3", epochs=epochs or 6, object_weight=3.0)
     encoder = pretrain(data, targets, log, "P4_12_epochs", epochs=epochs or 12)
-    decode_val(data, vocab, encoder, log, "P4_decoder_15", epochs or 15, out)
+    decode_val(data, vocab, encoder, log, "P4_decoder_15", epochs or 15, out, split)
     encoder = pretrain(data, targets, log, "P2_again", epochs=epochs or 6)
-    decode_val(data, vocab, encoder, log, "P2_decoder_8", epochs or 8, out)
+    decode_val(data, vocab, encoder, log, "P2_decoder_8", epochs or 8, out, split)
 
 
-def score(files: list[str]) -> None:
+def score(files: list[str], split: str) -> None:
     import pandas as pd
 
     from caption_pipeline.coco_scorer import CocoScorer
@@ -230,18 +240,24 @@ def score(files: list[str]) -> None:
     table = pd.read_parquet("data/02_intermediate/captions.parquet")
     with CocoScorer() as scorer:
         for file in files:
-            sections, _ = score_splits({"val": json.loads(Path(file).read_text())}, table, scorer)
-            print(json.dumps({"file": file, "val": sections["val"]}))
+            results = {selection_split(split): json.loads(Path(file).read_text())}
+            sections, _ = score_splits(results, table, scorer)
+            print(json.dumps({"file": file, split: sections[split]}))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_split_argument(parser)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "sweep_out")))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--grid", action="store_true", help="compare the 8x8 and 16x16 grids")
     parser.add_argument("--score", nargs="+", metavar="RESULTS_JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.score:
-        score(args.score)
+        score(args.score, args.split)
     else:
-        sweep(args.out, args.smoke, args.grid)
+        sweep(args.out, args.smoke, args.grid, args.split)
+
+
+if __name__ == "__main__":
+    main()

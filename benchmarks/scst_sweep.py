@@ -41,6 +41,11 @@ from caption_pipeline.evaluation import (  # noqa: E402
 from caption_pipeline.features import load_model_inputs  # noqa: E402
 from caption_pipeline.inference import project_config  # noqa: E402
 from caption_pipeline.pipelines.train.nodes import self_critical_phase  # noqa: E402
+from caption_pipeline.protocol import (  # noqa: E402
+    SELECTION_SPLITS,
+    add_split_argument,
+    selection_split,
+)
 from caption_pipeline.scst import SelfCriticalConfig  # noqa: E402
 from caption_pipeline.shards.shard_set import load_shard_set  # noqa: E402
 from caption_pipeline.text import Vocabulary  # noqa: E402
@@ -69,21 +74,23 @@ def parse_variant(text: str) -> dict:
     return {ALIASES.get(key.strip(), key.strip()): _value(value.strip()) for key, value in pairs}
 
 
-def val_cider(captioner, vocabulary, shards, captions, settings, scorer) -> float:
-    """CIDEr of the val split as the evaluate pipeline scores it."""
-    results = coco_results(caption_split(captioner, vocabulary, shards, "val", settings))
-    sections, _ = score_splits({"val": results}, captions, scorer)
-    return round(sections["val"]["CIDEr"], 4)
+def val_cider(captioner, vocabulary, shards, captions, settings, scorer, split="val") -> float:
+    """CIDEr of the held-out `split` (val; never test) as the evaluate pipeline scores it."""
+    split = selection_split(split, "scst_sweep")
+    results = coco_results(caption_split(captioner, vocabulary, shards, split, settings))
+    sections, _ = score_splits({split: results}, captions, scorer)
+    return round(sections[split]["CIDEr"], 4)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_split_argument(parser)
     parser.add_argument("--model", required=True, help="a cross-entropy captioner (.keras)")
     parser.add_argument("--out", required=True, help="checkpoints and results per variant")
     parser.add_argument("--variants", default="lr=5e-5;lr=2e-4;lr=5e-4")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--env", default=None, help="Kedro environment of the parameters")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with CocoScorer(require_java()) as scorer:
         sweep(args, scorer)
 
@@ -96,7 +103,7 @@ def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
         json.loads((ROOT / "data/03_primary/vocabulary.json").read_text())
     )
     captions = pd.read_parquet(ROOT / "data/02_intermediate/captions.parquet")
-    captions = captions[captions["split"].isin(["train", "val"])]  # never test
+    captions = captions[captions["split"].isin(SELECTION_SPLITS)]  # never test
     shards = load_shard_set(ROOT / "data/03_primary/shards", kind="images")
     settings = EvaluateSettings.from_params(params["evaluate"])
     out = Path(args.out)
@@ -108,7 +115,13 @@ def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
 
     keras.utils.clear_session()
     cross_entropy = val_cider(
-        keras.models.load_model(args.model), vocabulary, shards, captions, settings, scorer
+        keras.models.load_model(args.model),
+        vocabulary,
+        shards,
+        captions,
+        settings,
+        scorer,
+        args.split,
     )
     print(json.dumps({"cross_entropy_val_beam_cider": cross_entropy}), flush=True)
     results = []
@@ -134,7 +147,9 @@ def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
         result = {
             "variant": text,
             "val_cider": history["val_cider"].round(4).tolist(),
-            "val_beam_cider_kept": val_cider(kept, vocabulary, shards, captions, settings, scorer),
+            "val_beam_cider_kept": val_cider(
+                kept, vocabulary, shards, captions, settings, scorer, args.split
+            ),
             "seconds_per_epoch": history["seconds"].dropna().round(1).tolist(),
             "total_s": round(time.perf_counter() - started, 1),
         }

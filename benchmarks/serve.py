@@ -46,6 +46,8 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from caption_pipeline.protocol import add_split_argument, selection_split  # noqa: E402
+
 
 def machine() -> dict:
     import tensorflow as tf
@@ -201,10 +203,13 @@ def server_runs(
     return runs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_split_argument(parser)
     parser.add_argument("--model", type=Path, default=Path("data/06_models/export/saved_model"))
-    parser.add_argument("--images", type=Path, default=Path("data/01_raw/shapes/val"))
+    parser.add_argument(
+        "--images", type=Path, default=None, help="default: data/01_raw/shapes/SPLIT"
+    )
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--port", type=int, default=8765)
@@ -213,7 +218,8 @@ def main() -> None:
         action="store_true",
         help="throughput at capacity and the fraction shed at 64 clients",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.images = args.images or Path("data/01_raw/shapes") / selection_split(args.split, "serve")
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:32]]
     if not images:
         sys.exit(f"no .jpg images in {args.images}")

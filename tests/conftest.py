@@ -21,9 +21,13 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-@pytest.fixture
-def project_root() -> Path:
-    return PROJECT_ROOT
+@pytest.fixture(scope="session")
+def project_root(tmp_path_factory) -> Path:
+    """The project as a fresh clone holds it (code, conf/base and the other committed
+    environments, an empty conf/local, empty data layers): what tests read conf from, so that
+    what a user's own runs left in the checkout (`conf/local`, `data/`, `dvc.lock`) changes no
+    result (issue 24)."""
+    return copy_project(tmp_path_factory.mktemp("pristine") / "project")
 
 
 @pytest.fixture(scope="session")

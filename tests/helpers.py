@@ -22,6 +22,12 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 KEDRO = str(Path(sys.executable).with_name("kedro"))
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
 
 
 def spawn(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -48,6 +54,31 @@ def gone_pid() -> int:
         text=True,
     )
     return int(done.stdout)
+
+
+def git(repo: Path, *args: str) -> str:
+    """`git ARGS` in `repo` as a test user; raises with git's output on failure."""
+    done = subprocess.run(
+        ["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"git {args}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    return done.stdout
+
+
+def clone_working_tree(dest: Path, root: Path | None = None) -> Path:
+    """A git repository of one commit holding the project at `root` (default: this checkout)
+    as a fresh clone of its working tree would: committed or new files, never what .gitignore
+    keeps out nor what a run wrote there (`project.source_files`)."""
+    from caption_pipeline.project import PROJECT_ROOT, source_files
+
+    root = root or PROJECT_ROOT
+    for name in source_files(root):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "clone")
+    return dest
 
 
 def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -17,14 +17,9 @@ import pytest
 import yaml
 
 from caption_pipeline.project import PROJECT_ROOT
+from tests.helpers import GIT_ENV, clone_working_tree
 
 BIN = Path(sys.executable).parent
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
 
 
 def _run(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -49,27 +44,6 @@ def _run(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
 
 def dvc(repo: Path, *args: str) -> str:
     return _run(repo, str(BIN / "dvc"), *args, env={"KEDRO_ENV": "smoke"})
-
-
-def clone_working_tree(dest: Path) -> Path:
-    """A git repository holding the working tree as a fresh clone would (committed or not,
-    never what .gitignore keeps out: no data, no mlflow.db, no DVC cache)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = PROJECT_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    _run(dest, "git", "init", "-q")
-    _run(dest, "git", "add", "-A")
-    _run(dest, "git", "commit", "-q", "-m", "clone")
-    return dest
 
 
 def downstream_of(stages: dict, start: str) -> set[str]:

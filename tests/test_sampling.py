@@ -13,6 +13,7 @@ from caption_pipeline.model.self_critical import (
     SelfCriticalTrainer,
     advantages,
     self_critical_loss,
+    sequence_log_probs,
 )
 from caption_pipeline.params import from_conf
 from tests.test_decoding import (
@@ -46,7 +47,10 @@ def test_sampling_is_deterministic_under_its_uniforms_and_varies_with_them():
     assert len({tuple(row) for row in first.ids.reshape(-1, MAX_LENGTH)}) > 5  # samples differ
 
 
-def test_sampled_log_probs_are_the_models_and_finished_samples_are_padded():
+def test_sampled_log_probs_are_the_policys_the_loss_differentiates():
+    """The sampler's log pi of each sample is what the SCST loss computes from the teacher-forced
+    logits of that caption (the policy renormalised over the allowed tokens), and finished
+    samples are padded."""
     # <end> a little less likely, so that some of the 12 samples run to MAX_LENGTH (with <unk>
     # never drawn, the default, almost all end early at end_bias 0).
     model, features = tiny_captioner(end_bias=-1.0), image_features(3)
@@ -54,8 +58,13 @@ def test_sampled_log_probs_are_the_models_and_finished_samples_are_padded():
     ids = samples.ids.reshape(-1, MAX_LENGTH)
     lengths, finished = samples.lengths.reshape(-1), samples.finished.reshape(-1)
     assert finished.any() and not finished.all()  # the tiny model ends some, not all
-    expected, _ = teacher_forced(model, np.repeat(features, 4, axis=0), ids, lengths)
+    captions = np.concatenate([np.full((len(ids), 1), START_ID), ids], axis=1).astype("int32")
+    logits, _ = model.teacher_forced(np.repeat(features, 4, axis=0), captions)
+    expected = ops.convert_to_numpy(sequence_log_probs(logits, ids))
     np.testing.assert_allclose(samples.log_probs.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+    # ... which is not the full softmax's: <unk> holds some of the mass and is never drawn.
+    full, _ = teacher_forced(model, np.repeat(features, 4, axis=0), ids, lengths)
+    assert (samples.log_probs.reshape(-1) > full + 1e-4).all()
     for row, length, done in zip(ids, lengths, finished, strict=True):
         assert not np.isin(row[:length], [PAD_ID, START_ID]).any()
         assert (row[length:] == PAD_ID).all()
@@ -101,6 +110,24 @@ def test_the_loss_gradient_raises_the_probability_of_a_rewarded_caption():
         assert np.all(np.sign(after - before) == sign), (sign, before, after)
 
 
+def test_the_logged_policy_loss_is_the_steps_own():
+    """Keras >= 3.15 (pyproject.toml) resets metrics in `train_on_batch`: SCST's per-step
+    `policy_loss` is that step's loss, not a running mean since the phase began."""
+    model, features = tiny_captioner(), image_features(2)
+    caption = np.array([[START_ID, 5, 6, END_ID, PAD_ID]] * 2, dtype="int32")[:, None, :]
+    trainer = SelfCriticalTrainer(model)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))  # no update: the same loss twice
+    logged = [
+        trainer.train_on_batch(
+            {"features": features},
+            {"captions": caption, "advantage": np.full((2, 1), sign, "float32")},
+            return_dict=True,
+        )["policy_loss"]
+        for sign in (1.0, -1.0)
+    ]
+    assert logged[0] > 0 and np.isclose(logged[1], -logged[0], rtol=1e-5)  # a mean would be 0
+
+
 def test_self_critical_loss_masks_padding():
     logits = np.random.default_rng(0).normal(size=(2, 4, 12)).astype("float32")
     targets = np.array([[5, END_ID, PAD_ID, PAD_ID], [5, END_ID, 7, 8]], "int32")
@@ -111,6 +138,56 @@ def test_self_critical_loss_masks_padding():
         float(self_critical_loss(logits, targets, advantage)),
         float(self_critical_loss(changed, targets, advantage)),
     )
+
+
+def _expected_gradients(logits: np.ndarray, rewards: np.ndarray, baseline: float, loss_fn):
+    """On a one-step toy policy over V tokens, by enumeration (no sampling noise):
+    (grad J, E[grad of the SCST estimator]) with respect to the logits [V], where
+    J = E_{w ~ pi}[r(w)], pi the softmax over the allowed tokens, and the estimator the gradient
+    of `loss_fn(logits [N, 1, V], targets [N, 1], advantage [N])` for one sample w."""
+    import tensorflow as tf
+
+    allowed = [w for w in range(len(logits)) if w not in (PAD_ID, START_ID, UNK_ID)]
+    theta = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        pi = tf.nn.softmax(tf.gather(theta, allowed))
+        objective = tf.reduce_sum(pi * rewards[allowed])
+    true = tf.convert_to_tensor(tape.gradient(objective, theta)).numpy()
+    probabilities = pi.numpy()
+    # E_pi[-grad loss(w)] = sum_w pi(w) (r(w) - b) grad log q(w): one row per allowed w, its
+    # advantage weighted by N pi(w) (the loss is a mean over rows).
+    with tf.GradientTape() as tape:
+        rows = tf.repeat(theta[None, None, :], len(allowed), axis=0)  # [N, 1, V]
+        targets = np.array(allowed, "int32")[:, None]
+        weights = len(allowed) * probabilities * (rewards[allowed] - baseline)
+        loss = loss_fn(rows, targets, weights.astype("float32"))
+    estimated = -tf.convert_to_tensor(tape.gradient(loss, theta)).numpy()
+    return true, estimated
+
+
+def test_the_scst_gradient_is_unbiased_when_a_banned_token_is_likely():
+    """Issue 25: the sampler never draws <unk>, so the loss must differentiate the policy it
+    drew from (the softmax over the allowed tokens). On a toy policy where <unk> has most of
+    the model's mass, the expected SCST gradient equals the true gradient of the expected
+    reward; differentiating the full softmax instead (the bug) is off by
+    E[(r - b) grad log Z], which this toy makes large."""
+    vocab = 12
+    logits = np.random.default_rng(0).normal(size=vocab).astype("float32")
+    logits[UNK_ID] = 4.0  # p(<unk>) ~ 0.9 under the full softmax
+    rewards = np.linspace(0.0, 2.0, vocab).astype("float32")
+    baseline = 0.1  # any b independent of the sample keeps the estimator unbiased
+
+    true, estimated = _expected_gradients(logits, rewards, baseline, self_critical_loss)
+    np.testing.assert_allclose(estimated, true, atol=1e-5)
+    assert np.abs(true).max() > 1e-2  # not trivially zero
+
+    def full_softmax_loss(logits, targets, advantage):  # what the loss computed before
+        logp = ops.log_softmax(logits, axis=-1)
+        token = ops.take_along_axis(logp, targets[..., None], axis=-1)[..., 0, 0]
+        return -ops.mean(advantage * token)
+
+    _, biased = _expected_gradients(logits, rewards, baseline, full_softmax_loss)
+    assert np.abs(biased - true).max() > 0.1  # the test can fail: the old loss is biased
 
 
 # --- the SCST phase end to end ----------------------------------------------------------------

@@ -8,7 +8,9 @@ Per batch of B images (precomputed features or images, whichever the cross-entro
    frequencies of the train references, computed once, captions tokenized as coco-caption);
 3. baseline b: the reward of the greedy caption (Rennie et al. 2017, `baseline: greedy`) or the
    mean reward of the image's other K - 1 samples (Luo 2020, `baseline: mean`);
-4. one optimizer step on -(r - b) * sum_t log p (`model.self_critical`).
+4. one optimizer step on -(r - b) * sum_t log pi (`model.self_critical`), pi being the
+   distribution the samples were drawn from: the softmax over the allowed tokens (no <unk>,
+   `ALLOW_UNK`), the same in the sampler and the loss.
 
 After each epoch the greedy captions of the val split are scored with the same CIDEr-D, and the
 weights with the best val CIDEr-D are kept; "epoch 0" is the cross-entropy model itself, so the
@@ -49,6 +51,9 @@ from caption_pipeline.training import adam
 logger = logging.getLogger(__name__)
 
 BASELINES = ("greedy", "mean")
+# SCST never samples <unk> (it would be rewarded for matching a reference's rare word): the
+# sampler and the loss both take this, so that the gradient is that of the sampled policy.
+ALLOW_UNK = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,9 @@ class _Phase:
         self.max_length = max_length
         self.cider = CiderD(references["train"])
         self.sample = compile_function(
-            lambda inputs: sample_captions(captioner, captioner(inputs), inputs["uniforms"]),
+            lambda inputs: sample_captions(
+                captioner, captioner(inputs), inputs["uniforms"], ALLOW_UNK
+            ),
             captioner,
         )
         self.greedy = compile_function(
@@ -185,7 +192,7 @@ def train_self_critical(
             default=str,
         ).encode()
     ).hexdigest()[:16]
-    trainer = SelfCriticalTrainer(captioner)
+    trainer = SelfCriticalTrainer(captioner, allow_unk=ALLOW_UNK)
     trainer.compile(optimizer=adam(trainer, config.learning_rate, config.clipnorm))
     trainer.optimizer.build(trainer.trainable_variables)
     phase = _Phase(captioner, vocabulary, references, config, max_length)

@@ -13,7 +13,6 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from caption_pipeline.pipelines.synthetic.nodes import generate_dataset
-from caption_pipeline.project import PROJECT_ROOT
 from caption_pipeline.settings import CONFIG_LOADER_ARGS
 
 # The smallest shapes dataset the generator takes (64 px is its minimum image size).
@@ -42,9 +41,10 @@ def merged(base: dict, overrides: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def base_parameters() -> dict:
-    """Every parameter block of conf/base (globals resolved), as `kedro run` loads them."""
-    return dict(OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **CONFIG_LOADER_ARGS)["parameters"])
+def base_parameters(project_root) -> dict:
+    """Every parameter block of conf/base (globals resolved), as `kedro run` loads them (in a
+    pristine copy of the project: never the checkout's own conf/local)."""
+    return dict(OmegaConfigLoader(str(project_root / "conf"), **CONFIG_LOADER_ARGS)["parameters"])
 
 
 @pytest.fixture

@@ -214,13 +214,19 @@ def _allowed_log_probs(logits, finished, allow_unk: bool = False):
     as it was.
     """
     logp = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-    token = ops.arange(logp.shape[-1])[None, :]
+    running = ops.where(banned_tokens(logp.shape[-1], allow_unk), NEG_INF, logp)
+    done = ops.where(ops.equal(ops.arange(logp.shape[-1]), PAD_ID), 0.0, NEG_INF)[None, :]
+    return ops.where(finished[:, None], done, running)
+
+
+def banned_tokens(vocab_size: int, allow_unk: bool = False):
+    """[1, V] bool: the tokens a running caption may not continue with: <pad>, <start>, and
+    <unk> unless `allow_unk`."""
+    token = ops.arange(vocab_size)[None, :]
     banned = ops.logical_or(ops.equal(token, PAD_ID), ops.equal(token, START_ID))
     if not allow_unk:
         banned = ops.logical_or(banned, ops.equal(token, UNK_ID))
-    running = ops.where(banned, NEG_INF, logp)
-    done = ops.where(ops.equal(token, PAD_ID), 0.0, NEG_INF)
-    return ops.where(finished[:, None], done, running)
+    return banned
 
 
 def _write(t, ids, attention, words, alpha, finished):

@@ -6,12 +6,19 @@ image b's samples at rows b*K .. b*K+K-1; the image's features and their project
 once, as there), so it compiles the same way (`tf.function` + XLA, or `jax.jit`, through
 `caption_pipeline.decoding.compile_function`) and runs under TensorFlow and JAX.
 
-At step t, each running caption n draws its next word from the model's distribution
-p_t(w) = softmax(logits)_w, with <pad>, <start> and (unless `allow_unk`) <unk> excluded, as in
-the searches (`beam_search._allowed_log_probs`), by inverse
+At step t, each running caption n draws its next word from the policy
+
+    pi_t(w) = p_t(w) / Z_t  for w allowed, 0 otherwise,   Z_t = sum_{v allowed} p_t(v)
+
+the model's distribution p_t = softmax(logits) with <pad>, <start> and (unless `allow_unk`)
+<unk> excluded, as in the searches (`beam_search.banned_tokens`), and renormalised. That is
+what SCST differentiates too (`self_critical.policy_log_probs`): REINFORCE's gradient is
+unbiased only for the distribution the tokens were drawn from. Under the full softmax instead,
+grad log p = grad log pi + grad log Z, and E[(r - b) grad log Z] is a bias that grows with the
+mass of the excluded tokens (<unk> takes a few percent of it on COCO). The draw is by inverse
 transform sampling:
 
-    w_t = min { w : sum_{v <= w} p_t(v) >= u_nt * sum_v p_t(v) },   u_nt ~ U(0, 1)
+    w_t = min { w : sum_{v <= w} pi_t(v) >= u_nt },   u_nt ~ U(0, 1)
 
 The uniforms u [B, K, L] are an input, drawn by the caller (e.g. numpy's generator seeded with
 the training step): the compiled function stays pure, a seed is an ordinary tensor and not a
@@ -20,11 +27,12 @@ stateful `SeedGenerator` would have to be updated inside the loop, which `jax.ji
 Scaling u by the total keeps float32 rounding of the cumulative sum from ever choosing a word
 of probability 0.
 
-A sample that has emitted <end> is finished: its later tokens are <pad>, contribute log p = 0
-and no entropy. `log_probs` is the sum of log p_t(w_t) over the generated tokens, <end>
-included, under the same model as `Captioner.teacher_forced` (test_sampling checks it), and
-`entropy` is the mean entropy -sum_w p_t(w) log p_t(w) of the distributions the running tokens
-were drawn from: it shows whether SCST collapses the policy.
+A sample that has emitted <end> is finished: its later tokens are <pad>, contribute log pi = 0
+and no entropy. `log_probs` is the sum of log pi_t(w_t) over the generated tokens, <end>
+included: what `self_critical.sequence_log_probs` gives for the teacher-forced logits of the
+same captions (test_sampling checks it), and `entropy` is the mean entropy
+-sum_w pi_t(w) log pi_t(w) of the distributions the running tokens were drawn from: it shows
+whether SCST collapses the policy.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ def sample_captions(model, features, uniforms, allow_unk: bool = False) -> Sampl
     def body(t, words, h, c, ids, attention, log_probs, lengths, finished, entropy, tokens):
         logits, alpha_t, h, c = _step(model, state, k, words, h, c)
         logp = _allowed_log_probs(logits, finished, allow_unk)  # [N, V], -inf where banned
+        logp = logp - ops.logsumexp(logp, axis=-1, keepdims=True)  # log pi: renormalised
         p = ops.exp(logp)
         cumulative = ops.cumsum(p, axis=-1)
         u = ops.take(uniforms, t, axis=1) * cumulative[:, -1]  # [N]

@@ -18,10 +18,16 @@ arrive as the advantage r - b per caption.
 with the optimizer's clipping and loss scaling) trains it with this loss: its inputs are the
 Captioner's ({"features": [B, R, D]} or {"image": [B, S, S, 3]}), its targets
 {"captions": [B, K, T+1] (<start> w_1 .. <end> <pad>..), "advantage": [B, K]}. The
-log-probabilities are those of the teacher-forced decoder run WITHOUT dropout: the
-distribution the captions were sampled from (`model.sampling`, which uses the step-wise API,
-also without dropout); with dropout in one and not the other the gradient would be of another
-policy.
+log-probabilities are those of the policy the captions were sampled from (`model.sampling`),
+exactly:
+
+* the teacher-forced decoder runs WITHOUT dropout, as the sampler's step-wise API does; with
+  dropout in one and not the other the gradient would be of another policy;
+* p(w_t | ..) is pi_t, the softmax over the allowed tokens only (`policy_log_probs`: <pad>,
+  <start> and, unless `allow_unk`, <unk> masked before the softmax), not the full softmax: the
+  sampler never draws the excluded tokens, and differentiating log p = log pi + log Z would add
+  E[(r - b) grad log Z] to the gradient, a bias as large as the excluded mass
+  (tests/test_sampling.py measures it on a toy policy).
 """
 
 from __future__ import annotations
@@ -30,21 +36,31 @@ import keras
 import numpy as np
 from keras import ops
 
+from caption_pipeline.model.beam_search import banned_tokens
 from caption_pipeline.model.captioner import PAD_ID
 
+MASKED = -1e9  # a banned token's logit: exp() is 0 in float32, and 0 * MASKED is 0, not NaN
 
-def sequence_log_probs(logits, targets):
-    """logits [N, T, V], targets [N, T] (pad = 0) -> sum_t m_t log p(target_t) [N] float32."""
-    logp = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+
+def policy_log_probs(logits, allow_unk: bool = False):
+    """logits [..., V] -> log pi [..., V] float32: the log-softmax over the tokens the sampler
+    may draw (`beam_search.banned_tokens` masked), the policy SCST samples from."""
+    logits = ops.cast(logits, "float32")
+    banned = ops.reshape(banned_tokens(logits.shape[-1], allow_unk), (logits.shape[-1],))
+    return ops.log_softmax(ops.where(banned, MASKED, logits), axis=-1)
+
+
+def sequence_log_probs(logits, targets, allow_unk: bool = False):
+    """logits [N, T, V], targets [N, T] (pad = 0) -> sum_t m_t log pi(target_t) [N] float32."""
+    logp = policy_log_probs(logits, allow_unk)
     token = ops.take_along_axis(logp, ops.cast(targets, "int32")[..., None], axis=-1)[..., 0]
-    mask = ops.cast(ops.not_equal(targets, PAD_ID), "float32")
-    return ops.sum(token * mask, axis=-1)
+    return ops.sum(ops.where(ops.not_equal(targets, PAD_ID), token, 0.0), axis=-1)
 
 
-def self_critical_loss(logits, targets, advantage):
-    """The SCST loss: -mean_n advantage_n * sum_t m_nt log p(w_nt); advantage [N]."""
+def self_critical_loss(logits, targets, advantage, allow_unk: bool = False):
+    """The SCST loss: -mean_n advantage_n * sum_t m_nt log pi(w_nt); advantage [N]."""
     advantage = ops.stop_gradient(ops.cast(advantage, "float32"))
-    return -ops.mean(advantage * sequence_log_probs(logits, targets))
+    return -ops.mean(advantage * sequence_log_probs(logits, targets, allow_unk))
 
 
 def advantages(
@@ -62,9 +78,10 @@ def advantages(
 class SelfCriticalTrainer(keras.Model):
     """Trains `captioner`'s variables with the SCST loss through `fit` / `train_on_batch`."""
 
-    def __init__(self, captioner, **kwargs):
+    def __init__(self, captioner, allow_unk: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.captioner = captioner
+        self.allow_unk = allow_unk  # as the sampler was told: the same policy
         self.policy_loss_tracker = keras.metrics.Mean(name="policy_loss")
         self.built = True  # its only variables are the (built) captioner's
 
@@ -77,6 +94,7 @@ class SelfCriticalTrainer(keras.Model):
         features = ops.repeat(y_pred, samples, axis=0)  # image b's features for its K samples
         captions = ops.reshape(captions, (-1, length))
         logits, _ = self.captioner.teacher_forced(features, captions, training=False)
-        loss = self_critical_loss(logits, captions[:, 1:], ops.reshape(y["advantage"], (-1,)))
+        advantage = ops.reshape(y["advantage"], (-1,))
+        loss = self_critical_loss(logits, captions[:, 1:], advantage, self.allow_unk)
         self.policy_loss_tracker.update_state(loss)
         return loss
