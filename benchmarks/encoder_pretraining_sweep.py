@@ -86,6 +86,7 @@ def pretrain(
     object_weight=10.0,
     batch_size=32,
     pool_last=True,
+    context=(),
 ):
     keras.utils.set_random_seed(42)
     encoder = from_conf(
@@ -95,6 +96,7 @@ def pretrain(
         image_size=128,
         compact_filters=filters,
         compact_pool_last=pool_last,
+        compact_context=context,
         feature_projection=None,
     ).build_encoder(None)
     for layer in encoder.layers:  # the variant's BatchNormalization momentum
@@ -116,7 +118,7 @@ def pretrain(
         model.fit(
             data["train"][1], by_group(targets["train"]), batch_size=batch_size, epochs=1, verbose=0
         )
-        accuracy = object_region_accuracy(model, val_batches, targets["val"])
+        accuracy = object_region_accuracy(model, val_batches, targets["val"], by="size")
         log(
             name,
             "epoch",
@@ -167,7 +169,7 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, split, batch_
         (out / f"{name}_{method}.json").write_text(json.dumps(results))
 
 
-def sweep(out: Path, smoke: bool, grid: bool, split: str) -> None:
+def sweep(out: Path, smoke: bool, grid: bool, split: str, context: bool = False) -> None:
     """The variants, each pretrained on train and measured on `split` (the dicts' "val" key:
     the held-out split)."""
     import pandas as pd
@@ -202,6 +204,10 @@ def sweep(out: Path, smoke: bool, grid: bool, split: str) -> None:
         print(*values, file=log_file, flush=True)
 
     epochs = 1 if smoke else None
+    if context:  # the default 16x16 encoder without and with context blocks (issue 25)
+        for name, rates in (("C0_no_context", ()), ("C24_context_2_4", (2, 4))):
+            pretrain(data, targets[16], log, name, epochs or 6, pool_last=False, context=rates)
+        return
     if grid:  # the default settings on an 8x8 and a 16x16 grid; batch 128 (GPU) for the decoder
         for side, pool_last in ((16, False), (8, True)):
             encoder = pretrain(
@@ -251,12 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "sweep_out")))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--grid", action="store_true", help="compare the 8x8 and 16x16 grids")
+    parser.add_argument(
+        "--context", action="store_true", help="the 16x16 encoder without and with context"
+    )
     parser.add_argument("--score", nargs="+", metavar="RESULTS_JSON")
     args = parser.parse_args(argv)
     if args.score:
         score(args.score, args.split)
     else:
-        sweep(args.out, args.smoke, args.grid, args.split)
+        sweep(args.out, args.smoke, args.grid, args.split, args.context)
 
 
 if __name__ == "__main__":

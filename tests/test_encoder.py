@@ -9,7 +9,8 @@ import pytest
 from keras import ops
 
 from caption_pipeline.errors import DataError
-from caption_pipeline.model import build_encoder, load_weights_file
+from caption_pipeline.model import ModelConfig, build_encoder, load_weights_file
+from caption_pipeline.params import from_conf
 
 
 def two_images(size: int) -> np.ndarray:
@@ -107,6 +108,30 @@ def test_compact_encoder_grid_and_position_channels():
     fine = build_encoder("compact", 128, compact_pool_last=False)
     assert fine.output_shape == (None, 256, 128)  # no pooling after the last block: 16x16
     assert fine.count_params() == encoder.count_params()  # same layers, finer grid
+
+
+def test_context_blocks_let_a_region_see_its_whole_object():
+    """Issue 25: on the 16x16 grid a region sees 38 px without context blocks, so a change
+    44 px away leaves its features as they were; with dilations (2, 4) it sees 134 px and they
+    change. The grid and feature size stay, and the view grows by the blocks' layers alone."""
+    plain = build_encoder("compact", 128, compact_pool_last=False)
+    context = build_encoder("compact", 128, compact_pool_last=False, compact_context=(2, 4))
+    assert context.output_shape == plain.output_shape == (None, 256, 128)
+    assert context.count_params() - plain.count_params() == 2 * (9 * 128 * 128 + 4 * 128)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (1, 128, 128, 3)).astype("float32")
+    far = image.copy()
+    far[0, 60:68, 108:116] = 255.0 - far[0, 60:68, 108:116]  # 44 px right of region (7, 8)
+    region = 7 * 16 + 8  # its cell: rows 56..63, columns 64..71
+
+    def change(encoder):
+        before, after = (ops.convert_to_numpy(encoder(x))[0, region] for x in (image, far))
+        return float(np.abs(after - before).max())
+
+    assert change(plain) == 0.0
+    assert change(context) > 1e-3
+    with pytest.raises(DataError, match="compact_context"):
+        from_conf(ModelConfig, "model", vocab_size=5, compact_context=[2, 0])
 
 
 def test_compact_encoder_loads_a_weights_file(tmp_path):

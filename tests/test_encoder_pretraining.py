@@ -11,7 +11,9 @@ import pytest
 from caption_pipeline.coco_instances import instances_file
 from caption_pipeline.encoder_pretraining import (
     PretrainConfig,
+    RegionTargets,
     initial_encoder,
+    object_region_accuracy,
     region_targets,
 )
 from caption_pipeline.errors import DataError
@@ -153,3 +155,39 @@ def test_pretraining_refuses_what_it_cannot_do(smoke_project, tmp_path):
         )
     with pytest.raises(DataError, match="encoder_pretraining.epochs: must be an integer >= 1"):
         PretrainConfig.from_dict({**defaults("encoder_pretraining"), "epochs": 0})
+
+
+def test_object_region_accuracy_per_group_and_object_size():
+    """Regions more than half covered by an object count; per size with `by="size"`."""
+    groups = {
+        "category": ["background", "circle", "star"],
+        "size": ["background", "small", "large"],
+    }
+    # 4 regions: a small circle, a large star, a large circle, background; one image.
+    truth = {
+        "category": np.array([[[0, 1, 0], [0, 0, 1], [0.2, 0.8, 0], [1, 0, 0]]], "float32"),
+        "size": np.array([[[0, 1, 0], [0, 0, 1], [0.2, 0, 0.8], [1, 0, 0]]], "float32"),
+    }
+    predicted = {  # shape right on the small circle and the star; every size right
+        "category": np.array([[[0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]]], "float32"),
+        "size": truth["size"],
+    }
+
+    class Model:
+        def predict_on_batch(self, images):
+            return predicted
+
+    targets = RegionTargets(np.array([1]), np.zeros((1, 4, 6), "float32"), groups)
+    accuracy = object_region_accuracy(Model(), [(None, truth)], targets, by="size")
+    assert accuracy == {
+        "category": 2 / 3,
+        "category/small": 1.0,
+        "category/large": 0.5,
+        "size": 1.0,
+        "size/small": 1.0,
+        "size/large": 1.0,
+    }
+    assert object_region_accuracy(Model(), [(None, truth)], targets) == {
+        "category": 2 / 3,
+        "size": 1.0,
+    }

@@ -251,19 +251,29 @@ def _dataset(
     )
 
 
-def object_region_accuracy(model: keras.Model, batches, targets: RegionTargets) -> dict[str, float]:
+def object_region_accuracy(
+    model: keras.Model, batches, targets: RegionTargets, by: str | None = None
+) -> dict[str, float]:
     """Per group: of the regions mostly covered by an object (> 50 % of their pixels), the
-    fraction whose predicted class is the object's."""
-    hits = {group: 0 for group in targets.groups}
-    total = 0
+    fraction whose predicted class is the object's. With `by` (a group, e.g. "size"), also
+    per class of that group, as "category/small": the regions whose true `by` class it is."""
+    hits: dict[str, int] = {}
+    totals: dict[str, int] = {}
+
+    def count(key: str, same: np.ndarray, regions: np.ndarray) -> None:
+        hits[key] = hits.get(key, 0) + int((same & regions).sum())
+        totals[key] = totals.get(key, 0) + int(regions.sum())
+
     for images, truth in batches:
         predicted = model.predict_on_batch(images)
         covered = np.asarray(truth["category"])[..., 0] < 0.5  # [B, R]
-        total += int(covered.sum())
+        kind = None if by is None else np.argmax(np.asarray(truth[by]), -1)  # [B, R]
         for group in targets.groups:
             same = np.argmax(predicted[group], -1) == np.argmax(np.asarray(truth[group]), -1)
-            hits[group] += int((same & covered).sum())
-    return {group: hits[group] / total if total else math.nan for group in targets.groups}
+            count(group, same, covered)
+            for index, name in enumerate(targets.groups[by][1:] if by else [], start=1):
+                count(f"{group}/{name}", same, covered & (kind == index))
+    return {key: hits[key] / totals[key] if totals[key] else math.nan for key in hits}
 
 
 def pretrain_encoder(

@@ -87,6 +87,8 @@ def encoder_architecture(model: ModelConfig) -> dict[str, Any]:
         "compact_filters": list(model.compact_filters),
         "compact_pool_last": model.compact_pool_last,
     }
+    if model.compact_context:  # absent when empty, as in manifests written before it
+        architecture["compact_context"] = list(model.compact_context)
     if model.feature_projection is not None:  # absent, as in manifests written before it
         architecture["feature_projection"] = model.feature_projection
     return architecture

@@ -46,6 +46,7 @@ class ModelConfig:
     encoder_batchnorm: str
     compact_filters: tuple[int, ...]
     compact_pool_last: bool  # false: the compact CNN's grid is twice as fine
+    compact_context: tuple[int, ...]  # dilations of its residual context blocks; () none
     # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
     # the train images (`caption_pipeline.projection`); None: the encoder's own D.
     feature_projection: int | None
@@ -66,6 +67,11 @@ class ModelConfig:
                 f"model.encoder_batchnorm: {self.encoder_batchnorm!r}; expected one of {BATCHNORM}"
             )
         object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
+        object.__setattr__(self, "compact_context", tuple(self.compact_context))
+        if not all(isinstance(d, int) and d >= 1 for d in self.compact_context):
+            raise DataError(
+                f"model.compact_context: dilation rates >= 1, got {list(self.compact_context)}"
+            )
 
     @property
     def encoder_config(self) -> EncoderConfig:
@@ -77,6 +83,7 @@ class ModelConfig:
             self.encoder_batchnorm,
             self.compact_filters,
             self.compact_pool_last,
+            self.compact_context,
             self.feature_projection,
         )
 

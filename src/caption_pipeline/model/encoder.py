@@ -53,6 +53,7 @@ class EncoderConfig:
     batchnorm: str  # train | frozen
     compact_filters: tuple[int, ...]
     compact_pool_last: bool
+    compact_context: tuple[int, ...]
     feature_projection: int | None
 
     @property
@@ -70,6 +71,7 @@ class EncoderConfig:
             self.compact_filters,
             self.compact_pool_last,
             self.feature_projection,
+            self.compact_context,
         )
 
 
@@ -80,6 +82,7 @@ def build_encoder(
     compact_filters: tuple[int, ...] = (32, 64, 128, 128),
     compact_pool_last: bool = True,
     projection: int | None = None,
+    compact_context: tuple[int, ...] = (),
 ) -> keras.Model:
     """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]
     (D = `projection` when given; the projection's weights are then still to be fitted)."""
@@ -92,7 +95,7 @@ def build_encoder(
             )
         if weights is not None:
             _weights_path(weights)
-        grid = compact_cnn(images, compact_filters, compact_pool_last)
+        grid = compact_cnn(images, compact_filters, compact_pool_last, compact_context)
     elif name in NASNETS:
         grid = nasnet_backbone(name, weights)(_to_native_size(images, NASNETS[name][1]))
     else:
@@ -203,7 +206,10 @@ def _check_array_shapes(model: keras.Model, file: Path) -> None:
 
 
 def compact_cnn(
-    images: keras.KerasTensor, filters: tuple[int, ...], pool_last: bool = True
+    images: keras.KerasTensor,
+    filters: tuple[int, ...],
+    pool_last: bool = True,
+    context: tuple[int, ...] = (),
 ) -> keras.KerasTensor:
     """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1]; without
     the last pooling (`pool_last=False`) a grid twice as fine, 16x16, of regions that each see
@@ -212,6 +218,13 @@ def compact_cnn(
     Coordinate channels enter the last block so that every region feature knows where it
     is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
     of features would otherwise lose position.
+
+    `context`: dilation rates of residual context blocks after the last one, at the grid's
+    resolution (as in DeepLab's atrous convolutions): x <- x + ReLU(BN(conv3x3_d(x))). A 38 px
+    view is less than the larger shapes (up to 53 px across): a region inside one sees flat
+    colour, one on its edge a piece of outline. Each block with dilation d widens the view by
+    2 d cells (d = 2, 4 on the 16x16 grid of 8 px cells: 38 -> 134 px), so that every region
+    sees its whole object, and the residual keeps what the region saw of itself.
     """
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="compact_preprocess")(images)
     for block, width in enumerate(filters):
@@ -224,6 +237,18 @@ def compact_cnn(
         x = layers.ReLU(name=f"relu{block}")(x)
         if pool_last or block < len(filters) - 1:
             x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    for block, rate in enumerate(context):
+        y = layers.Conv2D(
+            x.shape[-1],
+            3,
+            dilation_rate=rate,
+            padding="same",
+            use_bias=False,
+            name=f"context{block}",
+        )(x)
+        y = layers.BatchNormalization(momentum=0.9, name=f"context_bn{block}")(y)
+        y = layers.ReLU(name=f"context_relu{block}")(y)
+        x = layers.Add(name=f"context_add{block}")([x, y])
     return x
 
 
