@@ -140,14 +140,19 @@ print("HISTORY " + history.drop(columns="seconds").to_json(orient="records"))
 """
 
 
-def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0):
-    """Two workers of one cluster (fresh ports), each in its own session (for kill -9)."""
+def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0, chief: bool = False):
+    """Two workers of one cluster (fresh ports), each in its own session (for kill -9): two
+    "worker" tasks, or with `chief` a "chief" task and one "worker" (process 0 is the chief
+    either way)."""
     hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    cluster = {"chief": hosts[:1], "worker": hosts[1:]} if chief else {"worker": hosts}
+    tasks = [("chief", 0), ("worker", 0)] if chief else [("worker", 0), ("worker", 1)]
     workers = []
     for index in range(2):
         scratch = tmp_path / f"tmp-{run}-{index}"
         scratch.mkdir()
-        tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        kind, task_index = tasks[index]
+        tf_config = {"cluster": cluster, "task": {"type": kind, "index": task_index}}
         env = {
             **os.environ,
             "TF_CONFIG": json.dumps(tf_config),
@@ -272,6 +277,34 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
     for index in range(2):
         assert list((tmp_path / f"tmp-resumed-{index}").iterdir()) == []
     assert not checkpoints.exists()
+
+
+def test_a_chief_and_a_worker_train_as_one(tmp_path):
+    """Issue 26: TF_CONFIG with a "chief" task and one "worker" is a cluster of two training
+    processes, counted so everywhere (the per-worker logs Keras averages, the chief that
+    writes): the same weights as one process, and only the chief writes checkpoints."""
+    workers = start_workers(
+        tmp_path, train_config(tmp_path / "checkpoints", "multi_worker"), "chief", chief=True
+    )
+    try:
+        expected = train(train_config(tmp_path / "single", "default"))[0].get_weights()
+        for worker in workers:
+            worker.wait(timeout=150)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    for index, worker in enumerate(workers):
+        text = output(tmp_path, "chief", index)
+        assert worker.returncode == 0, text[-5000:]
+        assert "Training with the multi_worker strategy over 2 replicas" in text
+        with np.load(tmp_path / f"weights-chief-{index}.npz") as saved:
+            got = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        for g, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+    assert writes(tmp_path, 1) == []
+    assert any("latest.json" in paths[-1] for _, paths in writes(tmp_path, 0))
 
 
 def test_only_the_chief_saves_kedro_outputs_and_logs_to_mlflow(tmp_path):

@@ -119,7 +119,9 @@ def _replicas_in_sync() -> int:
 
 
 def _workers_in_sync() -> int:
-    """Worker processes of the MultiWorkerMirroredStrategy the step runs under (else 1)."""
+    """Worker processes of the MultiWorkerMirroredStrategy the step runs under (else 1): its
+    cluster's "chief" task, if any, and its "worker" tasks, which all train (TF_CONFIG's other
+    kinds, "ps" and "evaluator", take no part in the all-reduce)."""
     if keras.backend.backend() != "tensorflow":
         return 1
     import tensorflow as tf
@@ -127,7 +129,8 @@ def _workers_in_sync() -> int:
     strategy = tf.distribute.get_strategy()
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 1
-    return len(strategy.cluster_resolver.cluster_spec().as_dict().get("worker", [None]))
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
 def caption_losses(logits, alpha, targets):
