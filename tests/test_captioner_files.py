@@ -153,3 +153,33 @@ def test_export_exports_the_model_that_evaluate_scored():
         "export.check_export",
     ):
         assert reads[node] == ["captioner@evaluated"], node
+
+
+def test_export_refuses_a_model_that_metrics_json_did_not_score(tmp_path):
+    """Issue 26: metrics.json records the weights evaluate scored (`details.model_weights`);
+    export refuses, in one line and before building anything, a captioner with other weights:
+    a stale metrics.json (a model trained again, evaluate not re-run), or one written before
+    the digest was recorded."""
+    from caption_pipeline.pipelines.export.nodes import export_captioner
+
+    vocab = tiny_vocabulary()
+    captioner(vocab).save(tmp_path / "scored.keras")
+    scored = CaptionerFileDataset(filepath=str(tmp_path / "scored.keras")).load()
+    metrics = {"details": {"model": "scored.keras", "model_weights": scored.weights_digest}}
+    scored.require_scored(metrics)  # the same bytes: accepted
+    again = CaptionerFileDataset(filepath=str(tmp_path / "scored.keras")).load()
+    assert again.weights_digest == scored.weights_digest  # the digest is of the weights read
+
+    captioner(vocab).save(tmp_path / "retrained.keras")  # other random weights
+    retrained = CaptionerFileDataset(filepath=str(tmp_path / "retrained.keras")).load()
+    assert retrained.weights_digest != scored.weights_digest
+    for stale, said in (
+        (metrics, f"scored weights {scored.weights_digest} (scored.keras)"),
+        ({"details": {"model": "old.keras"}}, "records no weights"),
+    ):
+        with pytest.raises(DataError) as refused:
+            export_captioner(retrained, stale, vocab.to_dict(), None, {}, {})
+        message = str(refused.value)
+        assert "\n" not in message and said in message, message
+        assert f"retrained.keras has weights {retrained.weights_digest}" in message
+        assert "run `kedro run --pipelines=evaluate` first" in message

@@ -384,6 +384,10 @@ def test_evaluate_outputs_of_the_smoke_run(smoke_project):
         assert 0.0 <= metrics["attention_localization"] <= 1.0
     assert metrics["human"]["CIDEr"] > metrics["blind_baseline"]["CIDEr"]
     assert metrics["details"]["model"] == "data/06_models/captioner.keras"  # the trained one
+    from caption_pipeline.datasets import CaptionerFileDataset
+
+    trained = CaptionerFileDataset(filepath=str(smoke_project / metrics["details"]["model"]))
+    assert metrics["details"]["model_weights"] == trained.load().weights_digest
 
     scores = pd.read_csv(data / "08_reporting" / "caption_scores.csv", keep_default_na=False)
     assert list(scores.columns) == ["image_id", "split", "caption", *METRICS]
@@ -437,7 +441,10 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     }
     evaluated = CaptionerFileDataset(filepath=str(tmp_path / "shapes.keras")).load()
     captions, source = nodes.generate_captions(evaluated, shards, vocabulary, params)
-    assert source == str(tmp_path / "shapes.keras")
+    assert source == {
+        "model": str(tmp_path / "shapes.keras"),
+        "model_weights": evaluated.weights_digest,
+    }
     assert [len(captions[s]) for s in ("val", "test")] == [
         shards.num_images(s) for s in ("val", "test")
     ]

@@ -15,6 +15,7 @@ clip (1.0) bites: it is applied to the gradient the workers sum, as one device c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,6 +185,34 @@ def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0, chi
     return workers
 
 
+@contextlib.contextmanager
+def reaped(workers: list[subprocess.Popen]):
+    """Kills (-9) whatever of `workers` still runs when the block ends, and waits for it."""
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+
+
+def finished(tmp_path: Path, run: str, workers: list[subprocess.Popen]) -> list[str]:
+    """Each worker's output, once it is checked that it ended well, as one of two replicas."""
+    texts = []
+    for index, worker in enumerate(workers):
+        text = output(tmp_path, run, index)
+        assert worker.returncode == 0, text[-5000:]
+        assert "Training with the multi_worker strategy over 2 replicas" in text
+        texts.append(text)
+    return texts
+
+
+def saved_weights(tmp_path: Path, run: str, index: int) -> list[np.ndarray]:
+    with np.load(tmp_path / f"weights-{run}-{index}.npz") as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
 def output(tmp_path: Path, run: str, index: int) -> str:
     return (tmp_path / f"out-{run}-{index}.txt").read_text()
 
@@ -227,7 +256,7 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
     # Both restarted (fresh ports), not slowed; meanwhile, in this process, the reference: one
     # worker at the same global batch.
     second = start_workers(tmp_path, train_config(checkpoints, "multi_worker"), "resumed")
-    try:
+    with reaped(second):
         model, expected_history, _ = train(train_config(tmp_path / "single", "default"))
         expected = model.get_weights()
         # The clip bites in this run: unclipped, it ends elsewhere (Keras alone clips each
@@ -242,22 +271,13 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
         )
         for worker in second:
             worker.wait(timeout=150)
-    finally:
-        for worker in second:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-    for index, worker in enumerate(second):
-        text = output(tmp_path, "resumed", index)
-        assert worker.returncode == 0, text[-5000:]
-        assert "Training with the multi_worker strategy over 2 replicas" in text
+    for text in finished(tmp_path, "resumed", second):
         assert f"Resuming from checkpoint at step {resumed_at}" in text
 
     # (a) Both workers end with the weights of one worker at the same global batch, to
     # float32 rounding (RTOL, ATOL), and with its history: every epoch, none trained twice.
     for index in range(2):
-        with np.load(tmp_path / f"weights-resumed-{index}.npz") as saved:
-            got = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        got = saved_weights(tmp_path, "resumed", index)
         assert len(got) == len(expected)
         worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=False))
         print(f"worker {index}: largest weight difference {worst:.3g}")
@@ -286,22 +306,13 @@ def test_a_chief_and_a_worker_train_as_one(tmp_path):
     workers = start_workers(
         tmp_path, train_config(tmp_path / "checkpoints", "multi_worker"), "chief", chief=True
     )
-    try:
+    with reaped(workers):
         expected = train(train_config(tmp_path / "single", "default"))[0].get_weights()
         for worker in workers:
             worker.wait(timeout=150)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
-    for index, worker in enumerate(workers):
-        text = output(tmp_path, "chief", index)
-        assert worker.returncode == 0, text[-5000:]
-        assert "Training with the multi_worker strategy over 2 replicas" in text
-        with np.load(tmp_path / f"weights-chief-{index}.npz") as saved:
-            got = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        for g, want in zip(got, expected, strict=True):
+    finished(tmp_path, "chief", workers)
+    for index in range(2):
+        for g, want in zip(saved_weights(tmp_path, "chief", index), expected, strict=True):
             np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
     assert writes(tmp_path, 1) == []
     assert any("latest.json" in paths[-1] for _, paths in writes(tmp_path, 0))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import keras
 
+from caption_pipeline.checkpoints import weights_digest
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner
 from caption_pipeline.text import Vocabulary
@@ -46,6 +47,28 @@ class EvaluatedModel:
 
     captioner: Captioner
     source: str
+
+    @property
+    def weights_digest(self) -> str:
+        """A hash of every weight (`checkpoints.weights_digest`): what evaluate records in
+        metrics.json (`details.model_weights`) and export checks before it registers."""
+        return weights_digest(self.captioner)
+
+    def require_scored(self, metrics: dict) -> None:
+        """A DataError, in one line, unless `metrics` (metrics.json) scored these weights: a
+        version must never be registered, nor gated, with another model's scores."""
+        details = metrics.get("details", {})
+        scored = details.get("model_weights")
+        if scored != self.weights_digest:
+            said = (
+                "records no weights (written before they were recorded)"
+                if scored is None
+                else f"scored weights {scored} ({details.get('model', 'a model')})"
+            )
+            raise DataError(
+                f"metrics.json {said}, but {self.source} has weights {self.weights_digest}: "
+                "its scores are not this model's; run `kedro run --pipelines=evaluate` first"
+            )
 
     def check_vocabulary(self, vocabulary: Vocabulary) -> None:
         """A DataError unless the model writes the ids of `vocabulary`."""

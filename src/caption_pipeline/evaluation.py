@@ -318,13 +318,14 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 def metrics_report(
     scores: Mapping[str, Any],
     localization: Mapping[str, Any],
-    model_source: str,
+    model_source: Mapping[str, str],
     settings: EvaluateSettings,
     vocabulary: Vocabulary,
 ) -> dict[str, Any]:
     """metrics.json: the score sections, the decoding settings, attention localization (None
-    with a reason where the data has no boxes) and the details of each, with `model_source`,
-    the file(s) the evaluated model was read from."""
+    with a reason where the data has no boxes) and the details of each, with `model_source`:
+    `model`, the file(s) the evaluated model was read from, and `model_weights`, the digest of
+    its weights, which export checks (`EvaluatedModel.require_scored`)."""
     sections = {key: value for key, value in scores.items() if key != "details"}
     splits = {**scores["details"]["splits"], "attention_localization": "test"}
     for section, split in splits.items():
@@ -346,7 +347,8 @@ def metrics_report(
             "attention_localization": {
                 k: v for k, v in localization.items() if k not in ("score", "uniform")
             },
-            "model": model_source,
+            "model": model_source["model"],
+            "model_weights": model_source["model_weights"],
             "splits": splits,
         },
     }

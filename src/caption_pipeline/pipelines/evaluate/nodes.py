@@ -33,9 +33,9 @@ def generate_captions(
     shards: ShardSet,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
-) -> tuple[Captions, str]:
+) -> tuple[Captions, dict[str, str]]:
     """Caption the val and test images (test with attention maps) with the model to evaluate
-    (`captioner@evaluated`); also say which model that was."""
+    (`captioner@evaluated`); also say which model that was: its file(s) and weights digest."""
     require_java()  # the scorers need it: fail now, not after the decoding
     settings = EvaluateSettings.from_params(evaluate)
     vocab = Vocabulary.from_dict(vocabulary)
@@ -45,7 +45,10 @@ def generate_captions(
         split: caption_split(model, vocab, shards, split, settings, keep_attention=split == "test")
         for split in SCORED_SPLITS
     }
-    return captions, evaluated_model.source
+    return captions, {
+        "model": evaluated_model.source,
+        "model_weights": evaluated_model.weights_digest,
+    }
 
 
 def write_results(evaluation_captions: Captions) -> tuple[list[dict], ...]:
@@ -91,7 +94,7 @@ def plot_attention(
 def summarize_metrics(
     coco_scores: dict[str, Any],
     attention_scores: dict[str, Any],
-    evaluated_model_source: str,
+    evaluated_model_source: dict[str, str],
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
 ) -> dict[str, Any]:

@@ -22,15 +22,17 @@ from caption_pipeline.text import Vocabulary
 
 def export_captioner(
     evaluated_model: EvaluatedModel,
+    evaluation_metrics: dict[str, Any],
     vocabulary: dict[str, Any],
     shards: ShardSet,
     evaluate: dict[str, Any],
     export: dict[str, Any],
 ):
     """The captioner that `evaluate` scored (`captioner@evaluated`: the registered version
-    carries its scores), its vocabulary, the evaluation's search settings and the image
-    shards' JPEG quality (the graph repeats their round trip) as one module (saved by the
-    `exported_model` dataset)."""
+    carries its scores, so metrics.json must name its weights), its vocabulary, the
+    evaluation's search settings and the image shards' JPEG quality (the graph repeats their
+    round trip) as one module (saved by the `exported_model` dataset)."""
+    evaluated_model.require_scored(evaluation_metrics)
     settings = ExportSettings.from_params(export)
     decoding = EvaluateSettings.from_params(evaluate).decoding
     return build_module(

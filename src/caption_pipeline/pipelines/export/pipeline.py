@@ -20,6 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 export_captioner,
                 [
                     "captioner@evaluated",  # the model evaluate scored, whose scores it carries
+                    "evaluation_metrics",  # ... and that names its weights: checked first
                     "vocabulary",
                     "shards",
                     "params:evaluate",
