@@ -58,15 +58,15 @@ class EvaluatedModel:
         """A DataError, in one line, unless `metrics` (metrics.json) scored these weights: a
         version must never be registered, nor gated, with another model's scores."""
         details = metrics.get("details", {})
-        scored = details.get("model_weights")
-        if scored != self.weights_digest:
+        scored, own = details.get("model_weights"), self.weights_digest  # hashed once
+        if scored != own:
             said = (
                 "records no weights (written before they were recorded)"
                 if scored is None
                 else f"scored weights {scored} ({details.get('model', 'a model')})"
             )
             raise DataError(
-                f"metrics.json {said}, but {self.source} has weights {self.weights_digest}: "
+                f"metrics.json {said}, but {self.source} has weights {own}: "
                 "its scores are not this model's; run `kedro run --pipelines=evaluate` first"
             )
 
