@@ -134,6 +134,36 @@ def test_context_blocks_let_a_region_see_its_whole_object():
         from_conf(ModelConfig, "model", vocab_size=5, compact_context=[2, 0])
 
 
+def test_a_block_of_two_convs_widens_each_regions_view():
+    """Issue 25: a block is a width or a list of widths. [32, 64, [96, 128], [128, 128]] runs
+    two convs at 32x32 and at 16x16: a region of the 16x16 grid then sees 62 px, not 38, so
+    a change 26 px right of its cell reaches it. One-conv blocks keep their layer names."""
+    plain = build_encoder("compact", 128, compact_pool_last=False)
+    deep = build_encoder(
+        "compact", 128, compact_filters=(32, 64, (96, 128), (128, 128)), compact_pool_last=False
+    )
+    assert deep.output_shape == plain.output_shape == (None, 256, 128)
+    assert {"conv0", "conv1", "conv2_0", "conv2_1", "conv3_0", "conv3_1"} <= {
+        layer.name for layer in deep.layers
+    }
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (1, 128, 128, 3)).astype("float32")
+    far = image.copy()
+    far[0, 60:68, 94:98] = 255.0 - far[0, 60:68, 94:98]  # 26 px right of region (7, 8)
+    region = 7 * 16 + 8  # its cell: rows 56..63, columns 64..71
+    changes = {
+        name: float(np.abs(ops.convert_to_numpy(e(far) - e(image))[0, region]).max())
+        for name, e in (("plain", plain), ("deep", deep))
+    }
+    assert changes["plain"] == 0.0
+    assert changes["deep"] > 1e-3
+    config = from_conf(ModelConfig, "model", vocab_size=5, compact_filters=[8, [8, 16]])
+    assert config.compact_filters == (8, (8, 16))
+    for bad in ([8, []], [8, [8, 0]], [8, "wide"], []):
+        with pytest.raises(DataError, match="compact_filters"):
+            from_conf(ModelConfig, "model", vocab_size=5, compact_filters=bad)
+
+
 def test_compact_encoder_loads_a_weights_file(tmp_path):
     trained = build_encoder("compact", 64, compact_filters=(8, 8))
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")

@@ -81,10 +81,12 @@ class FeaturePlan:
 
 
 def encoder_architecture(model: ModelConfig) -> dict[str, Any]:
+    from caption_pipeline.model.encoder import plain_filters
+
     architecture = {
         "encoder": model.encoder,
         "image_size": model.image_size,
-        "compact_filters": list(model.compact_filters),
+        "compact_filters": plain_filters(model.compact_filters),
         "compact_pool_last": model.compact_pool_last,
     }
     if model.compact_context:  # absent when empty, as in manifests written before it

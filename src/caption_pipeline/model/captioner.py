@@ -22,7 +22,13 @@ from keras import ops
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.model.decoder import AttentionDecoder
-from caption_pipeline.model.encoder import BATCHNORM, ENCODERS, EncoderConfig, freeze_batchnorm
+from caption_pipeline.model.encoder import (
+    BATCHNORM,
+    ENCODERS,
+    EncoderConfig,
+    compact_blocks,
+    freeze_batchnorm,
+)
 from caption_pipeline.params import from_params
 
 PAD_ID = 0
@@ -44,7 +50,7 @@ class ModelConfig:
     # A trained encoder's BatchNormalization: train (batch statistics) | frozen (inference mode,
     # moving statistics and scales fixed; what fine-tuning a pretrained encoder uses)
     encoder_batchnorm: str
-    compact_filters: tuple[int, ...]
+    compact_filters: tuple[int | tuple[int, ...], ...]  # a width, or the widths of a block
     compact_pool_last: bool  # false: the compact CNN's grid is twice as fine
     compact_context: tuple[int, ...]  # dilations of its residual context blocks; () none
     # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
@@ -66,7 +72,15 @@ class ModelConfig:
             raise DataError(
                 f"model.encoder_batchnorm: {self.encoder_batchnorm!r}; expected one of {BATCHNORM}"
             )
-        object.__setattr__(self, "compact_filters", tuple(self.compact_filters))
+        blocks = compact_blocks(self.compact_filters)
+        object.__setattr__(
+            self,
+            "compact_filters",
+            tuple(
+                b[0] if isinstance(f, int) else b
+                for f, b in zip(self.compact_filters, blocks, strict=True)
+            ),
+        )
         object.__setattr__(self, "compact_context", tuple(self.compact_context))
         if not all(isinstance(d, int) and d >= 1 for d in self.compact_context):
             raise DataError(

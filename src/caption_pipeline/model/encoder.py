@@ -51,7 +51,7 @@ class EncoderConfig:
     weights: str | None  # "imagenet" (NASNet), a local weights file, or None (random)
     trainable: bool | None  # None: train the compact CNN, freeze NASNet
     batchnorm: str  # train | frozen
-    compact_filters: tuple[int, ...]
+    compact_filters: tuple[int | tuple[int, ...], ...]
     compact_pool_last: bool
     compact_context: tuple[int, ...]
     feature_projection: int | None
@@ -79,7 +79,7 @@ def build_encoder(
     name: str,
     image_size: int,
     weights: str | None = None,
-    compact_filters: tuple[int, ...] = (32, 64, 128, 128),
+    compact_filters: tuple[int | tuple[int, ...], ...] = (32, 64, 128, 128),
     compact_pool_last: bool = True,
     projection: int | None = None,
     compact_context: tuple[int, ...] = (),
@@ -207,7 +207,7 @@ def _check_array_shapes(model: keras.Model, file: Path) -> None:
 
 def compact_cnn(
     images: keras.KerasTensor,
-    filters: tuple[int, ...],
+    filters: tuple[int | tuple[int, ...], ...],
     pool_last: bool = True,
     context: tuple[int, ...] = (),
 ) -> keras.KerasTensor:
@@ -215,27 +215,35 @@ def compact_cnn(
     the last pooling (`pool_last=False`) a grid twice as fine, 16x16, of regions that each see
     38 px around their 8 px cell: attention can then point at a small object, not near it.
 
+    A block is one width (one 3x3 conv + BN + ReLU) or several (that many convs in a row, then
+    the pooling): a second conv at 32x32 and at 16x16 (`[32, 64, [96, 128], [128, 128]]`)
+    widens each region's view from 38 to 62 px, more than the largest shape, for a third more
+    multiply-adds where the grid is small, and the shapes are told apart as they are not with
+    one (docs/benchmarks.md, "An encoder that sees whole objects").
+
     Coordinate channels enter the last block so that every region feature knows where it
     is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
     of features would otherwise lose position.
 
     `context`: dilation rates of residual context blocks after the last one, at the grid's
-    resolution (as in DeepLab's atrous convolutions): x <- x + ReLU(BN(conv3x3_d(x))). A 38 px
-    view is less than the larger shapes (up to 53 px across): a region inside one sees flat
-    colour, one on its edge a piece of outline. Each block with dilation d widens the view by
-    2 d cells (d = 2, 4 on the 16x16 grid of 8 px cells: 38 -> 134 px), so that every region
-    sees its whole object, and the residual keeps what the region saw of itself.
+    resolution (as in DeepLab's atrous convolutions): x <- x + ReLU(BN(conv3x3_d(x))). Each
+    block with dilation d widens the view by 2 d cells (d = 2, 4 on the 16x16 grid of 8 px
+    cells: 38 -> 134 px), and the residual keeps what the region saw of itself.
     """
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="compact_preprocess")(images)
-    for block, width in enumerate(filters):
-        if block == len(filters) - 1:
+    blocks = compact_blocks(filters)
+    for block, widths in enumerate(blocks):
+        if block == len(blocks) - 1:
             x = AddCoordinates(name="coordinates")(x)
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
-        # momentum 0.9, not 0.99: the inference statistics keep up with the fast-changing
-        # weights of a short training, so frozen features match what was trained.
-        x = layers.BatchNormalization(momentum=0.9, name=f"bn{block}")(x)
-        x = layers.ReLU(name=f"relu{block}")(x)
-        if pool_last or block < len(filters) - 1:
+        for k, width in enumerate(widths):
+            # one conv per block keeps the names it always had (weights files load by them)
+            name = f"{block}" if len(widths) == 1 else f"{block}_{k}"
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{name}")(x)
+            # momentum 0.9, not 0.99: the inference statistics keep up with the fast-changing
+            # weights of a short training, so frozen features match what was trained.
+            x = layers.BatchNormalization(momentum=0.9, name=f"bn{name}")(x)
+            x = layers.ReLU(name=f"relu{name}")(x)
+        if pool_last or block < len(blocks) - 1:
             x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
     for block, rate in enumerate(context):
         y = layers.Conv2D(
@@ -250,6 +258,33 @@ def compact_cnn(
         y = layers.ReLU(name=f"context_relu{block}")(y)
         x = layers.Add(name=f"context_add{block}")([x, y])
     return x
+
+
+def compact_blocks(filters) -> tuple[tuple[int, ...], ...]:
+    """`model.compact_filters` as one tuple of conv widths per block: `[32, [64, 64]]` ->
+    ((32,), (64, 64)). Raises DataError unless every width is an integer >= 1."""
+    blocks = tuple(
+        (spec,) if isinstance(spec, int) else tuple(spec)
+        for spec in filters
+        if isinstance(spec, int) or isinstance(spec, (list, tuple))
+    )
+    widths = [w for block in blocks for w in block]
+    if (
+        len(blocks) != len(filters)
+        or not blocks
+        or not all(block for block in blocks)
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+    ):
+        raise DataError(
+            "model.compact_filters: one entry per block, each a width >= 1 or a list of "
+            f"them (that many convs), e.g. [32, 64, [96, 128]]; got {plain_filters(filters)}"
+        )
+    return blocks
+
+
+def plain_filters(filters) -> list:
+    """`filters` as it reads in YAML: lists, not tuples."""
+    return [list(f) if isinstance(f, (list, tuple)) else f for f in filters]
 
 
 def freeze_batchnorm(encoder: keras.Model) -> int:
