@@ -87,6 +87,7 @@ def pretrain(
     batch_size=32,
     pool_last=True,
     context=(),
+    strided_stem=False,
 ):
     keras.utils.set_random_seed(42)
     encoder = from_conf(
@@ -97,6 +98,7 @@ def pretrain(
         compact_filters=filters,
         compact_pool_last=pool_last,
         compact_context=context,
+        compact_strided_stem=strided_stem,
         feature_projection=None,
     ).build_encoder(None)
     for layer in encoder.layers:  # the variant's BatchNormalization momentum
@@ -126,7 +128,27 @@ def pretrain(
             {k: round(v, 3) for k, v in accuracy.items()},
             f"{time.perf_counter() - started:.0f}s",
         )
+    log(name, "shape errors", shape_errors(model, val_batches))
     return encoder
+
+
+def shape_errors(model, batches) -> dict[str, float]:
+    """Of the regions mostly covered by an object, the share whose predicted shape is
+    background (the object's edge misplaced) and the share given another shape."""
+    counts = np.zeros(3, int)  # right, background, another shape
+    for images, truth in batches:
+        predicted = np.argmax(model.predict_on_batch(images)["category"], -1)
+        true = np.argmax(truth["category"], -1)
+        covered = truth["category"][..., 0] < 0.5
+        counts += [
+            int((covered & (predicted == true)).sum()),
+            int((covered & (predicted == 0)).sum()),
+            int((covered & (predicted != true) & (predicted != 0)).sum()),
+        ]
+    return {
+        "as background": round(float(counts[1] / counts.sum()), 3),
+        "as another shape": round(float(counts[2] / counts.sum()), 3),
+    }
 
 
 def decode_val(data, vocab, encoder, log, name, epochs, out: Path, split, batch_size=32):
@@ -169,7 +191,9 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, split, batch_
         (out / f"{name}_{method}.json").write_text(json.dumps(results))
 
 
-def sweep(out: Path, smoke: bool, grid: bool, split: str, context: bool = False) -> None:
+def sweep(
+    out: Path, smoke: bool, grid: bool, split: str, context: bool = False, blocks: bool = False
+) -> None:
     """The variants, each pretrained on train and measured on `split` (the dicts' "val" key:
     the held-out split)."""
     import pandas as pd
@@ -207,6 +231,25 @@ def sweep(out: Path, smoke: bool, grid: bool, split: str, context: bool = False)
     if context:  # the default 16x16 encoder without and with context blocks (issue 25)
         for name, rates in (("C0_no_context", ()), ("C24_context_2_4", (2, 4))):
             pretrain(data, targets[16], log, name, epochs or 6, pool_last=False, context=rates)
+        return
+    if blocks:  # one conv per block against two at 32x32 and 16x16, 16x16 grid (issue 25)
+        one, two = (32, 64, 128, 128), (32, 64, (96, 128), (128, 128))
+        for name, filters, stem, n in (
+            ("B1_one_conv_per_block", one, False, 6),
+            ("B2_one_conv_strided_stem", one, True, 6),
+            ("B3_two_convs_strided_stem", two, True, 6),
+            ("B4_two_convs_strided_stem_8_epochs", two, True, 8),
+        ):
+            pretrain(
+                data,
+                targets[16],
+                log,
+                name,
+                epochs or n,
+                filters=filters,
+                pool_last=False,
+                strided_stem=stem,
+            )
         return
     if grid:  # the default settings on an 8x8 and a 16x16 grid; batch 128 (GPU) for the decoder
         for side, pool_last in ((16, False), (8, True)):
@@ -260,12 +303,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--context", action="store_true", help="the 16x16 encoder without and with context"
     )
+    parser.add_argument(
+        "--blocks", action="store_true", help="one conv per block against two at 32 and 16 px"
+    )
     parser.add_argument("--score", nargs="+", metavar="RESULTS_JSON")
     args = parser.parse_args(argv)
     if args.score:
         score(args.score, args.split)
     else:
-        sweep(args.out, args.smoke, args.grid, args.split, args.context)
+        sweep(args.out, args.smoke, args.grid, args.split, args.context, args.blocks)
 
 
 if __name__ == "__main__":

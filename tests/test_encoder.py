@@ -164,6 +164,32 @@ def test_a_block_of_two_convs_widens_each_regions_view():
             from_conf(ModelConfig, "model", vocab_size=5, compact_filters=bad)
 
 
+def test_a_strided_stem_keeps_the_grid_with_a_quarter_of_the_first_convs_outputs():
+    """compact_strided_stem: the first block halves the grid by its conv's stride, not by
+    pooling after it; the grid, the layers' weights and the last block are as without. A
+    single block that does not pool (no pooling after the last) stays at stride 1."""
+    pooled = build_encoder("compact", 64, compact_filters=(8, (16, 16)), compact_pool_last=False)
+    strided = build_encoder(
+        "compact",
+        64,
+        compact_filters=(8, (16, 16)),
+        compact_pool_last=False,
+        compact_strided_stem=True,
+    )
+    assert strided.output_shape == pooled.output_shape == (None, 32 * 32, 16)
+    assert strided.count_params() == pooled.count_params()
+    assert strided.get_layer("conv0").output.shape[1:3] == (32, 32)
+    assert pooled.get_layer("conv0").output.shape[1:3] == (64, 64)
+    assert "pool0" not in {layer.name for layer in strided.layers}
+    one = build_encoder(
+        "compact", 64, compact_filters=(8,), compact_pool_last=False, compact_strided_stem=True
+    )
+    assert one.output_shape == (None, 64 * 64, 8)
+    config = from_conf(ModelConfig, "model", vocab_size=5, image_size=64)
+    assert config.compact_strided_stem is True  # conf/base
+    assert config.build_encoder(None).get_layer("conv0").output.shape[1:3] == (32, 32)
+
+
 def test_compact_encoder_loads_a_weights_file(tmp_path):
     trained = build_encoder("compact", 64, compact_filters=(8, 8))
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")

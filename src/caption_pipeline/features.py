@@ -91,6 +91,8 @@ def encoder_architecture(model: ModelConfig) -> dict[str, Any]:
     }
     if model.compact_context:  # absent when empty, as in manifests written before it
         architecture["compact_context"] = list(model.compact_context)
+    if model.compact_strided_stem:  # absent when false, as in manifests written before it
+        architecture["compact_strided_stem"] = True
     if model.feature_projection is not None:  # absent, as in manifests written before it
         architecture["feature_projection"] = model.feature_projection
     return architecture

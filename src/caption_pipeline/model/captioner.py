@@ -53,6 +53,7 @@ class ModelConfig:
     compact_filters: tuple[int | tuple[int, ...], ...]  # a width, or the widths of a block
     compact_pool_last: bool  # false: the compact CNN's grid is twice as fine
     compact_context: tuple[int, ...]  # dilations of its residual context blocks; () none
+    compact_strided_stem: bool  # the first block pools by its conv's stride 2
     # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
     # the train images (`caption_pipeline.projection`); None: the encoder's own D.
     feature_projection: int | None
@@ -98,6 +99,7 @@ class ModelConfig:
             self.compact_filters,
             self.compact_pool_last,
             self.compact_context,
+            self.compact_strided_stem,
             self.feature_projection,
         )
 
@@ -115,10 +117,22 @@ class ModelConfig:
         return from_params(cls, params, "model")
 
     @classmethod
+    def from_saved(cls, config: dict) -> ModelConfig:
+        """From the config a saved Captioner holds (`Captioner.get_config`). A file saved
+        before an architecture key existed was built without what the key adds: it gets
+        `ADDED_SINCE`'s value, not conf/base's, so that it loads as the model it was."""
+        return cls.from_dict({**ADDED_SINCE, **config})
+
+    @classmethod
     def for_encoder(cls, params: dict) -> ModelConfig:
         """From a `params:model` dict alone, for what only needs the encoder (features,
         encoder pretraining): the vocabulary's size is no matter to it."""
         return cls.from_dict({**params, "vocab_size": 1})
+
+
+# Architecture keys added to `model` after captioners were first saved, with the value that
+# means "as before" (the architecture of a file saved without them).
+ADDED_SINCE = {"compact_context": [], "compact_strided_stem": False}
 
 
 def _replicas_in_sync() -> int:
@@ -176,7 +190,7 @@ class Captioner(keras.Model):
         self, config: ModelConfig | dict, feature_shape: tuple[int, int] | None = None, **kwargs
     ):
         super().__init__(**kwargs)
-        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_saved(config)
         c = self.config
         if feature_shape is None:
             self.encoder = c.build_encoder(c.encoder_weights)

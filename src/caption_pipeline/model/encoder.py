@@ -54,6 +54,7 @@ class EncoderConfig:
     compact_filters: tuple[int | tuple[int, ...], ...]
     compact_pool_last: bool
     compact_context: tuple[int, ...]
+    compact_strided_stem: bool
     feature_projection: int | None
 
     @property
@@ -72,6 +73,7 @@ class EncoderConfig:
             self.compact_pool_last,
             self.feature_projection,
             self.compact_context,
+            self.compact_strided_stem,
         )
 
 
@@ -83,6 +85,7 @@ def build_encoder(
     compact_pool_last: bool = True,
     projection: int | None = None,
     compact_context: tuple[int, ...] = (),
+    compact_strided_stem: bool = False,
 ) -> keras.Model:
     """The encoder `name` as a model from images [B, image_size, image_size, 3] to [B, R, D]
     (D = `projection` when given; the projection's weights are then still to be fitted)."""
@@ -95,7 +98,9 @@ def build_encoder(
             )
         if weights is not None:
             _weights_path(weights)
-        grid = compact_cnn(images, compact_filters, compact_pool_last, compact_context)
+        grid = compact_cnn(
+            images, compact_filters, compact_pool_last, compact_context, compact_strided_stem
+        )
     elif name in NASNETS:
         grid = nasnet_backbone(name, weights)(_to_native_size(images, NASNETS[name][1]))
     else:
@@ -210,6 +215,7 @@ def compact_cnn(
     filters: tuple[int | tuple[int, ...], ...],
     pool_last: bool = True,
     context: tuple[int, ...] = (),
+    strided_stem: bool = False,
 ) -> keras.KerasTensor:
     """Conv blocks, each halving the grid: 128 px and 4 blocks -> 8x8 x filters[-1]; without
     the last pooling (`pool_last=False`) a grid twice as fine, 16x16, of regions that each see
@@ -220,6 +226,11 @@ def compact_cnn(
     widens each region's view from 38 to 62 px, more than the largest shape, for a third more
     multiply-adds where the grid is small, and the shapes are told apart as they are not with
     one (docs/benchmarks.md, "An encoder that sees whole objects").
+
+    `strided_stem`: the first block halves the grid by its first conv's stride (2) instead of
+    max pooling after it: the same grid for a quarter of the full-resolution work, where a
+    train step of this small CNN spends most of its time (BN, ReLU and pooling over
+    128 x 128 x 32 activations).
 
     Coordinate channels enter the last block so that every region feature knows where it
     is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
@@ -235,15 +246,20 @@ def compact_cnn(
     for block, widths in enumerate(blocks):
         if block == len(blocks) - 1:
             x = AddCoordinates(name="coordinates")(x)
+        pools = pool_last or block < len(blocks) - 1
+        strided = strided_stem and block == 0 and pools
         for k, width in enumerate(widths):
             # one conv per block keeps the names it always had (weights files load by them)
             name = f"{block}" if len(widths) == 1 else f"{block}_{k}"
-            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{name}")(x)
+            stride = 2 if strided and k == 0 else 1
+            x = layers.Conv2D(
+                width, 3, strides=stride, padding="same", use_bias=False, name=f"conv{name}"
+            )(x)
             # momentum 0.9, not 0.99: the inference statistics keep up with the fast-changing
             # weights of a short training, so frozen features match what was trained.
             x = layers.BatchNormalization(momentum=0.9, name=f"bn{name}")(x)
             x = layers.ReLU(name=f"relu{name}")(x)
-        if pool_last or block < len(blocks) - 1:
+        if pools and not strided:
             x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
     for block, rate in enumerate(context):
         y = layers.Conv2D(
