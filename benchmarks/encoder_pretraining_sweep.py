@@ -192,7 +192,13 @@ def decode_val(data, vocab, encoder, log, name, epochs, out: Path, split, batch_
 
 
 def sweep(
-    out: Path, smoke: bool, grid: bool, split: str, context: bool = False, blocks: bool = False
+    out: Path,
+    smoke: bool,
+    grid: bool,
+    split: str,
+    context: bool = False,
+    blocks: bool = False,
+    only: tuple[str, ...] = (),
 ) -> None:
     """The variants, each pretrained on train and measured on `split` (the dicts' "val" key:
     the held-out split)."""
@@ -240,6 +246,8 @@ def sweep(
             ("B3_two_convs_strided_stem", two, True, 6),
             ("B4_two_convs_strided_stem_8_epochs", two, True, 8),
         ):
+            if only and not name.startswith(only):
+                continue
             pretrain(
                 data,
                 targets[16],
@@ -306,12 +314,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--blocks", action="store_true", help="one conv per block against two at 32 and 16 px"
     )
+    parser.add_argument(
+        "--only", nargs="+", default=(), metavar="NAME", help="--blocks: these variants (B3 ...)"
+    )
     parser.add_argument("--score", nargs="+", metavar="RESULTS_JSON")
     args = parser.parse_args(argv)
     if args.score:
         score(args.score, args.split)
     else:
-        sweep(args.out, args.smoke, args.grid, args.split, args.context, args.blocks)
+        sweep(
+            args.out, args.smoke, args.grid, args.split, args.context, args.blocks, tuple(args.only)
+        )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,34 @@ def test_keras_models_and_whole_checkpoints_load_with_their_weights(tmp_path):
         saved.check_vocabulary(tiny_vocabulary("abcdefghi"))
 
 
+def test_a_captioner_saved_before_an_architecture_key_loads_as_it_was(tmp_path):
+    """A .keras file written before `compact_context` and `compact_strided_stem` existed has
+    neither in its config: it loads with the architecture it was saved with (no context, a
+    pooled stem), not conf/base's, and with its own weights."""
+    import json
+    import zipfile
+
+    vocab = tiny_vocabulary()
+    model = captioner(vocab, compact_strided_stem=False)
+    stem = captioner(vocab, compact_strided_stem=True)
+    assert "pool0" not in {layer.name for layer in stem.encoder.layers}  # what a new key adds
+    model.save(tmp_path / "new.keras")
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(tmp_path / "new.keras") as new, zipfile.ZipFile(old, "w") as out:
+        for item in new.infolist():
+            data = new.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                for key in ("compact_context", "compact_strided_stem"):
+                    del config["config"]["config"][key]
+                data = json.dumps(config).encode()
+            out.writestr(item, data)
+    loaded = read_captioner(old).captioner
+    assert loaded.config.compact_strided_stem is False and loaded.config.compact_context == ()
+    assert "pool0" in {layer.name for layer in loaded.encoder.layers}
+    assert_same_weights(loaded.get_weights(), model.get_weights())
+
+
 def test_a_decoder_checkpoint_gets_the_frozen_encoder_of_the_saved_captioner(tmp_path):
     vocab = tiny_vocabulary()
     full = captioner(vocab, encoder_trainable=False)

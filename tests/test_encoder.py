@@ -185,8 +185,7 @@ def test_a_strided_stem_keeps_the_grid_with_a_quarter_of_the_first_convs_outputs
         "compact", 64, compact_filters=(8,), compact_pool_last=False, compact_strided_stem=True
     )
     assert one.output_shape == (None, 64 * 64, 8)
-    config = from_conf(ModelConfig, "model", vocab_size=5, image_size=64)
-    assert config.compact_strided_stem is True  # conf/base
+    config = from_conf(ModelConfig, "model", vocab_size=5, image_size=64, compact_strided_stem=True)
     assert config.build_encoder(None).get_layer("conv0").output.shape[1:3] == (32, 32)
 
 

@@ -130,7 +130,6 @@ def test_manifest_records_kind_shape_encoder_and_source(features):
         "image_size": SIZE,
         "compact_filters": [8, 16, 16],
         "compact_pool_last": True,
-        "compact_strided_stem": True,  # conf/base's
     }
     weights = manifest["params"]["weights_file"]  # relative: the project may move
     assert not Path(weights).is_absolute()

@@ -223,14 +223,13 @@ def compact_cnn(
 
     A block is one width (one 3x3 conv + BN + ReLU) or several (that many convs in a row, then
     the pooling): a second conv at 32x32 and at 16x16 (`[32, 64, [96, 128], [128, 128]]`)
-    widens each region's view from 38 to 62 px, more than the largest shape, for a third more
-    multiply-adds where the grid is small, and the shapes are told apart as they are not with
-    one (docs/benchmarks.md, "An encoder that sees whole objects").
+    widens each region's view from 38 to 62 px, more than the largest shape (val shape
+    accuracy 0.83 against 0.70 after pretraining; docs/benchmarks.md, "An encoder that sees
+    whole objects", also for why conf/base keeps one conv per block).
 
     `strided_stem`: the first block halves the grid by its first conv's stride (2) instead of
-    max pooling after it: the same grid for a quarter of the full-resolution work, where a
-    train step of this small CNN spends most of its time (BN, ReLU and pooling over
-    128 x 128 x 32 activations).
+    max pooling after it: the same grid, with a quarter of the full-resolution activations
+    (its BN, ReLU and pooling over 128 x 128 x 32 numbers per image in a train step).
 
     Coordinate channels enter the last block so that every region feature knows where it
     is: the shapes captions talk about left/right/above/below, and an attention-weighted sum
