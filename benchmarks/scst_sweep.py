@@ -82,6 +82,16 @@ def val_cider(captioner, vocabulary, shards, captions, settings, scorer, split="
     return round(sections[split]["CIDEr"], 4)
 
 
+def selection_data(params: dict) -> tuple[dict, pd.DataFrame, object, EvaluateSettings]:
+    """What a sweep reads of the project's finished run: the vocabulary (as stored), the train
+    and val captions (never test), the image shards and the evaluate pipeline's settings."""
+    vocabulary = json.loads((ROOT / "data/03_primary/vocabulary.json").read_text())
+    captions = pd.read_parquet(ROOT / "data/02_intermediate/captions.parquet")
+    captions = captions[captions["split"].isin(SELECTION_SPLITS)]  # never test
+    shards = load_shard_set(ROOT / "data/03_primary/shards", kind="images")
+    return vocabulary, captions, shards, EvaluateSettings.from_params(params["evaluate"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_split_argument(parser)
@@ -99,13 +109,8 @@ def sweep(args: argparse.Namespace, scorer: CocoScorer) -> None:
     """Every variant of `args.variants`, one JSON line each, then the one val prefers."""
     params = project_config(ROOT, args.env, "parameters")
     model_inputs = load_model_inputs(ROOT / "data/05_model_input/model_inputs")
-    vocabulary = Vocabulary.from_dict(
-        json.loads((ROOT / "data/03_primary/vocabulary.json").read_text())
-    )
-    captions = pd.read_parquet(ROOT / "data/02_intermediate/captions.parquet")
-    captions = captions[captions["split"].isin(SELECTION_SPLITS)]  # never test
-    shards = load_shard_set(ROOT / "data/03_primary/shards", kind="images")
-    settings = EvaluateSettings.from_params(params["evaluate"])
+    vocabulary, captions, shards, settings = selection_data(params)
+    vocabulary = Vocabulary.from_dict(vocabulary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {

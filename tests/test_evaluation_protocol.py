@@ -44,6 +44,7 @@ TEST_ONLY_SECTIONS = {"headline", "human", "test_vs_human_refs", "attention_loca
 SPLIT_READERS = {
     "encoder_pretraining_sweep.py": ["--out", "{tmp}"],
     "scst_sweep.py": ["--model", "{tmp}/m.keras", "--out", "{tmp}"],
+    "train_sweep.py": ["--out", "{tmp}"],
     "encoder_choice.py": [],
     "serve.py": [],
 }
