@@ -33,13 +33,15 @@ def test_smoke_run_writes_a_checked_export(smoke_project, test_jpegs):
 
 
 def test_exported_captions_equal_the_in_process_model(smoke_project, exported, test_jpegs):
-    """Independently of the node's check: every beam and score, for beam sizes 1, 2 and 3."""
+    """Independently of the node's check: every beam and score, for beam sizes 1, 2 and 3, on
+    test JPEGs that the in-process side preprocesses with training's code (`python_pixels`:
+    a model-size JPEG is re-encoded, as the shard writer re-encodes it)."""
     import keras
     import tensorflow as tf
 
     import caption_pipeline.model  # noqa: F401 (registers the layers)
     from caption_pipeline.decoding import DecodeSettings, decode_dataset
-    from caption_pipeline.shards.records import decode_jpeg_image
+    from caption_pipeline.export_check import python_pixels
     from caption_pipeline.text import Vocabulary
 
     captioner = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
@@ -47,11 +49,9 @@ def test_exported_captions_equal_the_in_process_model(smoke_project, exported, t
         json.loads((smoke_project / "data/03_primary/vocabulary.json").read_text())
     )
     ids, jpegs = test_jpegs[0][:8], test_jpegs[1][:8]
-    batches = (
-        tf.data.Dataset.from_tensor_slices({"image": jpegs, "image_id": ids})
-        .map(lambda x: {**x, "image": decode_jpeg_image(x["image"], 128)})
-        .batch(8)
-    )
+    quality = exported.info["jpeg_quality"]
+    pixels = np.stack([python_pixels(jpeg, 128, quality) for jpeg in jpegs])
+    batches = tf.data.Dataset.from_tensor_slices({"image": pixels, "image_id": ids}).batch(8)
     for beam in (1, 2, 3):
         reference = decode_dataset(
             captioner,
@@ -246,7 +246,7 @@ def _encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _all_cases() -> dict[str, bytes]:
     """The self-check's cases, plus every EXIF orientation, GIF, BMP, 16-bit colour PNGs and
-    an upright model-size JPEG (read as a shard image is)."""
+    an upright model-size JPEG (re-encoded, as the shard writer re-encodes every image)."""
     import tensorflow as tf
 
     from caption_pipeline.export_check import preprocessing_cases
@@ -283,7 +283,10 @@ def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_ex
     CMYK, 16-bit, off-size, box-reduced, GIF, BMP: the graph's pixels are the Python path's
     exactly (0 grey levels apart), and captions and scores equal the in-process model's on
     the Python pixels."""
+    import tensorflow as tf
+
     from caption_pipeline.export_check import python_pixels
+    from caption_pipeline.shards.records import decode_jpeg_image
 
     exported, captioner, vocabulary, decoding = tiny_export
     cases = _all_cases()
@@ -302,6 +305,10 @@ def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_ex
     assert np.abs(plain["exif_6_jpeg"] - plain["exif_3_jpeg"]).mean() > 10
     # The alpha case is transparent at the left: white there, unlike the opaque image.
     assert plain["alpha_png"][:, 0].mean() > 240 > plain["off_size_jpeg"][:, 0].mean()
+    # A model-size JPEG takes the round trip as well: its pixels are not the file's own, as
+    # they would be if it were read as the reader reads a shard image.
+    own = decode_jpeg_image(tf.constant(cases["model_size_jpeg"]), TINY_SIZE).numpy()
+    assert np.abs(plain["model_size_jpeg"] - own).max() > 0
     reference = _in_process(captioner, vocabulary, decoding, expected)
     out = exported.caption(data)
     for i, ref in enumerate(reference):

@@ -2,7 +2,9 @@
 registered, on the shards' test images.
 
 - `check_against_model`: the export's captions equal the in-process model's (the evaluation's
-  path, `decoding.decode_dataset`), beam for beam, on every test image.
+  path, `decoding.decode_dataset`), beam for beam, on every test image's JPEG, which the
+  in-process side preprocesses with training's own code (`python_pixels`): the graph takes
+  no shortcut for a model-size JPEG, and neither does the oracle.
 - `check_preprocessing`: Pillow-made off-size, EXIF-rotated, grey, CMYK, palette, alpha and
   16-bit versions of one test image (`preprocessing_cases`) go through the SavedModel and
   through the Python path (`python_pixels`: `images.decode_image` -> `images.encode_jpeg` ->
@@ -52,16 +54,25 @@ def check_against_model(
     import tensorflow as tf
 
     from caption_pipeline.decoding import decode_dataset
-    from caption_pipeline.shards.records import decode_jpeg_image
 
     ids, images = held_out_images(shards, check.max_images)
     size = captioner.config.image_size
-    # The reader's pixels of the same JPEGs, batched as the evaluation batches them.
-    batches = (
-        tf.data.Dataset.from_tensor_slices({"image": images, "image_id": ids})
-        .map(lambda x: {**x, "image": decode_jpeg_image(x["image"], size)})
-        .batch(check.batch_size)
-    )
+    quality = int(exported.info.get("jpeg_quality", JPEG_QUALITY))
+
+    def training_pixels():  # one image at a time: COCO's test set would not fit as pixels
+        for image_id, jpeg in zip(ids, images, strict=True):
+            pixels = python_pixels(jpeg, size, quality, f"test image {image_id}")
+            yield {"image": pixels, "image_id": image_id}
+
+    # The same JPEG bytes as training's code would see them as source files, batched as the
+    # evaluation batches them.
+    batches = tf.data.Dataset.from_generator(
+        training_pixels,
+        output_signature={
+            "image": tf.TensorSpec([size, size, 3], tf.float32),
+            "image_id": tf.TensorSpec([], tf.int64),
+        },
+    ).batch(check.batch_size)
     beam = exported.default_beam_size
     reference = {
         d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches, decoding)
@@ -85,23 +96,16 @@ PIXEL_TOLERANCE = 0
 
 
 def python_pixels(data: bytes, size: int, jpeg_quality: int, name: str = "<bytes>") -> np.ndarray:
-    """float32 [S, S, 3]: the pixels training would have seen of this image, by the
-    Python path: `images.decode_image` (as ingestion), `images.encode_jpeg` (as the shard
-    writer), `shards.records.decode_jpeg_image` (as the reader). An upright RGB JPEG already
-    S x S is read as it is, as the graph reads shard images."""
+    """float32 [S, S, 3]: the pixels training would have seen of this image as a source
+    file, by training's own code: `images.decode_image` (as ingestion), `images.encode_jpeg`
+    (as the shard writer, which re-encodes every image, model-size JPEGs too),
+    `shards.records.decode_jpeg_image` (as the reader)."""
     import tensorflow as tf
 
     from caption_pipeline.images import decode_image, encode_jpeg
     from caption_pipeline.shards.records import decode_jpeg_image
 
-    decoded = decode_image(data, name=name)
-    as_shard = (
-        decoded.format == "JPEG"
-        and decoded.mode == "RGB"
-        and decoded.orientation == 1
-        and decoded.image.size == (size, size)
-    )
-    jpeg = data if as_shard else encode_jpeg(decoded.image, size, quality=jpeg_quality)
+    jpeg = encode_jpeg(decode_image(data, name=name).image, size, quality=jpeg_quality)
     return decode_jpeg_image(tf.constant(jpeg), size).numpy()
 
 

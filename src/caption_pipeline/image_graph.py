@@ -24,8 +24,10 @@ a client of the SavedModel (TF Serving, another language) needs no Pillow:
      int(side / S / REDUCING_GAP) with Pillow's fixed-point division (`box_reduce`), then
      Lanczos-3 with Pillow's 22-bit integer coefficients and rounding, columns first;
   5. the JPEG round trip at the shard set's quality (libjpeg with Pillow's defaults: 4:2:0,
-     baseline, islow DCT), decoded as the reader decodes; an upright 3-component S x S JPEG
-     (a shard image, or one like it) skips steps 3-5 and is decoded as the reader does.
+     baseline, islow DCT), decoded as the reader decodes. Every image takes it, an upright
+     S x S JPEG (a shard image, or one like it) too: the shard writer re-encodes every source
+     image, whatever its size, so a model-size JPEG sent here is treated as training would
+     have treated it as a source file.
 
 Each step repeats the integer arithmetic of the code it mirrors rather than approximating it
 in float, so the result is bit-exact: measured against the Python path (`decode_image` ->
@@ -130,16 +132,10 @@ def preprocess(data, index, size: int, jpeg_quality: int, max_pixels: int = DEFA
     )
     with tf.control_dependencies([size_check]):  # nothing is decoded before the check
         data = tf.identity(data)
-    # An upright 3-component S x S JPEG, such as a shard image, is read as the reader reads
-    # it: decoded with TensorFlow's default (fast) DCT, no round trip. Any other JPEG is
-    # decoded as Pillow decodes it, with libjpeg's accurate integer DCT (the fast one is up to
-    # 15 levels off), then goes through the steps the shard writer applied.
-    as_shard = tf.logical_and(
-        tf.reduce_all(tf.equal(jpeg_shape, [size, size, 3])), tf.equal(orientation, 1)
-    )
+    # A JPEG is decoded as Pillow decodes it, with libjpeg's accurate integer DCT (the fast
+    # one is up to 15 levels off), then goes through the steps the shard writer applied.
     pixels = tf.case(
         [
-            (as_shard, lambda: tf.io.decode_jpeg(data, channels=3)),
             (is_png, lambda: decode_png(data)),
             (is_jpeg, lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")),
         ],
@@ -149,11 +145,7 @@ def preprocess(data, index, size: int, jpeg_quality: int, max_pixels: int = DEFA
     shape = tf.shape(pixels)
     at_size = tf.reduce_all(tf.equal(shape[:2], size))
     pixels = tf.cond(at_size, lambda: pixels, lambda: pillow_resize(pixels, size))
-    pixels = tf.cond(
-        as_shard,
-        lambda: pixels,
-        lambda: tf.io.decode_jpeg(tf.io.encode_jpeg(pixels, quality=jpeg_quality), channels=3),
-    )
+    pixels = tf.io.decode_jpeg(tf.io.encode_jpeg(pixels, quality=jpeg_quality), channels=3)
     return tf.ensure_shape(tf.cast(pixels, tf.float32), [size, size, 3])
 
 
