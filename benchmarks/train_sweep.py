@@ -50,8 +50,8 @@ SECTIONS = ("model", "train", "fine_tune", "self_critical")
 
 
 def apply_variant(params: dict, text: str) -> dict:
-    """The parameters with "train.epochs=7,model.attention_lambda=0.1" set; KeyError-free:
-    a section or key the `train` pipeline does not read is a ValueError naming it."""
+    """A copy of `params` with a variant such as "train.epochs=7,model.attention_lambda=0.1"
+    set; a section or key the `train` pipeline does not read is a ValueError naming it."""
     params = copy.deepcopy(params)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, value = item.split("=", 1)
