@@ -401,15 +401,24 @@ def _timed_post(http, url: str) -> tuple[int, float, requests.Response]:
     return answer.status_code, time.perf_counter() - started, answer
 
 
-def test_64_clients_get_200_or_a_fast_503_and_latency_stays_bounded():
+def test_64_clients_get_200_or_a_fast_503_and_the_queue_stays_bounded():
     """64 clients x 4 requests against a queue of 16: every answer is a 200 or a 503
-    `overloaded` with Retry-After, nothing else, and the 200s' p99 stays within a generous
-    multiple of one request's latency alone (an unbounded queue would make it grow with the
-    clients: 64 / 8 model calls)."""
+    `overloaded` with Retry-After, nothing else, and the pending requests that /readyz reports
+    never exceed the queue's bound. That bound is what keeps an admitted request's wait near
+    max_queue / max_batch + 1 model calls (an unbounded queue would grow with the clients:
+    64 / 8 model calls); it is checked by count, not by a clock, so a busy machine cannot
+    fail it."""
     url, process = _slow_server(call_s=0.02, image_s=0.005, threads=80, max_queue=16)
+    depths, done = [], threading.Event()
+
+    def watch():
+        with requests.Session() as http:
+            while not done.is_set():
+                depths.append(http.get(f"{url}/readyz", timeout=10).json()["queued"])
+
     try:
-        http = requests.Session()
-        single = float(np.median([_timed_post(http, url)[1] for _ in range(5)]))
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         local = threading.local()
 
         def client(_):
@@ -419,7 +428,10 @@ def test_64_clients_get_200_or_a_fast_503_and_latency_stays_bounded():
 
         with ThreadPoolExecutor(64) as pool:
             results = list(pool.map(client, range(256)))
+        done.set()
+        watcher.join(timeout=30)
     finally:
+        done.set()
         stop_server(process)
     statuses = [status for status, _, _ in results]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
@@ -431,7 +443,8 @@ def test_64_clients_get_200_or_a_fast_503_and_latency_stays_bounded():
         assert int(answer.headers["Retry-After"]) >= 1
     # Fast: a shed request does not wait for the model, so it beats the typical admitted one.
     assert np.median([seconds for seconds, _ in shed]) < np.median(ok)
-    assert np.percentile(ok, 99) < 30 * single, (np.percentile(ok, 99), single)
+    assert depths and max(depths) <= 16, (len(depths), max(depths, default=None))
+    assert max(depths) > 0  # the watcher saw the load, not only an idle server
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0():
