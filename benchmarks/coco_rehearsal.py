@@ -136,12 +136,41 @@ def rehearse(out: Path, train_images: int, args) -> dict:
         )
         rows[stage]["data_bytes_added"] = disk_bytes(project / "data") - before
     sizes = dataset_sizes(project)
+    rows["scst"] = scst_steps(project, rows["train"])
     rows["serve"] = serve_latency(project, raw, out)
     for stage, row in rows.items():
         row.update(throughput(stage, row, sizes, args))
         if "data_bytes_added" in row:
             row["bytes_per_train_image"] = round(row["data_bytes_added"] / sizes["train_images"])
     return {"sizes": sizes, "stages": rows}
+
+
+def scst_steps(project: Path, train: dict) -> dict:
+    """The SCST phase of the train stage, from the steps it logged (`self_critical_steps`):
+    seconds per step after the first (which compiles the sampler and the update), the host-side
+    CIDEr-D reward's share of those seconds, and images and samples per step. Its peak RSS is
+    the train stage's (both phases run in that one process)."""
+    import pandas as pd
+    import yaml
+
+    steps = pd.read_csv(project / "data/08_reporting/self_critical_steps.csv")
+    conf = yaml.safe_load((project / "conf/coco/parameters_train.yml").read_text())
+    scst = conf["self_critical"]
+    timed = steps.iloc[1:] if len(steps) > 1 else steps
+    step_s = float(timed["step_seconds"].median())
+    return {
+        "steps": len(steps),
+        "first_step_seconds": round(float(steps["step_seconds"].iloc[0]), 2),
+        "seconds_per_step": round(step_s, 3),
+        "images_per_s": round(int(scst["batch_size"]) / step_s, 2),
+        "reward_share": round(
+            float(timed["reward_seconds"].sum() / timed["step_seconds"].sum()), 4
+        ),
+        "reward_seconds_per_step": round(float(timed["reward_seconds"].median()), 4),
+        "images_per_step": int(scst["batch_size"]),
+        "samples_per_image": int(scst["samples"]),
+        "peak_rss_gb": train["peak_rss_gb"],
+    }
 
 
 def dataset_sizes(project: Path) -> dict:
