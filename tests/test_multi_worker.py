@@ -11,6 +11,10 @@ workers hold as many tokens (a ragged split weighs the tokens differently: anoth
 not a rounding error). Dropout is off, since each worker draws its own masks. The global-norm
 clip (1.0) bites: it is applied to the gradient the workers sum, as one device clips its batch's
 (`distributed.clip_after_all_reduce`; Keras alone clips each worker's half).
+
+SCST (issue 26) after cross-entropy runs data-parallel too (`scst` module docstring): each
+worker samples its half of every global batch, and the update's loss is each caption's share of
+the global mean, so a ragged split would still give one worker's result.
 """
 
 from __future__ import annotations
@@ -107,6 +111,51 @@ def train(config: dict):
     )
 
 
+def scst_config(checkpoints: Path) -> dict:
+    """SCST after the cross-entropy phase: 2 epochs of 4 global batches of 4 images (2 per
+    worker), 2 samples each, the greedy baseline (each worker decodes its own images)."""
+    return {
+        **defaults("self_critical"),
+        "epochs": 2,
+        "batch_size": BATCH,
+        "samples": 2,
+        "baseline": "greedy",
+        "learning_rate": 1e-3,
+        "max_length": WORDS + 2,
+        "checkpoint_dir": str(checkpoints),
+        "checkpoint_every_steps": 1,
+        "keep_checkpoints": False,
+        "progress": False,
+    }
+
+
+def train_with_scst(config: dict, scst: dict):
+    """`train`, then SCST on its model under the same strategy, as the `train` node runs them;
+    the references are the captions of the tiny data, one per image."""
+    from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
+    from tests.test_decoding import tiny_vocabulary
+
+    model, _, _ = train(config)
+    vocabulary = tiny_vocabulary()
+    references = {
+        split: {
+            int(i): [vocabulary.decode(caption).split()]
+            for i, caption in zip(inputs["image_id"], captions, strict=True)
+        }
+        for split, (inputs, captions) in SPLITS.items()
+    }
+    return train_self_critical(
+        model,
+        lambda split, epoch, shuffle: datasets(split, epoch, "grouped", shuffle),
+        vocabulary,
+        references,
+        SelfCriticalConfig.from_dict(scst),
+        steps_per_epoch=STEPS_PER_EPOCH,
+        data_fingerprint={"data": "tiny"},
+        strategy=config["strategy"],
+    )
+
+
 # One worker: records every change its Python code makes under the checkpoint folder (audit
 # events: what h5py writes in C goes to files created and renamed through them), optionally
 # slowed down per batch so that it can be killed mid-way, and saves its final weights.
@@ -115,7 +164,7 @@ import json, logging, os, sys, time
 sys.path.insert(0, sys.argv[1])
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 config, log_path, out = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-root = os.path.abspath(config["checkpoint_dir"])
+scst, root = json.loads(sys.argv[5]), os.path.abspath(sys.argv[6])
 log = open(log_path, "a", buffering=1)
 WRITES = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
 def audit(event, args):
@@ -134,17 +183,37 @@ if os.environ.get("SLOW_STEPS"):
         end(self, batch, logs)
         time.sleep(float(os.environ["SLOW_STEPS"]))
     training._StepCheckpoint.on_train_batch_end = slow
-from tests.test_multi_worker import train
-model, history, steps = train(config)
+if os.environ.get("SLOW_SCST_STEPS"):
+    from caption_pipeline import scst as scst_module
+    step = scst_module._step
+    def slow_step(*args):
+        row = step(*args)
+        time.sleep(float(os.environ["SLOW_SCST_STEPS"]))
+        return row
+    scst_module._step = slow_step
+from tests.test_multi_worker import train, train_with_scst
+model, history, steps = train_with_scst(config, scst) if scst else train(config)
 np.savez(out, *model.get_weights())
 print("HISTORY " + history.drop(columns="seconds").to_json(orient="records"))
 """
 
 
-def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0, chief: bool = False):
+def start_workers(
+    tmp_path: Path,
+    config: dict,
+    run: str,
+    slow: float = 0.0,
+    chief: bool = False,
+    scst: dict | None = None,
+    slow_scst: float = 0.0,
+):
     """Two workers of one cluster (fresh ports), each in its own session (for kill -9): two
     "worker" tasks, or with `chief` a "chief" task and one "worker" (process 0 is the chief
-    either way)."""
+    either way). With `scst`, each runs SCST after cross-entropy (`train_with_scst`), and the
+    writes recorded are those under the two phases' checkpoint folders' parent."""
+    root = Path(config["checkpoint_dir"])
+    if scst is not None:
+        root = Path(os.path.commonpath([root, scst["checkpoint_dir"]]))
     hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     cluster = {"chief": hosts[:1], "worker": hosts[1:]} if chief else {"worker": hosts}
     tasks = [("chief", 0), ("worker", 0)] if chief else [("worker", 0), ("worker", 1)]
@@ -162,6 +231,7 @@ def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0, chi
             "TMPDIR": str(scratch),
             "KERAS_BACKEND": "tensorflow",
             "SLOW_STEPS": str(slow) if slow else "",
+            "SLOW_SCST_STEPS": str(slow_scst) if slow_scst else "",
         }
         out = open(tmp_path / f"out-{run}-{index}.txt", "w")
         workers.append(
@@ -174,6 +244,8 @@ def start_workers(tmp_path: Path, config: dict, run: str, slow: float = 0.0, chi
                     json.dumps(config),
                     str(tmp_path / f"writes-{index}.jsonl"),
                     str(tmp_path / f"weights-{run}-{index}.npz"),
+                    json.dumps(scst),
+                    str(root),
                 ],
                 cwd=tmp_path,
                 env=env,
@@ -316,6 +388,87 @@ def test_a_chief_and_a_worker_train_as_one(tmp_path):
             np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
     assert writes(tmp_path, 1) == []
     assert any("latest.json" in paths[-1] for _, paths in writes(tmp_path, 0))
+
+
+def test_two_workers_run_scst_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path):
+    """Issue 26: SCST under `multi_worker` is data-parallel. Each worker samples, rewards and
+    baselines its 2 images of every global batch of 4, with the uniforms one worker draws for
+    them, and the update sums the workers' gradients: the weights of one worker at the same
+    global batch. Only the chief writes SCST's checkpoints; a kill -9 of the other worker mid-way
+    through SCST, then a restart of both, resumes from the chief's last one."""
+    root = tmp_path / "checkpoints"
+    config = {**train_config(root / "xent", "multi_worker"), "keep_checkpoints": True}
+    scst = scst_config(root / "scst")
+    latest = root / "scst" / "latest.json"
+
+    first = start_workers(tmp_path, config, "killed", scst=scst, slow_scst=0.5)
+    try:
+        deadline = time.monotonic() + 150
+        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 3):
+            assert all(w.poll() is None for w in first) and time.monotonic() < deadline, (
+                "the workers ended or stalled before the kill:\n"
+                + output(tmp_path, "killed", 0)[-3000:]
+                + output(tmp_path, "killed", 1)[-3000:]
+            )
+            time.sleep(0.02)
+        os.killpg(first[1].pid, signal.SIGKILL)
+    finally:
+        for worker in first:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    resumed_at = json.loads(latest.read_text())["step"]
+    assert resumed_at < 2 * STEPS_PER_EPOCH
+
+    second = start_workers(tmp_path, config, "resumed", scst=scst)
+    with reaped(second):
+        single = tmp_path / "single"
+        reference = {**train_config(single / "xent", "default"), "keep_checkpoints": True}
+        model, expected_history, expected_steps = train_with_scst(
+            reference, scst_config(single / "scst")
+        )
+        expected = model.get_weights()
+        for worker in second:
+            worker.wait(timeout=150)
+    for text in finished(tmp_path, "resumed", second):
+        assert f"SCST: resuming at step {resumed_at}" in text
+
+    # (a) Both workers end with one worker's weights (measured: 8.9e-8 at most) and val
+    # CIDEr-D history, and SCST did train: its weights are not the cross-entropy model's.
+    xent = train(reference)[0].get_weights()  # its finished checkpoint, restored
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(xent, expected, strict=True)) > 1e-3
+    for index in range(2):
+        got = saved_weights(tmp_path, "resumed", index)
+        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=True))
+        print(f"worker {index}: largest weight difference {worst:.3g}")
+        for g, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+        history = history_of(output(tmp_path, "resumed", index))
+        assert [row["epoch"] for row in history] == [0, 1, 2]
+        for row, want in zip(history, expected_history.to_dict("records"), strict=True):
+            assert row["val_cider"] == pytest.approx(want["val_cider"], rel=1e-5)
+            if row["epoch"]:  # the logged figures are the global batch's, summed over workers
+                assert row["reward"] == pytest.approx(want["reward"], rel=1e-5)
+
+    # (b) Only the chief wrote, in both runs; SCST's folder is gone at the end.
+    assert writes(tmp_path, 1) == []
+    chief = writes(tmp_path, 0)
+    assert any(
+        event == "os.rename" and paths[-1].endswith("scst/latest.json") for event, paths in chief
+    )
+    assert not (root / "scst").exists()
+
+
+def test_fine_tuning_under_multi_worker_is_refused_in_one_line(tmp_path):
+    from caption_pipeline.errors import DataError
+    from caption_pipeline.fine_tuning import FineTuneConfig, refuse_multi_worker
+    from caption_pipeline.training import TrainConfig
+
+    tuning = FineTuneConfig.from_dict({**defaults("fine_tune"), "enabled": True})
+    config = TrainConfig.from_dict(train_config(tmp_path, "multi_worker"))
+    with pytest.raises(DataError, match="fine_tune.enabled and train.strategy"):
+        refuse_multi_worker(tuning, config)
+    refuse_multi_worker(tuning, TrainConfig.from_dict(train_config(tmp_path, "mirrored")))
 
 
 def test_only_the_chief_saves_kedro_outputs_and_logs_to_mlflow(tmp_path):

@@ -8,7 +8,13 @@ or "worker" 0 when the cluster has none; a single process is the chief). What Ke
 wrong under these strategies is put right here, each where it is patched:
 `clip_after_all_reduce` (the global-norm clip of the summed gradient, not of each replica's
 share) and `without_symbolic_build` (a symbolic build that fails under MultiWorkerMirrored).
-`barrier` holds every worker until all are there.
+`barrier` holds every worker until all are there. `make_strategy` makes one strategy per name
+and devices in a process: every phase of a run trains in the same one (a second
+MultiWorkerMirroredStrategy would configure the process's collectives again), so that a later
+phase's model can be the earlier phase's, built in its scope.
+
+SCST runs its own loop (sample, reward, update) rather than `fit`: `BatchShares` splits each
+global batch into the contiguous rows every replica takes, and sums figures over the workers.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import keras
+import numpy as np
 
 from caption_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
+_STRATEGIES: dict[tuple, Any] = {}  # made in this process, by (name, devices)
 
 
 def make_strategy(name: str, devices: list[str] | None = None):
@@ -40,11 +49,15 @@ def make_strategy(name: str, devices: list[str] | None = None):
         )
     import tensorflow as tf
 
+    key = (name, tuple(devices or ()))
+    if key in _STRATEGIES:
+        return _STRATEGIES[key]
     if name == "mirrored":
         strategy = tf.distribute.MirroredStrategy(devices=devices)
     else:
         # Reads the cluster from the TF_CONFIG environment variable, one process per worker.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    _STRATEGIES[key] = strategy
     logger.info(
         "Training with the %s strategy over %d replicas", name, strategy.num_replicas_in_sync
     )
@@ -73,6 +86,88 @@ def barrier(strategy) -> None:
     import tensorflow as tf
 
     strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def replicas_in_sync() -> int:
+    """How many replicas the loss being computed is shared by: 1 outside tf.distribute (and
+    under JAX). Keras sums the replicas' gradients, so each replica's loss is its share."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class BatchShares:
+    """The rows of a global batch of B each replica of `strategy` takes: replica r the
+    contiguous rows [r B // N, (r + 1) B // N), N replicas in all (a share may be empty when
+    B < N); this worker's replicas (one per device) take consecutive shares. Without a strategy
+    one replica takes every row."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        if strategy is None:
+            self.replicas, self.local = 1, [0]
+            return
+        import tensorflow as tf
+
+        self.replicas = strategy.num_replicas_in_sync
+        ids = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(context.replica_id_in_sync_group)
+        )
+        self.local = [int(i) for i in strategy.experimental_local_results(ids)]
+
+    def edges(self, batch: int) -> list[int]:
+        return [r * batch // self.replicas for r in range(self.replicas + 1)]
+
+    def worker_rows(self, batch: int) -> slice:
+        """This worker's rows of a global batch of `batch`: its replicas' shares together."""
+        edges = self.edges(batch)
+        return slice(edges[self.local[0]], edges[self.local[-1] + 1])
+
+    def per_replica(self, arrays: dict, batch: int):
+        """`arrays` (a dict of arrays [b, ...], the rows `worker_rows(batch)`) as each replica's
+        share: the arrays themselves without a strategy, else tf.distribute's PerReplica values,
+        which `strategy.run` (so Keras' `train_on_batch`) hands out one per replica."""
+        if self.strategy is None:
+            return arrays
+        import tensorflow as tf
+
+        edges, start = self.edges(batch), self.worker_rows(batch).start
+
+        def share(context):
+            r = context.replica_id_in_sync_group
+            return tf.nest.map_structure(
+                lambda a: tf.constant(a[edges[r] - start : edges[r + 1] - start]), arrays
+            )
+
+        return self.strategy.experimental_distribute_values_from_function(share)
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """`values` (float64 [n]) summed over the workers; each worker's own without one."""
+        return self._reduce(values, chief_only=False)
+
+    def chiefs(self, values: np.ndarray) -> np.ndarray:
+        """The chief's `values` (float64 [n]: replica 0's worker's) on every worker, bit for bit:
+        a decision taken on them is the same everywhere."""
+        return self._reduce(values, chief_only=True)
+
+    def _reduce(self, values: np.ndarray, chief_only: bool) -> np.ndarray:
+        values = np.asarray(values, np.float64)
+        if self.strategy is None or self.replicas == 1:
+            return values
+        import tensorflow as tf
+
+        # A worker adds its values once, through its first replica; with `chief_only`, only
+        # replica 0 adds them.
+        adding = 0 if chief_only else self.local[0]
+        contribution = self.strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(
+                values if context.replica_id_in_sync_group == adding else np.zeros_like(values)
+            )
+        )
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, contribution, axis=None)
+        return np.asarray(total, np.float64)
 
 
 def without_symbolic_build(model: keras.Model) -> None:

@@ -17,9 +17,14 @@ arrive as the advantage r - b per caption.
 `SelfCriticalTrainer` wraps a Captioner so that Keras' own `train_step` (TensorFlow or JAX,
 with the optimizer's clipping and loss scaling) trains it with this loss: its inputs are the
 Captioner's ({"features": [B, R, D]} or {"image": [B, S, S, 3]}), its targets
-{"captions": [B, K, T+1] (<start> w_1 .. <end> <pad>..), "advantage": [B, K]}. The
-log-probabilities are those of the policy the captions were sampled from (`model.sampling`),
-exactly:
+{"captions": [B, K, T+1] (<start> w_1 .. <end> <pad>..), "advantage": [B, K]} and, optionally,
+"weight": [B, K], each caption's weight in the global batch's mean, 1 / (B_global K). Under
+tf.distribute each replica gets a share of the global batch and Keras sums the replicas'
+gradients, so a replica's loss must be its share of the global mean, the sum of its captions'
+terms over B_global K (exact also when the shares differ in size); the logged `policy_loss` is
+multiplied back by the replicas, and Keras averages it over them: the global batch's loss.
+Without "weight" the loss is the mean over the batch given. The log-probabilities are those
+of the policy the captions were sampled from (`model.sampling`), exactly:
 
 * the teacher-forced decoder runs WITHOUT dropout, as the sampler's step-wise API does; with
   dropout in one and not the other the gradient would be of another policy;
@@ -36,6 +41,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from caption_pipeline.distributed import replicas_in_sync
 from caption_pipeline.model.beam_search import banned_tokens
 from caption_pipeline.model.captioner import PAD_ID
 
@@ -57,10 +63,15 @@ def sequence_log_probs(logits, targets, allow_unk: bool = False):
     return ops.sum(ops.where(ops.not_equal(targets, PAD_ID), token, 0.0), axis=-1)
 
 
-def self_critical_loss(logits, targets, advantage, allow_unk: bool = False):
-    """The SCST loss: -mean_n advantage_n * sum_t m_nt log pi(w_nt); advantage [N]."""
+def self_critical_loss(logits, targets, advantage, allow_unk: bool = False, weight=None):
+    """The SCST loss: -mean_n advantage_n * sum_t m_nt log pi(w_nt); advantage [N]. With
+    `weight` [N] the weighted sum instead of the mean (weight_n = 1 / N_global: the share of a
+    global batch's mean)."""
     advantage = ops.stop_gradient(ops.cast(advantage, "float32"))
-    return -ops.mean(advantage * sequence_log_probs(logits, targets, allow_unk))
+    terms = advantage * sequence_log_probs(logits, targets, allow_unk)
+    if weight is None:
+        return -ops.mean(terms)
+    return -ops.sum(ops.cast(weight, "float32") * terms)
 
 
 def advantages(
@@ -88,6 +99,16 @@ class SelfCriticalTrainer(keras.Model):
     def call(self, inputs, training=False):
         return self.captioner(inputs, training=training)  # region features [B, R, D]
 
+    def train_step(self, *args, **kwargs):
+        """Keras' step; under tf.distribute its logs are [1], not []: Keras 3.15 averages the
+        replicas' logs of `train_on_batch` under MultiWorkerMirroredStrategy with
+        `strategy.reduce("MEAN", value, axis=0)`, which a scalar fails ("Invalid reduction
+        dimension 0 for input with 0 dimensions")."""
+        logs = super().train_step(*args, **kwargs)
+        if replicas_in_sync() == 1:
+            return logs
+        return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         captions = ops.cast(y["captions"], "int32")  # [B, K, T+1]
         samples, length = captions.shape[1], captions.shape[2]
@@ -95,6 +116,8 @@ class SelfCriticalTrainer(keras.Model):
         captions = ops.reshape(captions, (-1, length))
         logits, _ = self.captioner.teacher_forced(features, captions, training=False)
         advantage = ops.reshape(y["advantage"], (-1,))
-        loss = self_critical_loss(logits, captions[:, 1:], advantage, self.allow_unk)
-        self.policy_loss_tracker.update_state(loss)
+        weight = ops.reshape(y["weight"], (-1,)) if "weight" in y else None
+        loss = self_critical_loss(logits, captions[:, 1:], advantage, self.allow_unk, weight)
+        replicas = replicas_in_sync()
+        self.policy_loss_tracker.update_state(loss * replicas if replicas > 1 else loss)
         return loss

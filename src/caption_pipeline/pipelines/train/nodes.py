@@ -10,7 +10,11 @@ import pandas as pd
 
 from caption_pipeline.checkpoints import Checkpoints
 from caption_pipeline.features import feature_encoder_weights, image_shards
-from caption_pipeline.fine_tuning import FineTuneConfig, fine_tune_captioner
+from caption_pipeline.fine_tuning import (
+    FineTuneConfig,
+    fine_tune_captioner,
+    refuse_multi_worker,
+)
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.scst import SelfCriticalConfig, reference_tokens, train_self_critical
 from caption_pipeline.shards.reader import make_caption_dataset, pad_captions
@@ -46,6 +50,7 @@ def train_model(
     config = TrainConfig.from_dict(train)
     tuning = FineTuneConfig.from_dict(fine_tune)
     scst = SelfCriticalConfig.from_dict(self_critical)
+    refuse_multi_worker(tuning, config)  # before the cross-entropy phase, not hours after
 
     # <start> + the longest caption the vocabulary stage lets through + <end>
     caption_length = vocab.max_caption_length + 2
@@ -88,7 +93,7 @@ def train_model(
         )
     if scst.enabled:
         _, scst_history, scst_steps = self_critical_phase(
-            captioner, model_inputs, vocab, caption_table, scst, fingerprint(model_inputs)
+            captioner, model_inputs, vocab, caption_table, scst, fingerprint(model_inputs), config
         )
     if captioner.encoder is None:
         captioner = captioner.with_encoder(encoder)
@@ -145,8 +150,11 @@ def self_critical_phase(
     caption_table: pd.DataFrame,
     config: SelfCriticalConfig,
     fingerprint: dict,
+    train: TrainConfig | None = None,
 ) -> tuple[object, pd.DataFrame, pd.DataFrame]:
-    """SCST on the model inputs' train split, val CIDEr-D choosing the epoch."""
+    """SCST on the model inputs' train split, val CIDEr-D choosing the epoch, under `train`'s
+    strategy (data-parallel, `scst` module docstring; None: one device, as
+    benchmarks/scst_sweep.py runs it)."""
 
     def datasets(split: str, epoch: int, shuffle: bool):
         return make_caption_dataset(
@@ -171,6 +179,8 @@ def self_critical_phase(
         config,
         steps_per_epoch=steps,
         data_fingerprint=fingerprint,
+        strategy=train.strategy if train else "default",
+        devices=train.devices if train else None,
     )
 
 
