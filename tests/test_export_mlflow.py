@@ -20,6 +20,7 @@ def _registration(project: Path) -> dict:
 
 def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
     """A second `kedro run --pipelines=export` in a copy of the project: version 2."""
+    import pandas as pd
     from mlflow import MlflowClient
 
     first = _registration(smoke_project)
@@ -39,8 +40,14 @@ def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
     metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
     assert float(model.tags["test.CIDEr"]) == round(metrics["test"]["CIDEr"], 4)
     # The same model scores the same val CIDEr: the new version is the candidate, and the
-    # champion stays the first (issue 14: promoted only when better on val).
-    assert not second["promotion"]["promoted"], second["promotion"]
+    # champion stays the first (issue 14: promoted only when better on val; issue 26: when the
+    # paired bootstrap interval of the per-image gain is above 0). The same per-image scores:
+    # a gain of 0 in [0, 0], recorded on the version.
+    promotion = second["promotion"]
+    assert not promotion["promoted"], promotion
+    assert promotion["gain"] == promotion["gain_low"] == promotion["gain_high"] == 0.0
+    scored = pd.read_csv(project / "data/08_reporting/caption_scores.csv")
+    assert promotion["images"] == (scored["split"] == "val").sum() and promotion["confidence"]
     assert (
         int(client.get_model_version_by_alias("image-captioner", "candidate").version)
         == (second["version"])
@@ -50,6 +57,7 @@ def test_every_export_run_registers_a_new_version(smoke_project, tmp_path):
         == (first["version"])
     )
     assert model.tags["promotion"] == "kept" and "<=" in model.tags["promotion_reason"]
+    assert float(model.tags["promotion.gain_low"]) == float(model.tags["promotion.gain_high"]) == 0
 
 
 def test_mlflow_models_serve_answers_a_request(smoke_project, exported, test_jpegs):

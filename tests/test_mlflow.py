@@ -148,41 +148,145 @@ def test_each_split_of_the_caption_table_is_a_dataset_input_with_a_stable_digest
     assert dataset.source.uri == "data/01_raw/shapes" and tags["dvc_data_hash"] == "abc123"
 
 
-def test_the_champion_gate_promotes_on_val_only_when_better(tmp_path):
-    """A real sqlite registry: the first version is the champion, a better val score takes
-    over, a worse one does not, `force` and `skip` do what they say, and a score on other val
-    captions is never compared. Every version is the `candidate` when registered."""
+def _gate_registry(tmp_path: Path):
+    """A real sqlite registry with model "m", and a function registering a new version (in
+    a run of its own, whose artifacts hold its per-image scores) and passing it to `promote`."""
     import mlflow
 
-    from caption_pipeline.mlflow_model import ValScore, promote
+    from caption_pipeline.mlflow_model import GateSettings, promote
+    from caption_pipeline.params import from_conf
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("gate", (tmp_path / "artifacts").as_uri())
     client.create_registered_model("m")
+    gate = from_conf(GateSettings, "export.mlflow.gate")
 
-    def register(value: float, mode: str = "auto", digest: str = "val-1") -> dict:
-        version = str(client.create_model_version("m", source=str(tmp_path)).version)
-        decision = promote(client, "m", version, ValScore(value, digest), mode)
+    def register(score, mode: str = "auto") -> dict:
+        run_id = client.create_run(experiment).info.run_id
+        version = str(client.create_model_version("m", str(tmp_path), run_id=run_id).version)
+        decision = promote(client, "m", version, score, mode, gate)
         assert str(client.get_model_version_by_alias("m", "candidate").version) == version
         tags = client.get_model_version("m", version).tags
         assert tags["promotion"] == ("champion" if decision["promoted"] else "kept")
-        assert tags["promotion_reason"] == decision["reason"] and float(tags["val.CIDEr"]) == value
+        assert tags["promotion_reason"] == decision["reason"]
+        assert float(tags["val.CIDEr"]) == pytest.approx(score.value, abs=1e-6)
         return decision
 
     def champion() -> str:
         return str(client.get_model_version_by_alias("m", "champion").version)
 
-    assert register(2.0)["reason"] == "no champion yet" and champion() == "1"
-    better = register(2.5)
-    assert better["promoted"] and better["previous_champion_val_CIDEr"] == 2.0 and champion() == "2"
-    worse = register(2.2)
-    assert not worse["promoted"] and champion() == "2"
-    assert worse["reason"] == "val CIDEr 2.2000 <= 2.5000 of version 2"
-    assert register(1.0, "force")["promoted"] and champion() == "4"
-    assert not register(9.0, "skip")["promoted"] and champion() == "4"
-    other = register(9.0, digest="val-2")
-    assert (
-        not other["promoted"] and other["reason"].startswith("not comparable") and champion() == "4"
+    return client, register, champion
+
+
+def _val(per_image, digest: str = "val-1", first_id: int = 0):
+    """A ValScore of these per-image CIDEr values (images first_id, first_id + 1, ...)."""
+    import math
+
+    from caption_pipeline.mlflow_model import ValScore
+
+    scores = {first_id + i: float(s) for i, s in enumerate(per_image)}
+    return ValScore(math.fsum(scores.values()) / len(scores), digest, scores)
+
+
+def test_the_champion_gate_promotes_only_a_gain_above_the_noise(tmp_path):
+    """A real sqlite registry: the first version is the champion; a gain inside the paired
+    bootstrap interval's noise keeps it, a clear gain takes over, a loss does not, `force`
+    and `skip` do what they say, and a score on other val captions or images is never
+    compared. Every version is the `candidate` when registered."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    base = rng.gamma(2.0, 0.5, 300)  # per-image CIDEr-D: skewed, 0..~4
+    client, register, champion = _gate_registry(tmp_path)
+
+    assert register(_val(base))["reason"] == "no champion yet" and champion() == "1"
+    noise = rng.normal(0, 0.5, base.size)
+    noisy = register(_val(base + noise - noise.mean() + 0.005))  # a higher val CIDEr, by noise
+    assert noisy["gain"] == pytest.approx(0.005) and noisy["gain_low"] < 0 < noisy["gain_high"]
+    assert not noisy["promoted"] and champion() == "1" and "low end <= 0" in noisy["reason"]
+    clear = register(_val(base + 0.2 + rng.normal(0, 0.5, base.size)))
+    assert clear["promoted"] and clear["gain_low"] > 0 and champion() == "3", clear
+    assert clear["previous_champion"] == 1 and clear["reason"].startswith("val CIDEr ")
+    assert clear["previous_champion_val_CIDEr"] == pytest.approx(base.mean(), abs=1e-6)
+    worse = register(_val(base))
+    assert not worse["promoted"] and worse["gain_high"] < 0 and champion() == "3"
+    assert register(_val(base), "force")["promoted"] and champion() == "5"
+    assert not register(_val(base + 9), "skip")["promoted"] and champion() == "5"
+    other = register(_val(base + 9, digest="val-2"))
+    assert other["reason"] == "not comparable: champion version 5 was scored on other val captions"
+    assert not other["promoted"] and other["gain"] is None and champion() == "5"
+    shifted = register(_val(base + 9, first_id=1))
+    assert shifted["reason"].startswith("not comparable: champion version 5 was scored on other")
+    assert "299 shared" in shifted["reason"] and champion() == "5"
+
+
+def test_the_gate_records_its_interval_on_the_version(tmp_path):
+    """The decision's interval (gain, its low and high ends, confidence, images, resamples)
+    is in the `promotion.*` tags of the version; the version's per-image scores are in its run,
+    named by its `val_per_image` tag, for the next versions to be paired with."""
+    import numpy as np
+
+    client, register, _ = _gate_registry(tmp_path)
+    base = np.linspace(0.0, 2.0, 50)
+    register(_val(base))
+    decision = register(_val(base + np.linspace(0.1, 0.3, 50)))
+    tags = client.get_model_version("m", "2").tags
+    for key in ("gain", "gain_low", "gain_high", "confidence", "images", "bootstrap_samples"):
+        assert float(tags[f"promotion.{key}"]) == pytest.approx(decision[key], rel=1e-5), key
+    assert decision["confidence"] == 0.95 and decision["images"] == 50
+    assert decision["bootstrap_samples"] == 10000
+    assert decision["gain"] == pytest.approx(0.2) and decision["promoted"]
+    assert decision["gain_low"] < decision["gain"] < decision["gain_high"]
+    assert "95 % interval" in decision["reason"]
+    run = client.get_model_version("m", "2").run_id
+    local = client.download_artifacts(run, tags["val_per_image"], str(tmp_path / "read"))
+    assert json.loads(Path(local).read_text())["49"] == pytest.approx(2.3)
+
+
+def test_a_champion_without_per_image_scores_is_kept_until_forced(tmp_path):
+    """A champion registered before the paired gate (no per-image val scores) cannot be paired
+    with: kept, the reason says so and how to replace it; after `force`, the gate pairs."""
+    import numpy as np
+
+    from caption_pipeline.mlflow_model import ValScore
+
+    _, register, champion = _gate_registry(tmp_path)
+    base = np.linspace(0.0, 2.0, 40)
+    register(ValScore(1.0, "val-1", None))  # as an older version of the code registered it
+    kept = register(_val(base + 5))
+    assert not kept["promoted"] and champion() == "1"
+    assert kept["reason"] == (
+        "not comparable: champion version 1 has no per-image val CIDEr (registered before the "
+        "paired bootstrap gate); export.mlflow.promote=force replaces it"
     )
+    assert register(_val(base), "force")["promoted"] and champion() == "3"
+    assert register(_val(base + 1))["promoted"] and champion() == "4"
+
+
+def test_per_image_scores_must_be_of_the_evaluation_scored(tmp_path):
+    """ValScore.of_evaluation: the val rows of caption_scores, which must average to
+    metrics.json's val CIDEr (CIDEr-D is the mean of the images'); a stale table is refused."""
+    from caption_pipeline.errors import DataError
+    from caption_pipeline.mlflow_model import ValScore
+
+    captions = pd.DataFrame(
+        {"image_id": [1, 2, 3], "annotation_id": [1, 2, 3], "split": "val", "caption": "a b"}
+    )
+    scores = pd.DataFrame(
+        {
+            "image_id": [1, 2, 3, 1],
+            "split": ["val", "val", "test", "test"],
+            "caption": "a",
+            "CIDEr": [0.5, 1.5, 9.0, 9.0],
+        }
+    )
+    score = ValScore.of_evaluation({"val": {"CIDEr": 1.0}}, captions, scores)
+    assert score.per_image == {1: 0.5, 2: 1.5}
+    assert score.val_digest == caption_digest(captions)
+    with pytest.raises(DataError, match="average 1.000000, not metrics.json's val CIDEr 1.2"):
+        ValScore.of_evaluation({"val": {"CIDEr": 1.2}}, captions, scores)
+    with pytest.raises(DataError, match="no CIDEr column"):
+        ValScore.of_evaluation({"val": {"CIDEr": 1.0}}, captions, scores.drop(columns="CIDEr"))
 
 
 # --- a failed run -------------------------------------------------------------------------------
