@@ -67,10 +67,11 @@ def exported(smoke_project):
 @pytest.fixture(scope="session")
 def test_jpegs(smoke_project):
     """(image ids, JPEG bytes) of the smoke project's test split, from its shards."""
-    from caption_pipeline.export_check import held_out_images
+    from caption_pipeline.export_check import read_held_out_images
     from caption_pipeline.shards.shard_set import load_shard_set
 
-    return held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), None)
+    images = read_held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), None)
+    return list(images.ids), list(images.jpegs)
 
 
 # --- markers (issue 13) -------------------------------------------------------------------------

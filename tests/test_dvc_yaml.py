@@ -159,12 +159,37 @@ def test_outputs_are_outs_metrics_and_plots(project, stages):
         ]
         for dataset in pipeline.all_outputs():
             if path := project.path(dataset):
-                assert path in declared, f"stage {name}: outs miss {dataset} ({path})"
+                covered = path in declared or any(path.startswith(d + "/") for d in declared)
+                assert covered, f"stage {name}: outs miss {dataset} ({path})"
     assert stages["evaluate"]["metrics"] == [{project.path("evaluation_metrics"): {"cache": False}}]
     outs = {out for stage in stages.values() for out in stage.get("outs", [])}
     for plot in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["plots"]:
         paths = [plot] if isinstance(plot, str) else list(next(iter(plot.values()))["y"])
         assert set(paths) <= outs, plot
+
+
+def test_an_output_a_parameter_turns_off_is_in_a_folder_out(project, stages):
+    """conf/coco writes no captioner.tflite (`export.tflite: false`), and DVC fails a stage
+    whose out is missing: the out is the export folder, which holds the SavedModel too (DVC
+    refuses an out inside another), and no out of any stage lies inside another."""
+    from kedro.framework.project import settings
+
+    tflite, saved_model = project.path("exported_tflite"), project.path("exported_model")
+    folder = str(Path(tflite).parent)
+    assert saved_model.startswith(folder + "/")
+    outs = stages["export"]["outs"]
+    assert folder in outs and tflite not in outs and saved_model not in outs
+    everything = [o for s in stages.values() for o in s.get("outs", [])]
+    for out in everything:
+        assert not [o for o in everything if o.startswith(out + "/")], out
+    coco = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(PROJECT_ROOT / settings.CONF_SOURCE),
+        env="coco",
+        **settings.CONFIG_LOADER_ARGS,
+    )
+    assert project.param("export.tflite") is True
+    assert coco["parameters"]["export"]["tflite"] is False
+    assert {"conf/coco/parameters_export.yml": ["export"]} in stages["export"]["params"]
 
 
 def test_code_deps_exist(stages):

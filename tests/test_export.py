@@ -77,7 +77,7 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     import caption_pipeline.model  # noqa: F401
     from caption_pipeline.decoding import DecodeSettings
     from caption_pipeline.export import CheckSettings
-    from caption_pipeline.export_check import check_against_model
+    from caption_pipeline.export_check import check_against_model, read_held_out_images
     from caption_pipeline.model import Captioner
     from caption_pipeline.shards.shard_set import load_shard_set
     from caption_pipeline.text import Vocabulary
@@ -88,13 +88,13 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     vocab = Vocabulary.from_dict(
         json.loads((smoke_project / "data/03_primary/vocabulary.json").read_text())
     )
-    shards = load_shard_set(smoke_project / "data/03_primary/shards")
+    images = read_held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), 6)
     settings = from_conf(CheckSettings, "export.check", max_images=4, batch_size=4)
     decoding = from_conf(DecodeSettings, "evaluate.decoding")
-    report = check_against_model(exported, trained, vocab, shards, decoding, settings)
-    assert report["images"] == report["equal"] == 4
+    report = check_against_model(exported, trained, vocab, images, decoding, settings)
+    assert report["images"] == report["equal"] == 4  # the first max_images of those read
     with pytest.raises(DataError, match=r"export self-check .* images differ.*image \d+"):
-        check_against_model(exported, other, vocab, shards, decoding, settings)
+        check_against_model(exported, other, vocab, images, decoding, settings)
 
 
 def test_any_size_and_format_is_resized_as_training_resized(exported):

@@ -18,13 +18,14 @@ One DVC stage per pipeline of `pipeline_registry` (`kedro run --pipelines=<stage
   as one folder dep, but `datasets` and `pipelines`, whose modules are separate units).
 
 What Kedro cannot say is declared below, each with its reason: the datasets whose content names
-other inputs (`CARRIED`), the parameters that are data folders (`PATH_PARAMS`), the modules
-that are no stage's code (`IGNORED_MODULES`), DVC metrics (`METRICS`) and plots (`PLOTS`), and
-comments (`NOTES`).
+other inputs (`CARRIED`), the parameters that are data folders (`PATH_PARAMS`), the outputs a
+parameter may leave unwritten (`OPTIONAL_OUTS`), the modules that are no stage's code
+(`IGNORED_MODULES`), DVC metrics (`METRICS`) and plots (`PLOTS`), and comments (`NOTES`).
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ CARRIED = {
 PATH_PARAMS = {
     "dataset.root": "synthetic",  # shapes.ensure_generated writes the dataset there
 }
+
+# Outputs that a parameter may turn off, and that parameter: DVC has no optional out (an out
+# that a run does not write fails `dvc repro` and `dvc commit`), and dvc.yaml has one set of outs
+# for every environment (conf/coco turns `export.tflite` off). So the stage's out is the folder
+# that holds the file, which every run writes, and the stage's other outs in that folder are it
+# too (DVC refuses an out inside another). The node removes the file when off (DVC, which
+# removes a stage's outs before running it, does too).
+OPTIONAL_OUTS = {"exported_tflite": "export.tflite"}
 
 # Project modules that are no stage's code, so that editing them re-runs nothing.
 IGNORED_MODULES = {
@@ -231,6 +240,9 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
     datasets = [i for i in inputs if not i.startswith("params:")]
     written = list(dict.fromkeys(out for node in pipeline.nodes for out in node.outputs))
     outs = [path for d in written if d not in METRICS and (path := project.path(d))]
+    optional = {d: p for d, p in OPTIONAL_OUTS.items() if d in written and project.path(d)}
+    folders = {posixpath.dirname(project.path(d)): d for d in optional}
+    outs = _fold_into(outs, list(folders))
     # a folder a node loads to write into (`ShardFolderDataset`) is this stage's out, not a dep
     deps = [path for path in map(project.path, datasets) if path and path not in outs]
     metrics = [path for d in written if d in METRICS and (path := project.path(d))]
@@ -243,6 +255,12 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
             carrier = inputs[f"params:{key}"]
             notes[path] = f"params:{param}" + (f", via {carrier}" if carrier else "")
     notes.update({project.path(d): note for d, note in METRICS.items() if d in written})
+    notes.update(
+        {
+            folder: f"{posixpath.basename(project.path(d))} only if params:{optional[d]}"
+            for folder, d in folders.items()
+        }
+    )
     notes.update({project.path(d): "`dvc plots show`, below" for _, d, _ in PLOTS if d in written})
     for (stage, key), note in NOTES.items():
         path = _note_path(project, key) if stage == name else None
@@ -253,6 +271,17 @@ def _stage(project: Project, name: str, pipeline: Any) -> Stage:
     return Stage(
         name, list(dict.fromkeys(code + deps)), _params(project, keys), outs, metrics, notes
     )
+
+
+def _fold_into(paths: list[str], folders: list[str]) -> list[str]:
+    """`paths`, each inside one of `folders` replaced by that folder (once, where the first
+    of them was)."""
+    folded: list[str] = []
+    for path in paths:
+        path = next((f for f in folders if path.startswith(f + "/")), path)
+        if path not in folded:
+            folded.append(path)
+    return folded
 
 
 def _note_path(project: Project, key: str) -> str | None:

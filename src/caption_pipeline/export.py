@@ -90,6 +90,7 @@ class ExportSettings:
 
     max_beam_size: int
     max_pixels: int  # larger canvases are refused by the graph itself
+    tflite: bool  # convert to TFLite too (conf/coco: off, a NASNetLarge model is no phone's)
     check: CheckSettings
 
     def __post_init__(self):
@@ -102,6 +103,18 @@ class ExportSettings:
                 f"parameters export.max_pixels: expected a positive integer, "
                 f"got {self.max_pixels!r}"
             )
+        if not isinstance(self.tflite, bool):
+            raise DataError(
+                f"parameters export.tflite: expected true or false, got {self.tflite!r}"
+            )
+
+    @property
+    def test_images_read(self) -> int | None:
+        """How many test images the export reads (None: all): the self-check's, the TFLite
+        check's when there is a TFLite model, and one, the MLflow model's input example."""
+        if not self.check.max_images:  # null (or 0): every one
+            return None
+        return max(self.check.max_images, self.check.tflite_images if self.tflite else 0, 1)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportSettings:

@@ -11,6 +11,10 @@ registered, on the shards' test images.
   the reader); the pixels must be equal (measured: bit-exact, see `image_graph`), and so must
   the captions.
 - `check_tflite`: the TFLite model's captions equal the SavedModel's on a few test images.
+
+They take the test images as `HeldOutImages`, read from the shard set once
+(`read_held_out_images`): each load of a `ShardSet` verifies every shard's sha256 (COCO: 6 GB),
+so the export pipeline loads it in one node and passes these on.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,13 +30,25 @@ import numpy as np
 from caption_pipeline.errors import DataError
 from caption_pipeline.export import CheckSettings, ExportedCaptioner, run_tflite
 from caption_pipeline.images import JPEG_QUALITY
+from caption_pipeline.shards.shard_set import ShardSet
 
 logger = logging.getLogger(__name__)
 
 
-def held_out_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
-    """Image ids and JPEG bytes of the first `count` (None: all) test images, in file order:
-    the bytes the in-process model's reader decodes."""
+@dataclass(frozen=True)
+class HeldOutImages:
+    """What export reads of the image shards, read once (`read_held_out_images`): the first
+    test images, ids and JPEG bytes in file order (the bytes the in-process model's reader
+    decodes), and the JPEG quality the shard writer encoded them at (which the graph repeats)."""
+
+    ids: tuple[int, ...]
+    jpegs: tuple[bytes, ...]
+    jpeg_quality: int
+
+
+def read_held_out_images(shards: ShardSet, count: int | None) -> HeldOutImages:
+    """The first `count` (None: all) test images of `shards` and its JPEG quality; a
+    DataError if it has no test images."""
     import tensorflow as tf
 
     from caption_pipeline.shards.records import parse_example
@@ -43,11 +60,21 @@ def held_out_images(shards, count: int | None) -> tuple[list[int], list[bytes]]:
         images.append(record["image/encoded"].numpy())
     if not images:
         raise DataError(f"export self-check: {shards.root} has no test images")
-    return ids, images
+    return HeldOutImages(tuple(ids), tuple(images), int(shards.manifest["params"]["jpeg_quality"]))
+
+
+def held_out_images(images: HeldOutImages, count: int | None) -> tuple[list[int], list[bytes]]:
+    """Ids and JPEG bytes of the first `count` (None: all) of `images`."""
+    return list(images.ids[: count or None]), list(images.jpegs[: count or None])
 
 
 def check_against_model(
-    exported: ExportedCaptioner, captioner, vocabulary, shards, decoding, check: CheckSettings
+    exported: ExportedCaptioner,
+    captioner,
+    vocabulary,
+    test_images: HeldOutImages,
+    decoding,
+    check: CheckSettings,
 ) -> dict[str, Any]:
     """The export and `decoding.decode_dataset` (the evaluation's path) on the same test
     images: every beam's caption must be equal. Returns the check's report."""
@@ -55,7 +82,7 @@ def check_against_model(
 
     from caption_pipeline.decoding import decode_dataset
 
-    ids, images = held_out_images(shards, check.max_images)
+    ids, images = held_out_images(test_images, check.max_images)
     size = captioner.config.image_size
     quality = int(exported.info.get("jpeg_quality", JPEG_QUALITY))
 
@@ -203,7 +230,9 @@ def check_preprocessing(
     }
 
 
-def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) -> dict[str, Any]:
+def check_tflite(
+    model: bytes, exported: ExportedCaptioner, test_images: HeldOutImages, count: int
+) -> dict[str, Any]:
     """The TFLite model and the SavedModel's `caption_pixels` on `count` test images: equal
     word ids, scores within 1e-3."""
     import tensorflow as tf
@@ -212,7 +241,7 @@ def check_tflite(model: bytes, exported: ExportedCaptioner, shards, count: int) 
 
     if count < 1:
         return {"images": 0}
-    ids, images = held_out_images(shards, count)
+    ids, images = held_out_images(test_images, count)
     size = int(exported.info["image_size"])
     pixels = np.stack([decode_jpeg_image(tf.constant(jpeg), size).numpy() for jpeg in images])
     lite = run_tflite(model, pixels)

@@ -36,7 +36,11 @@ class SavedModelDataset(AbstractDataset[Any, Any]):
 
 
 class AtomicBytesDataset(AbstractDataset[bytes, bytes]):
-    """A binary file (e.g. a .tflite model) written to a temporary name and renamed."""
+    """A binary file (e.g. a .tflite model) written to a temporary name and renamed.
+
+    Saving empty bytes removes the file instead (an empty file would hold nothing either):
+    they are what a node returns for an output that a parameter turned off (`export.tflite`;
+    Kedro saves no None), so that the file of an earlier run is not taken for this run's."""
 
     def __init__(self, *, filepath: str, metadata: dict[str, Any] | None = None):
         self._filepath = Path(filepath)
@@ -46,7 +50,10 @@ class AtomicBytesDataset(AbstractDataset[bytes, bytes]):
         return self._filepath.read_bytes()
 
     def save(self, data: bytes) -> None:
-        atomic_write_bytes(self._filepath, data)
+        if data:
+            atomic_write_bytes(self._filepath, data)
+        else:
+            self._filepath.unlink(missing_ok=True)
 
     def _exists(self) -> bool:
         return self._filepath.is_file()

@@ -1,8 +1,9 @@
-"""Nodes of the `export` pipeline; the work is done in `caption_pipeline.export` and
-`caption_pipeline.mlflow_model`."""
+"""Nodes of the `export` pipeline; the work is done in `caption_pipeline.export`,
+`caption_pipeline.export_check` and `caption_pipeline.mlflow_model`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
@@ -15,16 +16,30 @@ from caption_pipeline.export import (
     build_module,
     convert_tflite,
 )
-from caption_pipeline.export_check import check_against_model, check_tflite, held_out_images
+from caption_pipeline.export_check import (
+    HeldOutImages,
+    check_against_model,
+    check_tflite,
+    read_held_out_images,
+)
 from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+def read_test_images(shards: ShardSet, export: dict[str, Any]) -> HeldOutImages:
+    """The test images that the checks and the MLflow example use, and the shards' JPEG
+    quality: the one node that loads `shards`, since each load verifies every shard's sha256
+    (COCO: 6 GB read), and the other nodes need only these."""
+    return read_held_out_images(shards, ExportSettings.from_params(export).test_images_read)
 
 
 def export_captioner(
     evaluated_model: EvaluatedModel,
     evaluation_metrics: dict[str, Any],
     vocabulary: dict[str, Any],
-    shards: ShardSet,
+    test_images: HeldOutImages,
     evaluate: dict[str, Any],
     export: dict[str, Any],
 ):
@@ -40,7 +55,7 @@ def export_captioner(
         Vocabulary.from_dict(vocabulary),
         decoding,
         settings.max_beam_size,
-        int(shards.manifest["params"]["jpeg_quality"]),
+        test_images.jpeg_quality,
         settings.max_pixels,
     )
 
@@ -48,7 +63,7 @@ def export_captioner(
 def check_export(
     exported_model: ExportedCaptioner,
     evaluated_model: EvaluatedModel,
-    shards: ShardSet,
+    test_images: HeldOutImages,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
     export: dict[str, Any],
@@ -61,7 +76,7 @@ def check_export(
         exported_model,
         evaluated_model.captioner,
         Vocabulary.from_dict(vocabulary),
-        shards,
+        test_images,
         decoding,
         settings.check,
     )
@@ -69,43 +84,45 @@ def check_export(
 
 def export_tflite(
     exported_model: ExportedCaptioner,
-    shards: ShardSet,
+    test_images: HeldOutImages,
     export_check: dict[str, Any],
     export: dict[str, Any],
 ) -> bytes:
     """The TFLite model (pixels in), checked against the SavedModel on a few test images;
-    runs after the SavedModel's own check (`export_check`)."""
+    runs after the SavedModel's own check (`export_check`). With `export.tflite` off, no
+    bytes: `exported_tflite` then removes the file of an earlier run (Kedro saves no None),
+    so that no .tflite passes for this run's."""
+    settings = ExportSettings.from_params(export)
+    if not settings.tflite:
+        logger.info("export.tflite is off: no TFLite model")
+        return b""
     model = convert_tflite(exported_model.path)
-    check_tflite(
-        model, exported_model, shards, ExportSettings.from_params(export).check.tflite_images
-    )
+    check_tflite(model, exported_model, test_images, settings.check.tflite_images)
     return model
 
 
 def register_export(
     exported_model: ExportedCaptioner,
-    shards: ShardSet,
+    test_images: HeldOutImages,
     export_check: dict[str, Any],
     evaluation_metrics: dict[str, Any],
     caption_table: pd.DataFrame,
+    caption_scores: pd.DataFrame,
     export: dict[str, Any],
 ) -> dict[str, Any]:
     """Log the checked export as an MLflow pyfunc model and register a new version, tagged
-    with the test scores of metrics.json (reported only); the champion gate compares its
-    val CIDEr, on the same val captions, with the champion's."""
-    from caption_pipeline.mlflow_model import GATE_METRIC, MlflowSettings, ValScore, log_export
-    from caption_pipeline.tracking import caption_digest
+    with the test scores of metrics.json (reported only); the champion gate pairs its
+    per-image val CIDEr (`caption_scores`, evaluate's per-image table) with the champion's on
+    the same val images and captions; the first test image is the MLflow model's input
+    example."""
+    from caption_pipeline.mlflow_model import MlflowSettings, ValScore, log_export
 
-    _, (example, *_) = held_out_images(shards, 1)
+    example = test_images.jpegs[0]
     scores = {
         name: float(value)
         for name, value in evaluation_metrics.get("test", {}).items()
         if isinstance(value, int | float)
     }
-    val = ValScore(
-        float(evaluation_metrics["val"][GATE_METRIC]),
-        caption_digest(caption_table[caption_table["split"] == "val"]),
-    )
     return log_export(
         exported_model.path,
         example,
@@ -113,5 +130,5 @@ def register_export(
         exported_model.default_beam_size,
         export_check,
         scores,
-        val,
+        ValScore.of_evaluation(evaluation_metrics, caption_table, caption_scores),
     )

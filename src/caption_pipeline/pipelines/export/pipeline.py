@@ -1,5 +1,7 @@
 """`export` pipeline: captioner + vocabulary -> SavedModel (image bytes in, captions out),
-self-check against the in-process model, TFLite model, MLflow registered model."""
+self-check against the in-process model, TFLite model (if `export.tflite`), MLflow registered
+model. One node loads the shards (each load verifies every shard's sha256); the others take the
+test images and JPEG quality it read (`export_test_images`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from caption_pipeline.pipelines.export.nodes import (
     check_export,
     export_captioner,
     export_tflite,
+    read_test_images,
     register_export,
 )
 
@@ -17,12 +20,18 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                read_test_images,
+                ["shards", "params:export"],
+                "export_test_images",
+                name="read_test_images",
+            ),
+            Node(
                 export_captioner,
                 [
                     "captioner@evaluated",  # the model evaluate scored, whose scores it carries
                     "evaluation_metrics",  # ... and that names its weights: checked first
                     "vocabulary",
-                    "shards",
+                    "export_test_images",  # the shards' JPEG quality
                     "params:evaluate",
                     "params:export",
                 ],
@@ -34,7 +43,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "exported_model",
                     "captioner@evaluated",
-                    "shards",
+                    "export_test_images",
                     "vocabulary",
                     "params:evaluate",
                     "params:export",
@@ -44,7 +53,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 export_tflite,
-                ["exported_model", "shards", "export_check", "params:export"],
+                ["exported_model", "export_test_images", "export_check", "params:export"],
                 "exported_tflite",
                 name="export_tflite",
             ),
@@ -52,10 +61,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 register_export,  # the champion on its val score (so export follows evaluate)
                 [
                     "exported_model",
-                    "shards",
+                    "export_test_images",  # the MLflow model's input example
                     "export_check",
                     "evaluation_metrics",
                     "caption_table",
+                    "caption_scores",  # per-image val CIDEr, paired with the champion's
                     "params:export",
                 ],
                 "export_registration",
