@@ -4,7 +4,9 @@ the evaluate pipeline's outputs on the smoke project."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -330,7 +332,7 @@ def test_missing_java_says_how_to_install_it(monkeypatch, tmp_path):
         require_java()
     # Both nodes that need Java check it first, before loading or decoding anything.
     with pytest.raises(DataError, match="`java` is not on PATH"):
-        nodes.generate_captions(None, None, {}, {})
+        nodes.generate_captions(None, None, None, {}, {})
     with pytest.raises(DataError, match="`java` is not on PATH"):
         nodes.score_captions([], [], pd.DataFrame())
 
@@ -419,6 +421,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     import keras
 
     from caption_pipeline.datasets import CaptionerFileDataset, KerasModelDataset
+    from caption_pipeline.features import load_model_inputs
     from caption_pipeline.shapes import SHAPE_WORDS
     from caption_pipeline.shards.shard_set import load_shard_set
 
@@ -432,6 +435,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     model.save(tmp_path / "shapes.keras")
 
     shards = load_shard_set("data/03_primary/shards")
+    model_inputs = load_model_inputs("data/05_model_input/model_inputs")
     base = defaults("evaluate")
     params = {
         **base,
@@ -440,7 +444,7 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
         "attention_samples": 2,
     }
     evaluated = CaptionerFileDataset(filepath=str(tmp_path / "shapes.keras")).load()
-    captions, source = nodes.generate_captions(evaluated, shards, vocabulary, params)
+    captions, source = nodes.generate_captions(evaluated, shards, model_inputs, vocabulary, params)
     assert source == {
         "model": str(tmp_path / "shapes.keras"),
         "model_weights": evaluated.weights_digest,
@@ -483,6 +487,69 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     for image, figure in zip(test, figures.values(), strict=False):
         titles = [ax.get_title() for ax in figure.axes if ax.images]
         assert titles == ["image", *image.caption.split()]
+
+
+@pytest.mark.slow
+def test_stored_features_give_the_captions_and_scores_of_the_images(smoke_project, caplog):
+    """The smoke run's decoder joined with the frozen encoder that computed its features (its own
+    encoder was fine-tuned since, so the run decoded images), evaluated from the stored float16
+    features and from the images through that encoder (float32).
+
+    Tolerance: float16 rounds each feature by at most 2^-11 of it, which can flip the search
+    only where two words or beams are within that of each other: at least 95 % of the captions
+    must be identical (the default run's 600 val and test images: all are, docs/benchmarks.md).
+    CIDEr-D scores an image by its caption and its own references alone (document frequencies
+    come from the references), so an image with the same caption scores the same, and the
+    split's CIDEr may move only by the differing images' share, each at most 10 (CIDEr-D's
+    scale)."""
+    from caption_pipeline.captioner_files import EvaluatedModel
+    from caption_pipeline.datasets import CaptionerFileDataset
+    from caption_pipeline.features import feature_encoder_weights, load_model_inputs
+    from caption_pipeline.model import Captioner
+    from caption_pipeline.shards.shard_set import load_shard_set
+
+    data = smoke_project / "data"
+    trained = CaptionerFileDataset(filepath=str(data / "06_models/captioner.keras")).load()
+    model_inputs = load_model_inputs(data / "05_model_input/model_inputs")
+    shards = load_shard_set(data / "03_primary/shards")
+    config = dataclasses.replace(trained.captioner.config, encoder_trainable=False)
+    decoder = Captioner(config, feature_shape=model_inputs.feature_shape)
+    decoder.decoder.set_weights(trained.captioner.decoder.get_weights())
+    frozen = EvaluatedModel(
+        decoder.with_encoder(feature_encoder_weights(model_inputs, config)), "frozen"
+    )
+    vocabulary = json.loads((data / "03_primary/vocabulary.json").read_text())
+    table = pd.read_parquet(data / "02_intermediate/captions.parquet")
+    params = {**defaults("evaluate"), "attention_samples": 2}
+
+    captions, scores, tables = {}, {}, {}
+    for path, inputs, line in (
+        ("features", model_inputs, "Decoding the stored features in"),
+        ("images", shards, "Decoding the images in"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="caption_pipeline.evaluation"):
+            decoded, _ = nodes.generate_captions(frozen, shards, inputs, vocabulary, params)
+        assert line in caplog.text
+        val, test = nodes.write_results(decoded)
+        captions[path] = {"val": val, "test": test}
+        scores[path], tables[path] = nodes.score_captions(val, test, table)
+
+    for split in ("val", "test"):
+        features, images = (
+            {r["image_id"]: r["caption"] for r in captions[path][split]}
+            for path in ("features", "images")
+        )
+        assert list(features) == list(images)
+        differing = {i for i in images if features[i] != images[i]}
+        assert len(differing) <= 0.05 * len(images), differing
+        same = [
+            t[(t["split"] == split) & ~t["image_id"].isin(differing)].reset_index(drop=True)
+            for t in (tables["features"], tables["images"])
+        ]
+        pd.testing.assert_frame_equal(*same)  # same caption, same per-image scores
+        cider = [scores[path][split]["CIDEr"] for path in ("features", "images")]
+        assert abs(cider[0] - cider[1]) <= 10 * len(differing) / len(images) + 1e-9
 
 
 @pytest.mark.slow

@@ -30,17 +30,22 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from caption_pipeline.coco_scorer import CocoScorer
 from caption_pipeline.decoding import CaptionedImage, DecodeSettings, decode_dataset
 from caption_pipeline.errors import DataError
+from caption_pipeline.features import feature_encoder_problem, stored_encoder
 from caption_pipeline.params import from_params
 from caption_pipeline.shards.reader import make_image_dataset
-from caption_pipeline.shards.shard_set import ShardSet
+from caption_pipeline.shards.shard_set import MANIFEST, ShardSet
 from caption_pipeline.text import Vocabulary, tokenize
+
+if TYPE_CHECKING:
+    from caption_pipeline.model import Captioner
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +85,72 @@ class EvaluateSettings:
 def caption_split(
     model,
     vocabulary: Vocabulary,
-    shards: ShardSet,
+    source: ShardSet,
     split: str,
     settings: EvaluateSettings,
     keep_attention: bool = False,
 ) -> list[CaptionedImage]:
-    """Every image of `split` through the whole model (any encoder), then the search."""
+    """Every image of `split` through the model, then the search: from the images of an image
+    shard set (through the model's encoder), or from the region features of a feature shard
+    set (`decoding_source`: those of the model's own frozen encoder)."""
     batches = make_image_dataset(
-        shards, split, batch_size=settings.batch_size, image_size=model.config.image_size
+        source, split, batch_size=settings.batch_size, image_size=model.config.image_size
     )
     decoding = dataclasses.replace(settings.decoding, keep_attention=keep_attention)
-    logger.info("Captioning the %s split (%d images)", split, shards.num_images(split))
+    logger.info(
+        "Captioning the %s split (%d images, from %s)", split, source.num_images(split), source.kind
+    )
     return decode_dataset(model, vocabulary, batches, decoding)
+
+
+def decoding_source(model: Captioner, shards: ShardSet, model_inputs: ShardSet) -> ShardSet:
+    """What evaluate decodes: the stored features of `model_inputs` when `model`'s encoder is
+    the frozen encoder that computed them (running it again over the val and test images would
+    only recompute them: docs/benchmarks.md, "Evaluate from the stored features"), else the
+    image shards. Logs which, and why."""
+    problem = stored_features_problem(model, shards, model_inputs)
+    if problem is None:
+        logger.info(
+            "Decoding the stored features in %s: the captioner's encoder (%s) is the frozen "
+            "encoder that computed them, so it does not run",
+            model_inputs.root,
+            model.config.encoder,
+        )
+        return model_inputs
+    logger.info(
+        "Decoding the images in %s through the captioner's encoder (%s): %s",
+        shards.root,
+        model.config.encoder,
+        problem,
+    )
+    return shards
+
+
+def stored_features_problem(
+    model: Captioner, shards: ShardSet, model_inputs: ShardSet
+) -> str | None:
+    """Why `model` cannot decode the feature shards `model_inputs` in place of the images of
+    `shards`, or None: features stand for images only when they are of the same image shards
+    and `model`'s encoder has the architecture and the very weights that computed them (a
+    fine-tuned encoder, or another model's, does not)."""
+    if model_inputs.kind != "features":
+        return "no features are stored (the model inputs are the image shards)"
+    where = model_inputs.root / MANIFEST
+    if model_inputs.manifest["params"]["source_fingerprint"] != shards.manifest["fingerprint"]:
+        return f"{where}: the stored features are of other image shards than {shards.root}"
+    if model.encoder is None:
+        return "the captioner has no encoder to compare with the one of the stored features"
+    problem = feature_encoder_problem(model_inputs, model.config)
+    if problem:
+        return problem
+    stored = stored_encoder(model_inputs, model.config).get_weights()
+    own = model.encoder.get_weights()
+    if len(own) != len(stored) or not all(map(np.array_equal, own, stored)):
+        return (
+            f"the captioner's encoder has other weights than the frozen encoder that computed "
+            f"the stored features ({where}): fine-tuned, or another model's"
+        )
+    return None
 
 
 def coco_results(decoded: Iterable[CaptionedImage]) -> list[dict[str, Any]]:

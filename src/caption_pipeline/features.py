@@ -402,18 +402,34 @@ def feature_encoder_weights(model_inputs: ShardSet, model: ModelConfig) -> list 
     """
     if model_inputs.kind != "features":
         return None
-    where = model_inputs.root / MANIFEST
-    params = model_inputs.manifest["params"]
+    problem = feature_encoder_problem(model_inputs, model)
+    if problem:
+        raise DataError(f"{problem}; re-run the features pipeline")
+    return stored_encoder(model_inputs, model).get_weights()
+
+
+def feature_encoder_problem(features: ShardSet, model: ModelConfig) -> str | None:
+    """Why the frozen encoder that computed the feature set `features` cannot be rebuilt as
+    `model`'s encoder: the manifest names another architecture, or the weights file it
+    recorded is gone or has changed since; None when it can (`stored_encoder`)."""
+    where = features.root / MANIFEST
+    params = features.manifest["params"]
     current = encoder_architecture(model)
     if params["encoder"] != current:
-        raise DataError(
+        return (
             f"{where}: params.encoder: the features were computed with {params['encoder']}, "
-            f"but params:model now says {current}; re-run the features pipeline"
+            f"the model's encoder is {current}"
         )
-    weights = model_inputs.root / params["weights_file"]
+    weights = features.root / params["weights_file"]
     if not weights.is_file() or weights_fingerprint(weights) != params["weights"]:
-        raise DataError(
+        return (
             f"{where}: params.weights: the encoder weights file {weights} is missing or has "
-            f"changed since the features were computed; re-run the features pipeline"
+            f"changed since the features were computed"
         )
-    return build_frozen_encoder(model, weights).get_weights()
+    return None
+
+
+def stored_encoder(features: ShardSet, model: ModelConfig) -> keras.Model:
+    """The frozen encoder that computed `features`, in `model`'s architecture, from the weights
+    file its manifest names (check `feature_encoder_problem` first)."""
+    return build_frozen_encoder(model, features.root / features.manifest["params"]["weights_file"])

@@ -214,23 +214,30 @@ def without_autotune_model(ds: tf.data.Dataset) -> tf.data.Dataset:
 def make_image_dataset(
     source: ShardSet, split: str, *, batch_size: int, image_size: int | None = None
 ) -> tf.data.Dataset:
-    """Batches `{"image", "image_id"}` of an image shard set, one element per image, in file
-    order (captions are not read): what captioning a split needs.
+    """Batches `{"image", "image_id"}` of an image shard set, or `{"features", "image_id"}` of
+    a feature shard set, one element per image, in file order (captions are not read): what
+    captioning a split needs.
 
     image: float32 [B, S, S, 3] in 0..255 (S = image_size, default the shards' size);
-    image_id: int64 [B].
+    features: float16 [B, R, D] (image_size does not apply); image_id: int64 [B].
     """
-    if source.kind != "images":
-        raise DataError(f"{source.root / MANIFEST}: a {source.kind} shard set, not images")
-    image_size = image_size or source.image_size
+    if source.kind == "features":
+        parse = functools.partial(parse_feature_example, feature_shape=source.feature_shape)
 
-    def image(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        record = parse_example(serialized)
-        return {
-            "image": decode_jpeg_image(record["image/encoded"], image_size),
-            "image_id": record["image/id"],
-        }
+        def element(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+            record = parse(serialized)
+            return {"features": record["image/features"], "image_id": record["image/id"]}
+
+    else:
+        image_size = image_size or source.image_size
+
+        def element(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+            record = parse_example(serialized)
+            return {
+                "image": decode_jpeg_image(record["image/encoded"], image_size),
+                "image_id": record["image/id"],
+            }
 
     ds = tf.data.TFRecordDataset(source.files(split))
-    ds = ds.map(image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -18,6 +18,7 @@ from caption_pipeline.evaluation import (
     EvaluateSettings,
     caption_split,
     coco_results,
+    decoding_source,
     metrics_report,
     score_splits,
 )
@@ -31,18 +32,22 @@ Captions = dict[str, list[CaptionedImage]]  # split -> captions of its images
 def generate_captions(
     evaluated_model: EvaluatedModel,
     shards: ShardSet,
+    model_inputs: ShardSet,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
 ) -> tuple[Captions, dict[str, str]]:
     """Caption the val and test images (test with attention maps) with the model to evaluate
-    (`captioner@evaluated`); also say which model that was: its file(s) and weights digest."""
+    (`captioner@evaluated`), from the stored features of `model_inputs` when they are its
+    frozen encoder's, else from the images (`decoding_source`); also say which model that
+    was: its file(s) and weights digest."""
     require_java()  # the scorers need it: fail now, not after the decoding
     settings = EvaluateSettings.from_params(evaluate)
     vocab = Vocabulary.from_dict(vocabulary)
     evaluated_model.check_vocabulary(vocab)
     model = evaluated_model.captioner
+    source = decoding_source(model, shards, model_inputs)
     captions = {
-        split: caption_split(model, vocab, shards, split, settings, keep_attention=split == "test")
+        split: caption_split(model, vocab, source, split, settings, keep_attention=split == "test")
         for split in SCORED_SPLITS
     }
     return captions, {

@@ -1,5 +1,6 @@
-"""`evaluate` pipeline: the captioner to evaluate + shards + caption_table -> COCO results
-files, metrics.json, per-image scores and attention figures."""
+"""`evaluate` pipeline: the captioner to evaluate + shards (or the stored features of
+model_inputs, when they are its frozen encoder's) + caption_table -> COCO results files,
+metrics.json, per-image scores and attention figures."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 generate_captions,
-                ["captioner@evaluated", "shards", "vocabulary", "params:evaluate"],
+                [
+                    "captioner@evaluated",
+                    "shards",
+                    "model_inputs",
+                    "vocabulary",
+                    "params:evaluate",
+                ],
                 ["evaluation_captions", "evaluated_model_source"],
                 name="generate_captions",
             ),
