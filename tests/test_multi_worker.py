@@ -299,6 +299,39 @@ def writes(tmp_path: Path, index: int) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def assert_resumed_weights(tmp_path, index: int, expected: list) -> None:
+    """The weights worker `index` saved after its resumed run equal `expected` (one worker's at
+    the same global batch) to float32 rounding (RTOL, ATOL)."""
+    got = saved_weights(tmp_path, "resumed", index)
+    assert len(got) == len(expected)
+    worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=True))
+    print(f"worker {index}: largest weight difference {worst:.3g}")
+    for g, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+
+
+def kill_non_chief_at(tmp_path, workers, latest: Path, step: int, timeout_s: float) -> int:
+    """Once the chief's checkpoint `latest` is at `step` or later, kill -9 the non-chief (the
+    chief, whose next all-reduce has no peer, then too); every worker is reaped. Returns the
+    step of the checkpoint at the kill."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (latest.exists() and json.loads(latest.read_text())["step"] >= step):
+            assert all(w.poll() is None for w in workers) and time.monotonic() < deadline, (
+                "the workers ended or stalled before the kill:\n"
+                + output(tmp_path, "killed", 0)[-3000:]
+                + output(tmp_path, "killed", 1)[-3000:]
+            )
+            time.sleep(0.02)
+        os.killpg(workers[1].pid, signal.SIGKILL)
+        return json.loads(latest.read_text())["step"]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
 def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     latest = checkpoints / "latest.json"
@@ -306,22 +339,7 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
     # Two workers, slowed down, the non-chief killed -9 in the second epoch; the chief, whose
     # next all-reduce has no peer, then too.
     first = start_workers(tmp_path, train_config(checkpoints, "multi_worker"), "killed", 0.3)
-    try:
-        deadline = time.monotonic() + 90
-        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 6):
-            assert all(w.poll() is None for w in first) and time.monotonic() < deadline, (
-                "the workers ended or stalled before the kill:\n"
-                + output(tmp_path, "killed", 0)[-3000:]
-                + output(tmp_path, "killed", 1)[-3000:]
-            )
-            time.sleep(0.02)
-        os.killpg(first[1].pid, signal.SIGKILL)
-        killed_at = json.loads(latest.read_text())["step"]
-    finally:
-        for worker in first:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+    killed_at = kill_non_chief_at(tmp_path, first, latest, step=6, timeout_s=90)
     assert killed_at < EPOCHS * STEPS_PER_EPOCH
     resumed_at = json.loads(latest.read_text())["step"]  # the chief may have saved one more
 
@@ -349,12 +367,7 @@ def test_two_workers_train_as_one_and_resume_from_the_chiefs_checkpoint(tmp_path
     # (a) Both workers end with the weights of one worker at the same global batch, to
     # float32 rounding (RTOL, ATOL), and with its history: every epoch, none trained twice.
     for index in range(2):
-        got = saved_weights(tmp_path, "resumed", index)
-        assert len(got) == len(expected)
-        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=False))
-        print(f"worker {index}: largest weight difference {worst:.3g}")
-        for g, want in zip(got, expected, strict=False):
-            np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+        assert_resumed_weights(tmp_path, index, expected)
         history = history_of(output(tmp_path, "resumed", index))
         assert [row["step"] for row in history] == [4, 8, 12]
         for row, want in zip(history, expected_history.to_dict("records"), strict=True):
@@ -402,21 +415,7 @@ def test_two_workers_run_scst_as_one_and_resume_from_the_chiefs_checkpoint(tmp_p
     latest = root / "scst" / "latest.json"
 
     first = start_workers(tmp_path, config, "killed", scst=scst, slow_scst=0.5)
-    try:
-        deadline = time.monotonic() + 150
-        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 3):
-            assert all(w.poll() is None for w in first) and time.monotonic() < deadline, (
-                "the workers ended or stalled before the kill:\n"
-                + output(tmp_path, "killed", 0)[-3000:]
-                + output(tmp_path, "killed", 1)[-3000:]
-            )
-            time.sleep(0.02)
-        os.killpg(first[1].pid, signal.SIGKILL)
-    finally:
-        for worker in first:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+    kill_non_chief_at(tmp_path, first, latest, step=3, timeout_s=150)
     resumed_at = json.loads(latest.read_text())["step"]
     assert resumed_at < 2 * STEPS_PER_EPOCH
 
@@ -438,11 +437,7 @@ def test_two_workers_run_scst_as_one_and_resume_from_the_chiefs_checkpoint(tmp_p
     xent = train(reference)[0].get_weights()  # its finished checkpoint, restored
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(xent, expected, strict=True)) > 1e-3
     for index in range(2):
-        got = saved_weights(tmp_path, "resumed", index)
-        worst = max(float(np.max(np.abs(g - want))) for g, want in zip(got, expected, strict=True))
-        print(f"worker {index}: largest weight difference {worst:.3g}")
-        for g, want in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+        assert_resumed_weights(tmp_path, index, expected)
         history = history_of(output(tmp_path, "resumed", index))
         assert [row["epoch"] for row in history] == [0, 1, 2]
         for row, want in zip(history, expected_history.to_dict("records"), strict=True):
