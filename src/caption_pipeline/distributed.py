@@ -64,6 +64,12 @@ def make_strategy(name: str, devices: list[str] | None = None):
     return strategy
 
 
+def is_chief_of(strategy: str) -> bool:
+    """Whether this process writes checkpoints, best weights and results under the strategy
+    named `strategy`: always, but under "multi_worker" only the chief task (`is_chief_task`)."""
+    return strategy != "multi_worker" or is_chief_task()
+
+
 def is_chief_task() -> bool:
     """TF_CONFIG's task is the cluster's chief (True without a TF_CONFIG)."""
     if not os.environ.get("TF_CONFIG"):

@@ -59,7 +59,7 @@ from caption_pipeline.distributed import (
     BatchShares,
     barrier,
     clip_after_all_reduce,
-    is_chief_task,
+    is_chief_of,
     make_strategy,
     strategy_scope,
     without_symbolic_build,
@@ -228,8 +228,7 @@ def train_self_critical(
     def val_cider() -> float:  # the chief's, on every worker
         return float(shares.chiefs(np.array([phase.val_cider(val)]))[0])
 
-    chief = strategy != "multi_worker" or is_chief_task()
-    checkpoints = Checkpoints(config.checkpoint_dir, SelfCriticalState, chief=chief)
+    checkpoints = Checkpoints(config.checkpoint_dir, SelfCriticalState, chief=is_chief_of(strategy))
     state = checkpoints.restore(trainer, fingerprint) or SelfCriticalState(fingerprint)
     if not state.history:  # epoch 0: the cross-entropy model, the figure SCST has to beat
         state.best_val_cider = val_cider()

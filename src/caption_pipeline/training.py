@@ -60,7 +60,7 @@ from caption_pipeline.distributed import (
     STRATEGIES,
     barrier,
     clip_after_all_reduce,
-    is_chief_task,
+    is_chief_of,
     make_strategy,
     strategy_scope,
     without_symbolic_build,
@@ -129,7 +129,7 @@ DatasetFactory = Callable[[str, int, str, bool], Any]
 def is_chief(config: TrainConfig) -> bool:
     """Whether this process writes checkpoints, best weights and results: always, but under
     `strategy: multi_worker` only TF_CONFIG's "chief" task, or "worker" 0 when there is none."""
-    return config.strategy != "multi_worker" or is_chief_task()
+    return is_chief_of(config.strategy)
 
 
 def with_device_defaults(config: TrainConfig) -> TrainConfig:
