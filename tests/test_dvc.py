@@ -212,6 +212,81 @@ class _Params:
         return self.params[name]
 
 
+def _override(file: Path, values: dict) -> None:
+    """Set `values` (nested blocks merged key by key) in one YAML file of a project copy."""
+    tree = yaml.safe_load(file.read_text()) or {}
+
+    def merge(into: dict, update: dict) -> None:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(tree, values)
+    file.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
+    """Issue 26: `dvc repro` reproduces the `coco` environment on raw data that `dvc add`
+    tracks, here a tiny COCO-shaped set (`coco_like`), with a frozen encoder from a local
+    weights file (as an offline user gives NASNetLarge's; a small CNN's, random, here), and
+    `dvc status` is clean after it and after a `kedro run --env coco` (DvcLockHooks)."""
+    import keras
+
+    from caption_pipeline import coco_like
+    from caption_pipeline.dvc_render import generate, generated_env
+    from caption_pipeline.dvc_stages import load_project
+    from caption_pipeline.model.encoder import build_encoder
+
+    repo = clone_working_tree(tmp_path / "clone")
+    weights = tmp_path / "encoder.weights.h5"
+    keras.utils.set_random_seed(0)
+    build_encoder("compact", 64, None, (16, 32), compact_pool_last=True).save_weights(weights)
+    coco = repo / "conf" / "coco"
+    _override(coco / "globals.yml", {"image_size": 64})
+    tiny = {"max_steps_per_epoch": 2, "checkpoint_every_steps": 1, "shuffle_buffer": 16}
+    small = {"embed_dim": 32, "attention_dim": 32, "lstm_units": 64}
+    encoder = {"compact_filters": [16, 32], "compact_pool_last": True, "encoder_trainable": False}
+    _override(
+        coco / "parameters_train.yml",
+        {
+            "model": {"encoder": "compact", "encoder_weights": str(weights), **encoder, **small},
+            "train": {"epochs": 1, "batch_size": 8, **tiny},
+            "self_critical": {"epochs": 1, "batch_size": 8, "samples": 2, **tiny},
+        },
+    )
+    shards = {"num_shards": {"train": 2, "val": 1, "test": 1}}
+    _override(coco / "parameters_shard.yml", {"shard": shards})
+    raw = repo / "data" / "01_raw" / "coco"
+    coco_like.generate(raw, 40, seed=3, workers=1)
+
+    (repo / "dvc.yaml").write_text(generate(load_project(repo, "coco")))
+    assert generated_env((repo / "dvc.yaml").read_text()) == "coco"
+    dvc(repo, "add", "data/01_raw/coco")
+    assert (repo / "data" / "01_raw" / "coco.dvc").is_file()
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-q", "-m", "coco")
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert "data/01_raw/coco" in stages["ingest"]["deps"]
+    assert "data/01_raw/coco" not in stages["synthetic"].get("outs", [])
+    reproduced = _run(repo, str(BIN / "dvc"), "repro", env={"KEDRO_ENV": "coco"})
+    for name in stages:
+        assert f"Running stage '{name}'" in reproduced, reproduced[-3000:]
+    assert "up to date" in _run(repo, str(BIN / "dvc"), "status").lower()
+    raw_dataset = json.loads((repo / "data/01_raw/raw_dataset.json").read_text())
+    assert (raw_dataset["name"], raw_dataset["generated"]) == ("coco2017", False)
+    assert "CIDEr" in json.loads((repo / "data/08_reporting/metrics.json").read_text())["val"]
+
+    # A plain `kedro run --env coco` of a stage records it (DvcLockHooks): still clean.
+    log = _run(repo, str(BIN / "kedro"), "run", "--env", "coco", "--pipelines=vocab")
+    assert "DVC: recorded vocab in dvc.lock" in log, log[-3000:]
+    assert "up to date" in _run(repo, str(BIN / "dvc"), "status").lower()
+
+
 def _after_run(
     tmp_path,
     monkeypatch,
@@ -219,14 +294,15 @@ def _after_run(
     returncode=0,
     data_root="data/01_raw/shapes/",
     strategy="default",
+    dvc_yaml=None,
     **run_params,
 ):
-    """DvcLockHooks after a run of `pipeline` in a DVC project at tmp_path: the dvc commands
-    it ran (none run for real)."""
+    """DvcLockHooks after a run of `pipeline` in a DVC project at tmp_path (dvc.yaml: the
+    checkout's, or this text): the dvc commands it ran (none run for real)."""
     from caption_pipeline.hooks import DvcLockHooks
 
     (tmp_path / ".dvc").mkdir(exist_ok=True)
-    shutil.copy2(PROJECT_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml or (PROJECT_ROOT / "dvc.yaml").read_text())
     calls = []
 
     def run(command, **kwargs):
@@ -269,8 +345,24 @@ def test_kedro_run_commits_the_stages_whose_nodes_all_ran(tmp_path, monkeypatch)
     assert _after_run(tmp_path, monkeypatch, default, runtime_params={"train": {"epochs": 3}}) == []
     assert messages == [f"DVC: {', '.join(order)} not recorded in dvc.lock (a run with --params)"]
     assert _after_run(tmp_path, monkeypatch, default, data_root="data/01_raw/coco") == []
-    assert messages[-1].endswith("(its raw data, data/01_raw/coco, is no dvc.yaml output)")
+    not_tracked = "is no dvc.yaml output nor a dep tracked by `dvc add`)"
+    assert messages[-1].endswith(f"(its raw data, data/01_raw/coco, {not_tracked}")
     assert _after_run(tmp_path, monkeypatch, default, strategy="multi_worker") == []
+
+    # A dvc.yaml generated for conf/coco records runs in that environment, on the raw data
+    # that `dvc add` tracks.
+    from caption_pipeline.dvc_render import generate
+    from caption_pipeline.dvc_stages import load_project
+
+    coco = {"dvc_yaml": generate(load_project(PROJECT_ROOT, "coco")), "env": "coco"}
+    root = "data/01_raw/coco"
+    assert _after_run(tmp_path, monkeypatch, default, data_root=root, **coco) == []
+    assert messages[-1].endswith(f"(its raw data, {root}, {not_tracked}")
+    (tmp_path / f"{root}.dvc").parent.mkdir(parents=True)
+    (tmp_path / f"{root}.dvc").write_text("outs:\n- path: coco\n")
+    assert _after_run(tmp_path, monkeypatch, default, data_root=root, **coco) == [commit + order]
+    assert _after_run(tmp_path, monkeypatch, default, data_root=root, **{**coco, "env": None}) == []
+    assert messages[-1].endswith("(dvc.yaml is generated for --env coco)")
 
     # A failing DVC leaves the run successful, with one line saying what to run.
     messages.clear()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from caption_pipeline import dvc_drift, dvc_stages
+from caption_pipeline import dvc_drift, dvc_render, dvc_stages
 from caption_pipeline.commands import cli
 from caption_pipeline.project import PROJECT_ROOT
 
@@ -23,7 +23,7 @@ def project() -> dvc_stages.Project:
 
 @pytest.fixture(scope="module")
 def generated(project) -> str:
-    return dvc_stages.generate(project)
+    return dvc_render.generate(project)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,36 @@ def test_the_check_command(generated):
     result = CliRunner().invoke(cli, ["dvc-yaml", "--check"])
     assert result.exit_code == 0, result.output
     assert "up to date" in result.output
+    wrong = CliRunner().invoke(cli, ["dvc-yaml", "--check", "--env", "cocoa"])
+    assert wrong.exit_code == 1
+    assert wrong.output.strip().splitlines()[-1].startswith("Error: no environment 'cocoa' in ")
+
+
+def test_a_dvc_yaml_for_the_coco_environment():
+    """Issue 26: `caption-pipeline dvc-yaml --env coco`. Its stages run `kedro run --env coco`,
+    list only conf/base's and conf/coco's files, and read COCO where `dvc add` tracks it: no
+    stage writes it (synthetic generates only the shapes dataset), and no stage's outs change."""
+    coco_project = dvc_stages.load_project(PROJECT_ROOT, "coco")
+    text = dvc_render.generate(coco_project)
+    coco = yaml.safe_load(text)["stages"]
+    base = yaml.safe_load(dvc_render.generate(dvc_stages.load_project(PROJECT_ROOT)))["stages"]
+    assert dvc_render.generated_env(text) == "coco"
+    assert dvc_render.generated_env((PROJECT_ROOT / "dvc.yaml").read_text()) == "base"
+    assert dvc_render.generated_env("stages: {}\n") is None
+    assert "#     dvc add data/01_raw/coco\n" in text
+    raw = coco_project.param("dataset.root")
+    assert raw == "data/01_raw/coco"
+    for name, stage in coco.items():
+        assert stage["cmd"] == f"kedro run --env coco --pipelines={name}"
+        files = [file for entry in stage.get("params", []) for file in entry]
+        assert files and all(f.startswith(("conf/base/", "conf/coco/")) for f in files), name
+        outs = [o for o in stage.get("outs", []) if o != base[name].get("outs", [None])[-1]]
+        assert raw not in stage.get("outs", []), name
+        assert set(outs) <= set(base[name].get("outs", [])), name
+    for name in ("ingest", "features", "evaluate"):
+        assert raw in coco[name]["deps"] and "data/01_raw/shapes" not in coco[name]["deps"]
+    assert "data/01_raw/shapes" in base["synthetic"]["outs"]
+    assert raw not in coco["synthetic"]["deps"]
+    assert coco["synthetic"]["outs"] == ["data/01_raw/raw_dataset.json"]
+    with pytest.raises(ValueError, match="no environment 'cocoa'"):
+        dvc_stages.load_project(PROJECT_ROOT, "cocoa")

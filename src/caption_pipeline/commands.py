@@ -4,7 +4,7 @@
   caption-pipeline [run] [KEDRO RUN OPTIONS]      the pipeline, as `kedro run`
   caption-pipeline caption PATH... [--output F]   caption image files or folders, JSON lines
   caption-pipeline serve [--model M] [--port N]   the HTTP server and web page
-  caption-pipeline dvc-yaml [--check]             write dvc.yaml from the Kedro project
+  caption-pipeline dvc-yaml [--env ENV] [--check] write dvc.yaml from the Kedro project
 
 Without --model, `caption` and `serve` use the export of the Kedro project in the current
 folder (the catalog's `exported_model`); --model takes an export folder or an MLflow
@@ -138,25 +138,39 @@ def serve(model: str | None, env: str | None, **options: Any) -> None:
     is_flag=True,
     help="write nothing; exit 1, naming the drift, if dvc.yaml is not up to date",
 )
-def dvc_yaml(check: bool) -> None:
+@click.option(
+    "--env",
+    default=None,
+    help="the Kedro environment whose stages to write (default: the one dvc.yaml is for, "
+    "else base): `--env coco` for COCO, whose raw data `dvc add` tracks",
+)
+def dvc_yaml(check: bool, env: str | None) -> None:
     """Write the project's dvc.yaml from its Kedro pipelines, catalog and conf/ environments
     (caption_pipeline.dvc_stages), printing what changed."""
     from caption_pipeline.atomic import atomic_path
     from caption_pipeline.dvc_drift import drift
-    from caption_pipeline.dvc_stages import PROJECT_ROOT, generate
+    from caption_pipeline.dvc_render import generate, generated_env
+    from caption_pipeline.dvc_stages import BASE, PROJECT_ROOT, load_project
 
     path = PROJECT_ROOT / "dvc.yaml"
-    text = generate()
-    changes = drift(path.read_text() if path.exists() else "", text)
+    committed = path.read_text() if path.exists() else ""
+    env = env or generated_env(committed) or BASE
+    try:
+        text = generate(load_project(PROJECT_ROOT, env))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    changes = drift(committed, text)
     if check and changes:
         raise click.ClickException(
-            f"{path} is not what `caption-pipeline dvc-yaml` generates:\n" + "\n".join(changes)
+            f"{path} is not what `caption-pipeline dvc-yaml --env {env}` generates:\n"
+            + "\n".join(changes)
         )
     if not check and changes:
         with atomic_path(path) as tmp:
             tmp.write_text(text)
     click.echo(
-        "\n".join([f"{path}: {'up to date' if not changes else 'written'}", *changes]), err=True
+        "\n".join([f"{path} ({env}): {'up to date' if not changes else 'written'}", *changes]),
+        err=True,
     )
 
 

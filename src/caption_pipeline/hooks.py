@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -151,11 +152,13 @@ class DvcLockHooks:
     the same state, and one process for the whole pipeline starts TensorFlow once, not once
     per stage. Recorded: each stage whose Kedro pipeline ran whole (a partial run that skipped
     some of a stage's nodes leaves it changed). Not recorded, their outputs being other than
-    conf/ gives: runs with `--params`, `--load-versions` or `--only-missing-outputs`, or on
-    raw data that is no dvc.yaml output (COCO, your own images); nor multi-worker runs (every
-    worker would commit, some before the chief has written). Never inside a DVC stage (`dvc
-    repro`, `dvc exp run` set DVC_STAGE in its command, record it themselves and hold the
-    repository lock). A DVC failure never fails the run: one warning line says what to run.
+    conf/ gives: runs with `--params`, `--load-versions` or `--only-missing-outputs`, in
+    another environment than the one dvc.yaml is generated for, or on raw data that is
+    neither a dvc.yaml output nor tracked by `dvc add` (COCO before `caption-pipeline dvc-yaml
+    --env coco`, your own images); nor multi-worker runs (every worker would commit, some
+    before the chief has written). Never inside a DVC stage (`dvc repro`, `dvc exp run` set
+    DVC_STAGE in its command, record it themselves and hold the repository lock). A DVC
+    failure never fails the run: one warning line says what to run.
     """
 
     @hook_impl
@@ -174,7 +177,7 @@ class DvcLockHooks:
             for name in dvc_stages  # in dvc.yaml's order, the data flow's
             if name in pipelines and {n.name for n in pipelines[name].nodes} <= ran
         ]
-        why_not = _not_recordable(run_params, catalog, dvc_stages)
+        why_not = _not_recordable(root, run_params, catalog, dvc_stages)
         if not stages or why_not:
             if stages:
                 logger.info("DVC: %s not recorded in dvc.lock (%s)", ", ".join(stages), why_not)
@@ -202,8 +205,18 @@ class DvcLockHooks:
         )
 
 
-def _not_recordable(run_params: dict, catalog, dvc_stages: dict) -> str | None:
-    """Why the outputs of this run are not what dvc.yaml's stages give, or None."""
+def _not_recordable(root: Path, run_params: dict, catalog, dvc_stages: dict) -> str | None:
+    """Why the outputs of this run are not what dvc.yaml's stages give, or None: a run
+    whose outputs are not conf/'s, on raw data that is neither a stage's output nor tracked
+    by `dvc add` as a stage's dep, in another environment than the one dvc.yaml is generated
+    for (`caption-pipeline dvc-yaml --env`), or one of several workers."""
+    generated_for = {
+        found.group(1)
+        for stage in dvc_stages.values()
+        if (found := re.search(r"--env[ =](\S+)", stage.get("cmd", "")))
+    }
+    if generated_for and run_params.get("env") not in generated_for:
+        return f"dvc.yaml is generated for --env {', '.join(sorted(generated_for))}"
     for flag, key in (
         ("--params", "runtime_params"),
         ("--load-versions", "load_versions"),
@@ -211,19 +224,23 @@ def _not_recordable(run_params: dict, catalog, dvc_stages: dict) -> str | None:
     ):
         if run_params.get(key):
             return f"a run with {flag}"
-    outs = {
-        next(iter(out)) if isinstance(out, dict) else out
-        for stage in dvc_stages.values()
-        for out in stage.get("outs", [])
-    }
+    outs, deps = (
+        {
+            next(iter(path)) if isinstance(path, dict) else path
+            for stage in dvc_stages.values()
+            for path in stage.get(kind, [])
+        }
+        for kind in ("outs", "deps")
+    )
     params = {
         key: catalog.load(f"params:{key}")
         for key in ("dataset", "train")
         if f"params:{key}" in catalog
     }
     data_root = str((params.get("dataset") or {}).get("root", "")).rstrip("/")
-    if data_root not in outs:
-        return f"its raw data, {data_root}, is no dvc.yaml output"
+    tracked = data_root in deps and (root / f"{data_root}.dvc").is_file()
+    if data_root not in outs and not tracked:
+        return f"its raw data, {data_root}, is no dvc.yaml output nor a dep tracked by `dvc add`"
     if (params.get("train") or {}).get("strategy") == "multi_worker":
         return "multi-worker: run `dvc commit` once every worker is done"
     return None
