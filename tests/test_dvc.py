@@ -254,7 +254,7 @@ def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
         coco / "parameters_train.yml",
         {
             "model": {"encoder": "compact", "encoder_weights": str(weights), **encoder, **small},
-            "train": {"epochs": 1, "batch_size": 8, **tiny},
+            "train": {"epochs": 1, "batch_size": 8, "jit_compile": False, **tiny},
             "self_critical": {"epochs": 1, "batch_size": 8, "samples": 2, **tiny},
         },
     )

@@ -17,6 +17,7 @@ import pytest
 from caption_pipeline.devices import (
     Device,
     _capability,
+    cpu_matrix_features,
     log_devices,
     resolve_precision,
     training_devices,
@@ -72,6 +73,35 @@ def test_this_machine_trains_in_float32_and_says_so(caplog):
     assert config.precision == "float32"
     assert "Training on CPU, Keras backend tensorflow" in caplog.text
     assert "precision float32 (train.precision: auto)" in caplog.text
+
+
+def test_the_cpu_line_names_the_processor_and_its_matrix_units(tmp_path):
+    """Issue 27: the device line says whether the CPU has AMX, AVX-512 BF16 or VNNI units."""
+    xeon, epyc, none = tmp_path / "xeon", tmp_path / "epyc", tmp_path / "none"
+    core = "processor\t: {n}\nmodel name\t: {model}\nflags\t\t: {flags}\n"
+    xeon.write_text(
+        "\n".join(
+            core.format(
+                n=n,
+                model="Intel(R) Xeon(R) Processor",
+                flags="fpu avx512f amx_bf16 amx_tile amx_int8 avx512_bf16 avx512_vnni avx_vnni",
+            )
+            for n in range(2)
+        )
+    )
+    epyc.write_text(core.format(n=0, model="AMD EPYC", flags="fpu avx2 avx512_bf16 avx_vnni"))
+    none.write_text(core.format(n=0, model="Intel(R) Core(TM) i7", flags="fpu sse2 avx2"))
+    assert cpu_matrix_features(xeon) == (
+        "Intel(R) Xeon(R) Processor",
+        ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni"),
+    )
+    assert cpu_matrix_features(epyc) == ("AMD EPYC", ("avx512_bf16", "avx_vnni"))
+    assert cpu_matrix_features(none) == ("Intel(R) Core(TM) i7", ())
+    assert cpu_matrix_features(tmp_path / "missing") == ("", ())
+    model, features = cpu_matrix_features()
+    (cpu,) = training_devices()
+    assert cpu.platform == "cpu" and model in cpu.kind
+    assert cpu.kind.endswith(" ".join(features) or "no matrix features")
 
 
 def test_auto_resumes_checkpoints_of_an_explicit_float32_run():
