@@ -16,8 +16,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from caption_pipeline import coco_like, coco_like_captions
+from caption_pipeline import coco_like
 from caption_pipeline.coco_instances import load_instances
+from caption_pipeline.coco_like import captions as coco_like_captions
 from caption_pipeline.errors import DataError
 from caption_pipeline.ingestion import SPLITS, clean_caption, ingest
 from caption_pipeline.text import tokenize

@@ -24,7 +24,7 @@ One module per step, each with what it models and the numbers (measured on this 
 - `json_files`: the JSON files, in COCO's and Karpathy's schemas.
 - `writer`: the folder, written resumably (`generate`), and the command line (`main`).
 
-Captions (`caption_pipeline.coco_like_captions`). 5 per image, rarely 6 or 7 (COCO 2017:
+Captions (`caption_pipeline.coco_like.captions`). 5 per image, rarely 6 or 7 (COCO 2017:
 591,753 captions for 118,287 images, 5.003 each). Words per caption: a table shaped like
 COCO's (8 to 12 words for 84 %, 1 % under 8, 1 % over 20, up to 30), mean 10.53. Words are
 drawn independently from a Zipf-Mandelbrot law p(r) ~ (r + 2.7)^-1.5427 over 30,000 ranks:
@@ -43,6 +43,12 @@ train images, 3,223 at 20,000, 5,839 at 50,000).
 The same arguments give byte-identical files, whatever the number of worker processes.
 """
 
+# The caption model, for callers of `coco_like.sample_captions` and the like.
+from caption_pipeline.coco_like.captions import (
+    CAPTION_COUNTS,
+    expected_vocabulary,
+    sample_captions,
+)
 from caption_pipeline.coco_like.coco2017 import (
     CATEGORIES,
     COCO_MAX_CAPTION_ID,
@@ -80,13 +86,6 @@ from caption_pipeline.coco_like.plans import (
     split_sizes,
 )
 from caption_pipeline.coco_like.writer import MARKER_FILE, generate, main
-
-# The caption model (its own module), for callers of `coco_like.sample_captions` and the like.
-from caption_pipeline.coco_like_captions import (
-    CAPTION_COUNTS,
-    expected_vocabulary,
-    sample_captions,
-)
 
 __all__ = [
     "CAPTION_COUNTS",

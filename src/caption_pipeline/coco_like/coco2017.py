@@ -4,7 +4,7 @@
 The numbers are COCO 2017's own (captions_train2017.json, instances_val2017.json), so that a
 rehearsal at `scale` = COCO_TRAIN_IMAGES has COCO's size, and smaller scales keep its
 proportions (val is COCO_VAL_IMAGES / COCO_TRAIN_IMAGES of train). TARGET_VOCABULARY is what
-the caption model is calibrated to (`caption_pipeline.coco_like_captions`, the package's doc):
+the caption model is calibrated to (`caption_pipeline.coco_like.captions`, the package's doc):
 the vocabulary the original project found on COCO's train captions. The categories keep COCO's
 ids, gaps included (12, 26, 29, ... do not exist), and names, because `coco_instances` turns
 the ids into these names and the evaluation's category words (`category_words`) are keyed on

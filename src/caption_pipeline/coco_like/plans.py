@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from caption_pipeline.coco_like.captions import CAPTION_COUNTS, sample_captions
 from caption_pipeline.coco_like.coco2017 import (
     CATEGORIES,
     COCO_MAX_CAPTION_ID,
@@ -44,7 +45,6 @@ from caption_pipeline.coco_like.coco2017 import (
     KARPATHY_RESTVAL_P,
     MIN_VAL_IMAGES,
 )
-from caption_pipeline.coco_like_captions import CAPTION_COUNTS, sample_captions
 from caption_pipeline.errors import DataError
 
 _SPLIT_CODE = {"train": 0, "val": 1}  # part of every per-image seed

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caption_pipeline.atomic import atomic_path, atomic_write_bytes, remove_stale_temporaries
+from caption_pipeline.coco_like.captions import expected_vocabulary
 from caption_pipeline.coco_like.coco2017 import COCO_TRAIN_CAPTIONS, COCO_TRAIN_IMAGES, FOLDERS
 from caption_pipeline.coco_like.json_files import (
     GENERATOR_VERSION,
@@ -43,7 +44,6 @@ from caption_pipeline.coco_like.json_files import (
 )
 from caption_pipeline.coco_like.pixels import JPEG_QUALITY, encode_jpeg, render_image
 from caption_pipeline.coco_like.plans import ImagePlan, plan_dataset
-from caption_pipeline.coco_like_captions import expected_vocabulary
 from caption_pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
