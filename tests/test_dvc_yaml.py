@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from caption_pipeline import dvc_drift, dvc_render, dvc_stages
 from caption_pipeline.commands import cli
+from caption_pipeline.pipeline_registry import ON_DEMAND
 from caption_pipeline.project import PROJECT_ROOT
 
 
@@ -32,7 +33,9 @@ def stages(generated) -> dict:
 
 
 def stage_pipelines(project) -> dict:
-    return {name: p for name, p in project.pipelines.items() if name != "__default__"}
+    return {
+        name: p for name, p in project.pipelines.items() if name not in ON_DEMAND | {"__default__"}
+    }
 
 
 def test_dvc_yaml_is_what_the_project_generates(generated):

@@ -77,7 +77,11 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     import caption_pipeline.model  # noqa: F401
     from caption_pipeline.decoding import DecodeSettings
     from caption_pipeline.export import CheckSettings
-    from caption_pipeline.export_check import check_against_model, read_held_out_images
+    from caption_pipeline.export_check import (
+        check_against_model,
+        in_process_captions,
+        read_held_out_images,
+    )
     from caption_pipeline.model import Captioner
     from caption_pipeline.shards.shard_set import load_shard_set
     from caption_pipeline.text import Vocabulary
@@ -91,10 +95,12 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     images = read_held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), 6)
     settings = from_conf(CheckSettings, "export.check", max_images=4, batch_size=4)
     decoding = from_conf(DecodeSettings, "evaluate.decoding")
-    report = check_against_model(exported, trained, vocab, images, decoding, settings)
+    expected = in_process_captions(trained, vocab, images, decoding, settings)
+    report = check_against_model(exported, expected, images, settings)
     assert report["images"] == report["equal"] == 4  # the first max_images of those read
+    expected = in_process_captions(other, vocab, images, decoding, settings)
     with pytest.raises(DataError, match=r"export self-check .* images differ.*image \d+"):
-        check_against_model(exported, other, vocab, images, decoding, settings)
+        check_against_model(exported, expected, images, settings)
 
 
 def test_any_size_and_format_is_resized_as_training_resized(exported):
@@ -127,7 +133,9 @@ def test_beam_size_outside_the_exported_range_is_refused(exported, test_jpegs):
         with pytest.raises(DataError, match=r"beam_size must be in 1\.\.5"):
             exported.caption(test_jpegs[1][:1], beam)
         with pytest.raises(tf.errors.InvalidArgumentError, match="beam_size"):
-            exported._beam(images=tf.constant(test_jpegs[1][:1]), beam_size=tf.constant(beam))
+            exported._signature("caption_beam")(
+                images=tf.constant(test_jpegs[1][:1]), beam_size=tf.constant(beam)
+            )
     out = exported.caption(test_jpegs[1][:1], exported.max_beam_size)
     assert out["captions"].shape == (1, exported.max_beam_size)
 
@@ -345,11 +353,23 @@ def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_expo
     names the case when the graph and the Python path part (here: a Python path that forgets
     the EXIF orientation)."""
     from caption_pipeline import export_check as export_module
-    from caption_pipeline.export_check import PIXEL_TOLERANCE, check_preprocessing
+    from caption_pipeline.export import CheckSettings
+    from caption_pipeline.export_check import (
+        PIXEL_TOLERANCE,
+        HeldOutImages,
+        check_preprocessing,
+        in_process_captions,
+    )
 
     exported, captioner, vocabulary, decoding = tiny_export
     jpeg = _encode(_source_image().resize((TINY_SIZE, TINY_SIZE)), "JPEG")
-    report = check_preprocessing(exported, captioner, vocabulary, decoding, jpeg)
+    images = HeldOutImages((0,), (jpeg,), TINY_QUALITY)
+    settings = from_conf(CheckSettings, "export.check")
+
+    def expected():
+        return in_process_captions(captioner, vocabulary, images, decoding, settings)
+
+    report = check_preprocessing(exported, expected())
     assert {
         "off_size_jpeg",
         "large_jpeg",
@@ -376,7 +396,7 @@ def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_expo
 
     monkeypatch.setattr(export_module, "python_pixels", no_exif)
     with pytest.raises(DataError, match=r"preprocessing.*exif_rotated_jpeg"):
-        check_preprocessing(exported, captioner, vocabulary, decoding, jpeg)
+        check_preprocessing(exported, expected())
 
 
 def test_export_json_records_the_shards_jpeg_quality(tiny_export):
@@ -443,3 +463,22 @@ def test_a_canvas_over_max_pixels_is_refused_from_the_header(tiny_export):
             exported.caption([good, data])
     assert exported.info["max_pixels"] == 50_000_000
     assert exported.preprocess([good]).shape == (1, TINY_SIZE, TINY_SIZE, 3)
+
+
+def test_self_check_refuses_captions_of_another_preprocessing(tiny_export):
+    """The in-process captions are computed before the export is loaded (issue 26): the check
+    refuses those of another image size or JPEG quality than the export's."""
+    from caption_pipeline.export import CheckSettings
+    from caption_pipeline.export_check import (
+        HeldOutImages,
+        check_against_model,
+        in_process_captions,
+    )
+
+    exported, captioner, vocabulary, decoding = tiny_export
+    jpeg = _encode(_source_image().resize((TINY_SIZE, TINY_SIZE)), "JPEG")
+    images = HeldOutImages((0,), (jpeg,), TINY_QUALITY + 5)
+    settings = from_conf(CheckSettings, "export.check")
+    expected = in_process_captions(captioner, vocabulary, images, decoding, settings)
+    with pytest.raises(DataError, match=r"preprocessing .*jpeg_quality.* is not the in-process"):
+        check_against_model(exported, expected, images, settings)

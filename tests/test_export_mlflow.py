@@ -135,3 +135,31 @@ def test_caption_command_takes_a_models_uri(smoke_project, exported, test_jpegs,
     assert (
         json.loads(result.stdout)["caption"] == exported.caption([image.read_bytes()])["caption"][0]
     )
+
+
+def test_the_logged_model_keeps_its_declared_signature_and_input_example(
+    smoke_project, exported, test_jpegs, monkeypatch
+):
+    """The registered version's signature is the declared one (`model_signature`, given to
+    MLflow so that logging loads the export no more), and that is what MLflow infers from the
+    pyfunc's prediction; it keeps its input example (the first test image) and predicts."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from caption_pipeline.mlflow_model import CaptionerModel, model_signature
+
+    registration = _registration(smoke_project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registration["tracking_uri"])
+    info = mlflow.models.get_model_info(registration["registered_model_uri"])
+    declared = model_signature(exported.default_beam_size)
+    assert info.signature == declared
+    pyfunc = CaptionerModel()
+    pyfunc.model = exported
+    example = pd.DataFrame({"image": [test_jpegs[1][0]]})
+    params = {"beam_size": exported.default_beam_size}
+    assert infer_signature(example, pyfunc.predict(None, example, params), params) == declared
+    assert info.saved_input_example_info is not None
+    model = mlflow.pyfunc.load_model(registration["registered_model_uri"])
+    out = model.predict(pd.DataFrame({"image": [test_jpegs[1][0]]}), params={"beam_size": 2})
+    assert out["caption"][0] == exported.caption([test_jpegs[1][0]], 2)["caption"][0]

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from caption_pipeline.import_graph import PACKAGE, class_module, imported_closure, module_path
+from caption_pipeline.pipeline_registry import ON_DEMAND
 from caption_pipeline.project import PROJECT_ROOT
 
 BASE = "base"  # conf/base: the embedded dataset, and the environment left to KEDRO_ENV
@@ -222,11 +223,12 @@ class Stage:
 
 
 def build_stages(project: Project) -> list[Stage]:
-    """One stage per pipeline but `__default__` (all of them), in data-flow order."""
+    """One stage per pipeline of `__default__` (all of them but those run on demand, whose
+    inputs are no project data: `caption_batch` captions any folder), in data-flow order."""
     stages = [
         _stage(project, name, pipeline)
         for name, pipeline in project.pipelines.items()
-        if name != "__default__"
+        if name not in ON_DEMAND | {"__default__"}
     ]
     return _in_order(stages)
 

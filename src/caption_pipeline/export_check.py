@@ -4,7 +4,8 @@ registered, on the shards' test images.
 - `check_against_model`: the export's captions equal the in-process model's (the evaluation's
   path, `decoding.decode_dataset`), beam for beam, on every test image's JPEG, which the
   in-process side preprocesses with training's own code (`python_pixels`): the graph takes
-  no shortcut for a model-size JPEG, and neither does the oracle.
+  no shortcut for a model-size JPEG, and neither does the oracle. The in-process side runs
+  first (`in_process_captions`, its own node), so that one model at a time is in memory.
 - `check_preprocessing`: Pillow-made off-size, EXIF-rotated, grey, CMYK, palette, alpha and
   16-bit versions of one test image (`preprocessing_cases`) go through the SavedModel and
   through the Python path (`python_pixels`: `images.decode_image` -> `images.encode_jpeg` ->
@@ -29,7 +30,6 @@ import numpy as np
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.export import CheckSettings, ExportedCaptioner, run_tflite
-from caption_pipeline.images import JPEG_QUALITY
 from caption_pipeline.shards.shard_set import ShardSet
 
 logger = logging.getLogger(__name__)
@@ -68,23 +68,36 @@ def held_out_images(images: HeldOutImages, count: int | None) -> tuple[list[int]
     return list(images.ids[: count or None]), list(images.jpegs[: count or None])
 
 
-def check_against_model(
-    exported: ExportedCaptioner,
-    captioner,
-    vocabulary,
-    test_images: HeldOutImages,
-    decoding,
-    check: CheckSettings,
-) -> dict[str, Any]:
-    """The export and `decoding.decode_dataset` (the evaluation's path) on the same test
-    images: every beam's caption must be equal. Returns the check's report."""
-    import tensorflow as tf
+@dataclass(frozen=True)
+class InProcessCaptions:
+    """What the self-check compares the export with, computed by the in-process model before
+    the export is loaded (`in_process_captions`): no node holds both models (with NASNetLarge,
+    each takes over 1 GB, and its activations more). The Python path's image size and JPEG
+    quality, which the export's must equal; every test image's beams; and the preprocessing
+    cases of the first test image (`preprocessing_cases`), with their pixels and beams."""
 
-    from caption_pipeline.decoding import decode_dataset
+    image_size: int
+    jpeg_quality: int
+    method: str
+    test: Mapping[int, list[str]]  # test image id -> beams, best first
+    cases: Mapping[str, bytes]  # case name -> encoded image
+    case_pixels: np.ndarray  # float32 [cases, S, S, 3], the Python path's, in case order
+    case_captions: tuple[list[str], ...]  # each case's beams, in case order
+
+
+def in_process_captions(
+    captioner, vocabulary, test_images: HeldOutImages, decoding, check: CheckSettings
+) -> InProcessCaptions:
+    """`decoding.decode_dataset` (the evaluation's path) on the check's test images and on
+    the preprocessing cases of the first one, each preprocessed by training's own code
+    (`python_pixels`): the graph takes no shortcut for a model-size JPEG, and neither does
+    the oracle."""
+    import tensorflow as tf
+    from PIL import Image
 
     ids, images = held_out_images(test_images, check.max_images)
     size = captioner.config.image_size
-    quality = int(exported.info.get("jpeg_quality", JPEG_QUALITY))
+    quality = test_images.jpeg_quality  # the export's too (`build_module`)
 
     def training_pixels():  # one image at a time: COCO's test set would not fit as pixels
         for image_id, jpeg in zip(ids, images, strict=True):
@@ -100,19 +113,58 @@ def check_against_model(
             "image_id": tf.TensorSpec([], tf.int64),
         },
     ).batch(check.batch_size)
-    beam = exported.default_beam_size
-    reference = {
+    cases = preprocessing_cases(Image.open(io.BytesIO(images[0])), size)
+    pixels = np.stack([python_pixels(data, size, quality, name) for name, data in cases.items()])
+    case_batches = tf.data.Dataset.from_tensor_slices(
+        {"image": pixels, "image_id": np.arange(len(cases))}
+    ).batch(len(cases))
+    return InProcessCaptions(
+        size,
+        quality,
+        decoding.method,
+        _beams(captioner, vocabulary, batches, decoding),
+        cases,
+        pixels,
+        tuple(_beams(captioner, vocabulary, case_batches, decoding).values()),
+    )
+
+
+def _beams(captioner, vocabulary, batches, decoding) -> dict[int, list[str]]:
+    """image id -> the in-process model's beams, by `decoding.decode_dataset`."""
+    from caption_pipeline.decoding import decode_dataset
+
+    return {
         d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches, decoding)
     }
+
+
+def check_against_model(
+    exported: ExportedCaptioner,
+    expected: InProcessCaptions,
+    test_images: HeldOutImages,
+    check: CheckSettings,
+) -> dict[str, Any]:
+    """The export's captions of the test images against the in-process model's (`expected`):
+    every beam's caption must be equal; then `check_preprocessing`. Returns the check's
+    report."""
+    found = {key: exported.info.get(key) for key in ("image_size", "jpeg_quality")}
+    wanted = {"image_size": expected.image_size, "jpeg_quality": expected.jpeg_quality}
+    if found != wanted:
+        raise DataError(
+            f"export self-check: the export's preprocessing {found} is not the in-process "
+            f"model's {wanted}"
+        )
+    ids, images = held_out_images(test_images, check.max_images)
+    beam = exported.default_beam_size
     exported_captions = {}
     for start in range(0, len(images), check.batch_size):
         out = exported.caption(images[start : start + check.batch_size], beam)
         for image_id, beams in zip(ids[start:], out["captions"], strict=False):
             exported_captions[image_id] = [str(c) for c in beams]
-    report = compare_captions(exported_captions, reference, "SavedModel vs in-process")
+    report = compare_captions(exported_captions, expected.test, "SavedModel vs in-process")
     logger.info("Export self-check: %d test images, every beam equal", report["images"])
-    preprocessing = check_preprocessing(exported, captioner, vocabulary, decoding, images[0])
-    return {**report, "beam_size": beam, "method": decoding.method, "preprocessing": preprocessing}
+    preprocessing = check_preprocessing(exported, expected)
+    return {**report, "beam_size": beam, "method": expected.method, "preprocessing": preprocessing}
 
 
 # Largest difference in grey levels allowed between the graph's preprocessing and the Python
@@ -176,25 +228,14 @@ def preprocessing_cases(image, size: int) -> dict[str, bytes]:
     }
 
 
-def check_preprocessing(
-    exported: ExportedCaptioner, captioner, vocabulary, decoding, jpeg: bytes
-) -> dict[str, Any]:
+def check_preprocessing(exported: ExportedCaptioner, expected: InProcessCaptions) -> dict[str, Any]:
     """The graph's preprocessing against the Python path (`python_pixels`) on the
-    `preprocessing_cases` of one test image: pixels within PIXEL_TOLERANCE and every beam's
+    `preprocessing_cases` of `expected`: pixels within PIXEL_TOLERANCE and every beam's
     caption equal. Returns the per-case pixel differences; a DataError names the cases that
     differ."""
-    import tensorflow as tf
-    from PIL import Image
-
-    from caption_pipeline.decoding import decode_dataset
-
-    size = int(exported.info["image_size"])
-    quality = int(exported.info.get("jpeg_quality", JPEG_QUALITY))
-    cases = preprocessing_cases(Image.open(io.BytesIO(jpeg)), size)
-    names, data = list(cases), list(cases.values())
-    expected = np.stack([python_pixels(d, size, quality, name) for name, d in cases.items()])
+    names, data = list(expected.cases), list(expected.cases.values())
     pixels = exported.preprocess(data)
-    difference = np.abs(pixels - expected).reshape(len(names), -1)
+    difference = np.abs(pixels - expected.case_pixels).reshape(len(names), -1)
     differences = {
         name: {"max": float(difference[i].max()), "mean": round(float(difference[i].mean()), 4)}
         for i, name in enumerate(names)
@@ -205,16 +246,14 @@ def check_preprocessing(
             f"export self-check (preprocessing): the graph's pixels differ from "
             f"the Python path's by more than {PIXEL_TOLERANCE} levels: {over}"
         )
-    batches = tf.data.Dataset.from_tensor_slices(
-        {"image": expected, "image_id": np.arange(len(names))}
-    ).batch(len(names))
-    reference = {
-        d.image_id: d.captions for d in decode_dataset(captioner, vocabulary, batches, decoding)
-    }
     out = exported.caption(data, exported.default_beam_size)
     found = {i: [str(c) for c in beams] for i, beams in enumerate(out["captions"])}
     try:
-        compare_captions(found, reference, "preprocessing, SavedModel vs Python path")
+        compare_captions(
+            found,
+            dict(enumerate(expected.case_captions)),
+            "preprocessing, SavedModel vs Python path",
+        )
     except DataError as error:
         raise DataError(f"{error} (cases by image number: {names})") from None
     logger.info(

@@ -12,7 +12,8 @@ from caption_pipeline.atomic import atomic_write_bytes
 
 class SavedModelDataset(AbstractDataset[Any, Any]):
     """Saves an `export.ModelExport` as a SavedModel folder (a temporary sibling renamed when
-    complete); loads it as an `export.ExportedCaptioner`."""
+    complete); loads it as a lazy `export.ExportedCaptioner`: each node that takes it gets its
+    own copy, and only a node that runs it loads the SavedModel."""
 
     def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
         self._path = Path(path)
@@ -21,7 +22,7 @@ class SavedModelDataset(AbstractDataset[Any, Any]):
     def load(self) -> Any:
         from caption_pipeline.export import ExportedCaptioner
 
-        return ExportedCaptioner(self._path)
+        return ExportedCaptioner(self._path, lazy=True)
 
     def save(self, data: Any) -> None:
         from caption_pipeline.export import save_export

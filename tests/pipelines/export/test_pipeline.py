@@ -1,14 +1,16 @@
 """The `export` pipeline through Kedro, on the tiny shapes shards and a random tiny captioner:
 the shards are loaded, and so hashed, once (issue 26: each node that took `shards` verified
 every shard's sha256 again, 6 GB per load for COCO), and with `export.tflite` off no TFLite
-model is converted and none from an earlier run stays behind. MLflow logging is off here;
-tests/test_export_mlflow.py logs and registers the smoke run's export."""
+model is converted and none from an earlier run stays behind; the SavedModel is loaded by
+the self-check alone (issue 26: each node that took `exported_model` loaded it). MLflow
+logging is off here; tests/test_export_mlflow.py logs and registers the smoke run's export."""
 
 from __future__ import annotations
 
 import collections
 
 import pandas as pd
+import tensorflow as tf
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -77,7 +79,15 @@ def test_loads_the_shards_once_and_leaves_no_tflite_when_off(
         return sha256(file)
 
     monkeypatch.setattr(shard_set, "_file_sha256", counted)
+    loads = []
+    load = tf.saved_model.load
+    monkeypatch.setattr(tf.saved_model, "load", lambda path: loads.append(path) or load(path))
     SequentialRunner().run(create_pipeline(), catalog)
+
+    # The export is loaded by the one node that runs it, the self-check: `exported_model`
+    # gives each node a lazy ExportedCaptioner, and export_tflite (off) and register_export
+    # need only its folder and export.json.
+    assert loads == [str(tmp_path / "export/saved_model")]
 
     files = [f for split in tiny_shards.splits for f in tiny_shards.files(split)]
     assert sorted(hashed) == sorted(files) and set(hashed.values()) == {1}  # each shard, once
@@ -88,3 +98,10 @@ def test_loads_the_shards_once_and_leaves_no_tflite_when_off(
     assert not stale.exists()  # removed, not left to pass for this run's
     assert sorted(p.name for p in stale.parent.iterdir()) == ["saved_model"]
     assert catalog.load("export_registration") == {"logged": False}
+
+
+def test_the_in_process_captions_are_made_before_the_export_is_traced():
+    """Kedro runs the nodes that are ready in name order; the in-process captions come first,
+    on a heap that holds no traced graphs yet (issue 26: the lower peak at COCO size)."""
+    names = [node.name for node in create_pipeline().nodes]
+    assert names.index("export.caption_in_process") < names.index("export.export_saved_model")

@@ -18,8 +18,10 @@ from caption_pipeline.export import (
 )
 from caption_pipeline.export_check import (
     HeldOutImages,
+    InProcessCaptions,
     check_against_model,
     check_tflite,
+    in_process_captions,
     read_held_out_images,
 )
 from caption_pipeline.shards.shard_set import ShardSet
@@ -60,26 +62,37 @@ def export_captioner(
     )
 
 
-def check_export(
-    exported_model: ExportedCaptioner,
+def caption_in_process(
     evaluated_model: EvaluatedModel,
     test_images: HeldOutImages,
     vocabulary: dict[str, Any],
     evaluate: dict[str, Any],
     export: dict[str, Any],
-) -> dict[str, Any]:
-    """The saved export's captions on the test images equal the in-process model's, beam
-    for beam; a DataError names the images that differ."""
+) -> InProcessCaptions:
+    """The in-process model's captions of the self-check's images: its own node, so that the
+    captioner is released before `check_export` loads the SavedModel (one NASNetLarge model
+    in memory at a time)."""
     settings = ExportSettings.from_params(export)
     decoding = EvaluateSettings.from_params(evaluate).decoding
-    return check_against_model(
-        exported_model,
+    return in_process_captions(
         evaluated_model.captioner,
         Vocabulary.from_dict(vocabulary),
         test_images,
         decoding,
         settings.check,
     )
+
+
+def check_export(
+    exported_model: ExportedCaptioner,
+    in_process: InProcessCaptions,
+    test_images: HeldOutImages,
+    export: dict[str, Any],
+) -> dict[str, Any]:
+    """The saved export's captions on the test images equal the in-process model's, beam
+    for beam; a DataError names the images that differ."""
+    settings = ExportSettings.from_params(export)
+    return check_against_model(exported_model, in_process, test_images, settings.check)
 
 
 def export_tflite(
