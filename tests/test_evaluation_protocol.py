@@ -47,6 +47,7 @@ SPLIT_READERS = {
     "train_sweep.py": ["--out", "{tmp}"],
     "encoder_choice.py": [],
     "serve.py": [],
+    "caption_batch.py": ["--project", "{tmp}"],
 }
 COST_ONLY = {
     "cider_reward.py",

@@ -125,6 +125,24 @@ def project_config(project: Path, env: str | None, key: str) -> dict[str, Any]:
     return dict(loader[key])
 
 
+def caption_each(model, images: list[bytes], beam_size: int | None) -> list[tuple[Any, int] | str]:
+    """`model.caption` of `images` as one batch: per image, (the outputs, its index in them),
+    or, for an image the graph refuses, the reason. A refused batch is split in halves down to
+    the image, so that one image never fails the others (the CLI's files, a pyfunc's rows)."""
+    try:
+        outputs = model.caption(images, beam_size)
+    except DataError:
+        raise  # a setting (beam size), not an image
+    except Exception as error:  # noqa: BLE001 (the graph refused an image: find which)
+        if len(images) > 1:
+            half = len(images) // 2
+            return caption_each(model, images[:half], beam_size) + caption_each(
+                model, images[half:], beam_size
+            )
+        return [(str(error).strip() or type(error).__name__).splitlines()[0]]
+    return [(outputs, i) for i in range(len(images))]
+
+
 def caption_files(
     model,
     paths: Sequence[str | os.PathLike],
@@ -145,18 +163,13 @@ def caption_files(
     grid = model.info["grid"]
 
     def run(batch: list[tuple[Path, bytes]]) -> list[dict[str, Any]]:
-        try:
-            outputs = model.caption([data for _, data in batch], beam_size)
-        except DataError:
-            raise  # a setting (beam size), not an image
-        except Exception as error:  # noqa: BLE001 (the graph refused an image: find which)
-            if len(batch) > 1:
-                return [record for item in batch for record in run([item])]
-            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-            return [{"path": str(batch[0][0]), **_error_record("model_error", reason)}]
         return [
-            {"path": str(path), **caption_record(outputs, i, grid, attention)}
-            for i, (path, _) in enumerate(batch)
+            {"path": str(path), **_error_record("model_error", result)}
+            if isinstance(result, str)
+            else {"path": str(path), **caption_record(*result, grid, attention)}
+            for (path, _), result in zip(
+                batch, caption_each(model, [d for _, d in batch], beam_size), strict=True
+            )
         ]
 
     pending: list[tuple[Path, bytes]] = []

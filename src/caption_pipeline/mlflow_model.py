@@ -25,7 +25,12 @@ import pandas as pd
 from caption_pipeline.bootstrap import Interval, paired_interval
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import ImageError
-from caption_pipeline.inference import MLFLOW_ARTIFACT, caption_record, prepare_image
+from caption_pipeline.inference import (
+    MLFLOW_ARTIFACT,
+    caption_each,
+    caption_record,
+    prepare_image,
+)
 from caption_pipeline.params import from_params, require
 
 logger = logging.getLogger(__name__)
@@ -92,16 +97,23 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
                 where.append(i)
             except ImageError as error:
                 rows[i] = {"caption": "", "captions": [], "scores": [], "error": str(error)}
-        if ready:
-            outputs = self.model.caption(ready, beam_size)
-            for b, i in enumerate(where):
-                record = caption_record(outputs, b, self.model.info["grid"])
+        results = caption_each(self.model, ready, beam_size) if ready else []
+        for i, result in zip(where, results, strict=True):
+            if isinstance(result, str):  # the graph refused this image alone
                 rows[i] = {
-                    "caption": record["caption"],
-                    "captions": [beam["caption"] for beam in record["beams"]],
-                    "scores": [beam["score"] for beam in record["beams"]],
-                    "error": "",
+                    "caption": "",
+                    "captions": [],
+                    "scores": [],
+                    "error": f"row {i}: {result}",
                 }
+                continue
+            record = caption_record(*result, self.model.info["grid"])
+            rows[i] = {
+                "caption": record["caption"],
+                "captions": [beam["caption"] for beam in record["beams"]],
+                "scores": [beam["score"] for beam in record["beams"]],
+                "error": "",
+            }
         return pd.DataFrame(rows, columns=["caption", "captions", "scores", "error"])
 
 
