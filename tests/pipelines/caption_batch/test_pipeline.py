@@ -147,7 +147,9 @@ def test_a_rerun_replaces_the_output(runs):
     )
 
 
-def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(smoke_project, runs):
+def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(
+    smoke_project, runs, monkeypatch
+):
     """The hook's session (local[2], as spark.yml sets it for an environment) is started only
     for a pipeline with a `spark` node and stopped after a failed run too; inside its executors
     the champion alias resolves against the project's sqlite registry, as the driver's."""
@@ -168,8 +170,14 @@ def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(smoke_p
     hooks.before_pipeline_run({}, spark_pipeline([]))
     assert SparkSession.getActiveSession() is None  # no spark node, no JVM session
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{smoke_project / 'mlflow.db'}")
+    # The environment, not mlflow.set_tracking_uri: a URI set in the process would outlive the
+    # test and hide other tests' MLFLOW_TRACKING_URI (MLflow prefers the one set), so any set
+    # one is put aside for the test and restored after it.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{smoke_project / 'mlflow.db'}")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{smoke_project / 'mlflow.db'}"
     try:
         hooks.before_pipeline_run({}, spark_pipeline([SPARK_TAG]))
         spark = SparkSession.getActiveSession()
@@ -186,7 +194,6 @@ def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(smoke_p
 
         seen = spark.sparkContext.parallelize([0, 1], 2).map(executor_champion).collect()
     finally:
-        mlflow.set_tracking_uri(previous)
         hooks.on_pipeline_error()  # as Kedro calls it when a node raised
     assert SparkSession.getActiveSession() is None
     uri = f"sqlite:///{smoke_project / 'mlflow.db'}"
