@@ -117,11 +117,13 @@ def test_run_stays_the_default_command(smoke_project):
 
 def test_an_image_the_graph_refuses_fails_alone():
     """`inference.caption_each`, shared by the CLI and the MLflow pyfunc (hence Spark's batch
-    job): a batch the graph refuses is split down to the image, whose reason stands in its
-    place; a setting's error (a DataError) is not an image's and ends the call."""
+    job): a batch the graph refuses (`export.RefusedImages`, what `ExportedCaptioner.caption`
+    raises for the graph's InvalidArgumentError) is split down to the image, whose reason
+    stands in its place; a setting's error (another DataError) ends the call."""
     import pytest
 
     from caption_pipeline.errors import DataError
+    from caption_pipeline.export import RefusedImages
     from caption_pipeline.inference import caption_each
 
     class Graph:
@@ -132,14 +134,17 @@ def test_an_image_the_graph_refuses_fails_alone():
             if beam_size == 9:
                 raise DataError("beam_size 9: expected 1 to 5")
             if b"webp" in images:
-                raise ValueError("Unknown image file format\nstack trace")
+                raise RefusedImages("images: Unknown image file format\nstack trace")
+            if b"crash" in images:
+                raise ValueError("op failed")
             return {"batch": list(images)}
 
     images = [b"a", b"b", b"webp", b"c", b"d"]
     results = caption_each(Graph(), images, 3)
-    assert results[2] == "Unknown image file format"
+    assert results[2] == "images: Unknown image file format"
     good = [r for r in results if not isinstance(r, str)]
     assert [outputs["batch"][i] for outputs, i in good] == [b"a", b"b", b"c", b"d"]
     assert Graph.calls < 2 * len(images)
+    assert caption_each(Graph(), [b"a", b"crash"], 3)[1] == "op failed"
     with pytest.raises(DataError, match="beam_size 9"):
         caption_each(Graph(), images, 9)

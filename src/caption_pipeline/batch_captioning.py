@@ -5,7 +5,8 @@ Parquet row per image out, captioned by a registered MLflow model through
 The work is Spark's, not a loop over files: `binaryFile` lists and reads the images on the
 executors, the pyfunc (`mlflow_model.CaptionerModel`) captions each Arrow batch, loaded once
 per Python worker (spark_udf's model cache), and the Parquet writer's commit protocol makes
-the output all or nothing. A bad image is the pyfunc's business: it answers that row with an
+the output all or nothing (a failed run leaves none: the previous one is replaced from the
+start). A bad image is the pyfunc's business: it answers that row with an
 `error` and captions the others, so one file never fails a task.
 """
 
@@ -17,7 +18,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
+from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_params, require
 
 logger = logging.getLogger(__name__)
@@ -40,11 +43,16 @@ class BatchSettings:
     output: str  # the Parquet folder, replaced by each run
 
     def __post_init__(self):
+        beam = self.beam_size
         checks = {
-            "input": bool(self.input),
-            "extensions": bool(self.extensions),
-            "beam_size": self.beam_size is None or self.beam_size >= 1,
-            "output": bool(self.output),
+            "input": isinstance(self.input, str) and bool(self.input),
+            # a list: `--params` splits on commas, so a list is set in conf/, never there
+            "extensions": isinstance(self.extensions, list)
+            and bool(self.extensions)
+            and all(isinstance(e, str) and e for e in self.extensions),
+            "beam_size": beam is None
+            or (isinstance(beam, int) and not isinstance(beam, bool) and beam >= 1),
+            "output": isinstance(self.output, str) and bool(self.output),
         }
         require("caption_batch", self, checks)
 
@@ -72,19 +80,32 @@ def pinned_model(uri: str) -> tuple[str, str]:
         return uri, found["version"]
     import mlflow
 
-    version = mlflow.MlflowClient().get_model_version_by_alias(found["name"], found["alias"])
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(found["name"], found["alias"])
+    except mlflow.exceptions.MlflowException as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise DataError(
+            f"parameters caption_batch.model: {uri} is not in the registry at "
+            f"{mlflow.get_registry_uri()} ({reason})"
+        ) from None
     return f"models:/{found['name']}/{version.version}", str(version.version)
 
 
 def read_images(spark, settings: BatchSettings):
     """(path, image) rows of the image files under `settings.input`, read lazily by Spark,
     zero-byte files included (`_empty_files`)."""
-    files = (
-        spark.read.format("binaryFile")
-        .option("pathGlobFilter", path_glob(settings.extensions))
-        .option("recursiveFileLookup", str(settings.recursive).lower())
-        .load(settings.input)
-    )
+    from pyspark.errors import AnalysisException
+
+    try:
+        files = (
+            spark.read.format("binaryFile")
+            .option("pathGlobFilter", path_glob(settings.extensions))
+            .option("recursiveFileLookup", str(settings.recursive).lower())
+            .load(settings.input)
+        )
+    except AnalysisException as error:  # no such folder, an unknown file system, ...
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise DataError(f"parameters caption_batch.input: {settings.input}: {reason}") from None
     images = files.select("path", spark_functions().col("content").alias("image"))
     return images.unionByName(_empty_files(spark, files))
 
@@ -95,9 +116,10 @@ def _empty_files(spark, files):
     refused. Its listing (the file index, already on the driver) still names it; given empty
     content, the pyfunc refuses it as `empty` like any other bad image. Only paths are read
     for the anti-join: `binaryFile` opens no file when `content` is not selected. The listing
-    writes a local file as `file:///x`, the rows (Hadoop's Path) as `file:/x`."""
+    writes a local file as `file:///x`, URL-encoded (`my%20photo.jpg`), the rows (Hadoop's
+    Path) as `file:/x`, not encoded."""
     F = spark_functions()
-    paths = [(re.sub(r"^file:///", "file:/", path),) for path in files.inputFiles()]
+    paths = [(unquote(re.sub(r"^file:///", "file:/", path)),) for path in files.inputFiles()]
     listed = spark.createDataFrame(paths, "path string")
     missing = listed.join(files.select("path"), "path", "left_anti")
     return missing.withColumn("image", F.lit(b"").cast("binary"))
@@ -135,8 +157,8 @@ def caption_frame(spark, images, model_uri: str, version: str, beam_size: int | 
 def write_parquet(frame, output: str) -> None:
     """Replace `output` with `frame`, through Spark's commit protocol: tasks write to a
     temporary folder and the job commits them at its end, so a failed job leaves no
-    half-written output (the previous one is deleted when the job starts: overwrite), and a
-    re-run replaces rather than appends."""
+    half-written output, and a re-run replaces rather than appends. The previous output is
+    deleted when the job starts (overwrite): a failed re-run leaves none, never a mix."""
     frame.write.mode("overwrite").parquet(output)
 
 

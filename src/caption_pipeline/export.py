@@ -409,8 +409,9 @@ class ExportedCaptioner:
             self._signature(BEAM_SIGNATURE)
 
     def _signature(self, name: str):
-        """The loaded SavedModel's signature `name` (None if the export has none), loading
-        the SavedModel at the first call."""
+        """The loaded SavedModel's signature `name`, loading the SavedModel at the first call;
+        None for an optional one the export lacks (older exports), a DataError for a required
+        one."""
         with self._lock:
             if self._loaded is None:
                 import tensorflow as tf
@@ -419,7 +420,10 @@ class ExportedCaptioner:
                     self._loaded = tf.saved_model.load(str(self.path))
                 except Exception as error:  # noqa: BLE001
                     raise DataError(f"model {self.path}: cannot be loaded ({error})") from None
-        return self._loaded.signatures.get(name)
+        signature = self._loaded.signatures.get(name)
+        if signature is None and name in (BEAM_SIGNATURE, PIXELS_SIGNATURE):
+            raise DataError(f"model {self.path}: no {name} signature; export it again")
+        return signature
 
     @property
     def default_beam_size(self) -> int:
@@ -470,9 +474,14 @@ class ExportedCaptioner:
         return {key: value.numpy() for key, value in out.items()}
 
 
+class RefusedImages(DataError):
+    """The graph refused a batch for one of its images (its message may not say which):
+    callers that must caption the others split the batch (`inference.caption_each`)."""
+
+
 @contextlib.contextmanager
 def _image_errors():
-    """The graph's InvalidArgumentError for a bad image as a DataError naming the problem:
+    """The graph's InvalidArgumentError for a bad image as a RefusedImages naming the problem:
     "images: image 1 is not a JPEG, PNG, GIF or BMP image ...", or the decoder's own words
     ("images: Invalid JPEG data, size 13")."""
     import tensorflow as tf
@@ -481,7 +490,7 @@ def _image_errors():
         yield
     except tf.errors.InvalidArgumentError as error:
         reason = _error_reason(str(error.message))
-        raise DataError(f"images: {reason}") from None
+        raise RefusedImages(f"images: {reason}") from None
 
 
 def _error_reason(message: str) -> str:

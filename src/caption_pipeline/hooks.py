@@ -153,7 +153,8 @@ class DvcLockHooks:
     per stage. Recorded: each stage whose Kedro pipeline ran whole (a partial run that skipped
     some of a stage's nodes leaves it changed). Not recorded, their outputs being other than
     conf/ gives: runs with `--params`, `--load-versions` or `--only-missing-outputs`, in
-    another environment than the one dvc.yaml is generated for, or on raw data that is
+    another environment than the one a dvc.yaml generated with `--env` is for (the `base`
+    one leaves the environment to KEDRO_ENV), or on raw data that is
     neither a dvc.yaml output nor tracked by `dvc add` (COCO before `caption-pipeline dvc-yaml
     --env coco`, your own images); nor multi-worker runs (every worker would commit, some
     before the chief has written). Never inside a DVC stage (`dvc repro`, `dvc exp run` set

@@ -129,18 +129,24 @@ def caption_each(model, images: list[bytes], beam_size: int | None) -> list[tupl
     """`model.caption` of `images` as one batch: per image, (the outputs, its index in them),
     or, for an image the graph refuses, the reason. A refused batch is split in halves down to
     the image, so that one image never fails the others (the CLI's files, a pyfunc's rows)."""
+    from caption_pipeline.export import RefusedImages
+
     try:
         outputs = model.caption(images, beam_size)
-    except DataError:
-        raise  # a setting (beam size), not an image
-    except Exception as error:  # noqa: BLE001 (the graph refused an image: find which)
-        if len(images) > 1:
-            half = len(images) // 2
-            return caption_each(model, images[:half], beam_size) + caption_each(
-                model, images[half:], beam_size
-            )
-        return [(str(error).strip() or type(error).__name__).splitlines()[0]]
-    return [(outputs, i) for i in range(len(images))]
+    except DataError as error:
+        if not isinstance(error, RefusedImages):
+            raise  # a setting (beam size), not an image
+        failure: Exception = error
+    except Exception as error:  # noqa: BLE001 (the graph failed on an image: find which)
+        failure = error
+    else:
+        return [(outputs, i) for i in range(len(images))]
+    if len(images) > 1:
+        half = len(images) // 2
+        return caption_each(model, images[:half], beam_size) + caption_each(
+            model, images[half:], beam_size
+        )
+    return [(str(failure).strip() or type(failure).__name__).splitlines()[0]]
 
 
 def caption_files(

@@ -33,14 +33,16 @@ CHAMPION = "models:/image-captioner@champion"
 
 @pytest.fixture(scope="module")
 def images(smoke_project, tmp_path_factory) -> Path:
-    """GOOD shapes JPEGs of the smoke data (one as PNG, in a sub-folder), BAD files, and a
-    text file the extension filter leaves out."""
+    """GOOD shapes JPEGs of the smoke data (one as PNG, in a sub-folder, one with a space and
+    an accent in its name, which Spark's file listing URL-encodes), BAD files, and a text file
+    the extension filter leaves out."""
     folder = tmp_path_factory.mktemp("batch") / "images"
     (folder / "nested").mkdir(parents=True)
     jpegs = sorted((smoke_project / "data/01_raw/shapes/train").rglob("*.jpg"))[:GOOD]
     assert len(jpegs) == GOOD
     for i, jpeg in enumerate(jpegs[:-1]):
-        (folder / f"good_{i:02d}.jpg").write_bytes(jpeg.read_bytes())
+        name = f"good_{i:02d}.jpg" if i else "good café 00.jpg"
+        (folder / name).write_bytes(jpeg.read_bytes())
     Image.open(jpegs[-1]).save(folder / "nested" / "good_png.png")
     (folder / "empty.jpg").write_bytes(b"")
     data = jpegs[0].read_bytes()
@@ -198,3 +200,23 @@ def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(
     assert SparkSession.getActiveSession() is None
     uri = f"sqlite:///{smoke_project / 'mlflow.db'}"
     assert seen == [(uri, champion_version(smoke_project))] * 2
+
+
+def test_a_bad_setting_is_one_line_naming_it():
+    """A list cannot come through `--params` (it splits on commas): a string given for
+    `extensions` would be read letter by letter into a glob matching nothing."""
+    from caption_pipeline.batch_captioning import BatchSettings
+    from caption_pipeline.errors import DataError
+
+    good = {
+        "input": "photos/",
+        "recursive": True,
+        "extensions": ["jpg"],
+        "model": CHAMPION,
+        "beam_size": None,
+        "output": "out.parquet",
+    }
+    assert BatchSettings.from_params(good).extensions == ["jpg"]
+    for key, value in (("extensions", "jpg"), ("beam_size", "3"), ("beam_size", 0)):
+        with pytest.raises(DataError, match=rf"^parameters caption_batch\.{key}: invalid value"):
+            BatchSettings.from_params({**good, key: value})
