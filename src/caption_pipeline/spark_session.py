@@ -19,6 +19,8 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
+from caption_pipeline.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SPARK_TAG = "spark"  # the nodes that need the session
@@ -29,8 +31,15 @@ def spark_session(conf: Mapping[str, Any]):
     pointed at the current MLflow tracking and registry URIs. Under `spark-submit` its
     `--master` wins over spark.yml's."""
     import mlflow
-    from pyspark import SparkConf
-    from pyspark.sql import SparkSession
+
+    try:
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise DataError(
+            "caption_batch runs on Apache Spark, which is not installed: "
+            'pip install -e ".[spark]" (and Java 17)'
+        ) from None
 
     settings = {key: _conf_value(value) for key, value in conf.items()}
     if os.environ.get("PYSPARK_GATEWAY_PORT"):  # launched by spark-submit: its master
