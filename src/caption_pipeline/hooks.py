@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -171,14 +170,17 @@ class DvcLockHooks:
             or not (root / "dvc.yaml").is_file()
         ):
             return  # inside a DVC stage, or no DVC pipeline here (a project copy)
-        dvc_stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+        from caption_pipeline.dvc_render import generated_env
+
+        text = (root / "dvc.yaml").read_text()
+        dvc_stages = yaml.safe_load(text)["stages"]
         pipelines, ran = _all_stages(), {node.name for node in pipeline.nodes}
         stages = [
             name
             for name in dvc_stages  # in dvc.yaml's order, the data flow's
             if name in pipelines and {n.name for n in pipelines[name].nodes} <= ran
         ]
-        why_not = _not_recordable(root, run_params, catalog, dvc_stages)
+        why_not = _not_recordable(root, run_params, catalog, dvc_stages, generated_env(text))
         if not stages or why_not:
             if stages:
                 logger.info("DVC: %s not recorded in dvc.lock (%s)", ", ".join(stages), why_not)
@@ -206,18 +208,18 @@ class DvcLockHooks:
         )
 
 
-def _not_recordable(root: Path, run_params: dict, catalog, dvc_stages: dict) -> str | None:
+def _not_recordable(
+    root: Path, run_params: dict, catalog, dvc_stages: dict, generated_for: str | None
+) -> str | None:
     """Why the outputs of this run are not what dvc.yaml's stages give, or None: a run
     whose outputs are not conf/'s, on raw data that is neither a stage's output nor tracked
     by `dvc add` as a stage's dep, in another environment than the one dvc.yaml is generated
-    for (`caption-pipeline dvc-yaml --env`), or one of several workers."""
-    generated_for = {
-        found.group(1)
-        for stage in dvc_stages.values()
-        if (found := re.search(r"--env[ =](\S+)", stage.get("cmd", "")))
-    }
-    if generated_for and run_params.get("env") not in generated_for:
-        return f"dvc.yaml is generated for --env {', '.join(sorted(generated_for))}"
+    for (`generated_for`, from `caption-pipeline dvc-yaml --env`'s header), or one of several
+    workers."""
+    from caption_pipeline.dvc_stages import BASE
+
+    if generated_for not in (None, BASE) and run_params.get("env") != generated_for:
+        return f"dvc.yaml is generated for --env {generated_for}"
     for flag, key in (
         ("--params", "runtime_params"),
         ("--load-versions", "load_versions"),
