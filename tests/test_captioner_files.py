@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from kedro.io import DataCatalog, DatasetError
 
-from caption_pipeline.captioner_files import read_captioner
 from caption_pipeline.datasets import CaptionerFileDataset
+from caption_pipeline.datasets.captioner_file import read_captioner
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.params import conf_dir, defaults, from_conf

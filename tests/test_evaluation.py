@@ -502,8 +502,8 @@ def test_stored_features_give_the_captions_and_scores_of_the_images(smoke_projec
     come from the references), so an image with the same caption scores the same, and the
     split's CIDEr may move only by the differing images' share, each at most 10 (CIDEr-D's
     scale)."""
-    from caption_pipeline.captioner_files import EvaluatedModel
     from caption_pipeline.datasets import CaptionerFileDataset
+    from caption_pipeline.datasets.captioner_file import EvaluatedModel
     from caption_pipeline.features import feature_encoder_weights, load_model_inputs
     from caption_pipeline.model import Captioner
     from caption_pipeline.shards.shard_set import load_shard_set

@@ -84,6 +84,7 @@ IGNORED_MODULES = {
     f"{PACKAGE}.datasets.atomic_datasets",  # kedro-datasets' own, saved through `atomic`
     f"{PACKAGE}.tracking",  # MLflow logging
     f"{PACKAGE}.settings",  # Kedro's settings and hooks: how `kedro run` runs every stage
+    f"{PACKAGE}.conf_loader",
     f"{PACKAGE}.hooks",  # (config loader, input checks, MLflow run), not what one computes
 }
 

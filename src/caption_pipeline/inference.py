@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from caption_pipeline.conf_loader import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 from caption_pipeline.images import _read as read_image_file  # ImageError when unreadable
@@ -113,8 +114,6 @@ def default_export(project: Path, env: str | None = None) -> Path:
 def project_config(project: Path, env: str | None, key: str) -> dict[str, Any]:
     """`catalog` or `parameters` of the Kedro project in `project`, as `kedro run` reads it:
     with the loader and its arguments of the project's settings.py (base + `env`, else local)."""
-    from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
-
     conf = project / "conf"
     if not (conf / "base").is_dir():
         raise DataError(

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from caption_pipeline.conf_loader import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 from caption_pipeline.errors import DataError
 from caption_pipeline.project import PROJECT_ROOT
 
@@ -111,8 +112,6 @@ def from_params(cls: type[T], params: Mapping[str, Any] | None, block: str) -> T
 
 @functools.lru_cache(maxsize=4)
 def _base_parameters(conf: str) -> dict[str, Any]:
-    from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
-
     loader = CONFIG_LOADER_CLASS(
         conf, **{**CONFIG_LOADER_ARGS, "default_run_env": "base"}, env="base"
     )

@@ -1,7 +1,6 @@
 """Kedro project settings."""
 
-from kedro.config import OmegaConfigLoader
-
+from caption_pipeline import conf_loader
 from caption_pipeline.hooks import (
     ChiefWritesHooks,
     CleanDataErrorHooks,
@@ -27,16 +26,7 @@ HOOKS = (
     SparkSessionHooks(),
 )
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {
-    "base_env": "base",
-    "default_run_env": "local",
-    # Envs (and `--params`) override single nested keys, e.g. `dataset.root`, not whole blocks.
-    "merge_strategy": {"parameters": "soft", "globals": "soft", "mlflow": "soft", "spark": "soft"},
-    # kedro-mlflow's pattern, declared here so that MlflowRunHooks can read mlflow.yml first.
-    # Spark's, as in Kedro's PySpark starter.
-    "config_patterns": {
-        "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
-        "spark": ["spark*", "spark*/**"],
-    },
-}
+# The config loader and its arguments live in conf_loader.py, which code outside a Kedro
+# session imports too (settings.py imports the hooks, and they read conf/).
+CONFIG_LOADER_CLASS = conf_loader.CONFIG_LOADER_CLASS
+CONFIG_LOADER_ARGS = conf_loader.CONFIG_LOADER_ARGS

@@ -36,6 +36,7 @@ import yaml
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
+from caption_pipeline.conf_loader import CONFIG_LOADER_ARGS
 from caption_pipeline.hooks import non_chief_worker
 
 MetricSeries = dict[str, list[dict[str, float]]]
@@ -329,9 +330,9 @@ class MlflowRunHooks:
             return {}
         loader = type(context.config_loader)
         try:
-            base = loader(str(Path(context.project_path) / "conf"), env="base", **_loader_args())[
-                "parameters"
-            ]
+            base = loader(
+                str(Path(context.project_path) / "conf"), env="base", **CONFIG_LOADER_ARGS
+            )["parameters"]
         except Exception:  # noqa: BLE001 (a loader that cannot load base alone: no tag)
             return {}
         return changed_params(context.params, base)
@@ -375,9 +376,3 @@ class MlflowRunHooks:
             "".join(traceback.format_exception(type(error), error, error.__traceback__)),
             "error.txt",
         )
-
-
-def _loader_args() -> dict[str, Any]:
-    from caption_pipeline.settings import CONFIG_LOADER_ARGS
-
-    return CONFIG_LOADER_ARGS

@@ -15,7 +15,7 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from caption_pipeline.captioner_files import EvaluatedModel
+from caption_pipeline.datasets.captioner_file import EvaluatedModel
 from caption_pipeline.evaluation import EvaluateSettings, caption_split, decoding_source
 from caption_pipeline.features import feature_encoder_weights
 from caption_pipeline.model import Captioner, ModelConfig

@@ -9,8 +9,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from caption_pipeline.attention_maps import attention_figure, attention_localization
-from caption_pipeline.captioner_files import EvaluatedModel
 from caption_pipeline.coco_scorer import CocoScorer, require_java
+from caption_pipeline.datasets.captioner_file import EvaluatedModel
 from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
 from caption_pipeline.evaluation import (

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from caption_pipeline.captioner_files import EvaluatedModel
+from caption_pipeline.datasets.captioner_file import EvaluatedModel
 from caption_pipeline.evaluation import EvaluateSettings
 from caption_pipeline.export import (
     ExportedCaptioner,
