@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caption_pipeline.bootstrap import paired_interval
+from caption_pipeline.bootstrap import mean_interval, paired_interval
 
 
 def _pairs(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -64,3 +64,13 @@ def test_unpaired_or_empty_series_are_refused():
         paired_interval([], [], 0.95, 10, seed=0)
     with pytest.raises(ValueError, match="confidence"):
         paired_interval([1.0], [1.0], 1.0, 10, seed=0)
+
+
+def test_the_interval_of_a_mean_holds_it_and_narrows_with_less_spread():
+    """`mean_interval`: the interval of one series' mean (the version's own val score)."""
+    rng = np.random.default_rng(3)
+    wide, narrow = rng.gamma(2.0, 0.5, 200), rng.normal(1.0, 0.05, 200)
+    a, b = (mean_interval(s, 0.95, 4000, seed=0) for s in (wide, narrow))
+    assert a.low < wide.mean() < a.high and a.mean == pytest.approx(wide.mean())
+    assert b.low < narrow.mean() < b.high and (b.high - b.low) < (a.high - a.low) / 5
+    assert a == mean_interval(list(wide), 0.95, 4000, seed=0)

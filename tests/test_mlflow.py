@@ -199,7 +199,9 @@ def test_the_champion_gate_promotes_only_a_gain_above_the_noise(tmp_path):
     base = rng.gamma(2.0, 0.5, 300)  # per-image CIDEr-D: skewed, 0..~4
     client, register, champion = _gate_registry(tmp_path)
 
-    assert register(_val(base))["reason"] == "no champion yet" and champion() == "1"
+    first = register(_val(base))
+    assert first["reason"] == "no champion yet" and champion() == "1" and first["gain"] is None
+    assert first["val_CIDEr_low"] < base.mean() < first["val_CIDEr_high"]
     noise = rng.normal(0, 0.5, base.size)
     noisy = register(_val(base + noise - noise.mean() + 0.005))  # a higher val CIDEr, by noise
     assert noisy["gain"] == pytest.approx(0.005) and noisy["gain_low"] < 0 < noisy["gain_high"]
@@ -231,8 +233,13 @@ def test_the_gate_records_its_interval_on_the_version(tmp_path):
     register(_val(base))
     decision = register(_val(base + np.linspace(0.1, 0.3, 50)))
     tags = client.get_model_version("m", "2").tags
-    for key in ("gain", "gain_low", "gain_high", "confidence", "images", "bootstrap_samples"):
+    for key in (
+        *("gain", "gain_low", "gain_high", "val_CIDEr_low", "val_CIDEr_high"),
+        *("confidence", "images", "bootstrap_samples"),
+    ):
         assert float(tags[f"promotion.{key}"]) == pytest.approx(decision[key], rel=1e-5), key
+    assert decision["val_CIDEr_low"] < (base + np.linspace(0.1, 0.3, 50)).mean()
+    assert decision["val_CIDEr_high"] - decision["val_CIDEr_low"] > 0.3  # scores span 0.1..2.3
     assert decision["confidence"] == 0.95 and decision["images"] == 50
     assert decision["bootstrap_samples"] == 10000
     assert decision["gain"] == pytest.approx(0.2) and decision["promoted"]
@@ -467,3 +474,9 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
         champion = api.get("registered-models/alias", name="image-captioner", alias="champion")
         assert champion["model_version"]["run_id"] == run_id
         assert tags["promotion"] == "champion" and tags["promotion_reason"] == "no champion yet"
+        # With no champion to gain over, the version still records the interval of its own
+        # val CIDEr (issue 26), as the run's metrics and the version's tags.
+        version = {t["key"]: t["value"] for t in champion["model_version"]["tags"]}
+        low, high = (float(version[f"promotion.val_CIDEr_{end}"]) for end in ("low", "high"))
+        assert low <= float(version["val.CIDEr"]) <= high and low < high
+        assert metrics["promotion.val_CIDEr_low"] == pytest.approx(low, rel=1e-5)

@@ -1,6 +1,7 @@
 """The paired bootstrap interval of a mean difference: how much of a gain measured on the same
-items (the val images, scored by two models against the same references) is more than noise.
-Pure numpy; the champion gate (`mlflow_model.promote`) decides on it."""
+items (the val images, scored by two models against the same references) is more than noise;
+and, as its special case against zero, the interval of one model's mean score. Pure numpy; the
+champion gate (`mlflow_model.promote`) decides on the first and records the second."""
 
 from __future__ import annotations
 
@@ -67,3 +68,12 @@ def paired_interval(
     alpha = 1.0 - confidence
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return Interval(float(diff.mean()), float(low), float(high), confidence, n, samples)
+
+
+def mean_interval(
+    scores: Sequence[float] | np.ndarray, confidence: float, samples: int, seed: int
+) -> Interval:
+    """The two-sided percentile bootstrap interval of the mean of `scores` (one per item):
+    `paired_interval` against a baseline of zeros, so d_i = scores_i. How far a split's mean
+    score (its CIDEr-D) could move on another draw of as many images of the same kind."""
+    return paired_interval(scores, np.zeros(len(scores)), confidence, samples, seed)

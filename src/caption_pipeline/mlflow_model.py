@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from caption_pipeline.bootstrap import Interval, paired_interval
+from caption_pipeline.bootstrap import Interval, mean_interval, paired_interval
 from caption_pipeline.errors import DataError
 from caption_pipeline.images import ImageError
 from caption_pipeline.inference import (
@@ -218,7 +218,9 @@ def promote(
     The version keeps its per-image scores (an artifact of its run, which its `val_per_image`
     tag names) for the versions after it. The decision, its reason, both figures and the
     interval (`promotion.gain_low`, ...) are tags of the version and are returned (for the
-    run)."""
+    run); so is the interval of the version's own val score (`promotion.val_CIDEr_low`, ...,
+    `bootstrap.mean_interval`), which every version with per-image scores has, the first one
+    (no champion to gain over) included."""
     _record_score(client, name, version, score)
     client.set_registered_model_alias(name, CANDIDATE, version)
     champion = _aliased(client, name, CHAMPION)
@@ -232,7 +234,7 @@ def promote(
     promoted, reason = _decision(mode, champion, score, gain, why_not)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    interval = _interval_record(gain)
+    interval = _interval_record(gain, _score_interval(score, gate))
     decision = {
         "promoted": promoted,
         "reason": reason,
@@ -342,15 +344,27 @@ def _decision(
     )
 
 
-def _interval_record(gain: Interval | None) -> dict[str, float | int | None]:
-    """The interval's figures for the decision and the version's `promotion.*` tags."""
+def _score_interval(score: ValScore, gate: GateSettings) -> Interval | None:
+    """The bootstrap interval of the version's own val score (None: no per-image scores)."""
+    if score.per_image is None:
+        return None
+    values = [score.per_image[i] for i in sorted(score.per_image)]
+    return mean_interval(values, gate.confidence, gate.samples, gate.seed)
+
+
+def _interval_record(gain: Interval | None, own: Interval | None) -> dict[str, float | int | None]:
+    """The intervals' figures for the decision and the version's `promotion.*` tags: of the
+    gain over the champion, and of the version's own val score."""
+    either = gain or own
     return {
         "gain": None if gain is None else gain.mean,
         "gain_low": None if gain is None else gain.low,
         "gain_high": None if gain is None else gain.high,
-        "confidence": None if gain is None else gain.confidence,
-        "images": None if gain is None else gain.n,
-        "bootstrap_samples": None if gain is None else gain.samples,
+        f"val_{GATE_METRIC}_low": None if own is None else own.low,
+        f"val_{GATE_METRIC}_high": None if own is None else own.high,
+        "confidence": None if either is None else either.confidence,
+        "images": None if either is None else either.n,
+        "bootstrap_samples": None if either is None else either.samples,
     }
 
 
