@@ -1,4 +1,5 @@
-"""Screenshots of the MLflow UI for README: docs/mlflow_run.png and docs/mlflow_model.png.
+"""Screenshots of the MLflow UI: docs/mlflow_run.png (README) and docs/mlflow_model.png
+(docs/usage.md).
 
     kedro run && python docs/screenshot_mlflow.py [PROJECT]
 
