@@ -42,8 +42,14 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# pytest-xdist workers (TEST_WORKERS=0: one process). The tests of the smoke run share one
+# worker (tests/conftest.py groups them), so that it is made once; the other worker takes the
+# rest. Two workers keep two cores busy where one process leaves one idle (imports, kedro's
+# start-up, subprocesses waited for).
+TEST_WORKERS ?= 2
+
 test: install-test lint /usr/bin/chromium /usr/bin/chromedriver
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # The inner loop: everything but the `slow` tests (those needing the smoke run or starting
 # `kedro`; tests/conftest.py marks them), so no chromium either.

@@ -120,7 +120,12 @@ def is_slow(item) -> bool:
     return any(SLOW_CALLS & _names_used(f, seen) for f in functions if f is not None)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if is_slow(item) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+        # Under pytest-xdist (`--dist loadgroup`) the tests of the smoke run share one worker,
+        # so the smoke run is made once, and no two processes write in its project at a time.
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smoke"))
