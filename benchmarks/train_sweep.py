@@ -2,11 +2,12 @@
 the grid): whole `train` pipelines from the project's model inputs, chosen on val.
 
 Each variant overrides some of the parameters the `train` pipeline reads (`model`, `train`,
-`fine_tune`, `self_critical`, as `section.key=value`) and runs its node,
-`pipelines/train/nodes.train_model`, in this process: cross-entropy, then SCST as configured,
-with the checkpoints of every phase under `--out`. Training is bit-reproducible on one machine
-(docs/benchmarks.md, "SCST's update made bit-reproducible"), so one run per variant is the
-variant's figure there, and the variant of the defaults gives the val CIDEr of `kedro run`.
+`fine_tune`, `self_critical`, as `section.key=value`) and runs its nodes
+(`pipelines/train/nodes.py`, one per phase) in this process: cross-entropy, then fine-tuning
+and SCST as configured, with the checkpoints of every phase under `--out`. Training is
+bit-reproducible on one machine (docs/benchmarks.md, "SCST's update made bit-reproducible"), so
+one run per variant is the variant's figure there, and the variant of the defaults gives the
+val CIDEr of `kedro run`.
 For the kept weights it prints the val CIDEr of the `evaluate` pipeline (beam 3, pycocoevalcap;
 Java), the best val xent of the cross-entropy phase and SCST's greedy val CIDEr-D per epoch.
 Every figure is of the train or val split: this script never reads test
@@ -39,7 +40,11 @@ from scst_sweep import ROOT, _value, selection_data, val_cider  # noqa: E402
 from caption_pipeline.coco_scorer import CocoScorer, require_java  # noqa: E402
 from caption_pipeline.features import load_model_inputs  # noqa: E402
 from caption_pipeline.inference import project_config  # noqa: E402
-from caption_pipeline.pipelines.train.nodes import train_model  # noqa: E402
+from caption_pipeline.pipelines.train.nodes import (  # noqa: E402
+    fine_tune_encoder,
+    train_cross_entropy,
+    train_self_critical,
+)
 from caption_pipeline.protocol import (  # noqa: E402
     add_split_argument,
     selection_split,
@@ -99,8 +104,12 @@ def sweep(args: argparse.Namespace, params: dict, variants: dict, scorer: CocoSc
             variant[phase]["progress"] = False
         keras.utils.clear_session()
         started = time.perf_counter()
-        captioner, history, _, _, _, scst_history, _ = train_model(
-            model_inputs, vocabulary, captions, *(variant[section] for section in SECTIONS)
+        model, train, fine_tune, self_critical = (variant[section] for section in SECTIONS)
+        phases = (train, fine_tune, self_critical)
+        captioner, history, _ = train_cross_entropy(model_inputs, vocabulary, model, *phases)
+        captioner, _, _ = fine_tune_encoder(captioner, model_inputs, vocabulary, *phases)
+        captioner, scst_history, _ = train_self_critical(
+            captioner, model_inputs, vocabulary, captions, *phases
         )
         result = {
             "variant": text or "(defaults)",

@@ -133,6 +133,12 @@ PLAN: dict[str, list[tuple[Site, ...]]] = {
                 "*/latest.json",
                 ("after",),
             ),
+            Site(
+                "a phase's captioner saved, the next phase not begun",
+                REPLACE,
+                "*/06_models/captioner_*.keras",
+                ("after",),
+            ),
         ),
         (Site("SCST: mid-epoch, around a step", SCST_STEP),),
     ],

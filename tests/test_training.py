@@ -32,8 +32,11 @@ DRIVER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import pandas as pd
+import tempfile
+from caption_pipeline.datasets import KerasModelDataset
 from caption_pipeline.shards.shard_set import load_shard_set
-from caption_pipeline.pipelines.train.nodes import train_model
+from caption_pipeline.pipelines.train.nodes import (
+    fine_tune_encoder, train_cross_entropy, train_self_critical)
 from caption_pipeline.params import defaults
 project = sys.argv[1]
 # overrides of conf/base, as Kedro merges an env's
@@ -42,8 +45,17 @@ model, train, fine_tune, scst = ({**defaults(block), **json.loads(arg)} for bloc
 shards = load_shard_set(f"{project}/data/03_primary/shards")
 vocabulary = json.load(open(f"{project}/data/03_primary/vocabulary.json"))
 captions = pd.read_parquet(f"{project}/data/02_intermediate/captions.parquet")
-_, history, _, tuned_history, tuned_steps, scst_history, scst_steps = train_model(
-    shards, vocabulary, captions, model, train, fine_tune, scst)
+folder = tempfile.mkdtemp()
+def stored(captioner, name):  # saved and loaded, as the catalog hands it to the next phase
+    dataset = KerasModelDataset(filepath=f"{folder}/{name}.keras")
+    dataset.save(captioner)
+    return dataset.load()
+# the train pipeline's nodes, one phase each
+captioner, history, _ = train_cross_entropy(shards, vocabulary, model, train, fine_tune, scst)
+captioner, tuned_history, tuned_steps = fine_tune_encoder(
+    stored(captioner, "cross_entropy"), shards, vocabulary, train, fine_tune, scst)
+_, scst_history, scst_steps = train_self_critical(
+    stored(captioner, "fine_tuned"), shards, vocabulary, captions, train, fine_tune, scst)
 print("HISTORY " + history.to_json(orient="records"))
 print("FINE_TUNE_HISTORY " + tuned_history.to_json(orient="records"))
 print("FINE_TUNE_STEPS " + tuned_steps.to_json(orient="records"))
@@ -214,7 +226,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from caption_pipeline.shards.shard_set import load_shard_set
-from caption_pipeline.pipelines.train.nodes import train_model
+from caption_pipeline.pipelines.train.nodes import train_cross_entropy
 from caption_pipeline.params import defaults
 project = sys.argv[1]
 shards = load_shard_set(f"{project}/data/03_primary/shards")
@@ -228,9 +240,9 @@ for strategy in ("default", "mirrored"):
              "strategy": strategy,
              "devices": ["/cpu:0", "/cpu:1"] if strategy == "mirrored" else None,
              "checkpoint_dir": f"{project}/ckpt-{strategy}", "jit_compile": False}
-    history = train_model(shards, vocabulary, captions, model, train,
-                          {**defaults("fine_tune"), "enabled": False},
-                          {**defaults("self_critical"), "enabled": False})[1]
+    history = train_cross_entropy(shards, vocabulary, model, train,
+                                  {**defaults("fine_tune"), "enabled": False},
+                                  {**defaults("self_critical"), "enabled": False})[1]
     losses[strategy] = history.iloc[-1][["train_xent", "val_xent"]].tolist()
 print("LOSSES " + json.dumps(losses))
 """

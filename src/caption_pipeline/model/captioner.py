@@ -299,6 +299,20 @@ class Captioner(keras.Model):
         joined.decoder.set_weights(self.decoder.get_weights())
         return joined
 
+    def rebuilt(self, *, decoder_alone: bool = False) -> Captioner:
+        """A copy with the same weights, its layers in the dtype policy in force now (a loaded
+        Captioner's are in the one of the process that loaded it); with `decoder_alone`, its
+        decoder alone, on precomputed features of its frozen encoder: the very Captioner a
+        phase on features trains (`with_encoder` joins it back)."""
+        config = dataclasses.replace(self.config, encoder_weights=None)
+        if not decoder_alone:
+            whole = Captioner(config)
+            whole.set_weights(self.get_weights())
+            return whole
+        alone = Captioner(config, feature_shape=(self.regions, self.feature_dim))
+        alone.decoder.set_weights(self.decoder.get_weights())
+        return alone
+
     def get_config(self):
         # A saved model holds its encoder's weights: loading it must not fetch or read the
         # weights it was first built from (ImageNet, a file that may be gone).

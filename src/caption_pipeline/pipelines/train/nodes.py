@@ -1,13 +1,26 @@
-"""Nodes of the `train` pipeline: thin wrappers over `caption_pipeline.training`,
-`caption_pipeline.fine_tuning` and `caption_pipeline.scst`."""
+"""Nodes of the `train` pipeline, one per training phase: cross-entropy, encoder fine-tuning,
+SCST; thin wrappers over `caption_pipeline.training`, `caption_pipeline.fine_tuning` and
+`caption_pipeline.scst`.
+
+Each phase reads the captioner of the phase before it from the catalog and writes its own,
+whole: on precomputed features the decoder trains alone, and the node joins it with the frozen
+encoder the features came from, so that every stored captioner captions images (the next phase
+takes the decoder out again when it too trains on the features). A phase that is off passes
+its captioner through, with an empty history. A run killed in a later phase must find the
+earlier ones finished, not retrain them: a phase's last checkpoint stays while a later phase is
+enabled (each later phase resumes only on the same starting weights), and the last node clears
+them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import keras
 import pandas as pd
 
+from caption_pipeline import scst
 from caption_pipeline.checkpoints import Checkpoints
 from caption_pipeline.features import feature_encoder_weights, image_shards
 from caption_pipeline.fine_tuning import (
@@ -15,8 +28,8 @@ from caption_pipeline.fine_tuning import (
     fine_tune_captioner,
     refuse_multi_worker,
 )
-from caption_pipeline.model import ModelConfig
-from caption_pipeline.scst import SelfCriticalConfig, reference_tokens, train_self_critical
+from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.scst import SelfCriticalConfig, reference_tokens
 from caption_pipeline.shards.reader import make_caption_dataset, pad_captions
 from caption_pipeline.shards.shard_set import ShardSet
 from caption_pipeline.text import Vocabulary
@@ -26,84 +39,145 @@ from caption_pipeline.training import (
     is_chief,
     train_captioner,
     training_curves_figure,
+    with_device_defaults,
 )
 
+Phase = tuple[Captioner, pd.DataFrame, pd.DataFrame]  # the captioner, per epoch, per step
 
-def train_model(
+
+def train_cross_entropy(
     model_inputs: ShardSet,
     vocabulary: dict,
-    caption_table: pd.DataFrame,
     model: dict,
     train: dict,
     fine_tune: dict,
     self_critical: dict,
-) -> tuple[
-    object, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame
-]:
-    """Train with cross-entropy, then (if `fine_tune.enabled`) end to end on images with the
-    encoder unfrozen, then (if `self_critical.enabled`) with SCST, each resuming from a
-    checkpoint if one matches; return the model of the last phase (the epoch val prefers),
-    and the per-epoch history and per-step rows of each phase (empty for a phase that is off).
-    """
+) -> Phase:
+    """Cross-entropy training on the model inputs, resuming from a checkpoint if one matches:
+    the captioner of val xent's best epoch, its per-epoch history and per-step loss. Every
+    phase's parameters are checked here, before hours of training."""
     vocab = Vocabulary.from_dict(vocabulary)
     model_config = ModelConfig.from_dict({**model, "vocab_size": vocab.size})
     config = TrainConfig.from_dict(train)
     tuning = FineTuneConfig.from_dict(fine_tune)
-    scst = SelfCriticalConfig.from_dict(self_critical)
+    critical = SelfCriticalConfig.from_dict(self_critical)
     refuse_multi_worker(tuning, config)  # before the cross-entropy phase, not hours after
-
-    # <start> + the longest caption the vocabulary stage lets through + <end>
-    caption_length = vocab.max_caption_length + 2
-
-    def fingerprint(inputs: ShardSet) -> dict:
-        return {"model_inputs": inputs.manifest.get("fingerprint"), "vocabulary": vocab.size}
-
-    # A run killed in a later phase must find the earlier ones finished, not retrain them: a
-    # phase's last checkpoint stays until the phases after it are done (each later phase
-    # resumes only on the same starting weights).
-    later = tuning.enabled or scst.enabled
-    xent_config = dataclasses.replace(config, keep_checkpoints=True) if later else config
     # Features came from a frozen encoder: training runs the decoder alone, and the captioner
     # it returns carries that very encoder, so that it encodes images as the features were
     # computed (random-initialised ones included).
     encoder = feature_encoder_weights(model_inputs, model_config)
-    captioner, history, loss_steps = train_captioner(
-        caption_datasets(model_inputs, config, model_config.image_size, caption_length),
+    captioner, history, steps = train_captioner(
+        caption_datasets(model_inputs, config, model_config.image_size, _caption_length(vocab)),
         model_config,
-        xent_config,
+        _kept_for_later(config, tuning.enabled or critical.enabled),
         steps_per_epoch=steps_per_epoch(model_inputs, config),
-        data_fingerprint=fingerprint(model_inputs),
+        data_fingerprint=_fingerprint(model_inputs, vocab),
     )
-    tuned_history = tuned_steps = scst_history = scst_steps = pd.DataFrame()
-
-    if tuning.enabled:
-        if captioner.encoder is None:
-            captioner = captioner.with_encoder(encoder)
-        # The encoder changes: from now on every phase reads images, never the features.
-        model_inputs = image_shards(model_inputs)
-        phase = dataclasses.replace(tuning, keep_checkpoints=True) if scst.enabled else tuning
-        phase_train = tuning.train_config(config)
-        captioner, tuned_history, tuned_steps = fine_tune_captioner(
-            captioner,
-            caption_datasets(model_inputs, phase_train, model_config.image_size, caption_length),
-            config,
-            phase,
-            steps_per_epoch=steps_per_epoch(model_inputs, phase_train),
-            data_fingerprint=fingerprint(model_inputs),
-        )
-    if scst.enabled:
-        _, scst_history, scst_steps = self_critical_phase(
-            captioner, model_inputs, vocab, caption_table, scst, fingerprint(model_inputs), config
-        )
     if captioner.encoder is None:
         captioner = captioner.with_encoder(encoder)
-    for ran, keep, folder in (
-        (later, config.keep_checkpoints, config.checkpoint_dir),
-        (tuning.enabled and scst.enabled, tuning.keep_checkpoints, tuning.checkpoint_dir),
+    return captioner, history, steps
+
+
+def fine_tune_encoder(
+    captioner: Captioner,
+    model_inputs: ShardSet,
+    vocabulary: dict,
+    train: dict,
+    fine_tune: dict,
+    self_critical: dict,
+) -> Phase:
+    """When `fine_tune.enabled`, `captioner` trained again, end to end on images with its
+    encoder unfrozen, resuming from a checkpoint of the same starting weights: val xent's best
+    epoch, its history and per-step loss; else `captioner` as it is, and empty ones."""
+    tuning = FineTuneConfig.from_dict(fine_tune)
+    if not tuning.enabled:
+        return captioner, pd.DataFrame(), pd.DataFrame()
+    vocab = Vocabulary.from_dict(vocabulary)
+    config = TrainConfig.from_dict(train)
+    critical = SelfCriticalConfig.from_dict(self_critical)
+    # The encoder changes: from now on every phase reads images, never the features.
+    images = image_shards(model_inputs)
+    phase_train = tuning.train_config(config)
+    return fine_tune_captioner(
+        captioner,
+        caption_datasets(images, phase_train, captioner.config.image_size, _caption_length(vocab)),
+        config,
+        _kept_for_later(tuning, critical.enabled),
+        steps_per_epoch=steps_per_epoch(images, phase_train),
+        data_fingerprint=_fingerprint(images, vocab),
+    )
+
+
+def train_self_critical(
+    captioner: Captioner,
+    model_inputs: ShardSet,
+    vocabulary: dict,
+    caption_table: pd.DataFrame,
+    train: dict,
+    fine_tune: dict,
+    self_critical: dict,
+) -> Phase:
+    """When `self_critical.enabled`, SCST from `captioner`, resuming from a checkpoint of the
+    same starting weights: the captioner of val CIDEr-D's best epoch (`captioner` if none beats
+    it), whole, its per-epoch history and per-step rows; else `captioner` as it is, and empty
+    ones. The last phase: it clears the checkpoints the earlier ones kept for it."""
+    config = TrainConfig.from_dict(train)
+    tuning = FineTuneConfig.from_dict(fine_tune)
+    critical = SelfCriticalConfig.from_dict(self_critical)
+    history = steps = pd.DataFrame()
+    if critical.enabled:
+        vocab = Vocabulary.from_dict(vocabulary)
+        # A fine-tuned encoder is no longer the one of the features: SCST reads images then.
+        inputs = image_shards(model_inputs) if tuning.enabled else model_inputs
+        on_features = inputs.kind == "features"
+        _as_the_last_phase_left_it(tuning.train_config(config) if tuning.enabled else config)
+        # On features, the decoder alone, as the phase before trained it: the same weights,
+        # so the same checkpoint fingerprint.
+        start = captioner.rebuilt(decoder_alone=on_features)
+        kept, history, steps = self_critical_phase(
+            start, inputs, vocab, caption_table, critical, _fingerprint(inputs, vocab), config
+        )
+        captioner = kept.with_encoder(captioner.encoder.get_weights()) if on_features else kept
+    clear_kept_checkpoints(config, tuning, critical)
+    return captioner, history, steps
+
+
+def clear_kept_checkpoints(
+    config: TrainConfig, tuning: FineTuneConfig, critical: SelfCriticalConfig
+) -> None:
+    """After the last phase, the checkpoints of the earlier ones that were kept only for the
+    phases after them (not for their own `keep_checkpoints`)."""
+    for kept, keep, folder in (
+        (tuning.enabled or critical.enabled, config.keep_checkpoints, config.checkpoint_dir),
+        (tuning.enabled and critical.enabled, tuning.keep_checkpoints, tuning.checkpoint_dir),
     ):
-        if ran and not keep:
+        if kept and not keep:
             Checkpoints(folder, chief=is_chief(config)).clear()
-    return (captioner, history, loss_steps, tuned_history, tuned_steps, scst_history, scst_steps)
+
+
+def _as_the_last_phase_left_it(config: TrainConfig) -> None:
+    """Keras' global state as the training phase of `config` left it, whether it ran in this
+    process or not (`--from-nodes`): its precision, in which SCST builds its model, and its
+    seed (`train_captioner` sets it), which TensorFlow joins to the seeds of the shuffles of
+    SCST's batches. A whole run and SCST alone then train alike, bit for bit."""
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(with_device_defaults(config).precision)
+
+
+def _kept_for_later(config, later: bool):
+    """A phase's `config` (TrainConfig, FineTuneConfig) with its checkpoints kept when a later
+    phase is enabled: `clear_kept_checkpoints` removes them after the last one."""
+    return dataclasses.replace(config, keep_checkpoints=True) if later else config
+
+
+def _caption_length(vocab: Vocabulary) -> int:
+    """<start> + the longest caption the vocabulary stage lets through + <end>."""
+    return vocab.max_caption_length + 2
+
+
+def _fingerprint(inputs: ShardSet, vocab: Vocabulary) -> dict:
+    """What a phase's checkpoint must have been trained on to be resumed."""
+    return {"model_inputs": inputs.manifest.get("fingerprint"), "vocabulary": vocab.size}
 
 
 def caption_datasets(
@@ -171,7 +245,7 @@ def self_critical_phase(
 
     steps = _steps(model_inputs.num_images("train"), config.batch_size, config.max_steps_per_epoch)
     references = {split: reference_tokens(caption_table, [split]) for split in ("train", "val")}
-    return train_self_critical(
+    return scst.train_self_critical(
         captioner,
         datasets,
         vocab,

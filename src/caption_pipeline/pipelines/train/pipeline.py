@@ -2,7 +2,12 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from caption_pipeline.pipelines.train.nodes import plot_training_curves, train_model
+from caption_pipeline.pipelines.train.nodes import (
+    fine_tune_encoder,
+    plot_training_curves,
+    train_cross_entropy,
+    train_self_critical,
+)
 from caption_pipeline.tracking import (
     self_critical_metric_series,
     training_metric_series,
@@ -12,27 +17,45 @@ from caption_pipeline.tracking import (
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(
-                train_model,
+            Node(  # writes a whole captioner: on features, the decoder and their encoder
+                train_cross_entropy,
                 inputs=[
                     "model_inputs",
                     "vocabulary",
-                    "caption_table",
                     "params:model",
+                    "params:train",
+                    "params:fine_tune",  # checked before training; its checkpoints kept for later
+                    "params:self_critical",
+                ],
+                outputs=["captioner_cross_entropy", "training_history", "training_steps"],
+                name="train_cross_entropy",
+            ),
+            Node(  # off: passes the captioner through
+                fine_tune_encoder,
+                inputs=[
+                    "captioner_cross_entropy",
+                    "model_inputs",  # the image shards behind them
+                    "vocabulary",
                     "params:train",
                     "params:fine_tune",
                     "params:self_critical",
                 ],
-                outputs=[
-                    "captioner@keras",
-                    "training_history",
-                    "training_steps",
-                    "fine_tune_history",
-                    "fine_tune_steps",
-                    "self_critical_history",
-                    "self_critical_steps",
+                outputs=["captioner_fine_tuned", "fine_tune_history", "fine_tune_steps"],
+                name="fine_tune_encoder",
+            ),
+            Node(  # off: passes the captioner through; the last phase clears the kept checkpoints
+                train_self_critical,
+                inputs=[
+                    "captioner_fine_tuned",
+                    "model_inputs",
+                    "vocabulary",
+                    "caption_table",  # the reward's references
+                    "params:train",
+                    "params:fine_tune",
+                    "params:self_critical",
                 ],
-                name="train_captioner",
+                outputs=["captioner@keras", "self_critical_history", "self_critical_steps"],
+                name="train_self_critical",
             ),
             Node(
                 plot_training_curves,
