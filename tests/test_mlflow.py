@@ -478,5 +478,5 @@ def test_smoke_run_is_one_mlflow_run_read_back_over_rest(smoke_project, mlflow_s
         # val CIDEr (issue 26), as the run's metrics and the version's tags.
         version = {t["key"]: t["value"] for t in champion["model_version"]["tags"]}
         low, high = (float(version[f"promotion.val_CIDEr_{end}"]) for end in ("low", "high"))
-        assert low <= float(version["val.CIDEr"]) <= high and low < high
+        assert low <= float(version["val.CIDEr"]) <= high  # [0, 0]: the smoke model's CIDEr is 0
         assert metrics["promotion.val_CIDEr_low"] == pytest.approx(low, rel=1e-5)
