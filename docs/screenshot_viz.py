@@ -1,14 +1,17 @@
-"""Screenshot of the Kedro-Viz graph for README: docs/kedro_viz.png.
+"""Screenshots of the Kedro-Viz graph: docs/kedro_viz.png (README) and docs/kedro_viz_train.png
+(docs/architecture.md, the training phases).
 
     kedro viz build && python docs/screenshot_viz.py
+    python docs/screenshot_viz.py --pipeline train --expand docs/kedro_viz_train.png
 
 Serves `build/` on 127.0.0.1 and opens it in headless Chromium (Debian: `apt-get install
-chromium chromium-driver`) through Selenium (tests/helpers.py's `chromium`), with the stage
-namespaces collapsed.
+chromium chromium-driver`) through Selenium (tests/helpers.py's `chromium`): the default
+pipeline with the stage namespaces collapsed, or one pipeline with them expanded.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import http.server
 import json
@@ -43,9 +46,15 @@ SETTINGS = {
 }
 
 
-def main(build: Path = ROOT / "build", out: Path = ROOT / "docs" / "kedro_viz.png") -> None:
+def main(
+    build: Path = ROOT / "build",
+    out: Path = ROOT / "docs" / "kedro_viz.png",
+    pipeline: str = "__default__",
+    expand: bool = False,
+) -> None:
     if not (build / "api" / "main").is_file():
         sys.exit(f"{build}/api/main not found: run `kedro viz build` first")
+    settings = {**SETTINGS, "pipeline": {"active": pipeline}, "expandAllPipelines": expand}
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(build))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -53,7 +62,7 @@ def main(build: Path = ROOT / "build", out: Path = ROOT / "docs" / "kedro_viz.pn
     try:
         driver.execute_cdp_cmd(
             "Page.addScriptToEvaluateOnNewDocument",
-            {"source": f"localStorage.setItem('KedroViz', {json.dumps(json.dumps(SETTINGS))});"},
+            {"source": f"localStorage.setItem('KedroViz', {json.dumps(json.dumps(settings))});"},
         )
         driver.get(f"http://127.0.0.1:{server.server_port}/")
         time.sleep(8)  # layout and transitions
@@ -65,4 +74,9 @@ def main(build: Path = ROOT / "build", out: Path = ROOT / "docs" / "kedro_viz.pn
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "kedro_viz.png")
+    parser.add_argument("--pipeline", default="__default__", help="a registered pipeline")
+    parser.add_argument("--expand", action="store_true", help="expand the namespaces")
+    args = parser.parse_args()
+    main(out=args.out, pipeline=args.pipeline, expand=args.expand)
