@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import psutil  # noqa: E402
 
-from caption_pipeline.protocol import add_split_argument, selection_split  # noqa: E402
+from caption_pipeline.evaluation.protocol import add_split_argument, selection_split  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

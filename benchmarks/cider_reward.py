@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from caption_pipeline.cider import CiderD
+from caption_pipeline.training.cider import CiderD
 
 
 def sentences(rng, count: int, vocab: int) -> list[list[str]]:

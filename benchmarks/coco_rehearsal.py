@@ -5,7 +5,7 @@ COCO-shaped dataset, at two sizes, to show what each stage costs and what grows 
 
 No machine here can download COCO or ImageNet, so per scale the script:
 
-1. generates a COCO-shaped dataset (`caption_pipeline.coco_like`: photo-like 640 x 480-ish
+1. generates a COCO-shaped dataset (`caption_pipeline.data.coco_like`: photo-like 640 x 480-ish
    JPEGs, the 2017 JSON schema, COCO's caption lengths over a Zipf vocabulary) of
    `images x scale` train images;
 2. writes NASNetLarge's weights (random, seeded) to a local `.weights.h5` file and points
@@ -86,7 +86,7 @@ def rehearse(out: Path, train_images: int, args) -> dict:
             [
                 PYTHON,
                 "-m",
-                "caption_pipeline.coco_like",
+                "caption_pipeline.data.coco_like",
                 "--out",
                 str(raw),
                 "--scale",

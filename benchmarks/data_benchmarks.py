@@ -30,10 +30,10 @@ import numpy as np
 import psutil
 from PIL import Image, ImageDraw
 
-from caption_pipeline.images import available_cpus
-from caption_pipeline.shards.image_writer import write_shards
-from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
-from caption_pipeline.shards.shard_set import load_shard_set
+from caption_pipeline.data.images import available_cpus
+from caption_pipeline.data.shards.image_writer import write_shards
+from caption_pipeline.data.shards.plan import ImageCaptions, build_shard_plan
+from caption_pipeline.data.shards.shard_set import load_shard_set
 
 ONE_X = 3600
 CAPTIONS_PER_IMAGE = 5
@@ -137,7 +137,7 @@ def bench_shard(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def bench_read(args: argparse.Namespace, tmp: Path) -> dict:
-    from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
+    from caption_pipeline.data.shards.reader import ReaderOptions, make_caption_dataset
 
     images = captioned(make_image_files(tmp / "images", args.images, args.size))
     timed_write(images, tmp / "shards", shards=args.shards, workers=max(args.workers))

@@ -59,9 +59,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from caption_pipeline.decoding import DecodeSettings, compile_function, search  # noqa: E402
 from caption_pipeline.model import AttentionDecoder  # noqa: E402
 from caption_pipeline.model.beam_search import END_ID, Captions  # noqa: E402
+from caption_pipeline.model.decoding import DecodeSettings, compile_function, search  # noqa: E402
 from caption_pipeline.params import from_conf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

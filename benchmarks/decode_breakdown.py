@@ -39,8 +39,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from caption_pipeline.decoding import compile_function  # noqa: E402
 from caption_pipeline.model import beam_search as search  # noqa: E402
+from caption_pipeline.model.decoding import compile_function  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import CONFIGS, decode_flops, machine, random_decoder  # noqa: E402

@@ -6,7 +6,7 @@
 
 Measures each encoder's forward time per image on this machine, then a learnability probe:
 the same decoder trained for the same number of steps on freshly generated shapes images
-(caption_pipeline.shapes), scored on held-out images by teacher-forced token accuracy and
+(caption_pipeline.data.shapes), scored on held-out images by teacher-forced token accuracy and
 cross-entropy. Prints one JSON line.
 
     python benchmarks/encoder_choice.py [--train 1500 --val 300 --steps 400]
@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from caption_pipeline import shapes  # noqa: E402
+from caption_pipeline.data import shapes  # noqa: E402
+from caption_pipeline.data.text import Vocabulary, tokenize  # noqa: E402
+from caption_pipeline.evaluation.protocol import add_split_argument, selection_split  # noqa: E402
 from caption_pipeline.model import Captioner, ModelConfig, caption_losses  # noqa: E402
 from caption_pipeline.params import from_conf  # noqa: E402
-from caption_pipeline.protocol import add_split_argument, selection_split  # noqa: E402
-from caption_pipeline.text import Vocabulary, tokenize  # noqa: E402
 
 MAX_TOKENS = 20
 VISUAL_WORDS = {

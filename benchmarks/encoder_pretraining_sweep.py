@@ -1,14 +1,16 @@
 """The sweep behind the shapes encoder's pretraining settings (parameters_features.yml).
 
 For each variant: pretrain the compact encoder on the train split's object masks
-(`caption_pipeline.encoder_pretraining`), printing after every epoch the validation accuracy of
+(`caption_pipeline.training.encoder_pretraining`), printing after every epoch the validation
+accuracy of
 regions mostly covered by an object (shape, colour, size). For two of them, then train the
 decoder on the frozen encoder's features and caption the VAL split greedily and with beam 3:
 attention localization is printed, and the captions are written as COCO results JSON to
 score with the project's scorer (Java needed). Every figure it prints is of the train or val
 split: a sweep chooses settings, and a figure used to choose is no longer a test figure, so
 this script never reads the test split: the held-out split is `--split` (val by default; train
-or val only, `caption_pipeline.protocol`), and tests/test_evaluation_protocol.py checks it:
+or val only, `caption_pipeline.evaluation.protocol`), and tests/test_evaluation_protocol.py
+checks it:
 
     python benchmarks/encoder_pretraining_sweep.py --out OUT
     python benchmarks/encoder_pretraining_sweep.py --score OUT/*.json
@@ -30,21 +32,21 @@ import keras
 import numpy as np
 from PIL import Image
 
-from caption_pipeline.attention_maps import localization_score
-from caption_pipeline.coco_instances import load_instances
-from caption_pipeline.decoding import DecodeSettings, decode_dataset
-from caption_pipeline.encoder_pretraining import (
+from caption_pipeline.data.coco_instances import load_instances
+from caption_pipeline.data.text import Vocabulary
+from caption_pipeline.evaluation.attention_maps import localization_score
+from caption_pipeline.evaluation.protocol import add_split_argument, selection_split
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.model.decoding import DecodeSettings, decode_dataset
+from caption_pipeline.params import from_conf
+from caption_pipeline.training.cross_entropy import TrainConfig, build_captioner
+from caption_pipeline.training.encoder_pretraining import (
     RegionTargets,
     object_region_accuracy,
     pretraining_model,
     region_loss,
     region_targets,
 )
-from caption_pipeline.model import ModelConfig
-from caption_pipeline.params import from_conf
-from caption_pipeline.protocol import add_split_argument, selection_split
-from caption_pipeline.text import Vocabulary
-from caption_pipeline.training import TrainConfig, build_captioner
 
 ROOT = Path("data/01_raw/shapes")
 CAPTIONS_PER_IMAGE = 5
@@ -291,8 +293,8 @@ def sweep(
 def score(files: list[str], split: str) -> None:
     import pandas as pd
 
-    from caption_pipeline.coco_scorer import CocoScorer
-    from caption_pipeline.evaluation import score_splits
+    from caption_pipeline.evaluation.coco_scorer import CocoScorer
+    from caption_pipeline.evaluation.scoring import score_splits
 
     table = pd.read_parquet("data/02_intermediate/captions.parquet")
     with CocoScorer() as scorer:

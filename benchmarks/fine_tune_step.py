@@ -66,10 +66,14 @@ def coco_parameters(env: str) -> dict:
 
 def build_fine_tuning(args):
     """The fine-tuning phase's compiled Captioner, its TrainConfig and FineTuneConfig."""
-    from caption_pipeline.fine_tuning import FineTuneConfig, fine_tuned_config, two_rate_optimizer
     from caption_pipeline.model import ModelConfig
     from caption_pipeline.model.encoder import NASNETS
-    from caption_pipeline.training import TrainConfig, build_captioner
+    from caption_pipeline.training.cross_entropy import TrainConfig, build_captioner
+    from caption_pipeline.training.fine_tuning import (
+        FineTuneConfig,
+        fine_tuned_config,
+        two_rate_optimizer,
+    )
 
     params = coco_parameters(args.env)
     model = {**params["model"], "vocab_size": args.vocab, "encoder_weights": None}

@@ -62,18 +62,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_pipeline.shards.reader import (  # noqa: E402
+from caption_pipeline.data.shards.reader import (  # noqa: E402
     ReaderOptions,
     _grouped_captions,
     make_caption_dataset,
     without_autotune_model,
 )
-from caption_pipeline.shards.records import (  # noqa: E402
+from caption_pipeline.data.shards.records import (  # noqa: E402
     feature_example,
     parse_feature_example,
     serialize_example,
 )
-from caption_pipeline.shards.shard_set import (  # noqa: E402
+from caption_pipeline.data.shards.shard_set import (  # noqa: E402
     FEATURE_FORMAT,
     ShardTask,
     commit_shard,

@@ -31,24 +31,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from caption_pipeline.coco_scorer import CocoScorer, require_java  # noqa: E402
-from caption_pipeline.evaluation import (  # noqa: E402
+from caption_pipeline.data.shards.shard_set import load_shard_set  # noqa: E402
+from caption_pipeline.data.text import Vocabulary  # noqa: E402
+from caption_pipeline.evaluation.coco_scorer import CocoScorer, require_java  # noqa: E402
+from caption_pipeline.evaluation.protocol import (  # noqa: E402
+    SELECTION_SPLITS,
+    add_split_argument,
+    selection_split,
+)
+from caption_pipeline.evaluation.scoring import (  # noqa: E402
     EvaluateSettings,
     caption_split,
     coco_results,
     score_splits,
 )
-from caption_pipeline.features import load_model_inputs  # noqa: E402
-from caption_pipeline.inference import project_config  # noqa: E402
 from caption_pipeline.pipelines.train.nodes import self_critical_phase  # noqa: E402
-from caption_pipeline.protocol import (  # noqa: E402
-    SELECTION_SPLITS,
-    add_split_argument,
-    selection_split,
-)
-from caption_pipeline.scst import SelfCriticalConfig  # noqa: E402
-from caption_pipeline.shards.shard_set import load_shard_set  # noqa: E402
-from caption_pipeline.text import Vocabulary  # noqa: E402
+from caption_pipeline.serving.inference import project_config  # noqa: E402
+from caption_pipeline.training.features import load_model_inputs  # noqa: E402
+from caption_pipeline.training.scst import SelfCriticalConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALIASES = {"lr": "learning_rate"}

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from caption_pipeline.protocol import add_split_argument, selection_split  # noqa: E402
+from caption_pipeline.evaluation.protocol import add_split_argument, selection_split  # noqa: E402
 
 
 def machine() -> dict:
@@ -82,7 +82,7 @@ def best_ms(fn, repeats: int) -> float:
 def model_latency(model_path: Path, image: bytes, repeats: int) -> dict:
     import tensorflow as tf
 
-    from caption_pipeline.export import (
+    from caption_pipeline.serving.export import (
         DEFAULT_SIGNATURE,
         ENCODER_SIGNATURE,
         PIXELS_SIGNATURE,
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no .jpg images in {args.images}")
     if args.overload:
         from caption_pipeline.params import from_conf
-        from caption_pipeline.server import ServeSettings
+        from caption_pipeline.serving.server import ServeSettings
 
         defaults = from_conf(ServeSettings, "serve")
         report = {"machine": machine(), "max_queue": defaults.max_queue}

@@ -37,19 +37,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, scst_sw
 import keras  # noqa: E402
 from scst_sweep import ROOT, _value, selection_data, val_cider  # noqa: E402
 
-from caption_pipeline.coco_scorer import CocoScorer, require_java  # noqa: E402
-from caption_pipeline.features import load_model_inputs  # noqa: E402
-from caption_pipeline.inference import project_config  # noqa: E402
+from caption_pipeline.data.text import Vocabulary  # noqa: E402
+from caption_pipeline.evaluation.coco_scorer import CocoScorer, require_java  # noqa: E402
+from caption_pipeline.evaluation.protocol import (  # noqa: E402
+    add_split_argument,
+    selection_split,
+)
 from caption_pipeline.pipelines.train.nodes import (  # noqa: E402
     fine_tune_encoder,
     train_cross_entropy,
     train_self_critical,
 )
-from caption_pipeline.protocol import (  # noqa: E402
-    add_split_argument,
-    selection_split,
-)
-from caption_pipeline.text import Vocabulary  # noqa: E402
+from caption_pipeline.serving.inference import project_config  # noqa: E402
+from caption_pipeline.training.features import load_model_inputs  # noqa: E402
 
 SECTIONS = ("model", "train", "fine_tune", "self_critical")
 

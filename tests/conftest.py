@@ -59,7 +59,7 @@ def caption_server(smoke_project):
 @pytest.fixture(scope="session")
 def exported(smoke_project):
     """The smoke project's export, loaded in the test process."""
-    from caption_pipeline.export import ExportedCaptioner
+    from caption_pipeline.serving.export import ExportedCaptioner
 
     return ExportedCaptioner(smoke_project / EXPORT_DIR)
 
@@ -67,8 +67,8 @@ def exported(smoke_project):
 @pytest.fixture(scope="session")
 def test_jpegs(smoke_project):
     """(image ids, JPEG bytes) of the smoke project's test split, from its shards."""
-    from caption_pipeline.export_check import read_held_out_images
-    from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.data.shards.shard_set import load_shard_set
+    from caption_pipeline.serving.export_check import read_held_out_images
 
     images = read_held_out_images(load_shard_set(smoke_project / "data/03_primary/shards"), None)
     return list(images.ids), list(images.jpegs)

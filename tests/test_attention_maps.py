@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption_pipeline import coco_like
-from caption_pipeline.attention_maps import (
+from caption_pipeline.data import coco_like
+from caption_pipeline.data.coco_instances import instances_file, load_instances
+from caption_pipeline.data.shapes import CATEGORIES as SHAPES_CATEGORIES
+from caption_pipeline.data.shapes import SHAPE_WORDS, SHAPES, ShapesConfig, ensure_generated
+from caption_pipeline.errors import DataError
+from caption_pipeline.evaluation.attention_maps import (
     attention_figure,
     attention_localization,
     attention_peak,
@@ -22,18 +26,14 @@ from caption_pipeline.attention_maps import (
     upsample_attention,
     word_attention,
 )
-from caption_pipeline.category_words import (
+from caption_pipeline.evaluation.category_words import (
     CATEGORY_WORDS,
     COCO_CATEGORY_WORDS,
     SHAPES_CATEGORY_WORDS,
     CategoryWords,
 )
-from caption_pipeline.coco_instances import instances_file, load_instances
-from caption_pipeline.decoding import CaptionedImage
-from caption_pipeline.errors import DataError
+from caption_pipeline.model.decoding import CaptionedImage
 from caption_pipeline.params import from_conf
-from caption_pipeline.shapes import CATEGORIES as SHAPES_CATEGORIES
-from caption_pipeline.shapes import SHAPE_WORDS, SHAPES, ShapesConfig, ensure_generated
 
 G = 4  # attention grid side in the hand-made cases: R = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caption_pipeline.bootstrap import mean_interval, paired_interval
+from caption_pipeline.evaluation.bootstrap import mean_interval, paired_interval
 
 
 def _pairs(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +48,7 @@ def test_pairing_cancels_what_both_scores_share():
 def test_many_images_are_resampled_in_blocks(monkeypatch):
     """Resampled in blocks of bounded memory (the last one partial): the interval of one
     block."""
-    import caption_pipeline.bootstrap as bootstrap
+    import caption_pipeline.evaluation.bootstrap as bootstrap
 
     candidate, baseline = _pairs(500)
     whole = paired_interval(candidate, baseline, 0.95, 300, seed=4)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from kedro.io import DataCatalog, DatasetError
 
+from caption_pipeline.data.text import SPECIAL_TOKENS, Vocabulary
 from caption_pipeline.datasets import CaptionerFileDataset
 from caption_pipeline.datasets.captioner_file import read_captioner
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.params import conf_dir, defaults, from_conf
 from caption_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
-from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
 MODEL = {
     **defaults("model"),

@@ -7,7 +7,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from caption_pipeline.cider import CiderD
+from caption_pipeline.training.cider import CiderD
 
 WORDS = (
     "a an the red blue green small large circle square star triangle left of right above".split()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caption_pipeline.commands import argv_with_default
+from caption_pipeline.__main__ import argv_with_default
 from tests.helpers import EXPORT_DIR
 
 COMMAND = str(Path(sys.executable).with_name("caption-pipeline"))
@@ -123,8 +123,8 @@ def test_an_image_the_graph_refuses_fails_alone():
     import pytest
 
     from caption_pipeline.errors import DataError
-    from caption_pipeline.export import RefusedImages
-    from caption_pipeline.inference import caption_each
+    from caption_pipeline.serving.export import RefusedImages
+    from caption_pipeline.serving.inference import caption_each
 
     class Graph:
         calls = 0

@@ -1,5 +1,6 @@
-"""caption_pipeline.coco_like: a tiny COCO-shaped dataset, ingested with the project's real COCO
-configuration; the distributions it models, checked on samples drawn without writing images."""
+"""caption_pipeline.data.coco_like: a tiny COCO-shaped dataset, ingested with the project's
+real COCO configuration; the distributions it models, checked on samples drawn without
+writing images."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from caption_pipeline import coco_like
-from caption_pipeline.coco_instances import load_instances
-from caption_pipeline.coco_like import captions as coco_like_captions
+from caption_pipeline.data import coco_like
+from caption_pipeline.data.coco_instances import load_instances
+from caption_pipeline.data.coco_like import captions as coco_like_captions
+from caption_pipeline.data.ingestion import SPLITS, clean_caption, ingest
+from caption_pipeline.data.text import tokenize
 from caption_pipeline.errors import DataError
-from caption_pipeline.ingestion import SPLITS, clean_caption, ingest
-from caption_pipeline.text import tokenize
 from tests.helpers import gone_pid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

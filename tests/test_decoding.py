@@ -16,7 +16,7 @@ import pytest
 from keras import ops
 from PIL import Image
 
-from caption_pipeline.decoding import DecodeSettings, decode_dataset, make_decoder
+from caption_pipeline.data.text import SPECIAL_TOKENS, Vocabulary
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.model.beam_search import (
@@ -28,8 +28,8 @@ from caption_pipeline.model.beam_search import (
     greedy_search,
     length_penalty,
 )
+from caption_pipeline.model.decoding import DecodeSettings, decode_dataset, make_decoder
 from caption_pipeline.params import defaults, from_conf
-from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
 
 CONFIG = from_conf(
     ModelConfig,
@@ -311,10 +311,10 @@ def test_unk_is_never_generated_unless_allowed(method):
 
 def test_decode_dataset_turns_shards_into_captions(tmp_path, model):
     # Imported here: the reader needs TensorFlow, and the JAX test imports this module without it.
-    from caption_pipeline.shards.image_writer import write_shards
-    from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
-    from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
-    from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.data.shards.image_writer import write_shards
+    from caption_pipeline.data.shards.plan import ImageCaptions, build_shard_plan
+    from caption_pipeline.data.shards.reader import ReaderOptions, make_caption_dataset
+    from caption_pipeline.data.shards.shard_set import load_shard_set
 
     rng = np.random.default_rng(0)
     images = []
@@ -385,7 +385,7 @@ def test_bad_settings_and_batches_are_named(model, features):
 JAX_DECODING = textwrap.dedent("""
     import json, sys
     import keras
-    from caption_pipeline.decoding import DecodeSettings, make_decoder
+    from caption_pipeline.model.decoding import DecodeSettings, make_decoder
     from caption_pipeline.params import from_conf
     sys.path.insert(0, sys.argv[1])
     from test_decoding import MAX_LENGTH, image_features, tiny_captioner

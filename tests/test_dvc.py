@@ -120,7 +120,7 @@ def test_kedro_run_then_dvc_experiment_metrics_plots_push_pull(tmp_path):
     hook_lines = [
         line
         for line in (repo / "info.log").read_text().splitlines()
-        if "caption_pipeline.hooks" in line
+        if "caption_pipeline.mlops.hooks" in line
     ]
     assert len(hook_lines) == 1, hook_lines
     assert f"INFO - DVC: recorded {', '.join(stages)} in dvc.lock (" in hook_lines[0]
@@ -138,7 +138,7 @@ def test_kedro_run_then_dvc_experiment_metrics_plots_push_pull(tmp_path):
     assert [
         line
         for line in (repo / "info.log").read_text().splitlines()
-        if "caption_pipeline.hooks" in line
+        if "caption_pipeline.mlops.hooks" in line
     ] == hook_lines
     assert "up to date" in dvc(repo, "status").lower()
 
@@ -236,9 +236,9 @@ def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
     `dvc status` is clean after it and after a `kedro run --env coco` (DvcLockHooks)."""
     import keras
 
-    from caption_pipeline import coco_like
-    from caption_pipeline.dvc_render import generate, generated_env
-    from caption_pipeline.dvc_stages import load_project
+    from caption_pipeline.data import coco_like
+    from caption_pipeline.mlops.dvc_render import generate, generated_env
+    from caption_pipeline.mlops.dvc_stages import load_project
     from caption_pipeline.model.encoder import build_encoder
 
     repo = clone_working_tree(tmp_path / "clone")
@@ -299,7 +299,7 @@ def _after_run(
 ):
     """DvcLockHooks after a run of `pipeline` in a DVC project at tmp_path (dvc.yaml: the
     checkout's, or this text): the dvc commands it ran (none run for real)."""
-    from caption_pipeline.hooks import DvcLockHooks
+    from caption_pipeline.mlops.hooks import DvcLockHooks
 
     (tmp_path / ".dvc").mkdir(exist_ok=True)
     (tmp_path / "dvc.yaml").write_text(dvc_yaml or (PROJECT_ROOT / "dvc.yaml").read_text())
@@ -326,7 +326,7 @@ def test_kedro_run_commits_the_stages_whose_nodes_all_ran(tmp_path, monkeypatch)
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    monkeypatch.setattr(logging.getLogger("caption_pipeline.hooks"), "handlers", [handler])
+    monkeypatch.setattr(logging.getLogger("caption_pipeline.mlops.hooks"), "handlers", [handler])
     monkeypatch.delenv("DVC_STAGE", raising=False)
     order = list(yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"])
     commit = ["commit", "--force"]
@@ -351,8 +351,8 @@ def test_kedro_run_commits_the_stages_whose_nodes_all_ran(tmp_path, monkeypatch)
 
     # A dvc.yaml generated for conf/coco records runs in that environment, on the raw data
     # that `dvc add` tracks.
-    from caption_pipeline.dvc_render import generate
-    from caption_pipeline.dvc_stages import load_project
+    from caption_pipeline.mlops.dvc_render import generate
+    from caption_pipeline.mlops.dvc_stages import load_project
 
     coco = {"dvc_yaml": generate(load_project(PROJECT_ROOT, "coco")), "env": "coco"}
     root = "data/01_raw/coco"
@@ -379,7 +379,7 @@ def test_kedro_run_commits_the_stages_whose_nodes_all_ran(tmp_path, monkeypatch)
 def test_a_queued_experiment_tracks_to_the_repository_it_was_queued_in(tmp_path, monkeypatch):
     """`dvc exp run --queue` runs the stages in a temporary copy under .dvc/tmp/exps, deleted
     afterwards: the MLflow store is the one of DVC_ROOT, the repository DVC names there."""
-    from caption_pipeline.tracking import MlflowRunHooks
+    from caption_pipeline.tracking.runs import MlflowRunHooks
 
     class Context:
         project_path = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from caption_pipeline import dvc_drift, dvc_render, dvc_stages
-from caption_pipeline.commands import cli
+from caption_pipeline.__main__ import cli
+from caption_pipeline.mlops import dvc_drift, dvc_render, dvc_stages
 from caption_pipeline.pipeline_registry import ON_DEMAND
 from caption_pipeline.project import PROJECT_ROOT
 

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caption_pipeline.coco_instances import instances_file
-from caption_pipeline.encoder_pretraining import (
+from caption_pipeline.data.coco_instances import instances_file
+from caption_pipeline.data.shards.shard_set import load_shard_set
+from caption_pipeline.errors import DataError
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import defaults, from_conf
+from caption_pipeline.training.encoder_pretraining import (
     PretrainConfig,
     RegionTargets,
     initial_encoder,
     object_region_accuracy,
     region_targets,
 )
-from caption_pipeline.errors import DataError
-from caption_pipeline.model import ModelConfig
-from caption_pipeline.params import defaults, from_conf
-from caption_pipeline.shards.shard_set import load_shard_set
 
 
 def square(x0: int, y0: int, x1: int, y1: int) -> list[list[float]]:

@@ -21,15 +21,16 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from pycocotools.coco import COCO
 
-from caption_pipeline.coco_scorer import (
+from caption_pipeline.data.text import Vocabulary
+from caption_pipeline.errors import DataError
+from caption_pipeline.evaluation.coco_scorer import (
     METRICS,
     CocoScorer,
     java_major_version,
     require_java,
     spice_problem,
 )
-from caption_pipeline.errors import DataError
-from caption_pipeline.evaluation import (
+from caption_pipeline.evaluation.scoring import (
     EvaluateSettings,
     captions_from_results,
     leave_one_out_rounds,
@@ -39,7 +40,6 @@ from caption_pipeline.evaluation import (
 )
 from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.evaluate import nodes
-from caption_pipeline.text import Vocabulary
 
 # --- hand-made captions -------------------------------------------------------------------------
 
@@ -420,10 +420,10 @@ def test_another_model_file_writing_shape_words(smoke_project, tmp_path, monkeyp
     ends, and shape words get a bonus), so that localization is scored on real boxes."""
     import keras
 
+    from caption_pipeline.data.shapes import SHAPE_WORDS
+    from caption_pipeline.data.shards.shard_set import load_shard_set
     from caption_pipeline.datasets import CaptionerFileDataset, KerasModelDataset
-    from caption_pipeline.features import load_model_inputs
-    from caption_pipeline.shapes import SHAPE_WORDS
-    from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.training.features import load_model_inputs
 
     monkeypatch.chdir(smoke_project)  # the catalog's paths are relative to the project
     vocabulary = json.loads(Path("data/03_primary/vocabulary.json").read_text())
@@ -502,11 +502,11 @@ def test_stored_features_give_the_captions_and_scores_of_the_images(smoke_projec
     come from the references), so an image with the same caption scores the same, and the
     split's CIDEr may move only by the differing images' share, each at most 10 (CIDEr-D's
     scale)."""
+    from caption_pipeline.data.shards.shard_set import load_shard_set
     from caption_pipeline.datasets import CaptionerFileDataset
     from caption_pipeline.datasets.captioner_file import EvaluatedModel
-    from caption_pipeline.features import feature_encoder_weights, load_model_inputs
     from caption_pipeline.model import Captioner
-    from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.training.features import feature_encoder_weights, load_model_inputs
 
     data = smoke_project / "data"
     trained = CaptionerFileDataset(filepath=str(data / "06_models/captioner.keras")).load()
@@ -528,7 +528,7 @@ def test_stored_features_give_the_captions_and_scores_of_the_images(smoke_projec
         ("images", shards, "Decoding the images in"),
     ):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="caption_pipeline.evaluation"):
+        with caplog.at_level(logging.INFO, logger="caption_pipeline.evaluation.scoring"):
             decoded, _ = nodes.generate_captions(frozen, shards, inputs, vocabulary, params)
         assert line in caplog.text
         val, test = nodes.write_results(decoded)
@@ -554,8 +554,8 @@ def test_stored_features_give_the_captions_and_scores_of_the_images(smoke_projec
 
 @pytest.mark.slow
 def test_image_reader_gives_each_test_image_once(smoke_project):
-    from caption_pipeline.shards.reader import make_image_dataset
-    from caption_pipeline.shards.shard_set import load_shard_set
+    from caption_pipeline.data.shards.reader import make_image_dataset
+    from caption_pipeline.data.shards.shard_set import load_shard_set
 
     shards = load_shard_set(smoke_project / "data" / "03_primary" / "shards")
     ids, shapes = [], set()

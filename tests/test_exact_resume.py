@@ -18,12 +18,12 @@ import keras
 import numpy as np
 import pytest
 
-from caption_pipeline.checkpoints import Checkpoints
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.params import from_conf
-from caption_pipeline.text import Vocabulary
-from caption_pipeline.training import TrainConfig, train_captioner
+from caption_pipeline.training.checkpoints import Checkpoints
+from caption_pipeline.training.cross_entropy import TrainConfig, train_captioner
 
 VOCAB, REGIONS, DIM, LENGTH = 12, 3, 4, 7
 TRAIN_CAPTIONS, BATCH = 14, 4
@@ -208,9 +208,9 @@ def test_a_pointer_to_a_missing_checkpoint_is_a_data_error(tmp_path):
 def test_clipnorm_is_the_global_norm_in_every_phase():
     """`clipnorm` (the parameter files' key) clips the norm of all gradients together: Keras'
     `global_clipnorm`, for cross-entropy, fine-tuning (TwoRateAdam, through a save) and SCST."""
-    from caption_pipeline.fine_tuning import two_rate_optimizer
     from caption_pipeline.model import Captioner, TwoRateAdam
-    from caption_pipeline.training import adam
+    from caption_pipeline.training.cross_entropy import adam
+    from caption_pipeline.training.fine_tuning import two_rate_optimizer
 
     model = Captioner(dataclasses.replace(MODEL, compact_filters=(4, 4), image_size=32))
     two_rate = two_rate_optimizer(0.1)(model, 1e-3, 5.0)

@@ -40,9 +40,9 @@ def test_exported_captions_equal_the_in_process_model(smoke_project, exported, t
     import tensorflow as tf
 
     import caption_pipeline.model  # noqa: F401 (registers the layers)
-    from caption_pipeline.decoding import DecodeSettings, decode_dataset
-    from caption_pipeline.export_check import python_pixels
-    from caption_pipeline.text import Vocabulary
+    from caption_pipeline.data.text import Vocabulary
+    from caption_pipeline.model.decoding import DecodeSettings, decode_dataset
+    from caption_pipeline.serving.export_check import python_pixels
 
     captioner = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
     vocab = Vocabulary.from_dict(
@@ -75,16 +75,16 @@ def test_self_check_fails_for_another_model(smoke_project, exported):
     import keras
 
     import caption_pipeline.model  # noqa: F401
-    from caption_pipeline.decoding import DecodeSettings
-    from caption_pipeline.export import CheckSettings
-    from caption_pipeline.export_check import (
+    from caption_pipeline.data.shards.shard_set import load_shard_set
+    from caption_pipeline.data.text import Vocabulary
+    from caption_pipeline.model import Captioner
+    from caption_pipeline.model.decoding import DecodeSettings
+    from caption_pipeline.serving.export import CheckSettings
+    from caption_pipeline.serving.export_check import (
         check_against_model,
         in_process_captions,
         read_held_out_images,
     )
-    from caption_pipeline.model import Captioner
-    from caption_pipeline.shards.shard_set import load_shard_set
-    from caption_pipeline.text import Vocabulary
 
     trained = keras.saving.load_model(smoke_project / "data/06_models/captioner.keras")
     keras.utils.set_random_seed(7)
@@ -108,8 +108,8 @@ def test_any_size_and_format_is_resized_as_training_resized(exported):
     give exactly the Python path's pixels (decode_image -> encode_jpeg -> the reader)."""
     import tensorflow as tf
 
-    from caption_pipeline.export import decode_images
-    from caption_pipeline.export_check import python_pixels
+    from caption_pipeline.serving.export import decode_images
+    from caption_pipeline.serving.export_check import python_pixels
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (25, 38, 3), np.uint8)).resize(
@@ -145,8 +145,8 @@ def test_tflite_model_captions_as_the_saved_model(smoke_project, exported, test_
     SavedModel's caption_pixels, and the same captions as serving_default."""
     import tensorflow as tf
 
-    from caption_pipeline.export import run_tflite
-    from caption_pipeline.shards.records import decode_jpeg_image
+    from caption_pipeline.data.shards.records import decode_jpeg_image
+    from caption_pipeline.serving.export import run_tflite
 
     model = (smoke_project / "data/06_models/export/captioner.tflite").read_bytes()
     jpegs = test_jpegs[1][:3]
@@ -167,7 +167,7 @@ def test_export_folder_is_replaced_atomically(tmp_path, monkeypatch):
     """A save that fails half way leaves the previous export whole and no temporary folder."""
     import tensorflow as tf
 
-    from caption_pipeline.export import ModelExport, save_export
+    from caption_pipeline.serving.export import ModelExport, save_export
 
     final = tmp_path / "saved_model"
     final.mkdir()
@@ -202,10 +202,10 @@ def tiny_export(tmp_path_factory):
     tiny random Captioner (32 px, 8x8 grid), beam sizes 1..2."""
     import keras
 
-    from caption_pipeline.decoding import DecodeSettings
-    from caption_pipeline.export import ExportedCaptioner, build_module, save_export
+    from caption_pipeline.data.text import SPECIAL_TOKENS, Vocabulary
     from caption_pipeline.model import Captioner, ModelConfig
-    from caption_pipeline.text import SPECIAL_TOKENS, Vocabulary
+    from caption_pipeline.model.decoding import DecodeSettings
+    from caption_pipeline.serving.export import ExportedCaptioner, build_module, save_export
 
     keras.utils.set_random_seed(3)
     captioner = Captioner(
@@ -257,7 +257,7 @@ def _all_cases() -> dict[str, bytes]:
     an upright model-size JPEG (re-encoded, as the shard writer re-encodes every image)."""
     import tensorflow as tf
 
-    from caption_pipeline.export_check import preprocessing_cases
+    from caption_pipeline.serving.export_check import preprocessing_cases
 
     image = _source_image()
     cases = preprocessing_cases(image, TINY_SIZE)
@@ -278,7 +278,7 @@ def _in_process(captioner, vocabulary, decoding, pixels: np.ndarray):
     """The in-process model's beams on pixels [B, S, S, 3] (the evaluation's path)."""
     import tensorflow as tf
 
-    from caption_pipeline.decoding import decode_dataset
+    from caption_pipeline.model.decoding import decode_dataset
 
     batches = tf.data.Dataset.from_tensor_slices(
         {"image": pixels, "image_id": np.arange(len(pixels))}
@@ -293,8 +293,8 @@ def test_saved_model_preprocesses_every_kind_of_image_as_the_python_path(tiny_ex
     the Python pixels."""
     import tensorflow as tf
 
-    from caption_pipeline.export_check import python_pixels
-    from caption_pipeline.shards.records import decode_jpeg_image
+    from caption_pipeline.data.shards.records import decode_jpeg_image
+    from caption_pipeline.serving.export_check import python_pixels
 
     exported, captioner, vocabulary, decoding = tiny_export
     cases = _all_cases()
@@ -352,9 +352,9 @@ def test_self_check_covers_off_size_rotated_grey_cmyk_and_alpha_images(tiny_expo
     """check_preprocessing passes on the real export with 0 grey levels of difference, and
     names the case when the graph and the Python path part (here: a Python path that forgets
     the EXIF orientation)."""
-    from caption_pipeline import export_check as export_module
-    from caption_pipeline.export import CheckSettings
-    from caption_pipeline.export_check import (
+    from caption_pipeline.serving import export_check as export_module
+    from caption_pipeline.serving.export import CheckSettings
+    from caption_pipeline.serving.export_check import (
         PIXEL_TOLERANCE,
         HeldOutImages,
         check_preprocessing,
@@ -468,8 +468,8 @@ def test_a_canvas_over_max_pixels_is_refused_from_the_header(tiny_export):
 def test_self_check_refuses_captions_of_another_preprocessing(tiny_export):
     """The in-process captions are computed before the export is loaded (issue 26): the check
     refuses those of another image size or JPEG quality than the export's."""
-    from caption_pipeline.export import CheckSettings
-    from caption_pipeline.export_check import (
+    from caption_pipeline.serving.export import CheckSettings
+    from caption_pipeline.serving.export_check import (
         HeldOutImages,
         check_against_model,
         in_process_captions,

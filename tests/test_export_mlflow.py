@@ -147,7 +147,7 @@ def test_the_logged_model_keeps_its_declared_signature_and_input_example(
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from caption_pipeline.mlflow_model import CaptionerModel, model_signature
+    from caption_pipeline.tracking.mlflow_model import CaptionerModel, model_signature
 
     registration = _registration(smoke_project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registration["tracking_uri"])

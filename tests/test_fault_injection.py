@@ -61,7 +61,7 @@ RECORD = "tensorflow:io.TFRecordWriter.write"
 TRAIN_BATCH = "keras.callbacks:CallbackList.on_train_batch_end"
 TEST_BATCH = "keras.callbacks:CallbackList.on_test_batch_end"
 SCST_STEP = "keras:Model.train_on_batch"
-DECODED_BATCH = "caption_pipeline.decoding:to_text"
+DECODED_BATCH = "caption_pipeline.model.decoding:to_text"
 
 # The functions each stage's runs wrap (the same in the reference and in every attempt, so
 # that event counts agree); the data stages import no TensorFlow they do not need.

@@ -15,24 +15,28 @@ import tensorflow as tf
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from caption_pipeline.data.shards.image_writer import write_shards
+from caption_pipeline.data.shards.plan import build_shard_plan
+from caption_pipeline.data.shards.reader import make_caption_dataset
+from caption_pipeline.data.shards.records import (
+    decode_jpeg_image,
+    parse_example,
+    parse_feature_example,
+)
+from caption_pipeline.data.shards.shard_set import MANIFEST, load_shard_set
 from caption_pipeline.datasets import EncoderWeightsDataset
-from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
 from caption_pipeline.errors import DataError
-from caption_pipeline.features import (
+from caption_pipeline.model import ModelConfig
+from caption_pipeline.params import defaults, from_conf
+from caption_pipeline.pipelines.features import create_pipeline
+from caption_pipeline.training.encoder_pretraining import PretrainConfig, initial_encoder
+from caption_pipeline.training.features import (
     build_feature_plan,
     build_frozen_encoder,
     load_model_inputs,
     weights_fingerprint,
     write_model_inputs,
 )
-from caption_pipeline.model import ModelConfig
-from caption_pipeline.params import defaults, from_conf
-from caption_pipeline.pipelines.features import create_pipeline
-from caption_pipeline.shards.image_writer import write_shards
-from caption_pipeline.shards.plan import build_shard_plan
-from caption_pipeline.shards.reader import make_caption_dataset
-from caption_pipeline.shards.records import decode_jpeg_image, parse_example, parse_feature_example
-from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set
 from tests.helpers import kill_9_when
 from tests.test_tfrecords import make_images, shard_files
 
@@ -166,8 +170,8 @@ def test_same_plan_again_is_a_noop_and_other_weights_recompute(features, tmp_pat
 
 KILLABLE_ENCODER = """
 import sys, time
-import caption_pipeline.features as features
-from caption_pipeline.shards.shard_set import load_shard_set
+import caption_pipeline.training.features as features
+from caption_pipeline.data.shards.shard_set import load_shard_set
 
 encode = features.encode_batch
 def slow_encode(encoder, images):  # slows the real encoder down enough to be killed mid-way

@@ -19,20 +19,20 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from caption_pipeline.data.shards.reader import make_image_dataset
 from caption_pipeline.datasets import KerasModelDataset
-from caption_pipeline.features import (
+from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import defaults, from_conf
+from caption_pipeline.pipelines.train import create_pipeline
+from caption_pipeline.pipelines.train.nodes import caption_datasets, steps_per_epoch
+from caption_pipeline.training.cross_entropy import TrainConfig
+from caption_pipeline.training.features import (
     build_feature_plan,
     build_frozen_encoder,
     load_model_inputs,
     write_model_inputs,
 )
-from caption_pipeline.fine_tuning import FineTuneConfig, fine_tune_captioner
-from caption_pipeline.model import Captioner, ModelConfig
-from caption_pipeline.params import defaults, from_conf
-from caption_pipeline.pipelines.train import create_pipeline
-from caption_pipeline.pipelines.train.nodes import caption_datasets, steps_per_epoch
-from caption_pipeline.shards.reader import make_image_dataset
-from caption_pipeline.training import TrainConfig
+from caption_pipeline.training.fine_tuning import FineTuneConfig, fine_tune_captioner
 from tests.test_features import FROZEN, SIZE, encoder_file, write_image_shards
 from tests.test_training import (  # noqa: F401 (shard_project: a fixture)
     TINY_MODEL,

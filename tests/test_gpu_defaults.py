@@ -14,7 +14,15 @@ import keras
 import numpy as np
 import pytest
 
-from caption_pipeline.devices import (
+from caption_pipeline.errors import DataError
+from caption_pipeline.model import Captioner, ModelConfig
+from caption_pipeline.params import from_conf
+from caption_pipeline.training.cross_entropy import (
+    TrainConfig,
+    run_fingerprint,
+    with_device_defaults,
+)
+from caption_pipeline.training.devices import (
     Device,
     _capability,
     cpu_matrix_features,
@@ -22,10 +30,6 @@ from caption_pipeline.devices import (
     resolve_precision,
     training_devices,
 )
-from caption_pipeline.errors import DataError
-from caption_pipeline.model import Captioner, ModelConfig
-from caption_pipeline.params import from_conf
-from caption_pipeline.training import TrainConfig, run_fingerprint, with_device_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Device("cpu", "/physical_device:CPU:0")
@@ -68,7 +72,7 @@ def test_an_unknown_precision_names_the_parameter():
 
 def test_this_machine_trains_in_float32_and_says_so(caplog):
     assert [d.platform for d in training_devices()] == ["cpu"]
-    with caplog.at_level(logging.INFO, logger="caption_pipeline.devices"):
+    with caplog.at_level(logging.INFO, logger="caption_pipeline.training.devices"):
         config = with_device_defaults(from_conf(TrainConfig, "train", precision="auto"))
     assert config.precision == "float32"
     assert "Training on CPU, Keras backend tensorflow" in caplog.text
@@ -121,7 +125,7 @@ def test_the_default_configuration_asks_for_auto():
 
 
 def test_readme_shows_the_line_a_gpu_run_logs(caplog):
-    with caplog.at_level(logging.INFO, logger="caption_pipeline.devices"):
+    with caplog.at_level(logging.INFO, logger="caption_pipeline.training.devices"):
         log_devices([H200], resolve_precision("auto", [H200]), "auto", "auto")
     line = caplog.records[-1].getMessage()
     assert line.startswith("Training on GPU, Keras backend ")

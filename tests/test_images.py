@@ -1,4 +1,5 @@
-"""caption_pipeline.images: decoding by content, orientation, modes, refusals, JPEG encoding."""
+"""caption_pipeline.data.images: decoding by content, orientation, modes, refusals, JPEG
+encoding."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption_pipeline.errors import DataError
-from caption_pipeline.images import (
+from caption_pipeline.data.images import (
     ImageError,
     check_image,
     check_images,
@@ -21,6 +21,7 @@ from caption_pipeline.images import (
     encode_jpeg,
     load_rgb_image,
 )
+from caption_pipeline.errors import DataError
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 

@@ -1,4 +1,4 @@
-"""caption_pipeline.ingestion and the `ingest` pipeline, on tiny datasets written by hand."""
+"""caption_pipeline.data.ingestion and the `ingest` pipeline, on tiny datasets written by hand."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from caption_pipeline.data.ingestion import TABLE_DTYPES, ingest
 from caption_pipeline.datasets import AtomicJSONDataset, AtomicParquetDataset
 from caption_pipeline.errors import DataError
-from caption_pipeline.ingestion import TABLE_DTYPES, ingest
 from caption_pipeline.params import defaults
 from caption_pipeline.pipelines.ingest import create_pipeline
 from caption_pipeline.settings import CONFIG_LOADER_ARGS

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from caption_pipeline.project import PROJECT_ROOT, copy_project
-from caption_pipeline.tracking import (
+from caption_pipeline.tracking.runs import (
     caption_digest,
     caption_inputs,
     changed_params,
@@ -153,8 +153,8 @@ def _gate_registry(tmp_path: Path):
     a run of its own, whose artifacts hold its per-image scores) and passing it to `promote`."""
     import mlflow
 
-    from caption_pipeline.mlflow_model import GateSettings, promote
     from caption_pipeline.params import from_conf
+    from caption_pipeline.tracking.mlflow_model import GateSettings, promote
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("gate", (tmp_path / "artifacts").as_uri())
@@ -182,7 +182,7 @@ def _val(per_image, digest: str = "val-1", first_id: int = 0):
     """A ValScore of these per-image CIDEr values (images first_id, first_id + 1, ...)."""
     import math
 
-    from caption_pipeline.mlflow_model import ValScore
+    from caption_pipeline.tracking.mlflow_model import ValScore
 
     scores = {first_id + i: float(s) for i, s in enumerate(per_image)}
     return ValScore(math.fsum(scores.values()) / len(scores), digest, scores)
@@ -255,7 +255,7 @@ def test_a_champion_without_per_image_scores_is_kept_until_forced(tmp_path):
     with: kept, the reason says so and how to replace it; after `force`, the gate pairs."""
     import numpy as np
 
-    from caption_pipeline.mlflow_model import ValScore
+    from caption_pipeline.tracking.mlflow_model import ValScore
 
     _, register, champion = _gate_registry(tmp_path)
     base = np.linspace(0.0, 2.0, 40)
@@ -274,7 +274,7 @@ def test_per_image_scores_must_be_of_the_evaluation_scored(tmp_path):
     """ValScore.of_evaluation: the val rows of caption_scores, which must average to
     metrics.json's val CIDEr (CIDEr-D is the mean of the images'); a stale table is refused."""
     from caption_pipeline.errors import DataError
-    from caption_pipeline.mlflow_model import ValScore
+    from caption_pipeline.tracking.mlflow_model import ValScore
 
     captions = pd.DataFrame(
         {"image_id": [1, 2, 3], "annotation_id": [1, 2, 3], "split": "val", "caption": "a b"}

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.model import ModelConfig
 from caption_pipeline.params import defaults, from_conf
 from caption_pipeline.project import PROJECT_ROOT
-from caption_pipeline.text import Vocabulary
 from tests.helpers import free_port
 
 VOCAB, REGIONS, DIM, LENGTH, WORDS = 12, 3, 4, 7, 4
@@ -100,7 +100,7 @@ def train_config(checkpoints: Path, strategy: str) -> dict:
 
 
 def train(config: dict):
-    from caption_pipeline.training import TrainConfig, train_captioner
+    from caption_pipeline.training.cross_entropy import TrainConfig, train_captioner
 
     return train_captioner(
         datasets,
@@ -132,7 +132,7 @@ def scst_config(checkpoints: Path) -> dict:
 def train_with_scst(config: dict, scst: dict):
     """`train`, then SCST on its model under the same strategy, as the `train` node runs them;
     the references are the captions of the tiny data, one per image."""
-    from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
+    from caption_pipeline.training.scst import SelfCriticalConfig, train_self_critical
     from tests.test_decoding import tiny_vocabulary
 
     model, _, _ = train(config)
@@ -176,7 +176,7 @@ def audit(event, args):
             log.write(json.dumps([event, [os.fsdecode(p) for p in paths]]) + "\\n")
 sys.addaudithook(audit)
 import numpy as np
-from caption_pipeline import training
+from caption_pipeline.training import cross_entropy as training
 if os.environ.get("SLOW_STEPS"):
     end = training._StepCheckpoint.on_train_batch_end
     def slow(self, batch, logs=None):
@@ -184,7 +184,7 @@ if os.environ.get("SLOW_STEPS"):
         time.sleep(float(os.environ["SLOW_STEPS"]))
     training._StepCheckpoint.on_train_batch_end = slow
 if os.environ.get("SLOW_SCST_STEPS"):
-    from caption_pipeline import scst as scst_module
+    from caption_pipeline.training import scst as scst_module
     step = scst_module._step
     def slow_step(*args):
         row = step(*args)
@@ -456,8 +456,8 @@ def test_two_workers_run_scst_as_one_and_resume_from_the_chiefs_checkpoint(tmp_p
 
 def test_fine_tuning_under_multi_worker_is_refused_in_one_line(tmp_path):
     from caption_pipeline.errors import DataError
-    from caption_pipeline.fine_tuning import FineTuneConfig, refuse_multi_worker
-    from caption_pipeline.training import TrainConfig
+    from caption_pipeline.training.cross_entropy import TrainConfig
+    from caption_pipeline.training.fine_tuning import FineTuneConfig, refuse_multi_worker
 
     tuning = FineTuneConfig.from_dict({**defaults("fine_tune"), "enabled": True})
     config = TrainConfig.from_dict(train_config(tmp_path, "multi_worker"))

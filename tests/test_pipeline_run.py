@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from caption_pipeline.datasets import KerasModelDataset
-from caption_pipeline.features import build_frozen_encoder, weights_fingerprint
 from caption_pipeline.project import copy_project
+from caption_pipeline.training.features import build_frozen_encoder, weights_fingerprint
 from tests.helpers import run_kedro
 
 
@@ -83,9 +83,9 @@ def test_trained_model_loads_and_captions_a_test_image(smoke_project):
     import keras
     import numpy as np
 
+    from caption_pipeline.data.shards.reader import make_caption_dataset
+    from caption_pipeline.data.shards.shard_set import load_shard_set
     from caption_pipeline.datasets import KerasModelDataset
-    from caption_pipeline.shards.reader import make_caption_dataset
-    from caption_pipeline.shards.shard_set import load_shard_set
 
     model = KerasModelDataset(filepath=str(smoke_project / "data/06_models/captioner.keras")).load()
     shards = load_shard_set(smoke_project / "data/03_primary/shards")

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from kedro.runner import SequentialRunner
 
+from caption_pipeline.data.shards.reader import make_image_dataset
+from caption_pipeline.data.shards.records import parse_feature_example
 from caption_pipeline.errors import DataError
-from caption_pipeline.features import build_frozen_encoder, feature_encoder_weights
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.model.encoder import regions_model
 from caption_pipeline.pipelines.features import create_pipeline
-from caption_pipeline.projection import Moments
-from caption_pipeline.shards.reader import make_image_dataset
-from caption_pipeline.shards.records import parse_feature_example
+from caption_pipeline.training.features import build_frozen_encoder, feature_encoder_weights
+from caption_pipeline.training.projection import Moments
 from tests.test_features import (
     DEPTH,
     FEATURES,

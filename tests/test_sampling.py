@@ -6,8 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from caption_pipeline.decoding import compile_function
 from caption_pipeline.model.beam_search import END_ID, PAD_ID, START_ID, UNK_ID
+from caption_pipeline.model.decoding import compile_function
 from caption_pipeline.model.sampling import sample_captions
 from caption_pipeline.model.self_critical import (
     SelfCriticalTrainer,
@@ -134,7 +134,7 @@ def test_the_scst_update_is_bit_identical_from_the_same_start():
     captions of 20 words over 16x16 regions) differs in the last bits from call to call with
     the same inputs; `scst.self_critical_trainer` compiles it with XLA, where it does not."""
     from caption_pipeline.model import Captioner, ModelConfig
-    from caption_pipeline.scst import self_critical_trainer
+    from caption_pipeline.training.scst import self_critical_trainer
 
     regions, depth, batch, samples, length, vocab = 256, 128, 16, 5, 20, 68
     config = from_conf(ModelConfig, "model", vocab_size=vocab, encoder_trainable=False)
@@ -266,7 +266,7 @@ def run_scst(
     strategy: str = "default",
     devices: list[str] | None = None,
 ):
-    from caption_pipeline.scst import SelfCriticalConfig, train_self_critical
+    from caption_pipeline.training.scst import SelfCriticalConfig, train_self_critical
 
     datasets, vocabulary, references = scst_inputs(images)
     config = from_conf(
@@ -312,7 +312,7 @@ def test_scst_logs_reward_baseline_entropy_and_resumes_to_the_same_run(tmp_path,
     # An interrupted run: one epoch with its checkpoints kept, then the same run to 2 epochs.
     run_scst(tmp_path / "parts", epochs=1, keep=True)
     assert (tmp_path / "parts" / "ckpt" / "latest.json").exists()
-    caplog.set_level("INFO", logger="caption_pipeline.scst")
+    caplog.set_level("INFO", logger="caption_pipeline.training.scst")
     resumed, resumed_history, resumed_steps = run_scst(tmp_path / "parts", epochs=2)
     assert "SCST: resuming at step 2" in caplog.text  # not started afresh
     np.testing.assert_allclose(resumed_steps["reward"], steps["reward"], rtol=1e-6)

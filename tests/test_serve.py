@@ -19,7 +19,7 @@ from PIL import Image
 
 from caption_pipeline.errors import DataError
 from caption_pipeline.params import from_conf
-from caption_pipeline.server import (
+from caption_pipeline.serving.server import (
     MicroBatcher,
     Overloaded,
     RequestTimeout,
@@ -363,7 +363,7 @@ SLOW_SERVER = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_serve import _FakeModel
-from caption_pipeline.server import ServeSettings, serve
+from caption_pipeline.serving.server import ServeSettings, serve
 from caption_pipeline.params import from_conf
 
 class SlowModel(_FakeModel):

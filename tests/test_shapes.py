@@ -17,7 +17,7 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
-from caption_pipeline import shapes
+from caption_pipeline.data import shapes
 from caption_pipeline.datasets import AtomicJSONDataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.synthetic import create_pipeline
@@ -389,7 +389,7 @@ def test_skips_a_complete_generation_and_redoes_a_changed_one(tiny, tmp_path, ca
     first = generate(root)
     image = sorted((root / "train").glob("*.jpg"))[0]
     stamp = image.stat().st_mtime_ns, image.stat().st_ino
-    with caplog.at_level(logging.INFO, logger="caption_pipeline.shapes"):
+    with caplog.at_level(logging.INFO, logger="caption_pipeline.data.shapes"):
         assert generate(root) == first
     assert "not regenerating" in caplog.text
     assert (image.stat().st_mtime_ns, image.stat().st_ino) == stamp

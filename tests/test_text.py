@@ -1,4 +1,5 @@
-"""caption_pipeline.text: the tokenizer against coco-caption's own PTBTokenizer; the vocabulary."""
+"""caption_pipeline.data.text: the tokenizer against coco-caption's own PTBTokenizer; the
+vocabulary."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import unicodedata
 import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from caption_pipeline.errors import DataError
-from caption_pipeline.params import defaults, from_conf
-from caption_pipeline.text import (
+from caption_pipeline.data.text import (
     SPECIAL_TOKENS,
     VocabSettings,
     Vocabulary,
@@ -18,6 +17,8 @@ from caption_pipeline.text import (
     length_summary,
     tokenize,
 )
+from caption_pipeline.errors import DataError
+from caption_pipeline.params import defaults, from_conf
 
 # Tricky COCO-like captions: contractions, possessives, quotes, hyphens, dashes, numbers,
 # money, abbreviations, acronyms, ellipses, brackets, symbols, unicode, emoji, URLs.

@@ -13,12 +13,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
+from caption_pipeline.data.shards.image_writer import write_shards
+from caption_pipeline.data.shards.plan import ImageCaptions, build_shard_plan
+from caption_pipeline.data.shards.reader import ReaderOptions, make_caption_dataset
+from caption_pipeline.data.shards.records import parse_example
+from caption_pipeline.data.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
 from caption_pipeline.errors import DataError
-from caption_pipeline.shards.image_writer import write_shards
-from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
-from caption_pipeline.shards.reader import ReaderOptions, make_caption_dataset
-from caption_pipeline.shards.records import parse_example
-from caption_pipeline.shards.shard_set import MANIFEST, load_shard_set, skipped_examples
 from tests.helpers import gone_pid, kill_9_when
 
 SIZE = 64
@@ -181,9 +181,9 @@ def test_same_plan_again_is_a_noop(written):
 
 KILLABLE_WRITER = """
 import json, sys, time
-import caption_pipeline.shards.image_writer as image_writer
-from caption_pipeline.shards.image_writer import write_shards
-from caption_pipeline.shards.plan import ImageCaptions, build_shard_plan
+import caption_pipeline.data.shards.image_writer as image_writer
+from caption_pipeline.data.shards.image_writer import write_shards
+from caption_pipeline.data.shards.plan import ImageCaptions, build_shard_plan
 
 load = image_writer.load_rgb_image
 def slow_load(path):  # slows the real writer down enough to be killed in the middle

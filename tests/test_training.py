@@ -34,7 +34,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 import pandas as pd
 import tempfile
 from caption_pipeline.datasets import KerasModelDataset
-from caption_pipeline.shards.shard_set import load_shard_set
+from caption_pipeline.data.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import (
     fine_tune_encoder, train_cross_entropy, train_self_critical)
 from caption_pipeline.params import defaults
@@ -225,7 +225,7 @@ import pandas as pd
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from caption_pipeline.shards.shard_set import load_shard_set
+from caption_pipeline.data.shards.shard_set import load_shard_set
 from caption_pipeline.pipelines.train.nodes import train_cross_entropy
 from caption_pipeline.params import defaults
 project = sys.argv[1]

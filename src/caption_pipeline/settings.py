@@ -1,14 +1,14 @@
 """Kedro project settings."""
 
 from caption_pipeline import conf_loader
-from caption_pipeline.hooks import (
+from caption_pipeline.mlops.hooks import (
     ChiefWritesHooks,
     CleanDataErrorHooks,
     DvcLockHooks,
     MissingInputsHooks,
 )
-from caption_pipeline.spark_session import SparkSessionHooks
-from caption_pipeline.tracking import MlflowRunHooks
+from caption_pipeline.serving.spark_session import SparkSessionHooks
+from caption_pipeline.tracking.runs import MlflowRunHooks
 
 # kedro-mlflow's own hook (an entry point, so not listed here) opens one MLflow run per
 # `kedro run` with the settings of conf/base/mlflow.yml; MlflowRunHooks adds the run tags

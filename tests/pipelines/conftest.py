@@ -89,8 +89,8 @@ def tiny_captions(tiny_shapes, base_parameters):
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_captions, base_parameters, tmp_path_factory):
     """`tiny_captions` written as shards (2/1/1, images of 64 px, one process): the ShardSet."""
+    from caption_pipeline.data.shards.shard_set import ShardFolder
     from caption_pipeline.pipelines.shard.nodes import plan_shards, write_shards
-    from caption_pipeline.shards.shard_set import ShardFolder
 
     _, tokenized, vocabulary = tiny_captions
     shard = merged(
@@ -115,13 +115,13 @@ def tiny_model(params):
 def tiny_features(tiny_shapes, tiny_shards, base_parameters, tmp_path_factory):
     """`tiny_shards` through the features nodes (a random, frozen tiny encoder, no
     pretraining): (model block, the model inputs as a ShardSet of features)."""
+    from caption_pipeline.data.shards.shard_set import ShardFolder
     from caption_pipeline.datasets import EncoderWeightsDataset
     from caption_pipeline.pipelines.features.nodes import (
         plan_features,
         prepare_encoder,
         write_model_inputs,
     )
-    from caption_pipeline.shards.shard_set import ShardFolder
 
     model = merged(base_parameters["model"], TINY_MODEL)
     features = merged(base_parameters["features"], {"batch_size": 4})

@@ -26,10 +26,10 @@ from typing import Any
 import keras
 from kedro.io import AbstractDataset, DatasetError
 
-from caption_pipeline.checkpoints import weights_digest
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.errors import DataError
 from caption_pipeline.model import Captioner
-from caption_pipeline.text import Vocabulary
+from caption_pipeline.training.checkpoints import weights_digest
 
 KERAS_SUFFIX = ".keras"
 WEIGHTS_SUFFIX = ".weights.h5"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from caption_pipeline.data.shards.shard_set import ShardSet
 from caption_pipeline.datasets.tfrecord_shards import ShardSetDataset
-from caption_pipeline.features import load_model_inputs, model_inputs_exist
-from caption_pipeline.shards.shard_set import ShardSet
+from caption_pipeline.training.features import load_model_inputs, model_inputs_exist
 
 
 class ModelInputsDataset(ShardSetDataset):

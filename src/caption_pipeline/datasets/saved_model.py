@@ -20,12 +20,12 @@ class SavedModelDataset(AbstractDataset[Any, Any]):
         self.metadata = metadata
 
     def load(self) -> Any:
-        from caption_pipeline.export import ExportedCaptioner
+        from caption_pipeline.serving.export import ExportedCaptioner
 
         return ExportedCaptioner(self._path, lazy=True)
 
     def save(self, data: Any) -> None:
-        from caption_pipeline.export import save_export
+        from caption_pipeline.serving.export import save_export
 
         save_export(data, self._path)
 

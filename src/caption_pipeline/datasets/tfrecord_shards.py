@@ -8,7 +8,12 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from caption_pipeline.shards.shard_set import ShardFolder, ShardSet, is_complete, load_shard_set
+from caption_pipeline.data.shards.shard_set import (
+    ShardFolder,
+    ShardSet,
+    is_complete,
+    load_shard_set,
+)
 
 
 class ShardFolderDataset(AbstractDataset[None, ShardFolder]):

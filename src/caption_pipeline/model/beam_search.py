@@ -8,7 +8,7 @@ What is per beam is only what differs between beams: words, h, c and the caption
 image's features [B, R, D] and their attention projection W_a a [B, R, A] are computed once and
 held once; each step hands the model the K beams of an image together ([B, K, ...], see
 `decoder.py`), so no step copies or re-reads the features per beam.
-The functions here are not compiled: the caller compiles them (`caption_pipeline.decoding`
+The functions here are not compiled: the caller compiles them (`caption_pipeline.model.decoding`
 wraps them in `tf.function` or `jax.jit`); run eagerly they work too, one Python pass a step.
 
 Conventions:
@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 from keras import ops
 
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.errors import DataError
-from caption_pipeline.text import Vocabulary
 
 PAD_ID, START_ID, END_ID = Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id
 UNK_ID = Vocabulary.unk_id

@@ -55,7 +55,7 @@ class ModelConfig:
     compact_context: tuple[int, ...]  # dilations of its residual context blocks; () none
     compact_strided_stem: bool  # the first block pools by its conv's stride 2
     # K: the encoder's region features projected to K numbers by a fixed linear map fitted on
-    # the train images (`caption_pipeline.projection`); None: the encoder's own D.
+    # the train images (`caption_pipeline.training.projection`); None: the encoder's own D.
     feature_projection: int | None
     embed_dim: int
     attention_dim: int
@@ -135,7 +135,7 @@ class ModelConfig:
 ADDED_SINCE = {"compact_context": [], "compact_strided_stem": False}
 
 
-def _replicas_in_sync() -> int:
+def replicas_in_sync() -> int:
     """Replicas whose gradients tf.distribute sums each step (1 outside it, and under JAX):
     each divides its loss by their count, so that the sum is the gradient of the mean loss,
     as Keras does with its own losses (its trainer multiplies the logs back)."""
@@ -266,7 +266,7 @@ class Captioner(keras.Model):
         loss = xent + self.config.attention_lambda * attention
         if self.losses:  # L2
             loss = loss + ops.sum(ops.stack(self.losses))
-        replicas = _replicas_in_sync()
+        replicas = replicas_in_sync()
         return loss * (1.0 / replicas) if replicas > 1 else loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):

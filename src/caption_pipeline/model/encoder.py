@@ -8,12 +8,12 @@ Two families, chosen by name:
   first. Weights: "imagenet" (downloaded by Keras), a local weights file (offline clusters:
   the `.h5` Keras downloads, or a `.weights.h5` saved from the same architecture), or None.
 * ``compact``: a small CNN for the embedded "shapes" data set, where no ImageNet-like weights
-  exist: pretrained on its object masks (`caption_pipeline.encoder_pretraining`) and given as
-  a weights file, or trained end to end with the decoder.
+  exist: pretrained on its object masks (`caption_pipeline.training.encoder_pretraining`) and
+  given as a weights file, or trained end to end with the decoder.
 
 Either may end in a fixed linear projection of each region's features to `projection` numbers,
 [B, R, D] -> [B, R, K]: a "feature_projection" Dense layer whose weights are not learnt but
-fitted on the train images' features by `caption_pipeline.projection` (principal axes). A
+fitted on the train images' features by `caption_pipeline.training.projection` (principal axes). A
 frozen NASNetLarge's 4032 numbers per region are 0.98 MB of float16 per image, 115 GB for COCO
 2017's train split; 512 of them are 8x less, and the decoder's work on them is cheaper too (see
 docs/benchmarks.md, "Feature storage"). The layers before it are `regions_model(encoder)`.

@@ -4,7 +4,7 @@ The same machinery as `beam_search`: one `keras.ops.while_loop` over decoding st
 Captioner's step-wise API, the K samples of every image folded into the batch ([B*K, ...],
 image b's samples at rows b*K .. b*K+K-1; the image's features and their projection held
 once, as there), so it compiles the same way (`tf.function` + XLA, or `jax.jit`, through
-`caption_pipeline.decoding.compile_function`) and runs under TensorFlow and JAX.
+`caption_pipeline.model.decoding.compile_function`) and runs under TensorFlow and JAX.
 
 At step t, each running caption n draws its next word from the policy
 

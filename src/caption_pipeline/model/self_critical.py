@@ -11,8 +11,8 @@ so the loss of N sampled captions is
 
 with m the mask of real tokens (<end> included, <pad> excluded). Rennie's baseline is the
 reward of the greedy caption of the same image; Luo (2020) uses the mean reward of the image's
-other K - 1 samples. Both are computed outside the gradient (caption_pipeline.scst): here they
-arrive as the advantage r - b per caption.
+other K - 1 samples. Both are computed outside the gradient (caption_pipeline.training.scst):
+here they arrive as the advantage r - b per caption.
 
 `SelfCriticalTrainer` wraps a Captioner so that Keras' own `train_step` (TensorFlow or JAX,
 with the optimizer's clipping and loss scaling) trains it with this loss: its inputs are the
@@ -41,9 +41,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from caption_pipeline.distributed import replicas_in_sync
 from caption_pipeline.model.beam_search import banned_tokens
-from caption_pipeline.model.captioner import PAD_ID
+from caption_pipeline.model.captioner import PAD_ID, replicas_in_sync
 
 MASKED = -1e9  # a banned token's logit: exp() is 0 in float32, and 0 * MASKED is 0, not NaN
 

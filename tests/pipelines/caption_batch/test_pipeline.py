@@ -159,7 +159,7 @@ def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(
     from kedro.pipeline import Node, Pipeline
     from pyspark.sql import SparkSession
 
-    from caption_pipeline.spark_session import SPARK_TAG, SparkSessionHooks
+    from caption_pipeline.serving.spark_session import SPARK_TAG, SparkSessionHooks
 
     class Context:
         config_loader = {"spark": {"spark.master": "local[2]", "spark.ui.enabled": False}}
@@ -205,8 +205,8 @@ def test_the_hook_stops_spark_and_the_champion_resolves_in_the_executors(
 def test_a_bad_setting_is_one_line_naming_it():
     """A list cannot come through `--params` (it splits on commas): a string given for
     `extensions` would be read letter by letter into a glob matching nothing."""
-    from caption_pipeline.batch_captioning import BatchSettings
     from caption_pipeline.errors import DataError
+    from caption_pipeline.serving.batch_captioning import BatchSettings
 
     good = {
         "input": "photos/",

@@ -15,16 +15,16 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from caption_pipeline.data.shards.shard_set import ShardSet
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.datasets.captioner_file import EvaluatedModel
-from caption_pipeline.evaluation import EvaluateSettings, caption_split, decoding_source
-from caption_pipeline.features import feature_encoder_weights
+from caption_pipeline.evaluation.scoring import EvaluateSettings, caption_split, decoding_source
 from caption_pipeline.model import Captioner, ModelConfig
 from caption_pipeline.pipelines.evaluate import create_pipeline
-from caption_pipeline.shards.shard_set import ShardSet
-from caption_pipeline.text import Vocabulary
+from caption_pipeline.training.features import feature_encoder_weights
 
 OUTPUTS = ("evaluation_captions", "evaluation_metrics", "caption_results_test", "attention_maps")
-SOURCE_LOG = "caption_pipeline.evaluation"
+SOURCE_LOG = "caption_pipeline.evaluation.scoring"
 
 
 class KeptDataset(MemoryDataset):

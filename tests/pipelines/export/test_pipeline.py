@@ -14,10 +14,10 @@ import tensorflow as tf
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from caption_pipeline.data.shards import shard_set
 from caption_pipeline.datasets import AtomicBytesDataset, SavedModelDataset, TFRecordShardsDataset
 from caption_pipeline.datasets.captioner_file import EvaluatedModel
 from caption_pipeline.pipelines.export import create_pipeline
-from caption_pipeline.shards import shard_set
 from tests.pipelines.conftest import TINY_MODEL
 
 

@@ -12,8 +12,8 @@ from caption_pipeline.datasets import (
     ModelInputsDataset,
     ShardFolderDataset,
 )
-from caption_pipeline.features import load_model_inputs
 from caption_pipeline.pipelines.features import create_pipeline
+from caption_pipeline.training.features import load_model_inputs
 
 
 def run(tiny_shapes, tiny_shards, tiny_model, params, folder, **pretraining) -> DataCatalog:

@@ -13,13 +13,13 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 from pluggy import PluginManager
 
+from caption_pipeline.data.shards.plan import images_from_table
+from caption_pipeline.data.shards.reader import make_caption_dataset
+from caption_pipeline.data.shards.records import parse_example
+from caption_pipeline.data.shards.shard_set import MANIFEST
 from caption_pipeline.datasets import ShardFolderDataset
 from caption_pipeline.errors import DataError
 from caption_pipeline.pipelines.shard import create_pipeline
-from caption_pipeline.shards.plan import images_from_table
-from caption_pipeline.shards.reader import make_caption_dataset
-from caption_pipeline.shards.records import parse_example
-from caption_pipeline.shards.shard_set import MANIFEST
 
 WORDS = ["a", "red", "circle", "blue", "square"]
 VOCABULARY = {

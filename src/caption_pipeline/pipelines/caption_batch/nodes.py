@@ -1,11 +1,12 @@
 """Nodes of the `caption_batch` pipeline; the work is done in
-`caption_pipeline.batch_captioning`, on the session `spark_session.SparkSessionHooks` started."""
+`caption_pipeline.serving.batch_captioning`, on the session that
+`serving.spark_session.SparkSessionHooks` started."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from caption_pipeline.batch_captioning import BatchSettings, caption_batch, log_to_mlflow
+from caption_pipeline.serving.batch_captioning import BatchSettings, caption_batch, log_to_mlflow
 
 
 def caption_images(params: dict[str, Any]) -> dict[str, Any]:

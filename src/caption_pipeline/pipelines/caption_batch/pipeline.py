@@ -7,7 +7,7 @@ from __future__ import annotations
 from kedro.pipeline import Node, Pipeline
 
 from caption_pipeline.pipelines.caption_batch.nodes import caption_images
-from caption_pipeline.spark_session import SPARK_TAG
+from caption_pipeline.serving.spark_session import SPARK_TAG
 
 
 def create_pipeline(**kwargs) -> Pipeline:

@@ -1,5 +1,5 @@
-"""Nodes of the `evaluate` pipeline; the work is done in `caption_pipeline.evaluation` and
-`caption_pipeline.attention_maps`."""
+"""Nodes of the `evaluate` pipeline; the work is done in `caption_pipeline.evaluation.scoring` and
+`caption_pipeline.evaluation.attention_maps`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from caption_pipeline.attention_maps import attention_figure, attention_localization
-from caption_pipeline.coco_scorer import CocoScorer, require_java
+from caption_pipeline.data.images import load_rgb_image
+from caption_pipeline.data.shards.shard_set import ShardSet
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.datasets.captioner_file import EvaluatedModel
-from caption_pipeline.decoding import CaptionedImage
 from caption_pipeline.errors import DataError
-from caption_pipeline.evaluation import (
+from caption_pipeline.evaluation.attention_maps import attention_figure, attention_localization
+from caption_pipeline.evaluation.coco_scorer import CocoScorer, require_java
+from caption_pipeline.evaluation.scoring import (
     SCORED_SPLITS,
     EvaluateSettings,
     caption_split,
@@ -22,9 +24,7 @@ from caption_pipeline.evaluation import (
     metrics_report,
     score_splits,
 )
-from caption_pipeline.images import load_rgb_image
-from caption_pipeline.shards.shard_set import ShardSet
-from caption_pipeline.text import Vocabulary
+from caption_pipeline.model.decoding import CaptionedImage
 
 Captions = dict[str, list[CaptionedImage]]  # split -> captions of its images
 

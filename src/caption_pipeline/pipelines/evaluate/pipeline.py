@@ -14,7 +14,7 @@ from caption_pipeline.pipelines.evaluate.nodes import (
     summarize_metrics,
     write_results,
 )
-from caption_pipeline.tracking import evaluation_metric_values
+from caption_pipeline.tracking.runs import evaluation_metric_values
 
 
 def create_pipeline(**kwargs) -> Pipeline:

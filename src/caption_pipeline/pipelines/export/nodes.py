@@ -1,5 +1,5 @@
-"""Nodes of the `export` pipeline; the work is done in `caption_pipeline.export`,
-`caption_pipeline.export_check` and `caption_pipeline.mlflow_model`."""
+"""Nodes of the `export` pipeline; the work is done in `caption_pipeline.serving.export`,
+`caption_pipeline.serving.export_check` and `caption_pipeline.tracking.mlflow_model`."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ from typing import Any
 
 import pandas as pd
 
+from caption_pipeline.data.shards.shard_set import ShardSet
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.datasets.captioner_file import EvaluatedModel
-from caption_pipeline.evaluation import EvaluateSettings
-from caption_pipeline.export import (
+from caption_pipeline.evaluation.scoring import EvaluateSettings
+from caption_pipeline.serving.export import (
     ExportedCaptioner,
     ExportSettings,
     build_module,
     convert_tflite,
 )
-from caption_pipeline.export_check import (
+from caption_pipeline.serving.export_check import (
     HeldOutImages,
     InProcessCaptions,
     check_against_model,
@@ -24,8 +26,6 @@ from caption_pipeline.export_check import (
     in_process_captions,
     read_held_out_images,
 )
-from caption_pipeline.shards.shard_set import ShardSet
-from caption_pipeline.text import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def register_export(
     per-image val CIDEr (`caption_scores`, evaluate's per-image table) with the champion's on
     the same val images and captions; the first test image is the MLflow model's input
     example."""
-    from caption_pipeline.mlflow_model import MlflowSettings, ValScore, log_export
+    from caption_pipeline.tracking.mlflow_model import MlflowSettings, ValScore, log_export
 
     example = test_images.jpegs[0]
     scores = {

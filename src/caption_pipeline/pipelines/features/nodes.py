@@ -7,13 +7,13 @@ from typing import Any
 
 import pandas as pd
 
-from caption_pipeline.coco_instances import instances_file
-from caption_pipeline.encoder_pretraining import PretrainConfig, initial_encoder
-from caption_pipeline.features import FeaturePlan, build_feature_plan, load_model_inputs
-from caption_pipeline.features import write_model_inputs as write_into
+from caption_pipeline.data.coco_instances import instances_file
+from caption_pipeline.data.shards.shard_set import ShardFolder, ShardSet
 from caption_pipeline.model import ModelConfig
-from caption_pipeline.projection import fit_projection
-from caption_pipeline.shards.shard_set import ShardFolder, ShardSet
+from caption_pipeline.training.encoder_pretraining import PretrainConfig, initial_encoder
+from caption_pipeline.training.features import FeaturePlan, build_feature_plan, load_model_inputs
+from caption_pipeline.training.features import write_model_inputs as write_into
+from caption_pipeline.training.projection import fit_projection
 
 
 def prepare_encoder(

@@ -1,10 +1,10 @@
-"""Nodes of the `ingest` pipeline; the work is done in `caption_pipeline.ingestion`."""
+"""Nodes of the `ingest` pipeline; the work is done in `caption_pipeline.data.ingestion`."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from caption_pipeline.ingestion import check_recorded, ingest
+from caption_pipeline.data.ingestion import check_recorded, ingest
 
 
 def ingest_captions(raw_dataset: dict, dataset: dict, params: dict) -> tuple[pd.DataFrame, dict]:

@@ -6,10 +6,10 @@ from typing import Any
 
 import pandas as pd
 
-from caption_pipeline.shards.image_writer import write_shards as write_into
-from caption_pipeline.shards.plan import ShardPlan, build_shard_plan, images_from_table
-from caption_pipeline.shards.shard_set import ShardFolder, ShardSet, load_shard_set
-from caption_pipeline.text import Vocabulary
+from caption_pipeline.data.shards.image_writer import write_shards as write_into
+from caption_pipeline.data.shards.plan import ShardPlan, build_shard_plan, images_from_table
+from caption_pipeline.data.shards.shard_set import ShardFolder, ShardSet, load_shard_set
+from caption_pipeline.data.text import Vocabulary
 
 
 def plan_shards(

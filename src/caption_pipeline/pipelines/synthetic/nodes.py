@@ -1,10 +1,10 @@
-"""Nodes of the `synthetic` pipeline; the generator itself is `caption_pipeline.shapes`."""
+"""Nodes of the `synthetic` pipeline; the generator itself is `caption_pipeline.data.shapes`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from caption_pipeline import shapes
+from caption_pipeline.data import shapes
 
 
 def generate_dataset(dataset: dict[str, Any], synthetic: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Nodes of the `train` pipeline, one per training phase: cross-entropy, encoder fine-tuning,
-SCST; thin wrappers over `caption_pipeline.training`, `caption_pipeline.fine_tuning` and
-`caption_pipeline.scst`.
+SCST; thin wrappers over the modules `cross_entropy`, `fine_tuning` and `scst` of
+`caption_pipeline.training`.
 
 Each phase reads the captioner of the phase before it from the catalog and writes its own,
 whole: on precomputed features the decoder trains alone, and the node joins it with the frozen
@@ -20,20 +20,13 @@ import math
 import keras
 import pandas as pd
 
-from caption_pipeline import scst
-from caption_pipeline.checkpoints import Checkpoints
-from caption_pipeline.features import feature_encoder_weights, image_shards
-from caption_pipeline.fine_tuning import (
-    FineTuneConfig,
-    fine_tune_captioner,
-    refuse_multi_worker,
-)
+from caption_pipeline.data.shards.reader import make_caption_dataset, pad_captions
+from caption_pipeline.data.shards.shard_set import ShardSet
+from caption_pipeline.data.text import Vocabulary
 from caption_pipeline.model import Captioner, ModelConfig
-from caption_pipeline.scst import SelfCriticalConfig, reference_tokens
-from caption_pipeline.shards.reader import make_caption_dataset, pad_captions
-from caption_pipeline.shards.shard_set import ShardSet
-from caption_pipeline.text import Vocabulary
-from caption_pipeline.training import (
+from caption_pipeline.training import scst
+from caption_pipeline.training.checkpoints import Checkpoints
+from caption_pipeline.training.cross_entropy import (
     DatasetFactory,
     TrainConfig,
     is_chief,
@@ -41,6 +34,13 @@ from caption_pipeline.training import (
     training_curves_figure,
     with_device_defaults,
 )
+from caption_pipeline.training.features import feature_encoder_weights, image_shards
+from caption_pipeline.training.fine_tuning import (
+    FineTuneConfig,
+    fine_tune_captioner,
+    refuse_multi_worker,
+)
+from caption_pipeline.training.scst import SelfCriticalConfig, reference_tokens
 
 Phase = tuple[Captioner, pd.DataFrame, pd.DataFrame]  # the captioner, per epoch, per step
 

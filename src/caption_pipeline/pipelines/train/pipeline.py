@@ -8,7 +8,7 @@ from caption_pipeline.pipelines.train.nodes import (
     train_cross_entropy,
     train_self_critical,
 )
-from caption_pipeline.tracking import (
+from caption_pipeline.tracking.runs import (
     self_critical_metric_series,
     training_metric_series,
 )

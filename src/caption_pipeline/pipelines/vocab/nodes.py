@@ -1,4 +1,4 @@
-"""Nodes of the `vocab` pipeline; the work is done in `caption_pipeline.text`."""
+"""Nodes of the `vocab` pipeline; the work is done in `caption_pipeline.data.text`."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from caption_pipeline.errors import DataError
-from caption_pipeline.ingestion import SPLITS
-from caption_pipeline.text import (
+from caption_pipeline.data.ingestion import SPLITS
+from caption_pipeline.data.text import (
     VocabSettings,
     Vocabulary,
     caption_length_figure,
     tokenize_all,
     vocabulary_stats,
 )
+from caption_pipeline.errors import DataError
 
 KEY_COLUMNS = ["image_id", "split", "file_path", "annotation_id"]
 MAX_EXAMPLES = 5  # empty captions quoted in the stats
