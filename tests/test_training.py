@@ -120,13 +120,14 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     train = {
         "epochs": 3,
         "batch_size": 8,
+        "max_steps_per_epoch": 6,  # of the 15 batches of 8 of the 120 train images
         "checkpoint_every_steps": 2,
         "log_every_steps": 1,
         "checkpoint_dir": str(checkpoints),
         "progress": False,
         "early_stopping_patience": None,
     }
-    steps_per_epoch = 15  # ceil(120 train images / 8)
+    steps_per_epoch = 6
 
     # Killed mid-way through the second epoch.
     killed_at = kill_when(
@@ -141,7 +142,7 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     history = history_of(output)
     # Nothing lost: every epoch is in the history, the step count is that of an unbroken run.
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert [row["step"] for row in history] == [15, 30, 45]
+    assert [row["step"] for row in history] == [6, 12, 18]
     assert not checkpoints.exists()  # a finished run cleans up after itself
 
 
