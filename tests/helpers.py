@@ -81,24 +81,6 @@ def clone_working_tree(dest: Path, root: Path | None = None) -> Path:
     return dest
 
 
-def override_yaml(file: Path, values: dict) -> None:
-    """Set `values` (nested blocks merged key by key) in one YAML file of a project copy (a
-    new file if there is none)."""
-    import yaml
-
-    tree = (yaml.safe_load(file.read_text()) if file.exists() else None) or {}
-
-    def merge(into: dict, update: dict) -> None:
-        for key, value in update.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    merge(tree, values)
-    file.write_text(yaml.safe_dump(tree, sort_keys=False))
-
-
 def run_kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`kedro ARGS` in `project`, capturing output; never raises on a non-zero exit."""
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}

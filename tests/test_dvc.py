@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from caption_pipeline.project import PROJECT_ROOT
-from tests.helpers import GIT_ENV, clone_working_tree, git, override_yaml
+from tests.helpers import GIT_ENV, clone_working_tree
 
 BIN = Path(sys.executable).parent
 
@@ -107,14 +107,6 @@ def test_kedro_run_then_dvc_experiment_metrics_plots_push_pull(tmp_path):
     import mlflow
 
     repo = clone_working_tree(tmp_path / "clone")
-    # The smoke environment, smaller still (committed, as a user's change of conf/ would be):
-    # 64-px images, 64 train images (the smoke run's 4 steps of 16), 8 val and test images.
-    # What is checked is DVC's and MLflow's bookkeeping, the same at any size.
-    override_yaml(repo / "conf/smoke/globals.yml", {"image_size": 64})
-    splits = {"train": 64, "val": 8, "test": 8}
-    override_yaml(repo / "conf/smoke/parameters_synthetic.yml", {"synthetic": {"splits": splits}})
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "a smaller smoke set")
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
     # 1. A fresh clone's `kedro run` (what `make run` runs) records every stage in dvc.lock:
@@ -220,6 +212,21 @@ class _Params:
         return self.params[name]
 
 
+def _override(file: Path, values: dict) -> None:
+    """Set `values` (nested blocks merged key by key) in one YAML file of a project copy."""
+    tree = yaml.safe_load(file.read_text()) or {}
+
+    def merge(into: dict, update: dict) -> None:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(tree, values)
+    file.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
@@ -239,11 +246,11 @@ def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
     keras.utils.set_random_seed(0)
     build_encoder("compact", 64, None, (16, 32), compact_pool_last=True).save_weights(weights)
     coco = repo / "conf" / "coco"
-    override_yaml(coco / "globals.yml", {"image_size": 64})
+    _override(coco / "globals.yml", {"image_size": 64})
     tiny = {"max_steps_per_epoch": 2, "checkpoint_every_steps": 1, "shuffle_buffer": 16}
     small = {"embed_dim": 32, "attention_dim": 32, "lstm_units": 64}
     encoder = {"compact_filters": [16, 32], "compact_pool_last": True, "encoder_trainable": False}
-    override_yaml(
+    _override(
         coco / "parameters_train.yml",
         {
             "model": {"encoder": "compact", "encoder_weights": str(weights), **encoder, **small},
@@ -254,7 +261,7 @@ def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
     # One in-process shard writer, as in the smoke run (a worker process would spend longer
     # importing TensorFlow than writing).
     shards = {"num_shards": {"train": 2, "val": 1, "test": 1}, "workers": 1}
-    override_yaml(coco / "parameters_shard.yml", {"shard": shards})
+    _override(coco / "parameters_shard.yml", {"shard": shards})
     raw = repo / "data" / "01_raw" / "coco"
     coco_like.generate(raw, 40, seed=3, workers=1)
 

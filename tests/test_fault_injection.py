@@ -1,7 +1,7 @@
 """Seeded kill -9 over the whole smoke pipeline (issue 12): every stage run as `dvc repro` runs
 it (`kedro run --env smoke --pipelines=<stage>`, in order; the three cheap data stages, never
 killed, as one run), killed at points a seed chooses, re-run until it succeeds, and the end
-result compared with that of a run nobody killed (both on a smaller smoke set, `SMALLER`).
+result compared with that of a run nobody killed.
 
 The kills are real: tests/fault_injection_runner.py runs Kedro in its own process and, at the
 chosen event, sends itself SIGKILL. Its events are generic (every `os.replace`/`os.rename`,
@@ -50,21 +50,13 @@ import pytest
 
 from caption_pipeline.atomic import TMP_MARKER
 from caption_pipeline.project import PROJECT_ROOT, copy_project
-from tests.helpers import override_yaml, spawn
+from tests.helpers import spawn
 
 RUNNER = Path(__file__).with_name("fault_injection_runner.py")
 # The cheap data stages, never killed, run as one `kedro run` (each start of Kedro and
 # TensorFlow costs more than they do); every other stage as `dvc repro` runs it.
 DATA = "synthetic,ingest,vocab"
 STAGES = (DATA, "shard", "features", "train", "evaluate", "export")
-# The smoke environment, smaller still in both projects: 64-px images (a quarter of the
-# pixels, of the attention's regions) and a train split of 4 batches of 16, so that training
-# takes the steps the smoke run takes; 8 val and test images. What the kills stop and what is
-# compared are the same at any size.
-SMALLER = {
-    "globals.yml": {"image_size": 64},
-    "parameters_synthetic.yml": {"synthetic": {"splits": {"train": 64, "val": 8, "test": 8}}},
-}
 DEFAULT_SEED = 12
 
 REPLACE = "replace"  # the runner's os.replace / os.rename event
@@ -503,9 +495,6 @@ def test_kill_9_at_seeded_points_of_every_stage_resumes_to_the_uninterrupted_res
     seed = int(os.environ.get("FAULT_SEED", DEFAULT_SEED))
     reference_project = copy_project(tmp_path / "reference" / "project")
     project = copy_project(tmp_path / "killed" / "project")
-    for copy in reference_project, project:
-        for name, values in SMALLER.items():
-            override_yaml(copy / "conf" / "smoke" / name, values)
     reference = ReferenceRun(reference_project)
     lines, done = [f"fault injection, seed {seed} (FAULT_SEED={seed} repeats it):"], []
     try:
