@@ -39,6 +39,18 @@ def smoke_project(tmp_path_factory) -> Path:
     return project
 
 
+@pytest.fixture(scope="session")
+def shard_project(tmp_path_factory) -> Path:
+    """A project copy with the smoke data stages run: shards and vocabulary on disk (what
+    tests/test_training.py and tests/test_fine_tuning.py train on)."""
+    project = copy_project(tmp_path_factory.mktemp("train") / "project")
+    result = run_kedro(
+        project, "run", "--env", "smoke", "--pipelines", "synthetic,ingest,vocab,shard"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return project
+
+
 # --- export and serving (issue 5) ---------------------------------------------------------------
 
 

@@ -258,7 +258,9 @@ def test_dvc_repro_on_coco_data_tracked_by_dvc_add(tmp_path):
             "self_critical": {"epochs": 1, "batch_size": 8, "samples": 2, **tiny},
         },
     )
-    shards = {"num_shards": {"train": 2, "val": 1, "test": 1}}
+    # One in-process shard writer, as in the smoke run (a worker process would spend longer
+    # importing TensorFlow than writing).
+    shards = {"num_shards": {"train": 2, "val": 1, "test": 1}, "workers": 1}
     _override(coco / "parameters_shard.yml", {"shard": shards})
     raw = repo / "data" / "01_raw" / "coco"
     coco_like.generate(raw, 40, seed=3, workers=1)

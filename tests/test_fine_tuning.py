@@ -34,13 +34,7 @@ from caption_pipeline.training.features import (
 )
 from caption_pipeline.training.fine_tuning import FineTuneConfig, fine_tune_captioner
 from tests.test_features import FROZEN, SIZE, encoder_file, write_image_shards
-from tests.test_training import (  # noqa: F401 (shard_project: a fixture)
-    TINY_MODEL,
-    driver,
-    history_of,
-    kill_when,
-    shard_project,
-)
+from tests.test_training import TINY_MODEL, driver, history_of, kill_when
 
 # make_images' captions: <start> w4 .. w8 <end>, at most 5 words
 WORDS = [f"w{i}" for i in range(4, 10)]
@@ -214,7 +208,7 @@ def test_the_encoder_moves_ratio_times_the_decoders_first_adam_step(backend):
     )
 
 
-def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp_path):  # noqa: F811
+def test_kill_9_during_fine_tuning_resumes_to_the_same_result(shard_project, tmp_path):
     model = {**TINY_MODEL, "dropout": 0.0}  # dropout with resume: tests/test_exact_resume.py
 
     def configs(root: Path) -> tuple[dict, dict]:

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from caption_pipeline.params import defaults
-from caption_pipeline.project import copy_project
-from tests.helpers import run_kedro
 
 # Tiny model and training, so that a step takes well under a second on 2 cores.
 TINY_MODEL = {
@@ -64,17 +62,6 @@ print("SCST_STEPS " + scst_steps.to_json(orient="records"))
 """
 
 SCST_OFF = FINE_TUNE_OFF = {"enabled": False}
-
-
-@pytest.fixture(scope="module")
-def shard_project(tmp_path_factory) -> Path:
-    """A project copy with the smoke data stages run: shards and vocabulary on disk."""
-    project = copy_project(tmp_path_factory.mktemp("train") / "project")
-    result = run_kedro(
-        project, "run", "--env", "smoke", "--pipelines", "synthetic,ingest,vocab,shard"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return project
 
 
 def driver(
@@ -133,13 +120,14 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     train = {
         "epochs": 3,
         "batch_size": 8,
+        "max_steps_per_epoch": 6,  # of the 15 batches of 8 of the 120 train images
         "checkpoint_every_steps": 2,
         "log_every_steps": 1,
         "checkpoint_dir": str(checkpoints),
         "progress": False,
         "early_stopping_patience": None,
     }
-    steps_per_epoch = 15  # ceil(120 train images / 8)
+    steps_per_epoch = 6
 
     # Killed mid-way through the second epoch.
     killed_at = kill_when(
@@ -154,7 +142,7 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(shard_project, tmp
     history = history_of(output)
     # Nothing lost: every epoch is in the history, the step count is that of an unbroken run.
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert [row["step"] for row in history] == [15, 30, 45]
+    assert [row["step"] for row in history] == [6, 12, 18]
     assert not checkpoints.exists()  # a finished run cleans up after itself
 
 
@@ -163,6 +151,7 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
         train = {
             "epochs": 1,
             "batch_size": 8,
+            "max_steps_per_epoch": xent_steps,
             "checkpoint_dir": str(root / "xent"),
             "progress": False,
             "early_stopping_patience": None,
@@ -174,13 +163,16 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
             "batch_size": 8,
             "samples": 2,
             "baseline": "mean",
+            "max_steps_per_epoch": steps_per_epoch,
             "checkpoint_every_steps": 2,
             "progress": False,
             "checkpoint_dir": str(root / "scst"),
         }
         return train, scst
 
-    steps_per_epoch = 15  # ceil(120 train images / 8)
+    # Short epochs (of the 15 batches of 8 of the 120 train images): SCST's second one is
+    # killed after a checkpoint, 2 steps from its end at the earliest.
+    xent_steps, steps_per_epoch = 4, 6
 
     unbroken = driver(shard_project, *configs(tmp_path / "unbroken"))
     expected, _ = unbroken.communicate(timeout=600)
@@ -197,7 +189,7 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-3000:]
     # The finished cross-entropy phase is restored, not retrained; SCST picks up where it was.
-    assert f"Resuming from checkpoint at step {steps_per_epoch}" in output
+    assert f"Resuming from checkpoint at step {xent_steps}" in output
     assert f"SCST: resuming at step {killed_at}" in output
 
     def timeless(rows: list[dict]) -> list[dict]:
@@ -205,8 +197,10 @@ def test_kill_9_during_self_critical_training_resumes_to_the_same_result(shard_p
 
     assert timeless(history_of(output)) == timeless(history_of(expected))
     resumed = history_of(output, "SCST_HISTORY")
-    assert [row["step"] for row in resumed] == [0, 15, 30]
-    assert [row["step"] for row in history_of(output, "SCST_STEPS")] == list(range(1, 31))
+    assert [row["step"] for row in resumed] == [0, steps_per_epoch, 2 * steps_per_epoch]
+    assert [row["step"] for row in history_of(output, "SCST_STEPS")] == list(
+        range(1, 2 * steps_per_epoch + 1)
+    )
     # Same samples, same rewards, same weights: the val CIDEr-D of every epoch is that of the
     # run nobody killed.
     reference = history_of(expected, "SCST_HISTORY")
