@@ -110,7 +110,7 @@ def _all_stages() -> dict:
 class ChiefWritesHooks:
     """Under `train.strategy: multi_worker`, only the chief saves what a run makes.
 
-    Training already keeps the checkpoints to the chief (`distributed.is_chief_task`); this does the
+    Training already keeps the checkpoints to the chief (`cluster.is_chief_task`); this does the
     same for Kedro's outputs (the captioner, the history CSVs, the figures): on every other
     worker they become MemoryDatasets, so two workers that share a `data/` never race on one
     file, and no worker leaves a second copy behind. (`tracking.MlflowRunHooks` keeps the

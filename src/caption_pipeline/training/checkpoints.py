@@ -13,7 +13,7 @@ The checkpoint holds what the weights file does not: the state of every dropout
 them) and the train metrics' running totals (`extra_variables`), so that a resumed run is bit
 for bit the run nobody killed (training.py says what else that takes).
 
-Under `strategy: multi_worker` only the chief writes `root` (`distributed.is_chief_task`); the
+Under `strategy: multi_worker` only the chief writes `root` (`cluster.is_chief_task`); the
 other workers read the chief's checkpoint to resume, and otherwise write every checkpoint to a
 scratch folder of their own that is deleted at once: saving reads the metrics' on-read
 variables, an all-reduce that every worker must enter (tests/test_multi_worker.py).
